@@ -1,0 +1,243 @@
+/* fiocp.h: the internal contract between the Python binding (_fastiocp.c)
+ * and the platform backends (unix/io_uring.c, unix/epoll.c, win/iocp.c).
+ *
+ * Nothing here includes Python.h: backend code cannot touch Python objects,
+ * which keeps the GIL-release boundary honest.
+ *
+ * Conventions.
+ * - Every function that can fail returns >= 0 on success or a negative code.
+ *   On POSIX the code is -errno; on Windows it is -winerror (GetLastError()
+ *   or WSAGetLastError() values are all below 2^31). The codes below
+ *   FIOCP__ECODE_BASE are fastiocp's own.
+ * - "GIL" means the caller holds the GIL; "no GIL" means the function may be
+ *   called with the GIL released and must never block on Python.
+ * - Timeouts are in milliseconds; a negative value means "forever".
+ * - An operation record (fiocp_op_t) belongs to the port from the moment
+ *   submit() accepts it until wait()/drain() hands it back. The backend never
+ *   frees it; the binding returns it to the port's free list after dequeue.
+ */
+#ifndef FIOCP_H
+#define FIOCP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef _WIN32
+# ifndef _WIN32_WINNT
+#  define _WIN32_WINNT 0x0600
+# endif
+# include <winsock2.h>
+# include <ws2tcpip.h>
+# include <windows.h>
+typedef uintptr_t fiocp_handle_t;   /* HANDLE or SOCKET */
+typedef int fiocp_socklen_t;
+#else
+# include <sys/socket.h>
+# include <sys/uio.h>
+typedef intptr_t fiocp_handle_t;    /* a file descriptor */
+typedef socklen_t fiocp_socklen_t;
+#endif
+
+/* fastiocp's own codes: far below any errno or winerror. */
+#define FIOCP__ECODE_BASE (-0x40000000)
+#define FIOCP_ECLOSED     (FIOCP__ECODE_BASE - 1) /* port closed */
+#define FIOCP_EINTR       (FIOCP__ECODE_BASE - 2) /* wait interrupted: check
+                                                     signals, then retry */
+#define FIOCP_ENOMEM      (FIOCP__ECODE_BASE - 3)
+#define FIOCP_EUNSUPPORTED (FIOCP__ECODE_BASE - 4) /* op not on this backend */
+
+/* Operation kinds. The binding maps them to the strings of Completion.op. */
+enum {
+  FIOCP_OP_READ = 1,
+  FIOCP_OP_WRITE,
+  FIOCP_OP_RECV,
+  FIOCP_OP_SEND,
+  FIOCP_OP_RECVFROM,
+  FIOCP_OP_SENDTO,
+  FIOCP_OP_ACCEPT,
+  FIOCP_OP_CONNECT,
+  FIOCP_OP_POST,
+  FIOCP_OP__COUNT
+};
+
+/* Operation record states. */
+enum {
+  FIOCP_ST_FREE = 0,   /* on the free list */
+  FIOCP_ST_INFLIGHT,   /* accepted by submit(); its completion is owed */
+  FIOCP_ST_DONE        /* completed, queued for (or handed to) a waiter */
+};
+
+/* Flag bits of fiocp_op_t.flags. */
+#define FIOCP_OPF_CANCELLED 0x1  /* the user or close() asked to cancel it */
+
+/* Socket address and per-backend scratch for the operations that carry an
+ * address (recvfrom, sendto, accept, connect). Allocated from the port's
+ * free list only for those kinds, so that plain reads and receives stay
+ * small (100,000 pending receives must cost little beyond their buffers). */
+typedef struct fiocp_addr_s {
+  struct sockaddr_storage ss;
+  fiocp_socklen_t sslen;           /* in: size of ss or of the address to
+                                      send to; out: the peer's length */
+#ifdef _WIN32
+  WSABUF wsabuf;
+  DWORD wsaflags;
+  SOCKET accept_sock;              /* AcceptEx: the pre-created socket */
+  char accept_buf[2 * (sizeof(struct sockaddr_storage) + 16)];
+#else
+  struct msghdr msg;               /* recvmsg/sendmsg for recvfrom/sendto */
+  struct iovec iov;
+#endif
+  struct fiocp_addr_s* next_free;
+} fiocp_addr_t;
+
+/* One submitted operation. On Windows the OVERLAPPED comes first: a dequeued
+ * packet carries its address, and it must not move or be freed before that
+ * packet is dequeued, even after CancelIoEx. Records live in slabs that are
+ * never moved, so a pointer to one stays valid for the port's lifetime. */
+typedef struct fiocp_op_s {
+#ifdef _WIN32
+  OVERLAPPED ov;
+#endif
+  uint8_t kind;          /* FIOCP_OP_* */
+  uint8_t state;         /* FIOCP_ST_*; changed under the port's locks */
+  uint8_t flags;         /* FIOCP_OPF_* */
+  uint8_t gen;           /* bumped each time the record is reused, so that a
+                            late cancel cannot hit the record's next life */
+  uint32_t len;          /* buffer length in bytes */
+  fiocp_handle_t handle; /* fd, HANDLE or SOCKET */
+  char* buf;             /* the pinned buffer (NULL for connect/post) */
+  int64_t offset;        /* file offset for read/write; -1: current position
+                            (streams such as pipes) */
+  int64_t res;           /* on completion: bytes transferred (>= 0) or a
+                            negative code; for accept the new handle; for
+                            post the nbytes the user posted */
+  uintptr_t user;        /* the binding's token (its Operation object) */
+  fiocp_addr_t* addr;    /* NULL unless the kind carries an address */
+  struct fiocp_op_s* next;  /* free list, completion queue or backend list */
+  uintptr_t bk;          /* backend scratch (epoll: interest bookkeeping) */
+} fiocp_op_t;
+
+typedef struct fiocp_port_s fiocp_port_t;
+
+/* A backend: one table of functions, chosen at run time (Linux builds carry
+ * two backends). */
+typedef struct fiocp_backend_s {
+  const char* name;  /* "iocp", "io_uring" or "epoll" */
+
+  /* Whether this backend can work on this machine, without keeping anything
+   * open. Returns 0, or a negative code and a human-readable reason in why
+   * (e.g. "io_uring_setup failed with EPERM: blocked by seccomp or
+   * kernel.io_uring_disabled"). GIL or no GIL. */
+  int (*probe)(char* why, size_t whylen);
+
+  /* Sets up port->impl. entries is a size hint for the kernel queues (0: the
+   * backend's default); concurrency is the user's value (0: number of CPUs).
+   * On failure, nothing is left allocated and why explains. GIL. */
+  int (*init)(fiocp_port_t* port, unsigned entries, unsigned concurrency,
+              char* why, size_t whylen);
+
+  /* Associates a handle with the port. GIL. */
+  int (*associate)(fiocp_port_t* port, fiocp_handle_t h);
+
+  /* Starts op (state already FIOCP_ST_INFLIGHT). Returns 0: exactly one
+   * completion will be delivered by wait() or drain(). Returns < 0: the
+   * operation failed at once, no completion will come, and the binding
+   * takes the record back. When defer is non-zero the backend may hold the
+   * submission until flush() or the next wait() (io_uring batching); other
+   * backends ignore it. Thread-safe; GIL or no GIL. */
+  int (*submit)(fiocp_port_t* port, fiocp_op_t* op, int defer);
+
+  /* Pushes deferred submissions to the kernel. Thread-safe; no GIL. */
+  int (*flush)(fiocp_port_t* port);
+
+  /* Asks the OS to cancel op. Its completion still comes (with a
+   * cancellation error, or its real result if it raced). Returns 1 if a
+   * cancellation was requested, 0 if op already completed. Thread-safe. */
+  int (*cancel)(fiocp_port_t* port, fiocp_op_t* op);
+
+  /* Takes up to max completed operations without blocking: the fast path
+   * that needs no GIL release. Returns the count (0: none ready), or
+   * FIOCP_ECLOSED. GIL. */
+  int (*try_get)(fiocp_port_t* port, fiocp_op_t** out, int max);
+
+  /* Blocks until at least one completion is available, the timeout expires
+   * (returns 0), a signal arrives (FIOCP_EINTR) or the port is closed
+   * (FIOCP_ECLOSED). Any number of threads may wait at once. No GIL. */
+  int (*wait)(fiocp_port_t* port, fiocp_op_t** out, int max,
+              int64_t timeout_ms);
+
+  /* Queues a user packet (op->kind == FIOCP_OP_POST, op->res = nbytes).
+   * Thread-safe; GIL or no GIL. */
+  int (*post)(fiocp_port_t* port, fiocp_op_t* op);
+
+  /* Closes the port for new work: wakes every waiter (they return
+   * FIOCP_ECLOSED), cancels every operation in flight, and waits up to
+   * timeout_ms for their completions. Returns how many operations are still
+   * owed (0: all came back; they are collected with drain()). Idempotent.
+   * The first call must hold the GIL (it scans the record slabs, which the
+   * binding grows under the GIL); later calls, which only wait, need not. */
+  int64_t (*shutdown)(fiocp_port_t* port, int64_t timeout_ms);
+
+  /* After shutdown: takes up to max completed operations (never blocks).
+   * GIL. */
+  int (*drain)(fiocp_port_t* port, fiocp_op_t** out, int max);
+
+  /* Frees port->impl. Called only when shutdown() returned 0; otherwise the
+   * kernel may still write into buffers, and the port is leaked on purpose.
+   * GIL. */
+  void (*destroy)(fiocp_port_t* port);
+} fiocp_backend_t;
+
+/* Slab allocator for operation and address records: records never move and
+ * are reused through free lists, so steady-state submission does not call
+ * malloc. Called by the binding with the GIL held. */
+typedef struct fiocp_slab_s {
+  struct fiocp_slab_s* next;
+  size_t count;
+  fiocp_op_t ops[];
+} fiocp_slab_t;
+
+struct fiocp_port_s {
+  const fiocp_backend_t* backend;
+  void* impl;                 /* backend state */
+  fiocp_op_t* free_ops;
+  fiocp_addr_t* free_addrs;
+  fiocp_slab_t* slabs;        /* every op record ever allocated */
+  void* addr_chunks;          /* list of address-record chunks */
+  size_t nops;                /* records allocated in slabs */
+};
+
+fiocp_op_t* fiocp__op_alloc(fiocp_port_t* port);
+void fiocp__op_free(fiocp_port_t* port, fiocp_op_t* op);
+fiocp_addr_t* fiocp__addr_alloc(fiocp_port_t* port);
+void fiocp__allocator_destroy(fiocp_port_t* port);
+
+/* Calls fn for every record in state FIOCP_ST_INFLIGHT. The caller holds
+ * whatever lock makes states stable. */
+void fiocp__foreach_inflight(fiocp_port_t* port,
+                             void (*fn)(fiocp_port_t*, fiocp_op_t*, void*),
+                             void* arg);
+
+/* Backends compiled into this build, best first. */
+extern const fiocp_backend_t* const fiocp__backends[];
+extern const int fiocp__nbackends;
+
+/* The backend called name, or NULL. */
+const fiocp_backend_t* fiocp__backend_by_name(const char* name);
+
+/* Monotonic clock in milliseconds. */
+int64_t fiocp__now_ms(void);
+
+/* Remaining milliseconds until deadline (ms since fiocp__now_ms epoch);
+ * -1 when deadline < 0 (forever); never below 0 otherwise. */
+int64_t fiocp__remaining_ms(int64_t deadline);
+
+#ifdef _WIN32
+extern const fiocp_backend_t fiocp__iocp_backend;
+#endif
+#ifdef __linux__
+extern const fiocp_backend_t fiocp__uring_backend;
+extern const fiocp_backend_t fiocp__epoll_backend;
+#endif
+
+#endif /* FIOCP_H */

@@ -1,0 +1,130 @@
+/* uring_abi.h: the io_uring kernel ABI, spelled out here so that building
+ * needs no linux/io_uring.h (manylinux images ship kernel headers older than
+ * io_uring) and running needs no liburing. Only what fastiocp uses. The
+ * layouts and numbers are the kernel's (include/uapi/linux/io_uring.h);
+ * they are stable ABI. */
+#ifndef FIOCP_URING_ABI_H
+#define FIOCP_URING_ABI_H
+
+#include <stdint.h>
+
+#ifndef __NR_io_uring_setup
+/* The same on every architecture that uses the generic syscall table
+ * (x86_64, aarch64, riscv64, ...); alpha and mips differ and are not built. */
+# define __NR_io_uring_setup 425
+# define __NR_io_uring_enter 426
+# define __NR_io_uring_register 427
+#endif
+
+struct fu_sqe {
+  uint8_t opcode;
+  uint8_t flags;
+  uint16_t ioprio;
+  int32_t fd;
+  uint64_t off;      /* offset, or addr2 */
+  uint64_t addr;     /* buffer or address */
+  uint32_t len;
+  uint32_t op_flags; /* rw_flags, msg_flags, accept_flags, cancel_flags... */
+  uint64_t user_data;
+  uint16_t buf_index;
+  uint16_t personality;
+  int32_t splice_fd_in;
+  uint64_t pad2[2];
+};
+
+struct fu_cqe {
+  uint64_t user_data;
+  int32_t res;
+  uint32_t flags;
+};
+
+struct fu_sqring_offsets {
+  uint32_t head, tail, ring_mask, ring_entries, flags, dropped, array, resv1;
+  uint64_t resv2;
+};
+
+struct fu_cqring_offsets {
+  uint32_t head, tail, ring_mask, ring_entries, overflow, cqes, flags, resv1;
+  uint64_t resv2;
+};
+
+struct fu_params {
+  uint32_t sq_entries;
+  uint32_t cq_entries;
+  uint32_t flags;
+  uint32_t sq_thread_cpu;
+  uint32_t sq_thread_idle;
+  uint32_t features;
+  uint32_t wq_fd;
+  uint32_t resv[3];
+  struct fu_sqring_offsets sq_off;
+  struct fu_cqring_offsets cq_off;
+};
+
+struct fu_getevents_arg {
+  uint64_t sigmask;
+  uint32_t sigmask_sz;
+  uint32_t pad;
+  uint64_t ts;
+};
+
+struct fu_kernel_timespec {
+  int64_t tv_sec;
+  long long tv_nsec;
+};
+
+struct fu_probe_op {
+  uint8_t op;
+  uint8_t resv;
+  uint16_t flags;
+  uint32_t resv2;
+};
+
+struct fu_probe {
+  uint8_t last_op;
+  uint8_t ops_len;
+  uint16_t resv;
+  uint32_t resv2[3];
+  struct fu_probe_op ops[];
+};
+
+/* Setup flags. */
+#define FU_SETUP_CQSIZE (1U << 3)
+#define FU_SETUP_CLAMP (1U << 4)
+
+/* Features. */
+#define FU_FEAT_SINGLE_MMAP (1U << 0)
+#define FU_FEAT_NODROP (1U << 1)
+#define FU_FEAT_SUBMIT_STABLE (1U << 2)
+#define FU_FEAT_RW_CUR_POS (1U << 3)
+#define FU_FEAT_EXT_ARG (1U << 8)
+
+/* io_uring_enter flags. */
+#define FU_ENTER_GETEVENTS (1U << 0)
+#define FU_ENTER_EXT_ARG (1U << 3)
+
+/* sq_ring flags. */
+#define FU_SQ_CQ_OVERFLOW (1U << 1)
+
+/* mmap offsets. */
+#define FU_OFF_SQ_RING 0ULL
+#define FU_OFF_CQ_RING 0x8000000ULL
+#define FU_OFF_SQES 0x10000000ULL
+
+/* Opcodes. */
+#define FU_OP_NOP 0
+#define FU_OP_SENDMSG 9
+#define FU_OP_RECVMSG 10
+#define FU_OP_ACCEPT 13
+#define FU_OP_ASYNC_CANCEL 14
+#define FU_OP_CONNECT 16
+#define FU_OP_READ 22
+#define FU_OP_WRITE 23
+#define FU_OP_SEND 26
+#define FU_OP_RECV 27
+
+/* register opcodes. */
+#define FU_REGISTER_PROBE 8
+#define FU_PROBE_OP_SUPPORTED (1U << 0)
+
+#endif /* FIOCP_URING_ABI_H */
