@@ -474,6 +474,8 @@ static void uring_harvest(void* ctx) {
         continue;
       }
       op->res = cqe->res;
+      if (op->kind == FIOCP_OP_RECVFROM)
+        op->addr->sslen = op->addr->msg.msg_namelen;
       fiocp__hub_complete_locked(hub, op, 1);
     }
     __atomic_store_n(u->cq_khead, head, __ATOMIC_RELEASE);

@@ -1,0 +1,1705 @@
+/* _fastiocp.c: the CPython binding. The only file that includes Python.h.
+ *
+ * Object model. Every submission creates one Completion object. The port
+ * holds a strong reference to it (through the operation record's user
+ * token) from submission until the completion is dequeued, so the buffer it
+ * pins (a Py_buffer export) stays valid however many Python references the
+ * user drops. get() hands that very object back, filled in: the object you
+ * submitted is the completion you receive, as an OVERLAPPED is on Windows.
+ *
+ * GIL. Each Py_BEGIN_ALLOW_THREADS block holds one backend call and stores
+ * its result; argument parsing, buffer exports and reference counting
+ * happen before, result building after.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include "fiocp.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+
+#ifdef _WIN32
+# include <ws2tcpip.h>
+#else
+# include <arpa/inet.h>
+# include <netdb.h>
+# include <netinet/in.h>
+# include <sys/un.h>
+# include <unistd.h>
+#endif
+
+#define FASTIOCP_VERSION "0.1.0"
+
+/* Longest single transfer: what Linux does in one read()/write() call.
+ * Larger buffers complete short, which callers must handle anyway. */
+#define MAX_TRANSFER 0x7ffff000u
+
+/* How long close() waits for cancelled operations to come back. */
+#define CLOSE_TIMEOUT_MS 10000
+
+/* ======================================================================
+ * Module state
+ * ====================================================================== */
+
+static PyObject* FastIOCPError;
+static PyObject* BackendUnavailableError;
+static PyObject* PortClosedError;
+static PyObject* InvalidStateError;
+static PyObject* socket_type;     /* socket.socket */
+static PyObject* kind_names[FIOCP_OP__COUNT];
+
+static PyTypeObject CompletionType;
+static PyTypeObject CompletionPortType;
+
+/* ======================================================================
+ * Errors
+ * ====================================================================== */
+
+static void set_closed_error(void) {
+  PyErr_SetString(PortClosedError, "I/O operation on closed CompletionPort");
+}
+
+/* Raises the exception for a negative fiocp code. Returns NULL. */
+static PyObject* set_code_error(int64_t code) {
+  if (code == FIOCP_ECLOSED) {
+    set_closed_error();
+  } else if (code == FIOCP_ENOMEM) {
+    PyErr_NoMemory();
+  } else if (code == FIOCP_EUNSUPPORTED) {
+    PyErr_SetString(PyExc_NotImplementedError,
+                    "operation not supported by this backend");
+  } else {
+#ifdef _WIN32
+    PyErr_SetExcFromWindowsErr(PyExc_OSError, (int)-code);
+#else
+    errno = (int)-code;
+    PyErr_SetFromErrno(PyExc_OSError);
+#endif
+  }
+  return NULL;
+}
+
+/* The exception object (not raised) for a failed operation: OSError picks
+ * the subclass (ConnectionResetError, ...) from errno/winerror. */
+static PyObject* make_code_error(int64_t code) {
+  PyObject *type, *value, *tb;
+  set_code_error(code);
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (tb != NULL) {
+    PyException_SetTraceback(value, tb);
+    Py_DECREF(tb);
+  }
+  Py_XDECREF(type);
+  return value;
+}
+
+static int is_cancel_code(int64_t code) {
+#ifdef _WIN32
+  return code == -(int64_t)ERROR_OPERATION_ABORTED;
+#else
+  return code == -ECANCELED;
+#endif
+}
+
+/* ======================================================================
+ * Socket addresses
+ * ====================================================================== */
+
+/* Python address from a sockaddr, in the socket module's shapes. */
+static PyObject* make_sockaddr(const struct sockaddr_storage* ss,
+                               fiocp_socklen_t len) {
+  char host[INET6_ADDRSTRLEN];
+  if (len <= 0) Py_RETURN_NONE;
+  switch (ss->ss_family) {
+    case AF_INET: {
+      const struct sockaddr_in* a = (const struct sockaddr_in*)ss;
+      if (inet_ntop(AF_INET, (void*)&a->sin_addr, host, sizeof(host)) == NULL)
+        return PyErr_SetFromErrno(PyExc_OSError);
+      return Py_BuildValue("(si)", host, (int)ntohs(a->sin_port));
+    }
+    case AF_INET6: {
+      const struct sockaddr_in6* a = (const struct sockaddr_in6*)ss;
+      if (inet_ntop(AF_INET6, (void*)&a->sin6_addr, host, sizeof(host)) == NULL)
+        return PyErr_SetFromErrno(PyExc_OSError);
+      return Py_BuildValue("(siII)", host, (int)ntohs(a->sin6_port),
+                           (unsigned)ntohl(a->sin6_flowinfo),
+                           (unsigned)a->sin6_scope_id);
+    }
+#ifndef _WIN32
+    case AF_UNIX: {
+      const struct sockaddr_un* a = (const struct sockaddr_un*)ss;
+      size_t plen = (size_t)len - offsetof(struct sockaddr_un, sun_path);
+      if ((size_t)len <= offsetof(struct sockaddr_un, sun_path))
+        return PyUnicode_FromString("");
+      if (a->sun_path[0] == 0) /* Linux abstract namespace: bytes */
+        return PyBytes_FromStringAndSize(a->sun_path, (Py_ssize_t)plen);
+      plen = strnlen(a->sun_path, plen);
+      return PyUnicode_DecodeFSDefaultAndSize(a->sun_path, (Py_ssize_t)plen);
+    }
+#endif
+    default:
+      return Py_BuildValue("(iy#)", (int)ss->ss_family, (const char*)ss,
+                           (Py_ssize_t)len);
+  }
+}
+
+/* Resolves host for family into out: numeric first, the resolver (with the
+ * GIL released: it may block on DNS) otherwise. */
+static int resolve_host(const char* host, int family, void* out) {
+  struct addrinfo hints, *res = NULL;
+  int rc;
+  if (host[0] == 0) {
+    /* "" means INADDR_ANY, as in the socket module. */
+    if (family == AF_INET) memset(out, 0, sizeof(struct in_addr));
+    else memset(out, 0, sizeof(struct in6_addr));
+    return 0;
+  }
+  if (inet_pton(family, host, out) == 1) return 0;
+  memset(&hints, 0, sizeof(hints));
+  hints.ai_family = family;
+  Py_BEGIN_ALLOW_THREADS
+  rc = getaddrinfo(host, NULL, &hints, &res);
+  Py_END_ALLOW_THREADS
+  if (rc != 0 || res == NULL) {
+    PyErr_Format(PyExc_OSError, "cannot resolve host '%s': %s", host,
+                 gai_strerror(rc));
+    if (res) freeaddrinfo(res);
+    return -1;
+  }
+  if (family == AF_INET)
+    memcpy(out, &((struct sockaddr_in*)res->ai_addr)->sin_addr,
+           sizeof(struct in_addr));
+  else
+    memcpy(out, &((struct sockaddr_in6*)res->ai_addr)->sin6_addr,
+           sizeof(struct in6_addr));
+  freeaddrinfo(res);
+  return 0;
+}
+
+/* Parses a Python address for family into a sockaddr. */
+static int parse_sockaddr(PyObject* addr, int family,
+                          struct sockaddr_storage* ss, fiocp_socklen_t* len) {
+  memset(ss, 0, sizeof(*ss));
+  switch (family) {
+    case AF_INET: {
+      struct sockaddr_in* a = (struct sockaddr_in*)ss;
+      const char* host;
+      int port;
+      if (!PyTuple_Check(addr) ||
+          !PyArg_ParseTuple(addr, "si;AF_INET address must be (host, port)",
+                            &host, &port))
+        goto bad;
+      if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_OverflowError, "port must be 0-65535");
+        return -1;
+      }
+      a->sin_family = AF_INET;
+      a->sin_port = htons((unsigned short)port);
+      if (resolve_host(host, AF_INET, &a->sin_addr) < 0) return -1;
+      *len = (fiocp_socklen_t)sizeof(*a);
+      return 0;
+    }
+    case AF_INET6: {
+      struct sockaddr_in6* a = (struct sockaddr_in6*)ss;
+      const char* host;
+      int port;
+      unsigned int flowinfo = 0, scope_id = 0;
+      if (!PyTuple_Check(addr) ||
+          !PyArg_ParseTuple(addr,
+                            "si|II;AF_INET6 address must be (host, port[, "
+                            "flowinfo[, scope_id]])",
+                            &host, &port, &flowinfo, &scope_id))
+        goto bad;
+      if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_OverflowError, "port must be 0-65535");
+        return -1;
+      }
+      a->sin6_family = AF_INET6;
+      a->sin6_port = htons((unsigned short)port);
+      a->sin6_flowinfo = htonl(flowinfo);
+      a->sin6_scope_id = scope_id;
+      if (resolve_host(host, AF_INET6, &a->sin6_addr) < 0) return -1;
+      *len = (fiocp_socklen_t)sizeof(*a);
+      return 0;
+    }
+#ifndef _WIN32
+    case AF_UNIX: {
+      struct sockaddr_un* a = (struct sockaddr_un*)ss;
+      PyObject* path = NULL;
+      char* p;
+      Py_ssize_t plen;
+      if (PyUnicode_Check(addr)) {
+        path = PyUnicode_EncodeFSDefault(addr);
+      } else if (PyBytes_Check(addr) || PyByteArray_Check(addr)) {
+        path = PyBytes_FromObject(addr);
+      } else {
+        PyObject* fs = PyOS_FSPath(addr);
+        if (fs == NULL) goto bad;
+        if (PyUnicode_Check(fs)) {
+          path = PyUnicode_EncodeFSDefault(fs);
+          Py_DECREF(fs);
+        } else {
+          path = fs;
+        }
+      }
+      if (path == NULL) return -1;
+      p = PyBytes_AS_STRING(path);
+      plen = PyBytes_GET_SIZE(path);
+      if ((size_t)plen >= sizeof(a->sun_path)) {
+        Py_DECREF(path);
+        PyErr_SetString(PyExc_OSError, "AF_UNIX path too long");
+        return -1;
+      }
+      a->sun_family = AF_UNIX;
+      memcpy(a->sun_path, p, (size_t)plen);
+      *len = (fiocp_socklen_t)(offsetof(struct sockaddr_un, sun_path) +
+                               (size_t)plen + (plen > 0 && p[0] != 0 ? 1 : 0));
+      Py_DECREF(path);
+      return 0;
+    }
+#endif
+    default:
+      PyErr_Format(PyExc_ValueError, "unsupported address family %d", family);
+      return -1;
+  }
+bad:
+  if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+    PyErr_Clear();
+    PyErr_Format(PyExc_TypeError,
+                 "invalid address %R for address family %d", addr, family);
+  }
+  return -1;
+}
+
+/* ======================================================================
+ * Handles
+ * ====================================================================== */
+
+/* The OS handle of an int, a socket or any object with fileno(). */
+static int get_handle(PyObject* obj, fiocp_handle_t* out) {
+  PyObject* num;
+  if (PyLong_Check(obj)) {
+    num = obj;
+    Py_INCREF(num);
+  } else {
+    num = PyObject_CallMethod(obj, "fileno", NULL);
+    if (num == NULL) {
+      if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "expected a file descriptor, a socket or an object "
+                     "with fileno(), not %.100s",
+                     Py_TYPE(obj)->tp_name);
+      }
+      return -1;
+    }
+    if (!PyLong_Check(num)) {
+      PyErr_SetString(PyExc_TypeError, "fileno() must return an int");
+      Py_DECREF(num);
+      return -1;
+    }
+  }
+#ifdef _WIN32
+  {
+    unsigned long long v = PyLong_AsUnsignedLongLong(num);
+    Py_DECREF(num);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      PyErr_SetString(PyExc_ValueError, "invalid handle");
+      return -1;
+    }
+    *out = (fiocp_handle_t)v;
+  }
+#else
+  {
+    long v = PyLong_AsLong(num);
+    Py_DECREF(num);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < 0 || v > INT_MAX) {
+      PyErr_Format(PyExc_ValueError,
+                   "file descriptor cannot be a negative integer (%ld): "
+                   "is the file or socket closed?",
+                   v);
+      return -1;
+    }
+    *out = (fiocp_handle_t)v;
+  }
+#endif
+  return 0;
+}
+
+/* The address family of a socket object or handle. */
+static int get_family(PyObject* sockobj, fiocp_handle_t h) {
+  PyObject* fam = PyObject_GetAttrString(sockobj, "family");
+  if (fam != NULL) {
+    long v = PyLong_AsLong(fam);
+    Py_DECREF(fam);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    return (int)v;
+  }
+  PyErr_Clear();
+  {
+    struct sockaddr_storage ss;
+    fiocp_socklen_t len = (fiocp_socklen_t)sizeof(ss);
+    memset(&ss, 0, sizeof(ss));
+#ifdef _WIN32
+    {
+      WSAPROTOCOL_INFOW info;
+      int ilen = (int)sizeof(info);
+      if (getsockopt((SOCKET)h, SOL_SOCKET, SO_PROTOCOL_INFOW, (char*)&info,
+                     &ilen) == 0)
+        return info.iAddressFamily;
+      PyErr_SetExcFromWindowsErr(PyExc_OSError, WSAGetLastError());
+      return -1;
+    }
+#else
+    if (getsockname((int)h, (struct sockaddr*)&ss, &len) < 0) {
+      PyErr_SetFromErrno(PyExc_OSError);
+      return -1;
+    }
+    return ss.ss_family;
+#endif
+  }
+}
+
+/* ======================================================================
+ * Completion
+ * ====================================================================== */
+
+struct CompletionPortObject;
+
+typedef struct {
+  PyObject_HEAD
+  struct CompletionPortObject* port; /* borrowed, set only while in flight */
+  fiocp_op_t* rec;                   /* set only while in flight */
+  PyObject* key;
+  PyObject* context;
+  PyObject* buffer;   /* the object whose memory the operation uses */
+  PyObject* error;    /* None or the OSError */
+  PyObject* extra;    /* recvfrom: address; accept: (socket, address) */
+  Py_ssize_t nbytes;
+  Py_buffer view;     /* exported while in flight */
+  uint8_t kind;
+  uint8_t pinned;
+  uint8_t done;
+  uint8_t cancelled;
+} CompletionObject;
+
+typedef struct CompletionPortObject {
+  PyObject_HEAD
+  fiocp_port_t* port;       /* malloc'd: may outlive us if leaked at close */
+  const fiocp_backend_t* backend;
+  PyObject* handles;        /* {handle int: key} */
+  Py_ssize_t pending;       /* submitted and not yet dequeued */
+  unsigned concurrency;
+  int batch_depth;
+  int inside;               /* threads inside a GIL-free backend call */
+  uint8_t initialized;
+  uint8_t closed;
+  uint8_t destroy_pending;  /* destroy when the last thread leaves */
+  uint8_t leaked;
+  PyObject* weakreflist;
+} CompletionPortObject;
+
+static int Completion_traverse(CompletionObject* self, visitproc visit,
+                               void* arg) {
+  Py_VISIT(self->key);
+  Py_VISIT(self->context);
+  Py_VISIT(self->buffer);
+  Py_VISIT(self->error);
+  Py_VISIT(self->extra);
+  return 0;
+}
+
+static int Completion_clear(CompletionObject* self) {
+  /* Never called while in flight: the port's own reference keeps an
+   * in-flight completion reachable. */
+  Py_CLEAR(self->key);
+  Py_CLEAR(self->context);
+  Py_CLEAR(self->error);
+  Py_CLEAR(self->extra);
+  if (!self->pinned) Py_CLEAR(self->buffer);
+  return 0;
+}
+
+static void Completion_dealloc(CompletionObject* self) {
+  PyObject_GC_UnTrack(self);
+  if (self->pinned) {
+    /* Unreachable while in flight (the port holds a reference); this only
+     * runs for a completion that failed before submission. */
+    PyBuffer_Release(&self->view);
+    self->pinned = 0;
+  }
+  Completion_clear(self);
+  Py_CLEAR(self->buffer);
+  Py_TYPE(self)->tp_free((PyObject*)self);
+}
+
+static CompletionObject* Completion_create(uint8_t kind, PyObject* key,
+                                           PyObject* context) {
+  CompletionObject* c = PyObject_GC_New(CompletionObject, &CompletionType);
+  if (c == NULL) return NULL;
+  c->port = NULL;
+  c->rec = NULL;
+  Py_INCREF(key);
+  c->key = key;
+  Py_INCREF(context);
+  c->context = context;
+  c->buffer = NULL;
+  Py_INCREF(Py_None);
+  c->error = Py_None;
+  c->extra = NULL;
+  c->nbytes = 0;
+  memset(&c->view, 0, sizeof(c->view));
+  c->kind = kind;
+  c->pinned = 0;
+  c->done = 0;
+  c->cancelled = 0;
+  PyObject_GC_Track(c);
+  return c;
+}
+
+static PyObject* Completion_result(CompletionObject* self,
+                                   PyObject* Py_UNUSED(ignored)) {
+  if (!self->done) {
+    PyErr_SetString(InvalidStateError,
+                    "the operation has not completed yet: its completion "
+                    "has not been dequeued with get()");
+    return NULL;
+  }
+  if (self->error != Py_None) {
+    PyErr_SetObject((PyObject*)Py_TYPE(self->error), self->error);
+    return NULL;
+  }
+  switch (self->kind) {
+    case FIOCP_OP_RECVFROM:
+      return Py_BuildValue("(nO)", self->nbytes,
+                           self->extra ? self->extra : Py_None);
+    case FIOCP_OP_ACCEPT:
+      if (self->extra == NULL) Py_RETURN_NONE;
+      Py_INCREF(self->extra);
+      return self->extra;
+    case FIOCP_OP_CONNECT:
+      Py_RETURN_NONE;
+    default:
+      return PyLong_FromSsize_t(self->nbytes);
+  }
+}
+
+static PyObject* port_cancel_completion(CompletionPortObject* port,
+                                        CompletionObject* c);
+
+static PyObject* Completion_cancel(CompletionObject* self,
+                                   PyObject* Py_UNUSED(ignored)) {
+  if (self->done || self->port == NULL) Py_RETURN_FALSE;
+  return port_cancel_completion(self->port, self);
+}
+
+static PyObject* Completion_get_op(CompletionObject* self, void* c) {
+  (void)c;
+  Py_INCREF(kind_names[self->kind]);
+  return kind_names[self->kind];
+}
+
+static PyObject* Completion_get_buffer(CompletionObject* self, void* c) {
+  (void)c;
+  if (self->buffer == NULL) Py_RETURN_NONE;
+  Py_INCREF(self->buffer);
+  return self->buffer;
+}
+
+static PyObject* Completion_get_done(CompletionObject* self, void* c) {
+  (void)c;
+  return PyBool_FromLong(self->done);
+}
+
+static PyObject* Completion_get_cancelled(CompletionObject* self, void* c) {
+  (void)c;
+  return PyBool_FromLong(self->cancelled);
+}
+
+static PyObject* Completion_get_address(CompletionObject* self, void* c) {
+  (void)c;
+  if (self->kind == FIOCP_OP_RECVFROM && self->extra != NULL) {
+    Py_INCREF(self->extra);
+    return self->extra;
+  }
+  if (self->kind == FIOCP_OP_ACCEPT && self->extra != NULL &&
+      PyTuple_Check(self->extra) && PyTuple_GET_SIZE(self->extra) == 2) {
+    PyObject* a = PyTuple_GET_ITEM(self->extra, 1);
+    Py_INCREF(a);
+    return a;
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject* Completion_repr(CompletionObject* self) {
+  const char* state = self->done ? "done" : "pending";
+  if (self->done && self->error != Py_None)
+    return PyUnicode_FromFormat("<fastiocp.Completion op=%R %s error=%R key=%R>",
+                                kind_names[self->kind], state, self->error,
+                                self->key);
+  return PyUnicode_FromFormat("<fastiocp.Completion op=%R %s nbytes=%zd key=%R>",
+                              kind_names[self->kind], state, self->nbytes,
+                              self->key);
+}
+
+static PyMemberDef Completion_members[] = {
+    {"key", T_OBJECT, offsetof(CompletionObject, key), READONLY,
+     "The key given to register() for the handle (or to post())."},
+    {"context", T_OBJECT, offsetof(CompletionObject, context), READONLY,
+     "The context object given when the operation was submitted."},
+    {"nbytes", T_PYSSIZET, offsetof(CompletionObject, nbytes), READONLY,
+     "Bytes transferred (0 at end of file, and while pending); for post(), "
+     "the nbytes posted."},
+    {"error", T_OBJECT, offsetof(CompletionObject, error), READONLY,
+     "None, or the OSError the operation failed with (errno/winerror set)."},
+    {NULL}};
+
+static PyGetSetDef Completion_getset[] = {
+    {"op", (getter)Completion_get_op, NULL,
+     "The kind of operation: 'read', 'write', 'recv', 'send', 'recvfrom', "
+     "'sendto', 'accept', 'connect' or 'post'.",
+     NULL},
+    {"buffer", (getter)Completion_get_buffer, NULL,
+     "The buffer object the operation read into or wrote from (None for "
+     "accept, connect and post).",
+     NULL},
+    {"done", (getter)Completion_get_done, NULL,
+     "True once the completion has been dequeued (or drained by close()).",
+     NULL},
+    {"cancelled", (getter)Completion_get_cancelled, NULL,
+     "True if the operation ended because it was cancelled.", NULL},
+    {"address", (getter)Completion_get_address, NULL,
+     "recvfrom: the sender's address; accept: the peer's address; else "
+     "None.",
+     NULL},
+    {NULL}};
+
+static PyMethodDef Completion_methods[] = {
+    {"result", (PyCFunction)Completion_result, METH_NOARGS,
+     "result()\n--\n\nThe operation's result, or raise its error.\n\n"
+     "read/write/recv/send/sendto: nbytes; recvfrom: (nbytes, address); "
+     "accept: (socket, address); connect: None; post: nbytes. Raises "
+     "InvalidStateError while the operation is still in flight."},
+    {"cancel", (PyCFunction)Completion_cancel, METH_NOARGS,
+     "cancel()\n--\n\nAsk the OS to cancel the operation. Returns True if a "
+     "cancellation was requested, False if it had already completed. The "
+     "completion is still delivered by get(), cancelled or with its real "
+     "result if it raced."},
+    {NULL}};
+
+static PyTypeObject CompletionType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastiocp.Completion",
+    .tp_basicsize = sizeof(CompletionObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The record of one operation or posted packet.\n\n"
+              "Returned by every submit method (pending) and, once "
+              "finished, by get()/get_many() (the same object, filled in).",
+    .tp_traverse = (traverseproc)Completion_traverse,
+    .tp_clear = (inquiry)Completion_clear,
+    .tp_dealloc = (destructor)Completion_dealloc,
+    .tp_repr = (reprfunc)Completion_repr,
+    .tp_members = Completion_members,
+    .tp_getset = Completion_getset,
+    .tp_methods = Completion_methods,
+};
+
+/* ======================================================================
+ * CompletionPort: lifetime
+ * ====================================================================== */
+
+static int port_check_open(CompletionPortObject* self) {
+  if (!self->initialized) {
+    PyErr_SetString(PyExc_ValueError, "CompletionPort.__init__ was not called");
+    return -1;
+  }
+  if (self->closed) {
+    set_closed_error();
+    return -1;
+  }
+  return 0;
+}
+
+static void close_handle(fiocp_handle_t h) {
+#ifdef _WIN32
+  closesocket((SOCKET)h);
+#else
+  close((int)h);
+#endif
+}
+
+/* (socket, address) for an accepted connection whose handle is res. */
+static PyObject* make_accepted(fiocp_op_t* rec, int64_t res) {
+  PyObject *kwargs, *empty, *sock, *addr;
+  kwargs = Py_BuildValue("{sL}", "fileno", (long long)res);
+  empty = PyTuple_New(0);
+  sock = (kwargs && empty) ? PyObject_Call(socket_type, empty, kwargs) : NULL;
+  Py_XDECREF(kwargs);
+  Py_XDECREF(empty);
+  if (sock == NULL) {
+    close_handle((fiocp_handle_t)res);
+    return NULL;
+  }
+  addr = make_sockaddr(&rec->addr->ss, rec->addr->sslen);
+  if (addr == NULL) {
+    Py_DECREF(sock); /* closes the handle */
+    return NULL;
+  }
+  return Py_BuildValue("(NN)", sock, addr);
+}
+
+/* Fills c from its record, releases the buffer, frees the record. Returns
+ * the completion (the port's reference, now the caller's). GIL. */
+static CompletionObject* finish_op(CompletionPortObject* self,
+                                   fiocp_op_t* rec) {
+  CompletionObject* c = (CompletionObject*)rec->user;
+  int64_t res = rec->res;
+  if (res < 0) {
+    Py_SETREF(c->error, make_code_error(res));
+    if (c->error == NULL) {
+      /* Building the exception failed (memory): keep a plain one. */
+      PyErr_Clear();
+      Py_INCREF(PyExc_OSError);
+      c->error = PyExc_OSError;
+    }
+    c->cancelled = (uint8_t)is_cancel_code(res);
+    c->nbytes = 0;
+  } else {
+    switch (c->kind) {
+      case FIOCP_OP_RECVFROM:
+        c->nbytes = (Py_ssize_t)res;
+        c->extra = make_sockaddr(&rec->addr->ss, rec->addr->sslen);
+        if (c->extra == NULL) {
+          c->extra = Py_None;
+          Py_INCREF(Py_None);
+          PyErr_Clear();
+        }
+        break;
+      case FIOCP_OP_ACCEPT:
+        c->extra = make_accepted(rec, res);
+        if (c->extra == NULL) {
+          /* The new connection could not be wrapped: the completion
+           * carries that error; the handle was closed. */
+          PyObject *type, *value, *tb;
+          PyErr_Fetch(&type, &value, &tb);
+          PyErr_NormalizeException(&type, &value, &tb);
+          Py_XDECREF(type);
+          Py_XDECREF(tb);
+          Py_SETREF(c->error, value);
+        }
+        break;
+      case FIOCP_OP_CONNECT:
+        c->nbytes = 0;
+        break;
+      default:
+        c->nbytes = (Py_ssize_t)res;
+    }
+  }
+  if (c->pinned) {
+    PyBuffer_Release(&c->view);
+    c->pinned = 0;
+  }
+  c->rec = NULL;
+  c->port = NULL;
+  c->done = 1;
+  rec->state = FIOCP_ST_FREE;
+  fiocp__op_free(self->port, rec);
+  self->pending--;
+  return c;
+}
+
+/* Runs backend->destroy once no thread is inside a GIL-free call. GIL. */
+static void port_maybe_destroy(CompletionPortObject* self) {
+  if (!self->destroy_pending || self->inside > 0) return;
+  self->destroy_pending = 0;
+  self->backend->destroy(self->port);
+  fiocp__allocator_destroy(self->port);
+  PyMem_RawFree(self->port);
+  self->port = NULL;
+}
+
+/* close(): cancels what is pending, waits (bounded) for it, releases every
+ * buffer and reference, wakes every waiting thread. Idempotent. GIL. */
+static int port_close_impl(CompletionPortObject* self) {
+  int64_t owed;
+  fiocp_op_t* batch[64];
+  int n, i;
+  if (!self->initialized || self->closed) return 0;
+  self->closed = 1;
+  owed = self->backend->shutdown(self->port, 0);
+  if (owed > 0) {
+    self->inside++;
+    Py_BEGIN_ALLOW_THREADS
+    owed = self->backend->shutdown(self->port, CLOSE_TIMEOUT_MS);
+    Py_END_ALLOW_THREADS
+    self->inside--;
+  }
+  while ((n = self->backend->drain(self->port, batch, 64)) > 0) {
+    for (i = 0; i < n; i++) {
+      CompletionObject* c = finish_op(self, batch[i]);
+      Py_DECREF(c);
+    }
+  }
+  Py_CLEAR(self->handles);
+  if (owed > 0) {
+    /* The kernel still owns buffers of these operations: keep them, their
+     * records and the backend alive forever rather than risk it writing
+     * into freed memory. */
+    self->leaked = 1;
+    PyErr_WarnFormat(PyExc_ResourceWarning, 1,
+                     "CompletionPort.close(): %lld operations did not come "
+                     "back within %d ms of being cancelled; their buffers "
+                     "are kept alive",
+                     (long long)owed, CLOSE_TIMEOUT_MS);
+    return 0;
+  }
+  self->destroy_pending = 1;
+  port_maybe_destroy(self);
+  return 0;
+}
+
+static void CompletionPort_dealloc(CompletionPortObject* self) {
+  PyObject *type, *value, *tb;
+  PyObject_GC_UnTrack(self);
+  PyErr_Fetch(&type, &value, &tb);
+  if (self->weakreflist != NULL) PyObject_ClearWeakRefs((PyObject*)self);
+  if (self->initialized && !self->closed) {
+    if (port_close_impl(self) < 0) PyErr_WriteUnraisable((PyObject*)self);
+  }
+  PyErr_Restore(type, value, tb);
+  Py_CLEAR(self->handles);
+  Py_TYPE(self)->tp_free((PyObject*)self);
+}
+
+static int CompletionPort_traverse(CompletionPortObject* self, visitproc visit,
+                                   void* arg) {
+  Py_VISIT(self->handles);
+  return 0;
+}
+
+static int CompletionPort_clear(CompletionPortObject* self) {
+  Py_CLEAR(self->handles);
+  return 0;
+}
+
+static const fiocp_backend_t* backend_from_env(void) {
+  const char* env = getenv("FASTIOCP_BACKEND");
+  if (env == NULL || env[0] == 0 || strcmp(env, "auto") == 0) return NULL;
+  return fiocp__backend_by_name(env);
+}
+
+static int CompletionPort_init(CompletionPortObject* self, PyObject* args,
+                               PyObject* kwds) {
+  static char* kwlist[] = {"concurrency", "backend", "entries", NULL};
+  int concurrency = 0;
+  const char* name = "auto";
+  int entries = 0;
+  char why[256];
+  int rc = -1, i;
+  PyObject* reasons = NULL;
+  if (self->initialized) {
+    PyErr_SetString(PyExc_RuntimeError, "CompletionPort is already initialized");
+    return -1;
+  }
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|isi:CompletionPort", kwlist,
+                                   &concurrency, &name, &entries))
+    return -1;
+  if (concurrency < 0) {
+    PyErr_SetString(PyExc_ValueError, "concurrency must be >= 0");
+    return -1;
+  }
+  if (entries < 0 || entries > 32768) {
+    PyErr_SetString(PyExc_ValueError, "entries must be between 0 and 32768");
+    return -1;
+  }
+  self->port = (fiocp_port_t*)PyMem_RawCalloc(1, sizeof(fiocp_port_t));
+  if (self->port == NULL) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  why[0] = 0;
+  if (strcmp(name, "auto") == 0) {
+    const fiocp_backend_t* forced = backend_from_env();
+    const char* env = getenv("FASTIOCP_BACKEND");
+    if (forced == NULL && env != NULL && env[0] && strcmp(env, "auto") != 0) {
+      PyErr_Format(PyExc_ValueError,
+                   "FASTIOCP_BACKEND=%s names no backend of this build", env);
+      goto fail;
+    }
+    if (forced != NULL) {
+      self->port->backend = forced;
+      rc = forced->init(self->port, (unsigned)entries, (unsigned)concurrency,
+                        why, sizeof(why));
+    } else {
+      reasons = PyList_New(0);
+      if (reasons == NULL) goto fail;
+      for (i = 0; i < fiocp__nbackends; i++) {
+        self->port->backend = fiocp__backends[i];
+        why[0] = 0;
+        rc = fiocp__backends[i]->init(self->port, (unsigned)entries,
+                                      (unsigned)concurrency, why, sizeof(why));
+        if (rc == 0) break;
+        {
+          PyObject* r = PyUnicode_FromFormat("%s: %s", fiocp__backends[i]->name, why);
+          if (r == NULL || PyList_Append(reasons, r) < 0) {
+            Py_XDECREF(r);
+            goto fail;
+          }
+          Py_DECREF(r);
+        }
+      }
+    }
+  } else {
+    const fiocp_backend_t* b = fiocp__backend_by_name(name);
+    if (b == NULL) {
+      PyErr_Format(PyExc_ValueError,
+                   "unknown backend %R for this build; available here: see "
+                   "fastiocp.available_backends()",
+                   PyTuple_GET_SIZE(args) > 1 ? PyTuple_GET_ITEM(args, 1) : Py_None);
+      goto fail;
+    }
+    self->port->backend = b;
+    rc = b->init(self->port, (unsigned)entries, (unsigned)concurrency, why,
+                 sizeof(why));
+  }
+  if (rc < 0) {
+    if (reasons != NULL) {
+      PyObject* sep = PyUnicode_FromString("; ");
+      PyObject* joined = sep ? PyUnicode_Join(sep, reasons) : NULL;
+      Py_XDECREF(sep);
+      if (joined == NULL) goto fail;
+      PyErr_Format(BackendUnavailableError, "no backend works here: %U", joined);
+      Py_DECREF(joined);
+    } else {
+      PyErr_Format(BackendUnavailableError, "backend %s is unavailable: %s",
+                   self->port->backend->name, why);
+    }
+    goto fail;
+  }
+  Py_XDECREF(reasons);
+  self->backend = self->port->backend;
+  self->handles = PyDict_New();
+  if (self->handles == NULL) {
+    int64_t owed = self->backend->shutdown(self->port, 0);
+    if (owed == 0) self->backend->destroy(self->port);
+    PyMem_RawFree(self->port);
+    self->port = NULL;
+    return -1;
+  }
+  self->concurrency = (unsigned)concurrency;
+  self->initialized = 1;
+  return 0;
+fail:
+  Py_XDECREF(reasons);
+  PyMem_RawFree(self->port);
+  self->port = NULL;
+  return -1;
+}
+
+/* ======================================================================
+ * CompletionPort: registration
+ * ====================================================================== */
+
+static PyObject* CompletionPort_register(CompletionPortObject* self,
+                                         PyObject* args, PyObject* kwds) {
+  static char* kwlist[] = {"fileobj", "key", NULL};
+  PyObject *fileobj, *key = Py_None, *hkey;
+  fiocp_handle_t h;
+  int rc;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:register", kwlist,
+                                   &fileobj, &key))
+    return NULL;
+  if (port_check_open(self) < 0 || get_handle(fileobj, &h) < 0) return NULL;
+  hkey = PyLong_FromLongLong((long long)h);
+  if (hkey == NULL) return NULL;
+  rc = PyDict_Contains(self->handles, hkey);
+  if (rc != 0) {
+    if (rc > 0)
+      PyErr_Format(PyExc_ValueError,
+                   "handle %R is already registered with this port",
+                   hkey);
+    Py_DECREF(hkey);
+    return NULL;
+  }
+  rc = self->backend->associate(self->port, h);
+  if (rc < 0) {
+    Py_DECREF(hkey);
+    return set_code_error(rc);
+  }
+  if (PyDict_SetItem(self->handles, hkey, key) < 0) {
+    Py_DECREF(hkey);
+    return NULL;
+  }
+  Py_DECREF(hkey);
+  Py_RETURN_NONE;
+}
+
+static PyObject* CompletionPort_unregister(CompletionPortObject* self,
+                                           PyObject* fileobj) {
+  fiocp_handle_t h;
+  PyObject* hkey;
+  int rc;
+  if (port_check_open(self) < 0 || get_handle(fileobj, &h) < 0) return NULL;
+  hkey = PyLong_FromLongLong((long long)h);
+  if (hkey == NULL) return NULL;
+  rc = PyDict_DelItem(self->handles, hkey);
+  if (rc < 0 && PyErr_ExceptionMatches(PyExc_KeyError)) {
+    PyErr_Clear();
+    PyErr_Format(PyExc_KeyError, "handle %R is not registered with this port",
+                 hkey);
+  }
+  Py_DECREF(hkey);
+  if (rc < 0) return NULL;
+  Py_RETURN_NONE;
+}
+
+/* The key registered for h (borrowed), or NULL with ValueError. */
+static PyObject* lookup_key(CompletionPortObject* self, fiocp_handle_t h) {
+  PyObject* hkey = PyLong_FromLongLong((long long)h);
+  PyObject* key;
+  if (hkey == NULL) return NULL;
+  key = PyDict_GetItemWithError(self->handles, hkey);
+  if (key == NULL && !PyErr_Occurred())
+    PyErr_Format(PyExc_ValueError,
+                 "handle %R is not registered with this port: call "
+                 "register() first",
+                 hkey);
+  Py_DECREF(hkey);
+  return key;
+}
+
+/* ======================================================================
+ * CompletionPort: submission
+ * ====================================================================== */
+
+enum { BUF_NONE, BUF_READ, BUF_WRITE };
+
+/* Validates, pins the buffer, fills a record and submits it. Everything
+ * that can fail because of the arguments fails before anything is
+ * submitted. GIL. */
+static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
+                           PyObject* fileobj, PyObject* bufarg, int bufmode,
+                           int64_t offset, PyObject* address,
+                           PyObject* context) {
+  fiocp_handle_t h;
+  PyObject* key;
+  CompletionObject* c;
+  fiocp_op_t* rec;
+  struct sockaddr_storage ss;
+  fiocp_socklen_t sslen = 0;
+  int rc, needs_addr;
+  if (port_check_open(self) < 0 || get_handle(fileobj, &h) < 0) return NULL;
+  key = lookup_key(self, h);
+  if (key == NULL) return NULL;
+  needs_addr = kind == FIOCP_OP_RECVFROM || kind == FIOCP_OP_SENDTO ||
+               kind == FIOCP_OP_ACCEPT || kind == FIOCP_OP_CONNECT;
+  if (address != NULL) {
+    int family = get_family(fileobj, h);
+    if (family < 0) return NULL;
+    if (parse_sockaddr(address, family, &ss, &sslen) < 0) return NULL;
+  }
+  c = Completion_create(kind, key, context);
+  if (c == NULL) return NULL;
+  if (bufmode != BUF_NONE) {
+    PyObject* obj = bufarg;
+    if (bufmode == BUF_READ && PyLong_Check(bufarg)) {
+      /* A size: allocate the buffer for the caller. */
+      Py_ssize_t size = PyLong_AsSsize_t(bufarg);
+      if (size == -1 && PyErr_Occurred()) goto error;
+      if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "buffer size must be >= 0");
+        goto error;
+      }
+      obj = PyByteArray_FromStringAndSize(NULL, size);
+      if (obj == NULL) goto error;
+    } else {
+      Py_INCREF(obj);
+    }
+    c->buffer = obj;
+    if (PyObject_GetBuffer(obj, &c->view,
+                           bufmode == BUF_READ ? PyBUF_WRITABLE : PyBUF_SIMPLE) <
+        0) {
+      if (bufmode == BUF_READ && PyErr_ExceptionMatches(PyExc_BufferError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "%s needs a writable, contiguous buffer (bytearray, "
+                     "memoryview, array, mmap), not %.100s",
+                     PyUnicode_AsUTF8(kind_names[kind]), Py_TYPE(obj)->tp_name);
+      }
+      goto error;
+    }
+    c->pinned = 1;
+  }
+  rec = fiocp__op_alloc(self->port);
+  if (rec == NULL) {
+    PyErr_NoMemory();
+    goto error;
+  }
+  if (needs_addr) {
+    rec->addr = fiocp__addr_alloc(self->port);
+    if (rec->addr == NULL) {
+      fiocp__op_free(self->port, rec);
+      PyErr_NoMemory();
+      goto error;
+    }
+    if (address != NULL) {
+      memcpy(&rec->addr->ss, &ss, sizeof(ss));
+      rec->addr->sslen = sslen;
+    } else {
+      rec->addr->sslen = (fiocp_socklen_t)sizeof(rec->addr->ss);
+    }
+  }
+  rec->kind = kind;
+  rec->handle = h;
+  if (c->pinned) {
+    rec->buf = (char*)c->view.buf;
+    rec->len = c->view.len > (Py_ssize_t)MAX_TRANSFER ? MAX_TRANSFER
+                                                      : (uint32_t)c->view.len;
+  }
+  rec->offset = offset;
+  rec->user = (uintptr_t)c;
+  rec->state = FIOCP_ST_INFLIGHT;
+  c->rec = rec;
+  c->port = self;
+  Py_INCREF(c); /* the port's reference, given back by get() */
+  self->pending++;
+  rc = self->backend->submit(self->port, rec, self->batch_depth > 0);
+  if (rc < 0) {
+    /* Failed at once: no completion will come. */
+    self->pending--;
+    c->rec = NULL;
+    c->port = NULL;
+    rec->state = FIOCP_ST_FREE;
+    fiocp__op_free(self->port, rec);
+    Py_DECREF(c);
+    if (c->pinned) {
+      PyBuffer_Release(&c->view);
+      c->pinned = 0;
+    }
+    set_code_error(rc);
+    goto error;
+  }
+  return (PyObject*)c;
+error:
+  if (c->pinned) {
+    PyBuffer_Release(&c->view);
+    c->pinned = 0;
+  }
+  Py_DECREF(c);
+  return NULL;
+}
+
+/* Parses an offset: an int >= 0, or None for the current position. */
+static int parse_offset(PyObject* obj, int64_t* out) {
+  long long v;
+  if (obj == NULL) {
+    *out = 0;
+    return 0;
+  }
+  if (obj == Py_None) {
+    *out = -1;
+    return 0;
+  }
+  if (!PyLong_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "offset must be an int or None, not %.100s",
+                 Py_TYPE(obj)->tp_name);
+    return -1;
+  }
+  v = PyLong_AsLongLong(obj);
+  if (v == -1 && PyErr_Occurred()) return -1;
+  if (v < 0) {
+    PyErr_SetString(PyExc_ValueError,
+                    "offset must be >= 0 (None: the current position)");
+    return -1;
+  }
+  *out = (int64_t)v;
+  return 0;
+}
+
+static PyObject* CompletionPort_read(CompletionPortObject* self, PyObject* args,
+                                     PyObject* kwds) {
+  static char* kwlist[] = {"file", "buffer", "offset", "context", NULL};
+  PyObject *f, *buf, *off = NULL, *ctx = Py_None;
+  int64_t offset;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OO:read", kwlist, &f, &buf,
+                                   &off, &ctx) ||
+      parse_offset(off, &offset) < 0)
+    return NULL;
+  return submit_op(self, FIOCP_OP_READ, f, buf, BUF_READ, offset, NULL, ctx);
+}
+
+static PyObject* CompletionPort_write(CompletionPortObject* self,
+                                      PyObject* args, PyObject* kwds) {
+  static char* kwlist[] = {"file", "data", "offset", "context", NULL};
+  PyObject *f, *buf, *off = NULL, *ctx = Py_None;
+  int64_t offset;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OO:write", kwlist, &f, &buf,
+                                   &off, &ctx) ||
+      parse_offset(off, &offset) < 0)
+    return NULL;
+  return submit_op(self, FIOCP_OP_WRITE, f, buf, BUF_WRITE, offset, NULL, ctx);
+}
+
+static PyObject* CompletionPort_recv(CompletionPortObject* self, PyObject* args,
+                                     PyObject* kwds) {
+  static char* kwlist[] = {"sock", "buffer", "context", NULL};
+  PyObject *s, *buf, *ctx = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:recv", kwlist, &s, &buf,
+                                   &ctx))
+    return NULL;
+  return submit_op(self, FIOCP_OP_RECV, s, buf, BUF_READ, 0, NULL, ctx);
+}
+
+static PyObject* CompletionPort_send(CompletionPortObject* self, PyObject* args,
+                                     PyObject* kwds) {
+  static char* kwlist[] = {"sock", "data", "context", NULL};
+  PyObject *s, *buf, *ctx = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:send", kwlist, &s, &buf,
+                                   &ctx))
+    return NULL;
+  return submit_op(self, FIOCP_OP_SEND, s, buf, BUF_WRITE, 0, NULL, ctx);
+}
+
+static PyObject* CompletionPort_recvfrom(CompletionPortObject* self,
+                                         PyObject* args, PyObject* kwds) {
+  static char* kwlist[] = {"sock", "buffer", "context", NULL};
+  PyObject *s, *buf, *ctx = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:recvfrom", kwlist, &s,
+                                   &buf, &ctx))
+    return NULL;
+  return submit_op(self, FIOCP_OP_RECVFROM, s, buf, BUF_READ, 0, NULL, ctx);
+}
+
+static PyObject* CompletionPort_sendto(CompletionPortObject* self,
+                                       PyObject* args, PyObject* kwds) {
+  static char* kwlist[] = {"sock", "data", "address", "context", NULL};
+  PyObject *s, *buf, *addr, *ctx = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|O:sendto", kwlist, &s,
+                                   &buf, &addr, &ctx))
+    return NULL;
+  return submit_op(self, FIOCP_OP_SENDTO, s, buf, BUF_WRITE, 0, addr, ctx);
+}
+
+static PyObject* CompletionPort_accept(CompletionPortObject* self,
+                                       PyObject* args, PyObject* kwds) {
+  static char* kwlist[] = {"sock", "context", NULL};
+  PyObject *s, *ctx = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:accept", kwlist, &s, &ctx))
+    return NULL;
+  return submit_op(self, FIOCP_OP_ACCEPT, s, NULL, BUF_NONE, 0, NULL, ctx);
+}
+
+static PyObject* CompletionPort_connect(CompletionPortObject* self,
+                                        PyObject* args, PyObject* kwds) {
+  static char* kwlist[] = {"sock", "address", "context", NULL};
+  PyObject *s, *addr, *ctx = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:connect", kwlist, &s,
+                                   &addr, &ctx))
+    return NULL;
+  return submit_op(self, FIOCP_OP_CONNECT, s, NULL, BUF_NONE, 0, addr, ctx);
+}
+
+static PyObject* CompletionPort_post(CompletionPortObject* self, PyObject* args,
+                                     PyObject* kwds) {
+  static char* kwlist[] = {"key", "context", "nbytes", NULL};
+  PyObject *key = Py_None, *ctx = Py_None;
+  Py_ssize_t nbytes = 0;
+  CompletionObject* c;
+  fiocp_op_t* rec;
+  int rc;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OOn:post", kwlist, &key, &ctx,
+                                   &nbytes))
+    return NULL;
+  if (port_check_open(self) < 0) return NULL;
+  if (nbytes < 0 || (uint64_t)nbytes > 0xffffffffu) {
+    PyErr_SetString(PyExc_ValueError, "nbytes must be between 0 and 2**32-1");
+    return NULL;
+  }
+  c = Completion_create(FIOCP_OP_POST, key, ctx);
+  if (c == NULL) return NULL;
+  rec = fiocp__op_alloc(self->port);
+  if (rec == NULL) {
+    Py_DECREF(c);
+    return PyErr_NoMemory();
+  }
+  rec->kind = FIOCP_OP_POST;
+  rec->res = (int64_t)nbytes;
+  rec->user = (uintptr_t)c;
+  rec->state = FIOCP_ST_INFLIGHT;
+  c->rec = rec;
+  c->port = self;
+  /* The port's reference; the caller gets none: posts are fire and forget
+   * (get() returns the object). */
+  self->pending++;
+  rc = self->backend->post(self->port, rec);
+  if (rc < 0) {
+    self->pending--;
+    c->rec = NULL;
+    c->port = NULL;
+    rec->state = FIOCP_ST_FREE;
+    fiocp__op_free(self->port, rec);
+    Py_DECREF(c);
+    return set_code_error(rc);
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject* port_cancel_completion(CompletionPortObject* self,
+                                        CompletionObject* c) {
+  int rc;
+  if (c->done || c->rec == NULL || c->port != self) Py_RETURN_FALSE;
+  if (port_check_open(self) < 0) return NULL;
+  if (c->kind == FIOCP_OP_POST) Py_RETURN_FALSE;
+  rc = self->backend->cancel(self->port, c->rec);
+  if (rc < 0) return set_code_error(rc);
+  return PyBool_FromLong(rc);
+}
+
+static PyObject* CompletionPort_cancel(CompletionPortObject* self,
+                                       PyObject* op) {
+  if (!PyObject_TypeCheck(op, &CompletionType)) {
+    PyErr_Format(PyExc_TypeError, "cancel() takes a Completion, not %.100s",
+                 Py_TYPE(op)->tp_name);
+    return NULL;
+  }
+  if (((CompletionObject*)op)->port != NULL &&
+      ((CompletionObject*)op)->port != self) {
+    PyErr_SetString(PyExc_ValueError,
+                    "that operation was submitted to another port");
+    return NULL;
+  }
+  return port_cancel_completion(self, (CompletionObject*)op);
+}
+
+static PyObject* CompletionPort_flush(CompletionPortObject* self,
+                                      PyObject* Py_UNUSED(ignored)) {
+  int rc;
+  if (port_check_open(self) < 0) return NULL;
+  self->inside++;
+  Py_BEGIN_ALLOW_THREADS
+  rc = self->backend->flush(self->port);
+  Py_END_ALLOW_THREADS
+  self->inside--;
+  port_maybe_destroy(self);
+  if (rc < 0) return set_code_error(rc);
+  Py_RETURN_NONE;
+}
+
+static PyObject* CompletionPort_batch_enter(CompletionPortObject* self,
+                                            PyObject* Py_UNUSED(ignored)) {
+  if (port_check_open(self) < 0) return NULL;
+  self->batch_depth++;
+  Py_RETURN_NONE;
+}
+
+static PyObject* CompletionPort_batch_exit(CompletionPortObject* self,
+                                           PyObject* Py_UNUSED(ignored)) {
+  if (self->batch_depth > 0) self->batch_depth--;
+  if (self->batch_depth == 0 && self->initialized && !self->closed)
+    return CompletionPort_flush(self, NULL);
+  Py_RETURN_NONE;
+}
+
+/* ======================================================================
+ * CompletionPort: dequeue
+ * ====================================================================== */
+
+/* Converts a timeout in seconds (None: forever) to milliseconds (-1). */
+static int parse_timeout(PyObject* obj, int64_t* ms) {
+  double t;
+  if (obj == NULL || obj == Py_None) {
+    *ms = -1;
+    return 0;
+  }
+  t = PyFloat_AsDouble(obj);
+  if (t == -1.0 && PyErr_Occurred()) return -1;
+  if (isnan(t) || t < 0) {
+    PyErr_SetString(PyExc_ValueError, "timeout must be >= 0 or None");
+    return -1;
+  }
+  if (t > 9.0e12) {
+    *ms = -1;
+    return 0;
+  }
+  *ms = (int64_t)ceil(t * 1000.0);
+  return 0;
+}
+
+/* Dequeues up to max completions into out. Returns the count (0 on
+ * timeout), or -1 with an exception. The GIL is released only if there is
+ * nothing ready. */
+static int port_dequeue(CompletionPortObject* self, fiocp_op_t** out, int max,
+                        int64_t timeout_ms) {
+  int64_t deadline;
+  int n;
+  if (port_check_open(self) < 0) return -1;
+  n = self->backend->try_get(self->port, out, max);
+  if (n != 0 || timeout_ms == 0) goto done;
+  deadline = timeout_ms < 0 ? -1 : fiocp__now_ms() + timeout_ms;
+  for (;;) {
+    int64_t left = fiocp__remaining_ms(deadline);
+    self->inside++;
+    Py_BEGIN_ALLOW_THREADS
+    n = self->backend->wait(self->port, out, max, left);
+    Py_END_ALLOW_THREADS
+    self->inside--;
+    port_maybe_destroy(self);
+    if (n != FIOCP_EINTR) break;
+    if (PyErr_CheckSignals() < 0) return -1;
+    if (self->closed) {
+      set_closed_error();
+      return -1;
+    }
+    if (deadline >= 0 && fiocp__remaining_ms(deadline) == 0) return 0;
+  }
+done:
+  if (n < 0) {
+    set_code_error(n);
+    return -1;
+  }
+  return n;
+}
+
+static PyObject* CompletionPort_get(CompletionPortObject* self, PyObject* args,
+                                    PyObject* kwds) {
+  static char* kwlist[] = {"timeout", NULL};
+  PyObject* tobj = Py_None;
+  int64_t ms;
+  fiocp_op_t* rec;
+  int n;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:get", kwlist, &tobj) ||
+      parse_timeout(tobj, &ms) < 0)
+    return NULL;
+  n = port_dequeue(self, &rec, 1, ms);
+  if (n < 0) return NULL;
+  if (n == 0) Py_RETURN_NONE;
+  return (PyObject*)finish_op(self, rec);
+}
+
+#define GET_MANY_STACK 256
+
+static PyObject* CompletionPort_get_many(CompletionPortObject* self,
+                                         PyObject* args, PyObject* kwds) {
+  static char* kwlist[] = {"max", "timeout", NULL};
+  PyObject* tobj = Py_None;
+  Py_ssize_t max = 64;
+  int64_t ms;
+  fiocp_op_t* stack[GET_MANY_STACK];
+  fiocp_op_t** out = stack;
+  PyObject* list;
+  int n, i;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|nO:get_many", kwlist, &max,
+                                   &tobj) ||
+      parse_timeout(tobj, &ms) < 0)
+    return NULL;
+  if (max < 1) {
+    PyErr_SetString(PyExc_ValueError, "max must be >= 1");
+    return NULL;
+  }
+  if (max > 65536) max = 65536;
+  if (max > GET_MANY_STACK) {
+    out = (fiocp_op_t**)PyMem_Malloc(sizeof(fiocp_op_t*) * (size_t)max);
+    if (out == NULL) return PyErr_NoMemory();
+  }
+  n = port_dequeue(self, out, (int)max, ms);
+  if (n < 0) {
+    if (out != stack) PyMem_Free(out);
+    return NULL;
+  }
+  list = PyList_New(n);
+  for (i = 0; i < n; i++) {
+    CompletionObject* c = finish_op(self, out[i]);
+    /* The records are already dequeued: finish them all even if the list
+     * could not be made, so nothing is lost or leaked. */
+    if (list != NULL) PyList_SET_ITEM(list, i, (PyObject*)c);
+    else Py_DECREF(c);
+  }
+  if (out != stack) PyMem_Free(out);
+  return list;
+}
+
+static PyObject* CompletionPort_iternext(CompletionPortObject* self) {
+  fiocp_op_t* rec;
+  int n;
+  if (self->closed) return NULL; /* StopIteration */
+  n = port_dequeue(self, &rec, 1, -1);
+  if (n < 0) {
+    if (PyErr_ExceptionMatches(PortClosedError)) PyErr_Clear();
+    return NULL;
+  }
+  if (n == 0) return NULL; /* cannot happen with no timeout */
+  return (PyObject*)finish_op(self, rec);
+}
+
+static PyObject* CompletionPort_close(CompletionPortObject* self,
+                                      PyObject* Py_UNUSED(ignored)) {
+  if (port_close_impl(self) < 0) return NULL;
+  Py_RETURN_NONE;
+}
+
+static PyObject* CompletionPort_enter(CompletionPortObject* self,
+                                      PyObject* Py_UNUSED(ignored)) {
+  if (port_check_open(self) < 0) return NULL;
+  Py_INCREF(self);
+  return (PyObject*)self;
+}
+
+static PyObject* CompletionPort_exit(CompletionPortObject* self,
+                                     PyObject* args) {
+  (void)args;
+  if (port_close_impl(self) < 0) return NULL;
+  Py_RETURN_FALSE;
+}
+
+static PyObject* CompletionPort_get_backend(CompletionPortObject* self,
+                                            void* c) {
+  (void)c;
+  if (self->backend == NULL) Py_RETURN_NONE;
+  return PyUnicode_FromString(self->backend->name);
+}
+
+static PyObject* CompletionPort_get_closed(CompletionPortObject* self,
+                                           void* c) {
+  (void)c;
+  return PyBool_FromLong(self->closed || !self->initialized);
+}
+
+static PyObject* CompletionPort_get_pending(CompletionPortObject* self,
+                                            void* c) {
+  (void)c;
+  return PyLong_FromSsize_t(self->pending);
+}
+
+static PyObject* CompletionPort_get_concurrency(CompletionPortObject* self,
+                                                void* c) {
+  (void)c;
+  return PyLong_FromUnsignedLong(self->concurrency);
+}
+
+static PyGetSetDef CompletionPort_getset[] = {
+    {"backend", (getter)CompletionPort_get_backend, NULL,
+     "The backend in use: 'iocp', 'io_uring' or 'epoll'.", NULL},
+    {"closed", (getter)CompletionPort_get_closed, NULL,
+     "True once close() has been called.", NULL},
+    {"pending", (getter)CompletionPort_get_pending, NULL,
+     "Operations and posts whose completion has not been dequeued yet.",
+     NULL},
+    {"concurrency", (getter)CompletionPort_get_concurrency, NULL,
+     "The concurrency value the port was created with (0: number of CPUs).",
+     NULL},
+    {NULL}};
+
+#define KW (METH_VARARGS | METH_KEYWORDS)
+static PyMethodDef CompletionPort_methods[] = {
+    {"register", (PyCFunction)(void (*)(void))CompletionPort_register, KW,
+     "register(fileobj, key=None)\n--\n\nAssociate a file, socket or fd with "
+     "the port. key (any object) comes back on every completion of "
+     "operations on it."},
+    {"unregister", (PyCFunction)CompletionPort_unregister, METH_O,
+     "unregister(fileobj)\n--\n\nForget a registration (call before closing "
+     "and reusing a descriptor)."},
+    {"read", (PyCFunction)(void (*)(void))CompletionPort_read, KW,
+     "read(file, buffer, offset=0, context=None)\n--\n\nRead into buffer (a "
+     "writable buffer, or an int size to allocate a bytearray) at offset "
+     "(None: the current position, for pipes). Returns the pending "
+     "Completion."},
+    {"write", (PyCFunction)(void (*)(void))CompletionPort_write, KW,
+     "write(file, data, offset=0, context=None)\n--\n\nWrite data at offset "
+     "(None: the current position). Returns the pending Completion."},
+    {"recv", (PyCFunction)(void (*)(void))CompletionPort_recv, KW,
+     "recv(sock, buffer, context=None)\n--\n\nReceive into buffer (or an int "
+     "size). nbytes == 0 means the peer closed."},
+    {"send", (PyCFunction)(void (*)(void))CompletionPort_send, KW,
+     "send(sock, data, context=None)\n--\n\nSend data; nbytes may be short."},
+    {"recvfrom", (PyCFunction)(void (*)(void))CompletionPort_recvfrom, KW,
+     "recvfrom(sock, buffer, context=None)\n--\n\nReceive a datagram; "
+     "result() is (nbytes, address)."},
+    {"sendto", (PyCFunction)(void (*)(void))CompletionPort_sendto, KW,
+     "sendto(sock, data, address, context=None)\n--\n\nSend a datagram to "
+     "address."},
+    {"accept", (PyCFunction)(void (*)(void))CompletionPort_accept, KW,
+     "accept(sock, context=None)\n--\n\nAccept a connection on a listening "
+     "socket; result() is (socket.socket, address)."},
+    {"connect", (PyCFunction)(void (*)(void))CompletionPort_connect, KW,
+     "connect(sock, address, context=None)\n--\n\nConnect a stream socket "
+     "(TCP v4/v6, Unix)."},
+    {"post", (PyCFunction)(void (*)(void))CompletionPort_post, KW,
+     "post(key=None, context=None, nbytes=0)\n--\n\nQueue a packet of your "
+     "own; get() returns it as a Completion with op 'post'."},
+    {"get", (PyCFunction)(void (*)(void))CompletionPort_get, KW,
+     "get(timeout=None)\n--\n\nDequeue one Completion, waiting up to timeout "
+     "seconds (None: forever) with the GIL released. Returns None on "
+     "timeout; raises PortClosedError once the port is closed."},
+    {"get_many", (PyCFunction)(void (*)(void))CompletionPort_get_many, KW,
+     "get_many(max=64, timeout=None)\n--\n\nDequeue up to max completions in "
+     "one wait. Returns a list, empty on timeout."},
+    {"cancel", (PyCFunction)CompletionPort_cancel, METH_O,
+     "cancel(op)\n--\n\nAsk the OS to cancel op; see Completion.cancel()."},
+    {"flush", (PyCFunction)CompletionPort_flush, METH_NOARGS,
+     "flush()\n--\n\nSubmit operations deferred by batch() now."},
+    {"_batch_enter", (PyCFunction)CompletionPort_batch_enter, METH_NOARGS,
+     "Start deferring submissions (see batch())."},
+    {"_batch_exit", (PyCFunction)CompletionPort_batch_exit, METH_NOARGS,
+     "Stop deferring submissions and flush (see batch())."},
+    {"close", (PyCFunction)CompletionPort_close, METH_NOARGS,
+     "close()\n--\n\nCancel pending operations, wait for them (bounded), "
+     "release their buffers and wake every waiting thread. Idempotent."},
+    {"__enter__", (PyCFunction)CompletionPort_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)CompletionPort_exit, METH_VARARGS, NULL},
+    {NULL}};
+
+static PyTypeObject CompletionPortType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastiocp._fastiocp.CompletionPort",
+    .tp_basicsize = sizeof(CompletionPortObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "CompletionPort(concurrency=0, backend='auto', entries=0)\n--\n\n"
+              "An I/O completion port: submit operations, dequeue their "
+              "completions from any number of threads.",
+    .tp_traverse = (traverseproc)CompletionPort_traverse,
+    .tp_clear = (inquiry)CompletionPort_clear,
+    .tp_dealloc = (destructor)CompletionPort_dealloc,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)CompletionPort_iternext,
+    .tp_methods = CompletionPort_methods,
+    .tp_getset = CompletionPort_getset,
+    .tp_init = (initproc)CompletionPort_init,
+    .tp_new = PyType_GenericNew,
+    .tp_weaklistoffset = offsetof(CompletionPortObject, weakreflist),
+};
+
+/* ======================================================================
+ * Module
+ * ====================================================================== */
+
+static PyObject* mod_backend_status(PyObject* m, PyObject* Py_UNUSED(ignored)) {
+  PyObject* list = PyList_New(0);
+  int i;
+  (void)m;
+  if (list == NULL) return NULL;
+  for (i = 0; i < fiocp__nbackends; i++) {
+    char why[256];
+    int rc;
+    PyObject* item;
+    why[0] = 0;
+    rc = fiocp__backends[i]->probe(why, sizeof(why));
+    item = Py_BuildValue("(sOs)", fiocp__backends[i]->name,
+                         rc == 0 ? Py_True : Py_False, rc == 0 ? "" : why);
+    if (item == NULL || PyList_Append(list, item) < 0) {
+      Py_XDECREF(item);
+      Py_DECREF(list);
+      return NULL;
+    }
+    Py_DECREF(item);
+  }
+  return list;
+}
+
+static PyMethodDef module_methods[] = {
+    {"backend_status", (PyCFunction)mod_backend_status, METH_NOARGS,
+     "backend_status()\n--\n\nFor each backend compiled in, best first: "
+     "(name, works_here, reason_if_not)."},
+    {NULL}};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "fastiocp._fastiocp",
+    "I/O completion ports: the C core of fastiocp.", -1, module_methods,
+};
+
+static PyObject* new_exception(PyObject* m, const char* name, PyObject* bases,
+                               const char* doc) {
+  PyObject* e = PyErr_NewExceptionWithDoc(name, doc, bases, NULL);
+  if (e == NULL) return NULL;
+  if (PyModule_AddObject(m, strrchr(name, '.') + 1, e) < 0) {
+    Py_DECREF(e);
+    return NULL;
+  }
+  Py_INCREF(e); /* one for the module, one for the static */
+  return e;
+}
+
+PyMODINIT_FUNC PyInit__fastiocp(void) {
+  static const char* names[FIOCP_OP__COUNT] = {
+      "", "read", "write", "recv", "send", "recvfrom", "sendto",
+      "accept", "connect", "post"};
+  PyObject *m, *sockmod, *bases;
+  int i;
+#ifdef _WIN32
+  {
+    WSADATA wsa;
+    int rc = WSAStartup(MAKEWORD(2, 2), &wsa);
+    if (rc != 0) return PyErr_SetExcFromWindowsErr(PyExc_OSError, rc);
+  }
+#endif
+  if (fiocp__nbackends == 0) {
+    PyErr_SetString(PyExc_ImportError,
+                    "fastiocp has no backend for this platform (it supports "
+                    "Windows IOCP and Linux io_uring/epoll)");
+    return NULL;
+  }
+  if (PyType_Ready(&CompletionType) < 0 ||
+      PyType_Ready(&CompletionPortType) < 0)
+    return NULL;
+  for (i = 0; i < FIOCP_OP__COUNT; i++) {
+    if (kind_names[i] == NULL) {
+      kind_names[i] = PyUnicode_InternFromString(names[i]);
+      if (kind_names[i] == NULL) return NULL;
+    }
+  }
+  sockmod = PyImport_ImportModule("socket");
+  if (sockmod == NULL) return NULL;
+  socket_type = PyObject_GetAttrString(sockmod, "socket");
+  Py_DECREF(sockmod);
+  if (socket_type == NULL) return NULL;
+
+  m = PyModule_Create(&module_def);
+  if (m == NULL) return NULL;
+  FastIOCPError = new_exception(m, "fastiocp.FastIOCPError", NULL,
+                                "Base class of fastiocp's own exceptions.");
+  if (FastIOCPError == NULL) goto fail;
+  bases = PyTuple_Pack(2, FastIOCPError, PyExc_OSError);
+  BackendUnavailableError =
+      bases ? new_exception(m, "fastiocp.BackendUnavailableError", bases,
+                            "No usable backend, or the one asked for cannot "
+                            "work on this machine (the message says why).")
+            : NULL;
+  Py_XDECREF(bases);
+  if (BackendUnavailableError == NULL) goto fail;
+  bases = PyTuple_Pack(2, FastIOCPError, PyExc_ValueError);
+  PortClosedError = bases ? new_exception(m, "fastiocp.PortClosedError", bases,
+                                          "The CompletionPort is closed.")
+                          : NULL;
+  Py_XDECREF(bases);
+  if (PortClosedError == NULL) goto fail;
+  bases = PyTuple_Pack(2, FastIOCPError, PyExc_RuntimeError);
+  InvalidStateError =
+      bases ? new_exception(m, "fastiocp.InvalidStateError", bases,
+                            "result() was called before the operation "
+                            "completed.")
+            : NULL;
+  Py_XDECREF(bases);
+  if (InvalidStateError == NULL) goto fail;
+
+  Py_INCREF(&CompletionType);
+  if (PyModule_AddObject(m, "Completion", (PyObject*)&CompletionType) < 0) {
+    Py_DECREF(&CompletionType);
+    goto fail;
+  }
+  Py_INCREF(&CompletionPortType);
+  if (PyModule_AddObject(m, "CompletionPort", (PyObject*)&CompletionPortType) <
+      0) {
+    Py_DECREF(&CompletionPortType);
+    goto fail;
+  }
+  if (PyModule_AddStringConstant(m, "__version__", FASTIOCP_VERSION) < 0)
+    goto fail;
+  return m;
+fail:
+  Py_DECREF(m);
+  return NULL;
+}

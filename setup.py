@@ -1,0 +1,67 @@
+"""Build the fastiocp C extension.
+
+Metadata lives in pyproject.toml; this file only declares the extension.
+Sources are picked by platform (SOURCES below, also read by tools/wine/).
+
+Switches (environment variables):
+  FASTIOCP_DEBUG=1     -O0 -g, assertions on
+  FASTIOCP_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer (Linux)
+"""
+import os
+import sys
+
+COMMON = ["csrc/common.c", "csrc/_fastiocp.c"]
+SOURCES = {
+    "linux": COMMON
+    + ["csrc/unix/hub.c", "csrc/unix/io_uring.c", "csrc/unix/epoll.c"],
+    "win32": COMMON + ["csrc/win/iocp.c"],
+}
+INCLUDE_DIRS = {"linux": ["csrc"], "win32": ["csrc"]}
+LIBRARIES = {"linux": ["pthread"], "win32": ["ws2_32", "mswsock", "kernel32"]}
+
+
+def platform_key():
+    if sys.platform.startswith("linux"):
+        return "linux"
+    if sys.platform == "win32":
+        return "win32"
+    return None
+
+
+def extension():
+    from setuptools import Extension
+
+    key = platform_key()
+    if key is None:
+        raise SystemExit(
+            "fastiocp supports Windows (IOCP) and Linux (io_uring, epoll); "
+            f"there is no backend for {sys.platform} yet"
+        )
+    extra_compile, extra_link, macros = [], [], []
+    if key == "linux":
+        extra_compile += ["-std=gnu99", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                          "-Wno-missing-field-initializers", "-fno-strict-aliasing"]
+        if os.environ.get("FASTIOCP_DEBUG"):
+            extra_compile += ["-O0", "-g3", "-UNDEBUG"]
+        if os.environ.get("FASTIOCP_SANITIZE"):
+            flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                     "-fno-sanitize-recover=undefined", "-g"]
+            extra_compile += flags
+            extra_link += flags
+    else:
+        macros += [("WIN32_LEAN_AND_MEAN", "1"), ("_WIN32_WINNT", "0x0601")]
+    return Extension(
+        "fastiocp._fastiocp",
+        sources=SOURCES[key],
+        include_dirs=INCLUDE_DIRS[key],
+        libraries=LIBRARIES[key],
+        define_macros=macros,
+        extra_compile_args=extra_compile,
+        extra_link_args=extra_link,
+    )
+
+
+if __name__ == "__main__":
+    from setuptools import setup
+
+    setup(ext_modules=[extension()])

