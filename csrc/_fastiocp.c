@@ -1333,23 +1333,23 @@ static int parse_timeout(PyObject* obj, int64_t* ms) {
 
 /* Dequeues up to max completions into out. Returns the count (0 on
  * timeout), or -1 with an exception. The GIL is released only if there is
- * nothing ready. */
+ * nothing ready. On return, successful or not, the caller counts as inside
+ * the port until it calls port_leave() after finishing the records: close()
+ * on another thread must not free the slabs those records live in. */
 static int port_dequeue(CompletionPortObject* self, fiocp_op_t** out, int max,
                         int64_t timeout_ms) {
   int64_t deadline;
   int n;
+  self->inside++;
   if (port_check_open(self) < 0) return -1;
   n = self->backend->try_get(self->port, out, max);
   if (n != 0 || timeout_ms == 0) goto done;
   deadline = timeout_ms < 0 ? -1 : fiocp__now_ms() + timeout_ms;
   for (;;) {
     int64_t left = fiocp__remaining_ms(deadline);
-    self->inside++;
     Py_BEGIN_ALLOW_THREADS
     n = self->backend->wait(self->port, out, max, left);
     Py_END_ALLOW_THREADS
-    self->inside--;
-    port_maybe_destroy(self);
     if (n != FIOCP_EINTR) break;
     if (PyErr_CheckSignals() < 0) return -1;
     if (self->closed) {
@@ -1366,6 +1366,11 @@ done:
   return n;
 }
 
+static void port_leave(CompletionPortObject* self) {
+  self->inside--;
+  port_maybe_destroy(self);
+}
+
 static PyObject* CompletionPort_get(CompletionPortObject* self, PyObject* args,
                                     PyObject* kwds) {
   static char* kwlist[] = {"timeout", NULL};
@@ -1376,10 +1381,13 @@ static PyObject* CompletionPort_get(CompletionPortObject* self, PyObject* args,
   if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:get", kwlist, &tobj) ||
       parse_timeout(tobj, &ms) < 0)
     return NULL;
+  CompletionObject* c = NULL;
   n = port_dequeue(self, &rec, 1, ms);
+  if (n > 0) c = finish_op(self, rec);
+  port_leave(self);
   if (n < 0) return NULL;
   if (n == 0) Py_RETURN_NONE;
-  return (PyObject*)finish_op(self, rec);
+  return (PyObject*)c;
 }
 
 #define GET_MANY_STACK 256
@@ -1409,6 +1417,7 @@ static PyObject* CompletionPort_get_many(CompletionPortObject* self,
   }
   n = port_dequeue(self, out, (int)max, ms);
   if (n < 0) {
+    port_leave(self);
     if (out != stack) PyMem_Free(out);
     return NULL;
   }
@@ -1420,6 +1429,7 @@ static PyObject* CompletionPort_get_many(CompletionPortObject* self,
     if (list != NULL) PyList_SET_ITEM(list, i, (PyObject*)c);
     else Py_DECREF(c);
   }
+  port_leave(self);
   if (out != stack) PyMem_Free(out);
   return list;
 }
@@ -1427,14 +1437,16 @@ static PyObject* CompletionPort_get_many(CompletionPortObject* self,
 static PyObject* CompletionPort_iternext(CompletionPortObject* self) {
   fiocp_op_t* rec;
   int n;
+  CompletionObject* c = NULL;
   if (self->closed) return NULL; /* StopIteration */
   n = port_dequeue(self, &rec, 1, -1);
+  if (n > 0) c = finish_op(self, rec);
+  port_leave(self);
   if (n < 0) {
     if (PyErr_ExceptionMatches(PortClosedError)) PyErr_Clear();
     return NULL;
   }
-  if (n == 0) return NULL; /* cannot happen with no timeout */
-  return (PyObject*)finish_op(self, rec);
+  return (PyObject*)c; /* NULL (StopIteration) only if n == 0 */
 }
 
 static PyObject* CompletionPort_close(CompletionPortObject* self,

@@ -53,7 +53,11 @@ DL=$CACHE/downloads
 export WINEPREFIX=$CACHE/wineprefix
 export WINEDEBUG=-all
 # No Mono/Gecko install prompts, no desktop menu entries, no display needed.
-export WINEDLLOVERRIDES="mscoree=d;mshtml=d;winemenubuilder.exe=d"
+# wbemprox (WMI) disabled: Wine 8's WMI aborts the process on an unimplemented
+# propsys call when CPython >= 3.12's platform.uname()/platform.platform()
+# query it through _wmi; disabled, platform falls back to
+# sys.getwindowsversion().
+export WINEDLLOVERRIDES="mscoree=d;mshtml=d;winemenubuilder.exe=d;wbemprox=d"
 unset DISPLAY WAYLAND_DISPLAY
 
 mkdir -p "$CACHE" "$VDIR" "$DL"

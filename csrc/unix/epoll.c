@@ -1,0 +1,1158 @@
+/* epoll.c: the epoll backend, for machines where io_uring is unavailable
+ * (Docker's default seccomp profile, kernel.io_uring_disabled, old kernels).
+ *
+ * How readiness becomes completions. epoll only says when a descriptor is
+ * ready; the completion-port contract wants operations that finish. So the
+ * backend performs the I/O itself, at the first moment it cannot block:
+ *
+ * - At submit time, when nothing is queued ahead of it, an operation on a
+ *   socket or pipe is tried at once with a non-blocking call (recv/send with
+ *   MSG_DONTWAIT, preadv2/pwritev2 with RWF_NOWAIT, ...). If that finishes
+ *   it, in success or error, the operation completes then and there.
+ * - Otherwise (EAGAIN) it joins a per-descriptor queue, one FIFO per
+ *   direction (reads: read, recv, recvfrom, accept; writes: write, send,
+ *   sendto, connect), so that several operations on one socket keep their
+ *   order, and the descriptor's epoll interest is armed.
+ * - Whichever thread is the hub's poller (hub.h) returns from epoll_wait(),
+ *   runs the head of each ready queue again, non-blocking, until one says
+ *   EAGAIN, re-arms the interest if anything is left, and hands what
+ *   finished to the hub through harvest().
+ * - Regular files (and block devices, and anything epoll refuses with
+ *   EPERM) are always "ready" yet may block on the disk: a small pool of C
+ *   threads runs pread/pwrite for them and completes through
+ *   fiocp__hub_complete(), which kicks the poller.
+ *
+ * Interest is armed with EPOLLONESHOT, and every queued operation re-arms it
+ * with EPOLL_CTL_MOD. Why one-shot rather than level-triggered:
+ * - Disarming after an event is free, where level-triggered interest would
+ *   need a MOD to remove it whenever a queue empties (or spin meanwhile).
+ * - The MOD on each enqueue doubles as a check that the descriptor number
+ *   still names the file that was registered: epoll forgets a registration
+ *   silently when the file is closed, and MOD then fails with ENOENT (a new
+ *   file took the number) or EBADF. Operations queued for the old file are
+ *   then completed with -EBADF instead of being run against the new file or
+ *   waiting forever for an event that cannot come.
+ * - A stale registration that survives elsewhere (the old file kept open by
+ *   a dup or a child process) fires at most once, and its epoll data carries
+ *   a generation number that no longer matches, so it is ignored.
+ * Edge-triggered interest registered once would save that MOD per waiting
+ * operation but leaves no moment at which a reused descriptor is noticed.
+ *
+ * Descriptors without O_NONBLOCK (Python sockets are blocking by default)
+ * never block the poller:
+ * - recv, send, recvmsg and sendmsg take MSG_DONTWAIT, which does not touch
+ *   the file's flags; sends also take MSG_NOSIGNAL.
+ * - Reads and writes on pipes and other streams use preadv2/pwritev2 with
+ *   RWF_NOWAIT, which does not touch the flags either.
+ * - accept(), connect(), and stream reads and writes where RWF_NOWAIT is not
+ *   supported, have no per-call non-blocking flag. For them O_NONBLOCK is
+ *   set for the duration of the one call and the previous flags restored
+ *   right after (with_nonblock()); a descriptor that already has O_NONBLOCK
+ *   is left alone. While the flag is set, another thread of the user's
+ *   doing a blocking call on the same file would see EAGAIN: mixing
+ *   blocking calls and port operations on one socket is not supported.
+ *
+ * Locks. hub.mu (the hub's) comes before every lock here, and is never held
+ * while one of these is taken, except done_mu in harvest(). Each descriptor
+ * state has its own mutex, held while its queues change and while its
+ * non-blocking calls run (so a submit and the poller never interleave on one
+ * queue); tab_mu guards growth of the descriptor table; the pool has its own
+ * mutex; nb_mu serializes the O_NONBLOCK toggles (taken inside a descriptor
+ * mutex, never the other way round).
+ *
+ * fiocp_op_t.bk says where an operation is (a descriptor queue, the pool's
+ * queue, a pool thread, or nowhere) plus a few per-operation facts; it is
+ * only changed under the lock of the place it names, which is what cancel()
+ * relies on.
+ */
+#define _GNU_SOURCE
+#include "../fiocp.h"
+#include "hub.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#ifndef RWF_NOWAIT
+# define RWF_NOWAIT 0x00000008
+#endif
+
+/* preadv2/pwritev2 through syscall(): glibc before 2.26 (manylinux2014) has
+ * no wrappers, and older kernel headers lack the numbers. Elsewhere the
+ * backend falls back to toggling O_NONBLOCK around read()/write(). */
+#if !defined(SYS_preadv2)
+# if defined(__x86_64__) && !defined(__ILP32__)
+#  define SYS_preadv2 327
+#  define SYS_pwritev2 328
+# elif defined(__i386__)
+#  define SYS_preadv2 378
+#  define SYS_pwritev2 379
+# elif defined(__aarch64__) || defined(__riscv)
+#  define SYS_preadv2 286
+#  define SYS_pwritev2 287
+# endif
+#endif
+
+#define EV_BATCH 128          /* events taken per epoll_wait() */
+#define POOL_THREADS 4        /* file pool size, started lazily */
+#define KICK_DATA UINT64_MAX  /* epoll data of the eventfd; a descriptor's
+                                 data (gen << 32 | fd) never reaches it */
+#define PENDING INT64_MIN     /* try_io(): would block, wait for readiness */
+
+/* fiocp_op_t.bk: where the operation is (low two bits), facts about it,
+ * and, for BK_FDQ, the address of its descriptor state (64-byte aligned). */
+#define BK_WHERE 0x3u
+#define BK_NONE 0x0u          /* not queued: running inline or completing */
+#define BK_FDQ 0x1u           /* in a descriptor queue */
+#define BK_POOLQ 0x2u         /* in the file pool's queue */
+#define BK_POOLRUN 0x3u       /* running in a pool thread */
+#define BK_SOCKIO 0x4u        /* read/write on a socket: use recv/send */
+#define BK_NOPOS 0x8u         /* read/write on a pipe or socket: no offset */
+#define BK_STARTED 0x10u      /* connect: connect() returned EINPROGRESS */
+#define BK_FLAGS (BK_SOCKIO | BK_NOPOS | BK_STARTED)
+#define BK_MASK 0x3fu
+#define FDST_ALIGN 64
+
+enum { DIR_IN = 0, DIR_OUT = 1 };
+
+typedef struct opq_s {
+  fiocp_op_t* head;
+  fiocp_op_t* tail;
+} opq_t;
+
+/* What the backend knows about one descriptor number. Created the first
+ * time an operation on it has to wait, kept until destroy() (descriptor
+ * numbers are dense, so the table stays small). */
+typedef struct fdst_s {
+  pthread_mutex_t mu;
+  int fd;
+  int registered;        /* ADDed to epoll (for the file the number named
+                            then; epoll may have dropped it since) */
+  uint32_t gen;          /* in the epoll data; bumped when the queued
+                            operations are found to belong to a closed file */
+  opq_t q[2];            /* DIR_IN, DIR_OUT */
+} fdst_t;
+
+/* Descriptor table: slot[fd]. Readers load it without a lock; it grows
+ * under tab_mu by copying into a larger table, and the smaller tables stay
+ * allocated (chained by older) until destroy(), so a reader holding an old
+ * one is never left with freed memory. */
+typedef struct fdtab_s {
+  size_t cap;
+  struct fdtab_s* older;
+  fdst_t* slot[];
+} fdtab_t;
+
+typedef struct pool_s {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;     /* work queued, or stop */
+  opq_t q;
+  size_t qlen;
+  int nthreads;
+  int idle;              /* threads waiting on cv */
+  int stop;
+  pthread_t th[POOL_THREADS];
+} pool_t;
+
+typedef struct ep_s {
+  fiocp_hub_t hub;
+  fiocp_port_t* port;
+  int epfd;
+  int evfd;              /* kick(): wakes a poller blocked in epoll_wait */
+  int closing;           /* atomic: shutdown() began cancelling */
+  pthread_mutex_t tab_mu;
+  fdtab_t* tab;          /* atomic pointer */
+  pthread_mutex_t done_mu;
+  opq_t done;            /* finished by poll(), taken by harvest() */
+  pool_t pool;
+} ep_t;
+
+/* Serializes O_NONBLOCK toggles across ports and threads, so that two
+ * toggles on one file never interleave and leave the flag set. */
+static pthread_mutex_t nb_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* 0 once the kernel said ENOSYS to preadv2 (before 4.6). */
+static int nowait_works = 1;
+
+/* ---- Small helpers ------------------------------------------------------ */
+
+static uintptr_t bk_get(const fiocp_op_t* op) {
+  return __atomic_load_n(&op->bk, __ATOMIC_ACQUIRE);
+}
+
+static void bk_set(fiocp_op_t* op, uintptr_t v) {
+  __atomic_store_n(&op->bk, v, __ATOMIC_RELEASE);
+}
+
+/* Moves op to a new place, keeping its facts. */
+static void bk_move(fiocp_op_t* op, uintptr_t where, const void* ptr) {
+  bk_set(op, (uintptr_t)ptr | where | (bk_get(op) & BK_FLAGS));
+}
+
+static int op_dir(int kind) {
+  switch (kind) {
+    case FIOCP_OP_WRITE:
+    case FIOCP_OP_SEND:
+    case FIOCP_OP_SENDTO:
+    case FIOCP_OP_CONNECT:
+      return DIR_OUT;
+    default:
+      return DIR_IN;
+  }
+}
+
+static void q_push(opq_t* q, fiocp_op_t* op) {
+  op->next = NULL;
+  if (q->tail) q->tail->next = op;
+  else q->head = op;
+  q->tail = op;
+}
+
+static fiocp_op_t* q_pop(opq_t* q) {
+  fiocp_op_t* op = q->head;
+  if (op != NULL) {
+    q->head = op->next;
+    if (q->head == NULL) q->tail = NULL;
+    op->next = NULL;
+  }
+  return op;
+}
+
+/* Unlinks op from q; returns 1 if it was there. */
+static int q_remove(opq_t* q, fiocp_op_t* op) {
+  fiocp_op_t *prev = NULL, *cur = q->head;
+  while (cur != NULL && cur != op) {
+    prev = cur;
+    cur = cur->next;
+  }
+  if (cur == NULL) return 0;
+  if (prev) prev->next = op->next;
+  else q->head = op->next;
+  if (q->tail == op) q->tail = prev;
+  op->next = NULL;
+  return 1;
+}
+
+/* Appends every operation of src to dst and empties src. */
+static void q_splice(opq_t* dst, opq_t* src) {
+  if (src->head == NULL) return;
+  if (dst->tail) dst->tail->next = src->head;
+  else dst->head = src->head;
+  dst->tail = src->tail;
+  src->head = src->tail = NULL;
+}
+
+/* Completes op with res from outside poll(): no lock of ours may be held. */
+static void complete(ep_t* e, fiocp_op_t* op, int64_t res) {
+  op->res = res;
+  bk_move(op, BK_NONE, NULL);
+  fiocp__hub_complete(&e->hub, op, 1);
+}
+
+/* Completes every operation of q (their res already set). */
+static void complete_all(ep_t* e, opq_t* q) {
+  fiocp_op_t* op;
+  while ((op = q_pop(q)) != NULL) {
+    bk_move(op, BK_NONE, NULL);
+    fiocp__hub_complete(&e->hub, op, 1);
+  }
+}
+
+/* ---- O_NONBLOCK for the calls that have no per-call flag ---------------- */
+
+/* Makes fd non-blocking for one call. *saved receives the flags to restore,
+ * or -1 if the descriptor was already non-blocking (nothing to undo).
+ * Returns 0 or -errno. On success with *saved >= 0, nb_mu is held until
+ * nb_leave(). */
+static int nb_enter(int fd, int* saved) {
+  int fl = fcntl(fd, F_GETFL);
+  *saved = -1;
+  if (fl < 0) return -errno;
+  if (fl & O_NONBLOCK) return 0;
+  pthread_mutex_lock(&nb_mu);
+  /* Read again under the lock: another toggle may have just ended. */
+  fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || (fl & O_NONBLOCK)) {
+    int rc = fl < 0 ? -errno : 0;
+    pthread_mutex_unlock(&nb_mu);
+    return rc;
+  }
+  if (fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+    int rc = -errno;
+    pthread_mutex_unlock(&nb_mu);
+    return rc;
+  }
+  *saved = fl;
+  return 0;
+}
+
+static void nb_leave(int fd, int saved) {
+  int err = errno;
+  if (saved < 0) return;
+  /* Restoring can only fail if the user closed fd meanwhile (EBADF), and
+   * then there is no flag left to restore. */
+  (void)fcntl(fd, F_SETFL, saved);
+  pthread_mutex_unlock(&nb_mu);
+  errno = err;
+}
+
+/* ---- Non-blocking attempts ---------------------------------------------- */
+
+static int64_t sys_result(ssize_t r) {
+  if (r >= 0) return (int64_t)r;
+  if (errno == EAGAIN || errno == EWOULDBLOCK) return PENDING;
+  return -(int64_t)errno;
+}
+
+/* Reads or writes a stream that is not a socket (a pipe, a FIFO, a tty, a
+ * character device) without blocking. */
+static int64_t stream_io(fiocp_op_t* op, int wr) {
+  int fd = (int)op->handle;
+  int64_t pos = (bk_get(op) & BK_NOPOS) ? -1 : op->offset;
+  int saved, rc;
+  ssize_t r;
+#ifdef SYS_preadv2
+  if (__atomic_load_n(&nowait_works, __ATOMIC_RELAXED)) {
+    struct iovec iov;
+    uint64_t upos = (uint64_t)pos;
+    iov.iov_base = op->buf;
+    iov.iov_len = op->len;
+    /* The raw ABI splits the offset in two longs; on 64-bit kernels the
+     * high half is ignored. */
+    do {
+      r = syscall(wr ? SYS_pwritev2 : SYS_preadv2, fd, &iov, 1,
+                  (unsigned long)upos, (unsigned long)(upos >> 16 >> 16),
+                  RWF_NOWAIT);
+    } while (r < 0 && errno == EINTR);
+    if (r >= 0 || (errno != EOPNOTSUPP && errno != ENOSYS))
+      return sys_result(r);
+    if (errno == ENOSYS)
+      __atomic_store_n(&nowait_works, 0, __ATOMIC_RELAXED);
+  }
+#endif
+  /* No RWF_NOWAIT for this file (a tty, some character devices): make the
+   * file non-blocking for the call. */
+  rc = nb_enter(fd, &saved);
+  if (rc < 0) return rc;
+  do {
+    if (pos < 0)
+      r = wr ? write(fd, op->buf, op->len) : read(fd, op->buf, op->len);
+    else if (wr)
+      r = pwrite(fd, op->buf, op->len, (off_t)pos);
+    else
+      r = pread(fd, op->buf, op->len, (off_t)pos);
+  } while (r < 0 && errno == EINTR);
+  nb_leave(fd, saved);
+  return sys_result(r);
+}
+
+static void msg_prep(fiocp_op_t* op, int recv) {
+  fiocp_addr_t* a = op->addr;
+  memset(&a->msg, 0, sizeof(a->msg));
+  a->iov.iov_base = op->buf;
+  a->iov.iov_len = op->len;
+  a->msg.msg_iov = &a->iov;
+  a->msg.msg_iovlen = 1;
+  a->msg.msg_name = &a->ss;
+  a->msg.msg_namelen = recv ? (socklen_t)sizeof(a->ss) : a->sslen;
+}
+
+static int64_t do_accept(fiocp_op_t* op) {
+  int fd = (int)op->handle;
+  fiocp_addr_t* a = op->addr;
+  int saved, rc, nfd;
+  rc = nb_enter(fd, &saved);
+  if (rc < 0) return rc;
+  do {
+    a->sslen = (fiocp_socklen_t)sizeof(a->ss);
+    nfd = accept4(fd, (struct sockaddr*)&a->ss, &a->sslen, SOCK_CLOEXEC);
+  } while (nfd < 0 && errno == EINTR);
+  nb_leave(fd, saved);
+  return sys_result(nfd);
+}
+
+/* Starts a connect, or, once the socket reported writability, reads its
+ * outcome. */
+static int64_t do_connect(fiocp_op_t* op) {
+  int fd = (int)op->handle;
+  fiocp_addr_t* a = op->addr;
+  int saved, rc, err;
+  if (!(bk_get(op) & BK_STARTED)) {
+    rc = nb_enter(fd, &saved);
+    if (rc < 0) return rc;
+    rc = connect(fd, (const struct sockaddr*)&a->ss, a->sslen);
+    err = rc < 0 ? errno : 0;
+    nb_leave(fd, saved);
+    if (rc == 0) return 0;
+    if (err == EINPROGRESS || err == EINTR) {
+      /* EINTR: the connection goes on asynchronously, as EINPROGRESS. */
+      bk_set(op, bk_get(op) | BK_STARTED);
+      return PENDING;
+    }
+    /* EAGAIN here is not "try later": a Unix socket's listener has a full
+     * backlog, and no readiness event reports the end of that. */
+    return -(int64_t)err;
+  } else {
+    socklen_t len = sizeof(err);
+    struct sockaddr_storage peer;
+    socklen_t plen = sizeof(peer);
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+      return -(int64_t)errno;
+    if (err != 0) return -(int64_t)err;
+    /* No error pending: connected, unless the wake-up was for something
+     * else and the handshake is still going on. */
+    if (getpeername(fd, (struct sockaddr*)&peer, &plen) == 0) return 0;
+    if (errno == ENOTCONN) return PENDING;
+    return -(int64_t)errno;
+  }
+}
+
+/* Runs op without blocking. Returns bytes (or the new descriptor, or 0),
+ * -errno, or PENDING if it would block. */
+static int64_t try_io(fiocp_op_t* op) {
+  int fd = (int)op->handle;
+  ssize_t r;
+  switch (op->kind) {
+    case FIOCP_OP_READ:
+      if (!(bk_get(op) & BK_SOCKIO)) return stream_io(op, 0);
+      /* fall through */
+    case FIOCP_OP_RECV:
+      do {
+        r = recv(fd, op->buf, op->len, MSG_DONTWAIT);
+      } while (r < 0 && errno == EINTR);
+      return sys_result(r);
+    case FIOCP_OP_WRITE:
+      if (!(bk_get(op) & BK_SOCKIO)) return stream_io(op, 1);
+      /* fall through */
+    case FIOCP_OP_SEND:
+      do {
+        r = send(fd, op->buf, op->len, MSG_DONTWAIT | MSG_NOSIGNAL);
+      } while (r < 0 && errno == EINTR);
+      return sys_result(r);
+    case FIOCP_OP_RECVFROM:
+      do {
+        msg_prep(op, 1);
+        r = recvmsg(fd, &op->addr->msg, MSG_DONTWAIT);
+      } while (r < 0 && errno == EINTR);
+      if (r >= 0) op->addr->sslen = op->addr->msg.msg_namelen;
+      return sys_result(r);
+    case FIOCP_OP_SENDTO:
+      do {
+        msg_prep(op, 0);
+        r = sendmsg(fd, &op->addr->msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+      } while (r < 0 && errno == EINTR);
+      return sys_result(r);
+    case FIOCP_OP_ACCEPT:
+      return do_accept(op);
+    case FIOCP_OP_CONNECT:
+      return do_connect(op);
+    default:
+      return -EINVAL;
+  }
+}
+
+/* ---- Descriptor table --------------------------------------------------- */
+
+static fdst_t* fdst_find(ep_t* e, int fd) {
+  fdtab_t* t = __atomic_load_n(&e->tab, __ATOMIC_ACQUIRE);
+  if (t == NULL || (size_t)fd >= t->cap) return NULL;
+  return __atomic_load_n(&t->slot[fd], __ATOMIC_ACQUIRE);
+}
+
+/* The state of fd, created if need be. NULL when out of memory. */
+static fdst_t* fdst_get(ep_t* e, int fd) {
+  fdst_t* st = fdst_find(e, fd);
+  fdtab_t* t;
+  void* mem;
+  if (st != NULL) return st;
+  pthread_mutex_lock(&e->tab_mu);
+  t = e->tab;
+  if (t == NULL || (size_t)fd >= t->cap) {
+    size_t cap = t ? t->cap : 64, i;
+    fdtab_t* nt;
+    while (cap <= (size_t)fd) cap *= 2;
+    nt = (fdtab_t*)calloc(1, sizeof(*nt) + cap * sizeof(fdst_t*));
+    if (nt == NULL) goto oom;
+    nt->cap = cap;
+    nt->older = t;
+    if (t != NULL)
+      for (i = 0; i < t->cap; i++) nt->slot[i] = t->slot[i];
+    __atomic_store_n(&e->tab, nt, __ATOMIC_RELEASE);
+    t = nt;
+  }
+  st = t->slot[fd];
+  if (st == NULL) {
+    if (posix_memalign(&mem, FDST_ALIGN, sizeof(fdst_t)) != 0) goto oom;
+    st = (fdst_t*)mem;
+    memset(st, 0, sizeof(*st));
+    if (pthread_mutex_init(&st->mu, NULL) != 0) {
+      free(st);
+      goto oom;
+    }
+    st->fd = fd;
+    __atomic_store_n(&t->slot[fd], st, __ATOMIC_RELEASE);
+  }
+  pthread_mutex_unlock(&e->tab_mu);
+  return st;
+oom:
+  pthread_mutex_unlock(&e->tab_mu);
+  return NULL;
+}
+
+static uint32_t interest(const fdst_t* st) {
+  return (st->q[DIR_IN].head ? (uint32_t)EPOLLIN : 0u) |
+         (st->q[DIR_OUT].head ? (uint32_t)EPOLLOUT : 0u);
+}
+
+static int ctl(ep_t* e, fdst_t* st, int opcode, uint32_t events) {
+  struct epoll_event ev;
+  memset(&ev, 0, sizeof(ev));
+  ev.events = events | EPOLLONESHOT;
+  ev.data.u64 = ((uint64_t)st->gen << 32) | (uint32_t)st->fd;
+  return epoll_ctl(e->epfd, opcode, st->fd, &ev) < 0 ? -errno : 0;
+}
+
+/* The file the queued operations were meant for is no longer at this
+ * descriptor number: moves every queued operation but keep into out with
+ * -EBADF, and forgets the registration. st->mu held. */
+static void orphan_locked(fdst_t* st, fiocp_op_t* keep, opq_t* out) {
+  int d;
+  for (d = 0; d < 2; d++) {
+    fiocp_op_t* op;
+    opq_t rest = {NULL, NULL};
+    while ((op = q_pop(&st->q[d])) != NULL) {
+      if (op == keep) {
+        q_push(&rest, op);
+      } else {
+        op->res = -EBADF;
+        bk_move(op, BK_NONE, NULL);
+        q_push(out, op);
+      }
+    }
+    st->q[d] = rest;
+  }
+  st->gen++;
+  st->registered = 0;
+}
+
+/* Arms the interest of st for what its queues hold, right after newop was
+ * queued. Operations found to belong to a closed file go to orphans.
+ * Returns 0 or -errno (-EPERM: epoll does not support this file). st->mu
+ * held. */
+static int arm_locked(ep_t* e, fdst_t* st, fiocp_op_t* newop, opq_t* orphans) {
+  int rc;
+  if (st->registered) {
+    rc = ctl(e, st, EPOLL_CTL_MOD, interest(st));
+    if (rc == 0) return 0;
+    if (rc != -ENOENT && rc != -EBADF) return rc;
+    /* ENOENT: epoll dropped the registration, so the file it was for was
+     * closed, and the number now names another file. EBADF: it names
+     * nothing. Either way what was queued before newop cannot finish. */
+    orphan_locked(st, newop, orphans);
+    if (rc == -EBADF) return rc;
+  }
+  rc = ctl(e, st, EPOLL_CTL_ADD, interest(st));
+  if (rc == -EEXIST) rc = ctl(e, st, EPOLL_CTL_MOD, interest(st));
+  if (rc == 0) st->registered = 1;
+  return rc;
+}
+
+/* ---- File pool ---------------------------------------------------------- */
+
+static int64_t file_io(fiocp_op_t* op) {
+  int fd = (int)op->handle;
+  ssize_t r;
+  do {
+    if (op->kind == FIOCP_OP_READ)
+      r = op->offset < 0 ? read(fd, op->buf, op->len)
+                         : pread(fd, op->buf, op->len, (off_t)op->offset);
+    else
+      r = op->offset < 0 ? write(fd, op->buf, op->len)
+                         : pwrite(fd, op->buf, op->len, (off_t)op->offset);
+  } while (r < 0 && errno == EINTR);
+  return r < 0 ? -(int64_t)errno : (int64_t)r;
+}
+
+static void* pool_main(void* arg) {
+  ep_t* e = (ep_t*)arg;
+  pool_t* p = &e->pool;
+  pthread_mutex_lock(&p->mu);
+  for (;;) {
+    fiocp_op_t* op;
+    int64_t res;
+    while (p->q.head == NULL && !p->stop) {
+      p->idle++;
+      pthread_cond_wait(&p->cv, &p->mu);
+      p->idle--;
+    }
+    op = q_pop(&p->q);
+    if (op == NULL) break; /* stop, nothing left */
+    p->qlen--;
+    bk_move(op, BK_POOLRUN, NULL);
+    pthread_mutex_unlock(&p->mu);
+    res = file_io(op);
+    pthread_mutex_lock(&p->mu);
+    /* Under the pool's lock, so that cancel() sees either "running" or
+     * "done", never a half-way state. */
+    bk_move(op, BK_NONE, NULL);
+    pthread_mutex_unlock(&p->mu);
+    op->res = res;
+    fiocp__hub_complete(&e->hub, op, 1);
+    pthread_mutex_lock(&p->mu);
+  }
+  pthread_mutex_unlock(&p->mu);
+  return NULL;
+}
+
+/* Starts one more pool thread, with every signal blocked so that signals
+ * keep going to the Python threads. p->mu held. Returns 0 or -errno. */
+static int pool_start_locked(ep_t* e) {
+  pool_t* p = &e->pool;
+  sigset_t all, old;
+  int rc;
+  sigfillset(&all);
+  rc = pthread_sigmask(SIG_SETMASK, &all, &old);
+  if (rc != 0) return -rc;
+  rc = pthread_create(&p->th[p->nthreads], NULL, pool_main, e);
+  (void)pthread_sigmask(SIG_SETMASK, &old, NULL); /* cannot fail: old is
+                                                     a valid set */
+  if (rc != 0) return -rc;
+  p->nthreads++;
+  return 0;
+}
+
+/* Hands op to the file pool. The operation's completion is owed either
+ * way. */
+static void pool_submit(ep_t* e, fiocp_op_t* op) {
+  pool_t* p = &e->pool;
+  int64_t fail = 0;
+  pthread_mutex_lock(&p->mu);
+  if (__atomic_load_n(&e->closing, __ATOMIC_SEQ_CST)) {
+    /* shutdown() has swept the pool's queue already, or is about to; it
+     * would not see this one. */
+    op->flags |= FIOCP_OPF_CANCELLED;
+    fail = -ECANCELED;
+  } else {
+    q_push(&p->q, op);
+    p->qlen++;
+    bk_move(op, BK_POOLQ, NULL);
+    if ((size_t)p->idle < p->qlen && p->nthreads < POOL_THREADS) {
+      int rc = pool_start_locked(e);
+      if (rc < 0 && p->nthreads == 0) {
+        /* No thread at all to run it. */
+        q_remove(&p->q, op);
+        p->qlen--;
+        fail = rc;
+      }
+    }
+    if (fail == 0) pthread_cond_signal(&p->cv);
+  }
+  pthread_mutex_unlock(&p->mu);
+  if (fail != 0) complete(e, op, fail);
+}
+
+/* ---- Submission --------------------------------------------------------- */
+
+/* Submits a readiness-driven operation (socket, pipe, other streams). */
+static int fd_submit(ep_t* e, fiocp_op_t* op) {
+  int dir = op_dir(op->kind);
+  fdst_t* st = fdst_get(e, (int)op->handle);
+  opq_t orphans = {NULL, NULL};
+  int64_t res = 0;
+  int rc, to_pool = 0, failed = 0;
+  if (st == NULL) {
+    fiocp__hub_abort(&e->hub);
+    return FIOCP_ENOMEM;
+  }
+  pthread_mutex_lock(&st->mu);
+  if (st->q[dir].head == NULL) {
+    /* Nothing ahead of it in this direction: try it now. */
+    res = try_io(op);
+    if (res != PENDING) {
+      pthread_mutex_unlock(&st->mu);
+      complete(e, op, res);
+      return 0;
+    }
+  }
+  q_push(&st->q[dir], op);
+  bk_move(op, BK_FDQ, st);
+  rc = arm_locked(e, st, op, &orphans);
+  if (rc < 0) {
+    q_remove(&st->q[dir], op);
+    failed = 1;
+    if (rc == -EPERM &&
+        (op->kind == FIOCP_OP_READ || op->kind == FIOCP_OP_WRITE))
+      to_pool = 1; /* not pollable (e.g. /dev/null): use the pool */
+    else
+      res = rc;
+  } else if (__atomic_load_n(&e->closing, __ATOMIC_SEQ_CST)) {
+    /* shutdown() may have swept this descriptor before op was queued. */
+    q_remove(&st->q[dir], op);
+    op->flags |= FIOCP_OPF_CANCELLED;
+    failed = 1;
+    res = -ECANCELED;
+  }
+  pthread_mutex_unlock(&st->mu);
+  complete_all(e, &orphans);
+  if (to_pool) pool_submit(e, op);
+  else if (failed) complete(e, op, res);
+  return 0;
+}
+
+static int ep_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
+  ep_t* e = (ep_t*)port->impl;
+  int fd = (int)op->handle;
+  int rc;
+  (void)defer; /* nothing to batch: each operation is tried at once */
+  if (op->kind < FIOCP_OP_READ || op->kind > FIOCP_OP_CONNECT)
+    return FIOCP_EUNSUPPORTED;
+  if (op->handle < 0 || op->handle > INT_MAX) return -EBADF;
+  if (op->addr == NULL &&
+      (op->kind == FIOCP_OP_RECVFROM || op->kind == FIOCP_OP_SENDTO ||
+       op->kind == FIOCP_OP_ACCEPT || op->kind == FIOCP_OP_CONNECT))
+    return -EINVAL;
+  rc = fiocp__hub_begin(&e->hub);
+  if (rc < 0) return rc;
+  op->next = NULL;
+  bk_set(op, 0);
+  if (op->kind == FIOCP_OP_READ || op->kind == FIOCP_OP_WRITE) {
+    struct stat sb;
+    if (fstat(fd, &sb) < 0) {
+      complete(e, op, -(int64_t)errno);
+      return 0;
+    }
+    if (S_ISREG(sb.st_mode) || S_ISBLK(sb.st_mode) || S_ISDIR(sb.st_mode)) {
+      pool_submit(e, op);
+      return 0;
+    }
+    /* Streams take no offset (io_uring ignores it there too): pipes,
+     * sockets, and character devices that cannot seek (ttys). */
+    if (S_ISSOCK(sb.st_mode))
+      bk_set(op, BK_SOCKIO | BK_NOPOS);
+    else if (S_ISFIFO(sb.st_mode) ||
+             (S_ISCHR(sb.st_mode) && lseek(fd, 0, SEEK_CUR) < 0 &&
+              errno == ESPIPE))
+      bk_set(op, BK_NOPOS);
+  }
+  return fd_submit(e, op);
+}
+
+static int ep_flush(fiocp_port_t* port) {
+  (void)port;
+  return 0;
+}
+
+/* ---- Cancellation ------------------------------------------------------- */
+
+static int ep_cancel(fiocp_port_t* port, fiocp_op_t* op) {
+  ep_t* e = (ep_t*)port->impl;
+  int attempt;
+  /* bk only changes under the lock of the place it names: read it, lock
+   * that place, and check again. An operation leaves a descriptor queue for
+   * the pool only inside its own submit(), so two rounds always suffice. */
+  for (attempt = 0; attempt < 2; attempt++) {
+    uintptr_t bk = bk_get(op);
+    uintptr_t where = bk & BK_WHERE;
+    if (where == BK_FDQ) {
+      fdst_t* st = (fdst_t*)(bk & ~(uintptr_t)BK_MASK);
+      int found = 0;
+      pthread_mutex_lock(&st->mu);
+      bk = bk_get(op);
+      if ((bk & BK_WHERE) == BK_FDQ &&
+          (fdst_t*)(bk & ~(uintptr_t)BK_MASK) == st &&
+          q_remove(&st->q[op_dir(op->kind)], op)) {
+        op->flags |= FIOCP_OPF_CANCELLED;
+        bk_move(op, BK_NONE, NULL);
+        found = 1;
+      }
+      /* The interest stays armed; an event for an empty queue is ignored
+       * and not re-armed. */
+      pthread_mutex_unlock(&st->mu);
+      if (found) {
+        complete(e, op, -ECANCELED);
+        return 1;
+      }
+    } else if (where == BK_POOLQ || where == BK_POOLRUN) {
+      pool_t* p = &e->pool;
+      int found = 0;
+      pthread_mutex_lock(&p->mu);
+      where = bk_get(op) & BK_WHERE;
+      if (where == BK_POOLQ && q_remove(&p->q, op)) {
+        p->qlen--;
+        bk_move(op, BK_NONE, NULL);
+        found = 1;
+      }
+      if (where == BK_POOLQ || where == BK_POOLRUN)
+        op->flags |= FIOCP_OPF_CANCELLED;
+      pthread_mutex_unlock(&p->mu);
+      if (found) {
+        complete(e, op, -ECANCELED);
+        return 1;
+      }
+      /* Running: a pread cannot be stopped; it completes with its real
+       * result. */
+      if (where == BK_POOLRUN) return 1;
+    } else {
+      return 0; /* finished, or finishing in the poller right now */
+    }
+  }
+  return 0;
+}
+
+/* ---- Polling ------------------------------------------------------------ */
+
+/* Runs the queue of one direction from its head until an operation would
+ * block; finished operations go to done. st->mu held. */
+static void run_queue_locked(fdst_t* st, int dir, opq_t* done) {
+  fiocp_op_t* op;
+  while ((op = st->q[dir].head) != NULL) {
+    int64_t res = try_io(op);
+    if (res == PENDING) break;
+    (void)q_pop(&st->q[dir]);
+    op->res = res;
+    bk_move(op, BK_NONE, NULL);
+    q_push(done, op);
+  }
+}
+
+static void handle_event(ep_t* e, uint64_t data, uint32_t revents,
+                         opq_t* done) {
+  int fd = (int)(uint32_t)data;
+  uint32_t gen = (uint32_t)(data >> 32);
+  fdst_t* st = fdst_find(e, fd);
+  if (st == NULL) return;
+  pthread_mutex_lock(&st->mu);
+  if (st->gen == gen && st->registered) {
+    if (revents & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP))
+      run_queue_locked(st, DIR_IN, done);
+    if (revents & (EPOLLOUT | EPOLLERR | EPOLLHUP))
+      run_queue_locked(st, DIR_OUT, done);
+    if (interest(st) != 0) {
+      int rc = ctl(e, st, EPOLL_CTL_MOD, interest(st));
+      if (rc == -ENOENT || rc == -EBADF) {
+        /* Closed between the event and now (see arm_locked()). */
+        orphan_locked(st, NULL, done);
+      } else if (rc < 0) {
+        /* Cannot wait any longer (out of memory): fail what is queued
+         * rather than leave it waiting for an event that cannot come. */
+        int d;
+        for (d = 0; d < 2; d++) {
+          fiocp_op_t* op;
+          while ((op = q_pop(&st->q[d])) != NULL) {
+            op->res = rc;
+            bk_move(op, BK_NONE, NULL);
+            q_push(done, op);
+          }
+        }
+      }
+    }
+  }
+  pthread_mutex_unlock(&st->mu);
+}
+
+static void drain_eventfd(ep_t* e) {
+  uint64_t v;
+  ssize_t r;
+  do {
+    r = read(e->evfd, &v, sizeof(v));
+  } while (r < 0 && errno == EINTR);
+  /* EAGAIN: another poll already reset it. */
+}
+
+/* The hub's poll(): waits for readiness (or a kick), then performs the I/O
+ * of the ready descriptors. What finished waits in e->done for harvest(). */
+static int ep_poll(void* ctx, int64_t timeout_ms) {
+  ep_t* e = (ep_t*)ctx;
+  struct epoll_event evs[EV_BATCH];
+  opq_t done = {NULL, NULL};
+  int n, i, timeout;
+  if (timeout_ms < 0) timeout = -1;
+  else if (timeout_ms > INT_MAX) timeout = INT_MAX;
+  else timeout = (int)timeout_ms;
+  n = epoll_wait(e->epfd, evs, EV_BATCH, timeout);
+  if (n < 0) return errno == EINTR ? FIOCP_EINTR : -errno;
+  for (i = 0; i < n; i++) {
+    if (evs[i].data.u64 == KICK_DATA) drain_eventfd(e);
+    else handle_event(e, evs[i].data.u64, evs[i].events, &done);
+  }
+  if (done.head != NULL) {
+    pthread_mutex_lock(&e->done_mu);
+    q_splice(&e->done, &done);
+    pthread_mutex_unlock(&e->done_mu);
+  }
+  return 0;
+}
+
+/* The hub's harvest(): hub.mu held. */
+static void ep_harvest(void* ctx) {
+  ep_t* e = (ep_t*)ctx;
+  opq_t done;
+  fiocp_op_t* op;
+  pthread_mutex_lock(&e->done_mu);
+  done = e->done;
+  e->done.head = e->done.tail = NULL;
+  pthread_mutex_unlock(&e->done_mu);
+  while ((op = q_pop(&done)) != NULL)
+    fiocp__hub_complete_locked(&e->hub, op, 1);
+}
+
+static void ep_kick(void* ctx) {
+  ep_t* e = (ep_t*)ctx;
+  uint64_t one = 1;
+  ssize_t r;
+  do {
+    r = write(e->evfd, &one, sizeof(one));
+  } while (r < 0 && errno == EINTR);
+  /* EAGAIN: the counter is saturated, so the poller wakes anyway. */
+}
+
+/* Polls once without blocking if no thread is polling: unlike io_uring,
+ * where the kernel finishes operations by itself and harvest() only reads
+ * the results, here I/O happens only when somebody polls, and try_get() or
+ * a zero timeout must still make progress. Takes the poller's role the way
+ * fiocp__hub_wait() does. */
+static void poll_now(ep_t* e) {
+  fiocp_hub_t* hub = &e->hub;
+  pthread_mutex_lock(&hub->mu);
+  if (hub->closed || hub->poller_active || hub->inflight <= 0) {
+    pthread_mutex_unlock(&hub->mu);
+    return;
+  }
+  hub->poller_active = 1;
+  pthread_mutex_unlock(&hub->mu);
+  (void)ep_poll(e, 0); /* EINTR or an error: the next wait() sees it */
+  pthread_mutex_lock(&hub->mu);
+  hub->poller_active = 0;
+  hub->kick_pending = 0;
+  ep_harvest(e);
+  /* Hand packets or the poller's role on, as a returning poller does. */
+  fiocp__hub_wake_locked(hub);
+  pthread_mutex_unlock(&hub->mu);
+}
+
+/* ---- Contract ----------------------------------------------------------- */
+
+static int ep_probe(char* why, size_t whylen) {
+  int epfd = epoll_create1(EPOLL_CLOEXEC);
+  int evfd;
+  if (epfd < 0) {
+    int err = errno;
+    snprintf(why, whylen, "epoll_create1 failed: %s", strerror(err));
+    return -err;
+  }
+  evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (evfd < 0) {
+    int err = errno;
+    snprintf(why, whylen, "eventfd failed: %s", strerror(err));
+    close(epfd);
+    return -err;
+  }
+  close(evfd);
+  close(epfd);
+  return 0;
+}
+
+static int ep_init(fiocp_port_t* port, unsigned entries, unsigned concurrency,
+                   char* why, size_t whylen) {
+  ep_t* e = (ep_t*)calloc(1, sizeof(*e));
+  struct epoll_event ev;
+  int rc, stage = 0;
+  (void)entries;
+  (void)concurrency;
+  if (e == NULL) {
+    snprintf(why, whylen, "out of memory");
+    return FIOCP_ENOMEM;
+  }
+  e->port = port;
+  e->epfd = e->evfd = -1;
+  e->epfd = epoll_create1(EPOLL_CLOEXEC);
+  if (e->epfd < 0) {
+    rc = -errno;
+    snprintf(why, whylen, "epoll_create1 failed: %s", strerror(-rc));
+    goto fail;
+  }
+  e->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (e->evfd < 0) {
+    rc = -errno;
+    snprintf(why, whylen, "eventfd failed: %s", strerror(-rc));
+    goto fail;
+  }
+  memset(&ev, 0, sizeof(ev));
+  ev.events = EPOLLIN; /* level-triggered: poll() reads it back to 0 */
+  ev.data.u64 = KICK_DATA;
+  if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->evfd, &ev) < 0) {
+    rc = -errno;
+    snprintf(why, whylen, "epoll_ctl(eventfd) failed: %s", strerror(-rc));
+    goto fail;
+  }
+  rc = fiocp__hub_init(&e->hub);
+  if (rc < 0) goto fail_mutex;
+  stage = 1;
+  if ((rc = pthread_mutex_init(&e->tab_mu, NULL)) != 0) goto fail_errno;
+  stage = 2;
+  if ((rc = pthread_mutex_init(&e->done_mu, NULL)) != 0) goto fail_errno;
+  stage = 3;
+  if ((rc = pthread_mutex_init(&e->pool.mu, NULL)) != 0) goto fail_errno;
+  stage = 4;
+  if ((rc = pthread_cond_init(&e->pool.cv, NULL)) != 0) goto fail_errno;
+  e->hub.ctx = e;
+  e->hub.poll = ep_poll;
+  e->hub.harvest = ep_harvest;
+  e->hub.kick = ep_kick;
+  port->impl = e;
+  return 0;
+
+fail_errno:
+  rc = -rc;
+fail_mutex:
+  snprintf(why, whylen, "pthread initialization failed: %s", strerror(-rc));
+  if (stage >= 4) pthread_mutex_destroy(&e->pool.mu);
+  if (stage >= 3) pthread_mutex_destroy(&e->done_mu);
+  if (stage >= 2) pthread_mutex_destroy(&e->tab_mu);
+  if (stage >= 1) fiocp__hub_destroy(&e->hub);
+fail:
+  if (e->evfd >= 0) close(e->evfd);
+  if (e->epfd >= 0) close(e->epfd);
+  free(e);
+  return rc;
+}
+
+static int ep_associate(fiocp_port_t* port, fiocp_handle_t h) {
+  (void)port;
+  (void)h;
+  /* Interest is registered lazily, when an operation has to wait. */
+  return 0;
+}
+
+static int ep_try_get(fiocp_port_t* port, fiocp_op_t** out, int max) {
+  ep_t* e = (ep_t*)port->impl;
+  int n = fiocp__hub_try_get(&e->hub, out, max);
+  if (n != 0) return n;
+  poll_now(e);
+  return fiocp__hub_try_get(&e->hub, out, max);
+}
+
+static int ep_wait(fiocp_port_t* port, fiocp_op_t** out, int max,
+                   int64_t timeout_ms) {
+  ep_t* e = (ep_t*)port->impl;
+  if (timeout_ms == 0) {
+    /* fiocp__hub_wait() does not poll for a zero timeout. */
+    int n = fiocp__hub_wait(&e->hub, out, max, 0);
+    if (n != 0) return n;
+    poll_now(e);
+  }
+  return fiocp__hub_wait(&e->hub, out, max, timeout_ms);
+}
+
+static int ep_post(fiocp_port_t* port, fiocp_op_t* op) {
+  return fiocp__hub_post(&((ep_t*)port->impl)->hub, op);
+}
+
+/* Cancels everything queued, in descriptor queues and in the pool's queue.
+ * Called once, after e->closing is set: a submit() that queues after the
+ * sweep passed sees the flag under the same lock and cancels itself. */
+static void cancel_all(ep_t* e) {
+  fdtab_t* t;
+  opq_t out = {NULL, NULL};
+  size_t i;
+  fiocp_op_t* op;
+  pthread_mutex_lock(&e->tab_mu);
+  t = e->tab;
+  pthread_mutex_unlock(&e->tab_mu);
+  for (i = 0; t != NULL && i < t->cap; i++) {
+    fdst_t* st = __atomic_load_n(&t->slot[i], __ATOMIC_ACQUIRE);
+    int d;
+    if (st == NULL) continue;
+    pthread_mutex_lock(&st->mu);
+    for (d = 0; d < 2; d++) {
+      while ((op = q_pop(&st->q[d])) != NULL) {
+        op->flags |= FIOCP_OPF_CANCELLED;
+        op->res = -ECANCELED;
+        bk_move(op, BK_NONE, NULL);
+        q_push(&out, op);
+      }
+    }
+    pthread_mutex_unlock(&st->mu);
+  }
+  pthread_mutex_lock(&e->pool.mu);
+  while ((op = q_pop(&e->pool.q)) != NULL) {
+    op->flags |= FIOCP_OPF_CANCELLED;
+    op->res = -ECANCELED;
+    bk_move(op, BK_NONE, NULL);
+    q_push(&out, op);
+  }
+  e->pool.qlen = 0;
+  pthread_mutex_unlock(&e->pool.mu);
+  complete_all(e, &out);
+}
+
+static int64_t ep_shutdown(fiocp_port_t* port, int64_t timeout_ms) {
+  ep_t* e = (ep_t*)port->impl;
+  if (fiocp__hub_close(&e->hub)) {
+    __atomic_store_n(&e->closing, 1, __ATOMIC_SEQ_CST);
+    cancel_all(e);
+  }
+  /* What is left is running in pool threads (a pread cannot be
+   * interrupted) or finishing in a poller: wait for it, bounded. */
+  return fiocp__hub_wait_idle(&e->hub, timeout_ms);
+}
+
+static int ep_drain(fiocp_port_t* port, fiocp_op_t** out, int max) {
+  return fiocp__hub_drain(&((ep_t*)port->impl)->hub, out, max);
+}
+
+static void ep_destroy(fiocp_port_t* port) {
+  ep_t* e = (ep_t*)port->impl;
+  pool_t* p;
+  fdtab_t* t;
+  int i;
+  if (e == NULL) return;
+  p = &e->pool;
+  pthread_mutex_lock(&p->mu);
+  p->stop = 1;
+  pthread_cond_broadcast(&p->cv);
+  pthread_mutex_unlock(&p->mu);
+  /* shutdown() returned 0, so no thread runs an operation: they all leave
+   * at once. */
+  for (i = 0; i < p->nthreads; i++) (void)pthread_join(p->th[i], NULL);
+  close(e->evfd);
+  close(e->epfd);
+  t = e->tab;
+  if (t != NULL) {
+    size_t k;
+    for (k = 0; k < t->cap; k++) {
+      if (t->slot[k] != NULL) {
+        pthread_mutex_destroy(&t->slot[k]->mu);
+        free(t->slot[k]);
+      }
+    }
+  }
+  while (t != NULL) {
+    fdtab_t* older = t->older;
+    free(t);
+    t = older;
+  }
+  pthread_cond_destroy(&p->cv);
+  pthread_mutex_destroy(&p->mu);
+  pthread_mutex_destroy(&e->done_mu);
+  pthread_mutex_destroy(&e->tab_mu);
+  fiocp__hub_destroy(&e->hub);
+  free(e);
+  port->impl = NULL;
+}
+
+const fiocp_backend_t fiocp__epoll_backend = {
+    "epoll",     ep_probe,  ep_init,     ep_associate, ep_submit,
+    ep_flush,    ep_cancel, ep_try_get,  ep_wait,      ep_post,
+    ep_shutdown, ep_drain,  ep_destroy,
+};

@@ -1,0 +1,96 @@
+"""Command line: python -m fastiocp {info,demo}."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import sys
+import tempfile
+import threading
+from typing import Optional, Sequence
+
+import fastiocp
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print the version, the backend chosen and why the others were not."""
+    print(f"fastiocp {fastiocp.__version__} on Python {platform.python_version()} "
+          f"({sys.platform}, {platform.machine()})")
+    env = os.environ.get("FASTIOCP_BACKEND")
+    try:
+        with fastiocp.CompletionPort() as port:
+            chosen: Optional[str] = port.backend
+    except fastiocp.BackendUnavailableError as exc:
+        chosen = None
+        print(f"backend: none ({exc})")
+    if chosen is not None:
+        how = f" (forced by FASTIOCP_BACKEND={env})" if env and env != "auto" else ""
+        print(f"backend: {chosen}{how}")
+    for name, works, why in fastiocp.backend_status():
+        if name == chosen:
+            continue
+        state = "available, not chosen" if works else why
+        print(f"  {name}: {state}")
+    return 0 if chosen is not None else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The seed's walkthrough: one port, a file read, a socket send, an own
+    packet and an EXIT key, dequeued by worker threads."""
+    lock = threading.Lock()
+    seen = []
+
+    def show(c: fastiocp.Completion) -> None:
+        if c.error is not None:
+            what = f"error={c.error!r}"
+        elif c.op in ("read", "recv"):
+            what = f"nbytes={c.nbytes} data={bytes(c.buffer[:c.nbytes])!r}"
+        else:
+            what = f"nbytes={c.nbytes}"
+        with lock:
+            seen.append(c)
+            print(f"  [{threading.current_thread().name}] {c.op:<5} key={c.key!r:<8} "
+                  f"context={c.context!r} {what}")
+
+    with tempfile.TemporaryDirectory() as tmp, fastiocp.CompletionPort() as port:
+        print(f"port backend: {port.backend}")
+        path = os.path.join(tmp, "hello.txt")
+        with open(path, "wb") as f:
+            f.write(b"Hello from a file, read asynchronously.\n")
+        left, right = socket.socketpair()
+        with fastiocp.open(path, "rb") as file, left, right:
+            port.register(file, key="file")
+            port.register(left, key="sock")
+            port.register(right, key="peer")
+            with fastiocp.WorkerPool(port, show, threads=2) as pool:
+                print(f"{pool.nthreads} worker threads waiting; submitting:")
+                port.read(file, bytearray(64), offset=0, context={"isread": True})
+                port.send(left, b"ping over a socket", context={"isread": False})
+                port.recv(right, 64, context={"isread": True})
+                port.post(key="own", context="a packet of my own", nbytes=42)
+                # Wait until all four completions were handled, then stop the
+                # pool: one EXIT packet per worker thread.
+                while True:
+                    with lock:
+                        if len(seen) >= 4:
+                            break
+                    threading.Event().wait(0.01)
+            print(f"posted {pool.nthreads} EXIT packets; workers joined")
+    print(f"dequeued {len(seen)} completions")
+    return 0 if len(seen) == 4 and all(c.error is None for c in seen) else 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m fastiocp``."""
+    parser = argparse.ArgumentParser(prog="python -m fastiocp",
+                                     description="fastiocp: I/O completion ports for Python")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, backend chosen, and why others were not")
+    sub.add_parser("demo", help="run the completion-port walkthrough")
+    args = parser.parse_args(argv)
+    return {"info": cmd_info, "demo": cmd_demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
