@@ -569,6 +569,41 @@ static int arm_locked(ep_t* e, fdst_t* st, fiocp_op_t* newop, opq_t* orphans) {
 
 /* ---- File pool ---------------------------------------------------------- */
 
+/* A read of a regular file whose data is all in the page cache, done at
+ * submit time with RWF_NOWAIT (a page-cache hit costs one call instead of a
+ * trip through the pool). Returns the result, or PENDING when the pool must
+ * do it: data not cached, RWF_NOWAIT unsupported, an error (the pool's
+ * blocking call gives the authoritative one), or a short read that is not
+ * the end of the file (RWF_NOWAIT stops at the first page not cached, and
+ * callers of files rightly expect short reads only at the end). Only for a
+ * given offset: a read at the current position cannot be redone. */
+static int64_t cached_read(fiocp_op_t* op, const struct stat* sb) {
+#ifdef SYS_preadv2
+  struct iovec iov;
+  ssize_t r;
+  if (op->kind != FIOCP_OP_READ || op->offset < 0 ||
+      !__atomic_load_n(&nowait_works, __ATOMIC_RELAXED))
+    return PENDING;
+  iov.iov_base = op->buf;
+  iov.iov_len = op->len;
+  do {
+    r = syscall(SYS_preadv2, (int)op->handle, &iov, 1,
+                (unsigned long)(uint64_t)op->offset,
+                (unsigned long)((uint64_t)op->offset >> 16 >> 16), RWF_NOWAIT);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    if (errno == ENOSYS) __atomic_store_n(&nowait_works, 0, __ATOMIC_RELAXED);
+    return PENDING;
+  }
+  if ((uint64_t)r == op->len || op->offset + (int64_t)r >= (int64_t)sb->st_size)
+    return (int64_t)r;
+#else
+  (void)op;
+  (void)sb;
+#endif
+  return PENDING;
+}
+
 static int64_t file_io(fiocp_op_t* op) {
   int fd = (int)op->handle;
   ssize_t r;
@@ -732,7 +767,9 @@ static int ep_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
       return 0;
     }
     if (S_ISREG(sb.st_mode) || S_ISBLK(sb.st_mode) || S_ISDIR(sb.st_mode)) {
-      pool_submit(e, op);
+      int64_t res = S_ISREG(sb.st_mode) ? cached_read(op, &sb) : PENDING;
+      if (res != PENDING) complete(e, op, res);
+      else pool_submit(e, op);
       return 0;
     }
     /* Streams take no offset (io_uring ignores it there too): pipes,

@@ -17,13 +17,13 @@ from __future__ import annotations
 from ._fastiocp import (
     BackendUnavailableError,
     Completion,
+    CompletionPort,
     FastIOCPError,
     InvalidStateError,
     PortClosedError,
     __version__,
     backend_status,
 )
-from ._fastiocp import CompletionPort as _CCompletionPort
 from ._files import File, open
 from ._workers import EXIT, WorkerPool
 
@@ -42,47 +42,6 @@ __all__ = [
     "backend_status",
     "open",
 ]
-
-
-class _Batch:
-    """Context manager returned by CompletionPort.batch()."""
-
-    __slots__ = ("_port",)
-
-    def __init__(self, port: CompletionPort) -> None:
-        self._port = port
-
-    def __enter__(self) -> CompletionPort:
-        self._port._batch_enter()
-        return self._port
-
-    def __exit__(self, *exc: object) -> None:
-        self._port._batch_exit()
-
-
-class CompletionPort(_CCompletionPort):
-    """An I/O completion port.
-
-    CompletionPort(concurrency=0, backend="auto", entries=0)
-
-    concurrency: on Windows, the IOCP concurrency value (0: number of CPUs).
-        Elsewhere it is recorded but not enforced yet (see the README).
-    backend: "auto" (the FASTIOCP_BACKEND environment variable, else the best
-        that works here), or "iocp", "io_uring", "epoll".
-    entries: kernel queue size hint for io_uring (0: default 1024).
-    """
-
-    __slots__ = ()
-
-    def batch(self) -> _Batch:
-        """Defer submissions made inside the block and submit them at once.
-
-        On io_uring, operations submitted inside ``with port.batch():`` reach
-        the kernel in one system call when the block ends (or earlier, when a
-        thread waits in get()). Use it around the handling of a batch of
-        completions. Other backends submit at once; the block is harmless.
-        """
-        return _Batch(self)
 
 
 def available_backends() -> list[str]:

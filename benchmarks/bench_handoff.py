@@ -1,0 +1,74 @@
+"""Hand-off between two threads: fastiocp post+get_many beside queue.Queue
+and queue.SimpleQueue, in the same run.
+
+    python -m pytest benchmarks/bench_handoff.py --benchmark-group-by=group
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+
+import pytest
+
+import fastiocp
+
+N = int(os.environ.get("FASTIOCP_BENCH_N", "100000"))
+
+
+def _run_pair(produce, consume) -> None:
+    t = threading.Thread(target=produce)
+    t.start()
+    consume()
+    t.join()
+
+
+@pytest.mark.benchmark(group="handoff")
+def test_handoff_fastiocp(benchmark, backend):
+    port = fastiocp.CompletionPort(backend=backend)
+    post, get_many = port.post, port.get_many
+
+    def produce():
+        for i in range(N):
+            post(None, i)
+
+    def consume():
+        got = 0
+        while got < N:
+            got += len(get_many(256))
+
+    benchmark.extra_info["items"] = N
+    benchmark.pedantic(_run_pair, args=(produce, consume), rounds=5, iterations=1)
+    port.close()
+
+
+@pytest.mark.benchmark(group="handoff")
+def test_handoff_queue(benchmark):
+    q: queue.Queue = queue.Queue()
+
+    def produce():
+        for i in range(N):
+            q.put(i)
+
+    def consume():
+        for _ in range(N):
+            q.get()
+
+    benchmark.extra_info["items"] = N
+    benchmark.pedantic(_run_pair, args=(produce, consume), rounds=5, iterations=1)
+
+
+@pytest.mark.benchmark(group="handoff")
+def test_handoff_simplequeue(benchmark):
+    q: queue.SimpleQueue = queue.SimpleQueue()
+
+    def produce():
+        for i in range(N):
+            q.put(i)
+
+    def consume():
+        for _ in range(N):
+            q.get()
+
+    benchmark.extra_info["items"] = N
+    benchmark.pedantic(_run_pair, args=(produce, consume), rounds=5, iterations=1)
