@@ -404,6 +404,7 @@ typedef struct CompletionPortObject {
   uint8_t closed;
   uint8_t destroy_pending;  /* destroy when the last thread leaves */
   uint8_t leaked;
+  uint8_t emulate_slots;    /* concurrency > 0 on a backend with release() */
   PyObject* weakreflist;
 } CompletionPortObject;
 
@@ -907,6 +908,7 @@ static int CompletionPort_init(CompletionPortObject* self, PyObject* args,
     return -1;
   }
   self->concurrency = (unsigned)concurrency;
+  self->emulate_slots = concurrency > 0 && self->backend->release != NULL;
   self->initialized = 1;
   return 0;
 fail:
@@ -1449,6 +1451,54 @@ static int parse_timeout(PyObject* obj, int64_t* ms) {
   return 0;
 }
 
+/* A thread's concurrency slot on a port (the Linux emulation of IOCP's
+ * concurrency value, see fiocp.h release()). The token lives in the thread's
+ * state dict, keyed by the port, while the thread holds dequeued packets;
+ * calling get again deletes it, and CPython clears that dict when the thread
+ * exits: either way the token's deallocation gives the slot back. */
+typedef struct {
+  PyObject_HEAD
+  CompletionPortObject* port;
+} SlotObject;
+
+static void Slot_dealloc(SlotObject* self) {
+  CompletionPortObject* p = self->port;
+  if (p != NULL && p->initialized && !p->closed && p->port != NULL)
+    p->backend->release(p->port);
+  Py_XDECREF(p);
+  PyObject_Free(self);
+}
+
+static PyTypeObject SlotType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastiocp._Slot",
+    .tp_basicsize = sizeof(SlotObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)Slot_dealloc,
+};
+
+/* Gives back the calling thread's slot, if it holds one. */
+static void slot_release(CompletionPortObject* self) {
+  PyObject* dict = PyThreadState_GetDict();
+  if (dict == NULL || PyDict_GetItem(dict, (PyObject*)self) == NULL) return;
+  if (PyDict_DelItem(dict, (PyObject*)self) < 0) PyErr_Clear();
+}
+
+/* Records that the calling thread took a slot in the backend. */
+static void slot_hold(CompletionPortObject* self) {
+  PyObject* dict = PyThreadState_GetDict();
+  SlotObject* token = PyObject_New(SlotObject, &SlotType);
+  if (token == NULL) {
+    PyErr_Clear();
+    self->backend->release(self->port);
+    return;
+  }
+  Py_INCREF(self);
+  token->port = self;
+  if (dict == NULL || PyDict_SetItem(dict, (PyObject*)self, (PyObject*)token) < 0)
+    PyErr_Clear(); /* the token's deallocation below releases the slot */
+  Py_DECREF(token);
+}
+
 /* Dequeues up to max completions into out. Returns the count (0 on
  * timeout), or -1 with an exception. The GIL is released only if there is
  * nothing ready. On return, successful or not, the caller counts as inside
@@ -1460,6 +1510,7 @@ static int port_dequeue(CompletionPortObject* self, fiocp_op_t** out, int max,
   int n;
   self->inside++;
   if (port_check_open(self) < 0) return -1;
+  if (self->emulate_slots) slot_release(self);
   n = self->backend->try_get(self->port, out, max);
   if (n != 0 || timeout_ms == 0) goto done;
   deadline = timeout_ms < 0 ? -1 : fiocp__now_ms() + timeout_ms;
@@ -1481,6 +1532,7 @@ done:
     set_code_error(n);
     return -1;
   }
+  if (n > 0 && self->emulate_slots) slot_hold(self);
   return n;
 }
 
@@ -1782,6 +1834,7 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
     return NULL;
   }
   if (PyType_Ready(&CompletionType) < 0 || PyType_Ready(&BatchType) < 0 ||
+      PyType_Ready(&SlotType) < 0 ||
       PyType_Ready(&CompletionPortType) < 0)
     return NULL;
   for (i = 0; i < FIOCP_OP__COUNT; i++) {

@@ -186,6 +186,15 @@ typedef struct fiocp_backend_s {
    * kernel may still write into buffers, and the port is leaked on purpose.
    * GIL. */
   void (*destroy)(fiocp_port_t* port);
+
+  /* The concurrency emulation of backends whose OS does not provide it
+   * (NULL for IOCP, where the kernel counts running threads itself). With a
+   * concurrency N > 0, at most N threads hold dequeued packets at once:
+   * try_get() and wait() return packets only to a thread that can take a
+   * slot, and take it; release() gives the calling thread's slot back (the
+   * binding calls it when the thread calls get again or exits). GIL or no
+   * GIL. */
+  void (*release)(fiocp_port_t* port);
 } fiocp_backend_t;
 
 /* Slab allocator for operation and address records: records never move and

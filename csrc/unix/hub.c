@@ -46,6 +46,8 @@ int fiocp__hub_init(fiocp_hub_t* hub) {
   hub->kick_pending = 0;
   hub->closed = 0;
   hub->inflight = 0;
+  hub->concurrency = 0;
+  hub->active = 0;
   return 0;
 }
 
@@ -67,9 +69,21 @@ static int wake_one_locked(fiocp_hub_t* hub) {
   return 1;
 }
 
+static int slot_free_locked(const fiocp_hub_t* hub) {
+  return hub->concurrency == 0 || hub->active < hub->concurrency;
+}
+
 void fiocp__hub_wake_locked(fiocp_hub_t* hub) {
-  if (hub->qlen > 0 || (!hub->poller_active && hub->inflight > 0))
+  if ((hub->qlen > 0 && slot_free_locked(hub)) ||
+      (!hub->poller_active && hub->inflight > 0))
     wake_one_locked(hub);
+}
+
+void fiocp__hub_release(fiocp_hub_t* hub) {
+  pthread_mutex_lock(&hub->mu);
+  if (hub->active > 0) hub->active--;
+  fiocp__hub_wake_locked(hub);
+  pthread_mutex_unlock(&hub->mu);
 }
 
 /* Decides, with mu held, whether the caller must kick the poller after
@@ -139,7 +153,7 @@ int fiocp__hub_post(fiocp_hub_t* hub, fiocp_op_t* op) {
   return 0;
 }
 
-static int pop_locked(fiocp_hub_t* hub, fiocp_op_t** out, int max) {
+static int pop_any_locked(fiocp_hub_t* hub, fiocp_op_t** out, int max) {
   int n = 0;
   while (n < max && hub->head != NULL) {
     fiocp_op_t* op = hub->head;
@@ -149,6 +163,16 @@ static int pop_locked(fiocp_hub_t* hub, fiocp_op_t** out, int max) {
   }
   if (hub->head == NULL) hub->tail = NULL;
   hub->qlen -= (size_t)n;
+  return n;
+}
+
+/* Pops for a thread that will hold what it gets: only with a free slot,
+ * which it then takes. */
+static int pop_locked(fiocp_hub_t* hub, fiocp_op_t** out, int max) {
+  int n;
+  if (hub->qlen == 0 || !slot_free_locked(hub)) return 0;
+  n = pop_any_locked(hub, out, max);
+  if (n > 0 && hub->concurrency > 0) hub->active++;
   return n;
 }
 
@@ -288,7 +312,7 @@ int64_t fiocp__hub_wait_idle(fiocp_hub_t* hub, int64_t timeout_ms) {
 int fiocp__hub_drain(fiocp_hub_t* hub, fiocp_op_t** out, int max) {
   int n;
   pthread_mutex_lock(&hub->mu);
-  n = pop_locked(hub, out, max);
+  n = pop_any_locked(hub, out, max);
   pthread_mutex_unlock(&hub->mu);
   return n;
 }

@@ -11,6 +11,10 @@
  * sleeps on its futex, so post() from another thread costs one futex wake,
  * not a system call into the kernel queue.
  *
+ * With a concurrency limit N (the Linux emulation of IOCP's), packets are
+ * handed only to a thread that can take one of N slots; release() frees a
+ * slot and wakes a sleeper if packets wait.
+ *
  * Sleeps and polls return on signals (CPython installs its handlers without
  * SA_RESTART), so a main thread blocked in get() sees Ctrl-C at once.
  */
@@ -37,6 +41,8 @@ typedef struct fiocp_hub_s {
   int kick_pending;               /* a kick() is on its way to the poller */
   int closed;
   int64_t inflight;               /* operations the OS still owes */
+  unsigned concurrency;           /* 0: no limit (see fiocp.h, release) */
+  unsigned active;                /* threads holding dequeued packets */
 
   /* Backend hooks. ctx is the backend's state. */
   void* ctx;
@@ -87,5 +93,7 @@ int fiocp__hub_close(fiocp_hub_t* hub);
 int64_t fiocp__hub_wait_idle(fiocp_hub_t* hub, int64_t timeout_ms);
 /* After close: pops up to max queued operations. */
 int fiocp__hub_drain(fiocp_hub_t* hub, fiocp_op_t** out, int max);
+/* The contract's release(): gives back a concurrency slot. */
+void fiocp__hub_release(fiocp_hub_t* hub);
 
 #endif /* FIOCP_HUB_H */

@@ -534,7 +534,6 @@ static int uring_init(fiocp_port_t* port, unsigned entries,
                       unsigned concurrency, char* why, size_t whylen) {
   uring_t* u = (uring_t*)calloc(1, sizeof(*u));
   int rc;
-  (void)concurrency;
   if (u == NULL) {
     snprintf(why, whylen, "out of memory");
     return FIOCP_ENOMEM;
@@ -562,6 +561,7 @@ static int uring_init(fiocp_port_t* port, unsigned entries,
     return rc;
   }
   u->hub.ctx = u;
+  u->hub.concurrency = concurrency;
   u->hub.poll = uring_poll;
   u->hub.harvest = uring_harvest;
   u->hub.kick = uring_kick;
@@ -623,9 +623,13 @@ static void uring_destroy(fiocp_port_t* port) {
   port->impl = NULL;
 }
 
+static void uring_release(fiocp_port_t* port) {
+  fiocp__hub_release(&((uring_t*)port->impl)->hub);
+}
+
 const fiocp_backend_t fiocp__uring_backend = {
     "io_uring",     uring_probe,  uring_init,    uring_associate,
     uring_submit,   uring_flush,  uring_cancel,  uring_try_get,
     uring_wait,     uring_post,   uring_shutdown, uring_drain,
-    uring_destroy,
+    uring_destroy,  uring_release,
 };
