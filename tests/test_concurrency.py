@@ -85,3 +85,35 @@ def test_zero_means_no_limit(emulating):
         assert len(got) == 4
         for t in threads:
             t.join(10)
+
+
+def test_released_slot_reaches_a_thread_blocked_in_the_os(emulating, sockpair):
+    """The waiter left is the one polling the kernel (an operation is in
+    flight): a slot given back by an exiting holder must still reach it."""
+    a, b = sockpair
+    with fastiocp.CompletionPort(concurrency=1, backend=emulating) as port:
+        port.register(a)
+        port.recv(a, 10)  # stays in flight: the next waiter blocks in the OS
+        port.post(context="first")
+        port.post(context="second")
+        result = {}
+
+        def holder():
+            port.get(timeout=5)
+            time.sleep(0.5)  # holds the only slot, then exits
+
+        def taker():
+            t0 = time.monotonic()
+            c = port.get(timeout=5)
+            result["c"] = (c and c.context, time.monotonic() - t0)
+
+        h = threading.Thread(target=holder)
+        h.start()
+        time.sleep(0.1)
+        t = threading.Thread(target=taker)
+        t.start()
+        h.join(10)
+        t.join(10)
+        context, waited = result["c"]
+        assert context == "second"
+        assert waited < 2.0, f"the released slot took {waited:.1f}s to reach the poller"

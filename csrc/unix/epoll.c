@@ -20,7 +20,13 @@
  * - Regular files (and block devices, and anything epoll refuses with
  *   EPERM) are always "ready" yet may block on the disk: a small pool of C
  *   threads runs pread/pwrite for them and completes through
- *   fiocp__hub_complete(), which kicks the poller.
+ *   fiocp__hub_complete(), which kicks the poller. A read at an offset
+ *   whose data is all in the page cache is done at submit time instead
+ *   (cached_read()).
+ * - I/O happens only while somebody polls, where io_uring's kernel finishes
+ *   operations by itself. So try_get() and a wait() with a zero timeout,
+ *   which the hub answers without polling, poll once without blocking
+ *   first (fiocp__hub_poll_once()).
  *
  * Interest is armed with EPOLLONESHOT, and every queued operation re-arms it
  * with EPOLL_CTL_MOD. Why one-shot rather than level-triggered:
@@ -47,10 +53,23 @@
  * - accept(), connect(), and stream reads and writes where RWF_NOWAIT is not
  *   supported, have no per-call non-blocking flag. For them O_NONBLOCK is
  *   set for the duration of the one call and the previous flags restored
- *   right after (with_nonblock()); a descriptor that already has O_NONBLOCK
- *   is left alone. While the flag is set, another thread of the user's
- *   doing a blocking call on the same file would see EAGAIN: mixing
+ *   right after (nb_enter(), nb_leave()); a descriptor that already has
+ *   O_NONBLOCK is left alone. While the flag is set, another thread of the
+ *   user's doing a blocking call on the same file would see EAGAIN: mixing
  *   blocking calls and port operations on one socket is not supported.
+ *
+ * Descriptors closed by the user with operations queued: epoll drops the
+ * registration without a word, so those operations wait until cancel() or
+ * shutdown() (-ECANCELED), or until the number is reused and an operation
+ * on the new file notices (-EBADF, above). Unlike io_uring, which holds a
+ * reference to the file, the backend cannot keep the old file alive.
+ *
+ * Known limitation: a socket whose error queue is not empty (IP_RECVERR,
+ * SO_TIMESTAMPING, MSG_ZEROCOPY notifications) reports EPOLLERR for as long
+ * as it stays so, and epoll cannot mask EPOLLERR; a receive queued on it
+ * then makes the poller spin until data arrives or the user reads the
+ * error queue. The backend never reads the error queue itself: it is the
+ * user's data.
  *
  * Locks. hub.mu (the hub's) comes before every lock here, and is never held
  * while one of these is taken, except done_mu in harvest(). Each descriptor
@@ -117,7 +136,7 @@
 #define BK_POOLQ 0x2u         /* in the file pool's queue */
 #define BK_POOLRUN 0x3u       /* running in a pool thread */
 #define BK_SOCKIO 0x4u        /* read/write on a socket: use recv/send */
-#define BK_NOPOS 0x8u         /* read/write on a pipe or socket: no offset */
+#define BK_NOPOS 0x8u         /* read/write on a stream: no offset */
 #define BK_STARTED 0x10u      /* connect: connect() returned EINPROGRESS */
 #define BK_FLAGS (BK_SOCKIO | BK_NOPOS | BK_STARTED)
 #define BK_MASK 0x3fu
@@ -131,8 +150,8 @@ typedef struct opq_s {
 } opq_t;
 
 /* What the backend knows about one descriptor number. Created the first
- * time an operation on it has to wait, kept until destroy() (descriptor
- * numbers are dense, so the table stays small). */
+ * time a readiness-driven operation is submitted on it, kept until
+ * destroy() (descriptor numbers are dense, so the table stays small). */
 typedef struct fdst_s {
   pthread_mutex_t mu;
   int fd;
@@ -576,14 +595,20 @@ static int arm_locked(ep_t* e, fdst_t* st, fiocp_op_t* newop, opq_t* orphans) {
  * blocking call gives the authoritative one), or a short read that is not
  * the end of the file (RWF_NOWAIT stops at the first page not cached, and
  * callers of files rightly expect short reads only at the end). Only for a
- * given offset: a read at the current position cannot be redone. */
+ * given offset: a read at the current position cannot be redone, and not
+ * for O_DIRECT. */
 static int64_t cached_read(fiocp_op_t* op, const struct stat* sb) {
 #ifdef SYS_preadv2
   struct iovec iov;
   ssize_t r;
+  int fl;
   if (op->kind != FIOCP_OP_READ || op->offset < 0 ||
       !__atomic_load_n(&nowait_works, __ATOMIC_RELAXED))
     return PENDING;
+  /* O_DIRECT reads bypass the page cache: RWF_NOWAIT only spares them the
+   * lock waits, and a synchronous call still waits for the device. */
+  fl = fcntl((int)op->handle, F_GETFL);
+  if (fl < 0 || (fl & O_DIRECT)) return PENDING;
   iov.iov_base = op->buf;
   iov.iov_len = op->len;
   do {
@@ -595,7 +620,9 @@ static int64_t cached_read(fiocp_op_t* op, const struct stat* sb) {
     if (errno == ENOSYS) __atomic_store_n(&nowait_works, 0, __ATOMIC_RELAXED);
     return PENDING;
   }
-  if ((uint64_t)r == op->len || op->offset + (int64_t)r >= (int64_t)sb->st_size)
+  /* Written as a difference: both are >= 0, so it cannot overflow. */
+  if ((uint64_t)r == op->len ||
+      (int64_t)r >= (int64_t)sb->st_size - op->offset)
     return (int64_t)r;
 #else
   (void)op;
@@ -953,30 +980,6 @@ static void ep_kick(void* ctx) {
   /* EAGAIN: the counter is saturated, so the poller wakes anyway. */
 }
 
-/* Polls once without blocking if no thread is polling: unlike io_uring,
- * where the kernel finishes operations by itself and harvest() only reads
- * the results, here I/O happens only when somebody polls, and try_get() or
- * a zero timeout must still make progress. Takes the poller's role the way
- * fiocp__hub_wait() does. */
-static void poll_now(ep_t* e) {
-  fiocp_hub_t* hub = &e->hub;
-  pthread_mutex_lock(&hub->mu);
-  if (hub->closed || hub->poller_active || hub->inflight <= 0) {
-    pthread_mutex_unlock(&hub->mu);
-    return;
-  }
-  hub->poller_active = 1;
-  pthread_mutex_unlock(&hub->mu);
-  (void)ep_poll(e, 0); /* EINTR or an error: the next wait() sees it */
-  pthread_mutex_lock(&hub->mu);
-  hub->poller_active = 0;
-  hub->kick_pending = 0;
-  ep_harvest(e);
-  /* Hand packets or the poller's role on, as a returning poller does. */
-  fiocp__hub_wake_locked(hub);
-  pthread_mutex_unlock(&hub->mu);
-}
-
 /* ---- Contract ----------------------------------------------------------- */
 
 static int ep_probe(char* why, size_t whylen) {
@@ -1005,7 +1008,6 @@ static int ep_init(fiocp_port_t* port, unsigned entries, unsigned concurrency,
   struct epoll_event ev;
   int rc, stage = 0;
   (void)entries;
-  (void)concurrency;
   if (e == NULL) {
     snprintf(why, whylen, "out of memory");
     return FIOCP_ENOMEM;
@@ -1043,6 +1045,7 @@ static int ep_init(fiocp_port_t* port, unsigned entries, unsigned concurrency,
   stage = 4;
   if ((rc = pthread_cond_init(&e->pool.cv, NULL)) != 0) goto fail_errno;
   e->hub.ctx = e;
+  e->hub.concurrency = concurrency; /* emulated by the hub (fiocp.h) */
   e->hub.poll = ep_poll;
   e->hub.harvest = ep_harvest;
   e->hub.kick = ep_kick;
@@ -1075,7 +1078,7 @@ static int ep_try_get(fiocp_port_t* port, fiocp_op_t** out, int max) {
   ep_t* e = (ep_t*)port->impl;
   int n = fiocp__hub_try_get(&e->hub, out, max);
   if (n != 0) return n;
-  poll_now(e);
+  fiocp__hub_poll_once(&e->hub);
   return fiocp__hub_try_get(&e->hub, out, max);
 }
 
@@ -1086,7 +1089,7 @@ static int ep_wait(fiocp_port_t* port, fiocp_op_t** out, int max,
     /* fiocp__hub_wait() does not poll for a zero timeout. */
     int n = fiocp__hub_wait(&e->hub, out, max, 0);
     if (n != 0) return n;
-    poll_now(e);
+    fiocp__hub_poll_once(&e->hub);
   }
   return fiocp__hub_wait(&e->hub, out, max, timeout_ms);
 }
@@ -1162,8 +1165,11 @@ static void ep_destroy(fiocp_port_t* port) {
   /* shutdown() returned 0, so no thread runs an operation: they all leave
    * at once. */
   for (i = 0; i < p->nthreads; i++) (void)pthread_join(p->th[i], NULL);
-  close(e->evfd);
-  close(e->epfd);
+  /* close() of an epoll fd or an eventfd cannot fail but with EINTR, and
+   * even then Linux has released the descriptor: nothing to retry. The
+   * same holds in probe() and init()'s failure path. */
+  (void)close(e->evfd);
+  (void)close(e->epfd);
   t = e->tab;
   if (t != NULL) {
     size_t k;
@@ -1188,8 +1194,12 @@ static void ep_destroy(fiocp_port_t* port) {
   port->impl = NULL;
 }
 
+static void ep_release(fiocp_port_t* port) {
+  fiocp__hub_release(&((ep_t*)port->impl)->hub);
+}
+
 const fiocp_backend_t fiocp__epoll_backend = {
     "epoll",     ep_probe,  ep_init,     ep_associate, ep_submit,
     ep_flush,    ep_cancel, ep_try_get,  ep_wait,      ep_post,
-    ep_shutdown, ep_drain,  ep_destroy,
+    ep_shutdown, ep_drain,  ep_destroy,  ep_release,
 };

@@ -79,11 +79,18 @@ void fiocp__hub_wake_locked(fiocp_hub_t* hub) {
     wake_one_locked(hub);
 }
 
+static int need_kick_locked(fiocp_hub_t* hub);
+
 void fiocp__hub_release(fiocp_hub_t* hub) {
+  int kick;
   pthread_mutex_lock(&hub->mu);
   if (hub->active > 0) hub->active--;
   fiocp__hub_wake_locked(hub);
+  /* Queued packets may wait for this slot while the only other waiter is
+   * blocked in the OS: make it come back and take them. */
+  kick = hub->qlen > 0 && need_kick_locked(hub);
   pthread_mutex_unlock(&hub->mu);
+  if (kick && hub->kick) hub->kick(hub->ctx);
 }
 
 /* Decides, with mu held, whether the caller must kick the poller after
@@ -307,6 +314,23 @@ int64_t fiocp__hub_wait_idle(fiocp_hub_t* hub, int64_t timeout_ms) {
   }
   pthread_mutex_unlock(&hub->mu);
   return owed < 0 ? 0 : owed;
+}
+
+void fiocp__hub_poll_once(fiocp_hub_t* hub) {
+  pthread_mutex_lock(&hub->mu);
+  if (hub->closed || hub->poller_active || hub->inflight <= 0) {
+    pthread_mutex_unlock(&hub->mu);
+    return;
+  }
+  hub->poller_active = 1;
+  pthread_mutex_unlock(&hub->mu);
+  (void)hub->poll(hub->ctx, 0); /* EINTR or an error: the next wait sees it */
+  pthread_mutex_lock(&hub->mu);
+  hub->poller_active = 0;
+  hub->kick_pending = 0;
+  if (hub->harvest) hub->harvest(hub->ctx);
+  fiocp__hub_wake_locked(hub);
+  pthread_mutex_unlock(&hub->mu);
 }
 
 int fiocp__hub_drain(fiocp_hub_t* hub, fiocp_op_t** out, int max) {

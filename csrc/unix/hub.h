@@ -93,6 +93,11 @@ int fiocp__hub_close(fiocp_hub_t* hub);
 int64_t fiocp__hub_wait_idle(fiocp_hub_t* hub, int64_t timeout_ms);
 /* After close: pops up to max queued operations. */
 int fiocp__hub_drain(fiocp_hub_t* hub, fiocp_op_t** out, int max);
+/* Polls the OS once without blocking, unless another thread polls or
+ * nothing is in flight; harvests and hands work on as a returning poller
+ * does. For backends whose operations progress only while somebody polls
+ * (epoll), so that get(timeout=0) makes progress. */
+void fiocp__hub_poll_once(fiocp_hub_t* hub);
 /* The contract's release(): gives back a concurrency slot. */
 void fiocp__hub_release(fiocp_hub_t* hub);
 
