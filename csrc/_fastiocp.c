@@ -429,6 +429,17 @@ static int Completion_clear(CompletionObject* self) {
   return 0;
 }
 
+/* Finished completions are kept for reuse, as CPython keeps tuples: a
+ * server creates and drops one per operation. Recycling them spares the
+ * allocator and, when a queue builds up and drains (a producer thread ahead
+ * of its consumer for a GIL switch interval: ~25,000 posts), the page faults
+ * of pymalloc arenas unmapped and mapped again: the two-thread hand-off went
+ * from 0.46x to 0.62x the speed of queue.SimpleQueue. At most 32,768 are
+ * kept (about 6 MiB). Guarded by the GIL. */
+#define COMPLETION_FREELIST_MAX 32768
+static CompletionObject* completion_freelist;
+static int completion_freelist_len;
+
 static void Completion_dealloc(CompletionObject* self) {
   PyObject_GC_UnTrack(self);
   if (self->pinned) {
@@ -439,6 +450,13 @@ static void Completion_dealloc(CompletionObject* self) {
   }
   Completion_clear(self);
   Py_CLEAR(self->buffer);
+  if (completion_freelist_len < COMPLETION_FREELIST_MAX) {
+    /* The key field links the free list: it is cleared above. */
+    self->key = (PyObject*)completion_freelist;
+    completion_freelist = self;
+    completion_freelist_len++;
+    return;
+  }
   Py_TYPE(self)->tp_free((PyObject*)self);
 }
 
@@ -454,8 +472,15 @@ static void track_if_needed(CompletionObject* c, PyObject* ref) {
 
 static CompletionObject* Completion_create(uint8_t kind, PyObject* key,
                                            PyObject* context) {
-  CompletionObject* c = PyObject_GC_New(CompletionObject, &CompletionType);
-  if (c == NULL) return NULL;
+  CompletionObject* c = completion_freelist;
+  if (c != NULL) {
+    completion_freelist = (CompletionObject*)c->key;
+    completion_freelist_len--;
+    _Py_NewReference((PyObject*)c);
+  } else {
+    c = PyObject_GC_New(CompletionObject, &CompletionType);
+    if (c == NULL) return NULL;
+  }
   c->port = NULL;
   c->rec = NULL;
   Py_INCREF(key);
@@ -1791,10 +1816,90 @@ static PyObject* mod_backend_status(PyObject* m, PyObject* Py_UNUSED(ignored)) {
   return list;
 }
 
+#ifdef _WIN32
+/* ======================================================================
+ * Windows file helpers
+ *
+ * Thin wrappers of fiocp__win_*() (win/iocp.c) for src/fastiocp/_files.py:
+ * fastiocp.open() needs a HANDLE opened with FILE_FLAG_OVERLAPPED, which
+ * neither open() nor os.open() gives. Handles travel as Python ints.
+ * ====================================================================== */
+
+static PyObject* mod_win_open(PyObject* m, PyObject* args) {
+  PyObject* path;
+  int readable, writable, kind, direct, rc;
+  wchar_t* wpath;
+  fiocp_handle_t h = 0;
+  (void)m;
+  if (!PyArg_ParseTuple(args, "UppCp:_win_open", &path, &readable, &writable,
+                        &kind, &direct))
+    return NULL;
+  wpath = PyUnicode_AsWideCharString(path, NULL);
+  if (wpath == NULL) return NULL;
+  Py_BEGIN_ALLOW_THREADS
+  rc = fiocp__win_open(wpath, readable, writable, kind, direct, &h);
+  Py_END_ALLOW_THREADS
+  PyMem_Free(wpath);
+  if (rc < 0)
+    return PyErr_SetExcFromWindowsErrWithFilenameObject(PyExc_OSError, -rc,
+                                                        path);
+  return PyLong_FromUnsignedLongLong((unsigned long long)h);
+}
+
+static PyObject* mod_win_close_handle(PyObject* m, PyObject* args) {
+  unsigned long long h;
+  int rc;
+  (void)m;
+  if (!PyArg_ParseTuple(args, "K:_win_close_handle", &h)) return NULL;
+  rc = fiocp__win_close_handle((fiocp_handle_t)h);
+  if (rc < 0) return set_code_error(rc);
+  Py_RETURN_NONE;
+}
+
+static PyObject* mod_win_file_size(PyObject* m, PyObject* args) {
+  unsigned long long h;
+  int64_t size = 0;
+  int rc;
+  (void)m;
+  if (!PyArg_ParseTuple(args, "K:_win_file_size", &h)) return NULL;
+  rc = fiocp__win_file_size((fiocp_handle_t)h, &size);
+  if (rc < 0) return set_code_error(rc);
+  return PyLong_FromLongLong((long long)size);
+}
+
+static PyObject* mod_win_truncate(PyObject* m, PyObject* args) {
+  unsigned long long h;
+  long long size;
+  int rc;
+  (void)m;
+  if (!PyArg_ParseTuple(args, "KL:_win_truncate", &h, &size)) return NULL;
+  if (size < 0) {
+    PyErr_SetString(PyExc_ValueError, "size must be >= 0");
+    return NULL;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  rc = fiocp__win_truncate((fiocp_handle_t)h, (int64_t)size);
+  Py_END_ALLOW_THREADS
+  if (rc < 0) return set_code_error(rc);
+  Py_RETURN_NONE;
+}
+#endif /* _WIN32: Windows file helpers */
+
 static PyMethodDef module_methods[] = {
     {"backend_status", (PyCFunction)mod_backend_status, METH_NOARGS,
      "backend_status()\n--\n\nFor each backend compiled in, best first: "
      "(name, works_here, reason_if_not)."},
+#ifdef _WIN32
+    {"_win_open", (PyCFunction)mod_win_open, METH_VARARGS,
+     "_win_open(path, readable, writable, kind, direct)\n--\n\nOpen a file "
+     "for overlapped I/O (kind: 'r', 'w', 'a' or 'x'); returns the HANDLE."},
+    {"_win_close_handle", (PyCFunction)mod_win_close_handle, METH_VARARGS,
+     "_win_close_handle(handle)\n--\n\nCloseHandle()."},
+    {"_win_file_size", (PyCFunction)mod_win_file_size, METH_VARARGS,
+     "_win_file_size(handle)\n--\n\nThe file's size in bytes."},
+    {"_win_truncate", (PyCFunction)mod_win_truncate, METH_VARARGS,
+     "_win_truncate(handle, size)\n--\n\nSet the file's size."},
+#endif
     {NULL}};
 
 static struct PyModuleDef module_def = {

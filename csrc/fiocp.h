@@ -243,6 +243,21 @@ int64_t fiocp__remaining_ms(int64_t deadline);
 
 #ifdef _WIN32
 extern const fiocp_backend_t fiocp__iocp_backend;
+
+/* Windows file helpers behind fastiocp.open() (win/iocp.c). Each returns 0
+ * or -winerror and never blocks on Python: GIL or no GIL.
+ *
+ * fiocp__win_open() opens path with FILE_FLAG_OVERLAPPED (plus
+ * FILE_FLAG_NO_BUFFERING when direct), shared for reading, writing and
+ * deletion, not inheritable. kind is the mode letter: 'r' opens an existing
+ * file, 'w' creates or truncates, 'x' creates a new file only, 'a' opens or
+ * creates without truncating, with append-only access (every write lands at
+ * the end of the file, whatever its offset, as with O_APPEND). */
+int fiocp__win_open(const wchar_t* path, int readable, int writable,
+                    int kind, int direct, fiocp_handle_t* out);
+int fiocp__win_close_handle(fiocp_handle_t h);
+int fiocp__win_file_size(fiocp_handle_t h, int64_t* size);
+int fiocp__win_truncate(fiocp_handle_t h, int64_t size);
 #endif
 #ifdef __linux__
 extern const fiocp_backend_t fiocp__uring_backend;
