@@ -17,6 +17,10 @@ SOURCES = {
     "win32": COMMON + ["csrc/win/iocp.c"],
 }
 INCLUDE_DIRS = {"linux": ["csrc"], "win32": ["csrc"]}
+DEFINE_MACROS = {
+    "linux": [],
+    "win32": [("WIN32_LEAN_AND_MEAN", "1"), ("_WIN32_WINNT", "0x0601")],
+}
 LIBRARIES = {"linux": ["pthread"], "win32": ["ws2_32", "mswsock", "kernel32"]}
 
 
@@ -37,7 +41,8 @@ def extension():
             "fastiocp supports Windows (IOCP) and Linux (io_uring, epoll); "
             f"there is no backend for {sys.platform} yet"
         )
-    extra_compile, extra_link, macros = [], [], []
+    extra_compile, extra_link = [], []
+    macros = list(DEFINE_MACROS[key])
     if key == "linux":
         extra_compile += ["-std=gnu99", "-Wall", "-Wextra", "-Wno-unused-parameter",
                           "-Wno-missing-field-initializers", "-fno-strict-aliasing"]
@@ -48,8 +53,6 @@ def extension():
                      "-fno-sanitize-recover=undefined", "-g"]
             extra_compile += flags
             extra_link += flags
-    else:
-        macros += [("WIN32_LEAN_AND_MEAN", "1"), ("_WIN32_WINNT", "0x0601")]
     return Extension(
         "fastiocp._fastiocp",
         sources=SOURCES[key],

@@ -111,6 +111,15 @@ static int is_cancel_code(int64_t code) {
  * Socket addresses
  * ====================================================================== */
 
+/* Raises the error of the last failed socket call. */
+static PyObject* set_socket_error(void) {
+#ifdef _WIN32
+  return PyErr_SetExcFromWindowsErr(PyExc_OSError, WSAGetLastError());
+#else
+  return PyErr_SetFromErrno(PyExc_OSError);
+#endif
+}
+
 /* Python address from a sockaddr, in the socket module's shapes. */
 static PyObject* make_sockaddr(const struct sockaddr_storage* ss,
                                fiocp_socklen_t len) {
@@ -120,13 +129,13 @@ static PyObject* make_sockaddr(const struct sockaddr_storage* ss,
     case AF_INET: {
       const struct sockaddr_in* a = (const struct sockaddr_in*)ss;
       if (inet_ntop(AF_INET, (void*)&a->sin_addr, host, sizeof(host)) == NULL)
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return set_socket_error();
       return Py_BuildValue("(si)", host, (int)ntohs(a->sin_port));
     }
     case AF_INET6: {
       const struct sockaddr_in6* a = (const struct sockaddr_in6*)ss;
       if (inet_ntop(AF_INET6, (void*)&a->sin6_addr, host, sizeof(host)) == NULL)
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return set_socket_error();
       return Py_BuildValue("(siII)", host, (int)ntohs(a->sin6_port),
                            (unsigned)ntohl(a->sin6_flowinfo),
                            (unsigned)a->sin6_scope_id);
@@ -345,20 +354,18 @@ static int get_family(PyObject* sockobj, fiocp_handle_t h) {
   }
   PyErr_Clear();
   {
-    struct sockaddr_storage ss;
-    fiocp_socklen_t len = (fiocp_socklen_t)sizeof(ss);
-    memset(&ss, 0, sizeof(ss));
 #ifdef _WIN32
-    {
-      WSAPROTOCOL_INFOW info;
-      int ilen = (int)sizeof(info);
-      if (getsockopt((SOCKET)h, SOL_SOCKET, SO_PROTOCOL_INFOW, (char*)&info,
-                     &ilen) == 0)
-        return info.iAddressFamily;
-      PyErr_SetExcFromWindowsErr(PyExc_OSError, WSAGetLastError());
-      return -1;
-    }
+    WSAPROTOCOL_INFOW info;
+    int ilen = (int)sizeof(info);
+    if (getsockopt((SOCKET)h, SOL_SOCKET, SO_PROTOCOL_INFOW, (char*)&info,
+                   &ilen) == 0)
+      return info.iAddressFamily;
+    PyErr_SetExcFromWindowsErr(PyExc_OSError, WSAGetLastError());
+    return -1;
 #else
+    struct sockaddr_storage ss;
+    socklen_t len = (socklen_t)sizeof(ss);
+    memset(&ss, 0, sizeof(ss));
     if (getsockname((int)h, (struct sockaddr*)&ss, &len) < 0) {
       PyErr_SetFromErrno(PyExc_OSError);
       return -1;

@@ -5,9 +5,10 @@
 #
 # Cross-compiles fastiocp._fastiocp with mingw-w64 against the embeddable
 # CPython's python3XY.dll, stages it with src/fastiocp/*.py, and runs
-# `python.exe -m pytest [ARGS or tests] -p no:cacheprovider` in Wine.
+# pytest (as `python.exe -m pytest -p no:cacheprovider [ARGS or tests]`) in Wine.
 # Exit status: pytest's; 124 if FASTIOCP_WINE_TIMEOUT ran out; 125 if this
-# script could not set up or build. See tools/wine/README.md.
+# script could not set up or build; 134 if python.exe crashed.
+# See tools/wine/README.md.
 set -euo pipefail
 shopt -s nullglob
 
@@ -17,7 +18,7 @@ die() { printf '[%s] error: %s\n' "$prog" "$*" >&2; exit 125; }
 
 # ----------------------------------------------------------------- arguments
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,11s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,12s/^# \{0,1\}//p' "$0" >&2
     [[ $# -ge 1 ]] && exit 0 || exit 125
 fi
 PYVER=$1
@@ -62,26 +63,30 @@ unset DISPLAY WAYLAND_DISPLAY
 
 mkdir -p "$CACHE" "$VDIR" "$DL"
 
-# Runs of the same PYVER share $VDIR: one at a time. Different PYVERs may run
-# at once (they share only the Wine prefix, which allows that).
-exec 8>"$VDIR/.lock"
+# One run at a time (any PYVER): a run owns the Wine prefix's session and ends
+# it (wineserver -k) when pytest is done, which also ends any process a test
+# left behind.
+exec 8>"$CACHE/.lock"
 if ! flock -n 8; then
-    log "waiting for another run of Python $PYVER to finish (lock $VDIR/.lock)"
+    log "waiting for another run to finish (lock $CACHE/.lock)"
     flock 8
 fi
+SECONDS=0
 
 # ------------------------------------------------------------- host tools
 APT_UPDATED=0
 apt_install() {
     [[ $(id -u) -eq 0 ]] || die "missing $*; install it (as root: apt-get install $*)"
+    local aptlog=$CACHE/apt.log
     if [[ $APT_UPDATED -eq 0 ]]; then
         log "apt-get update"
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
+        DEBIAN_FRONTEND=noninteractive apt-get update -q >"$aptlog" 2>&1 \
+            || { tail -n 30 "$aptlog" >&2; die "apt-get update failed"; }
         APT_UPDATED=1
     fi
-    log "apt-get install $*"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 \
-        || die "apt-get install $* failed"
+    log "apt-get install $* (log: $aptlog)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >>"$aptlog" 2>&1 \
+        || { tail -n 30 "$aptlog" >&2; die "apt-get install $* failed"; }
 }
 
 find_wine() {
@@ -100,29 +105,37 @@ CC=${FASTIOCP_WINE_CC:-x86_64-w64-mingw32-gcc}
 OBJDUMP=x86_64-w64-mingw32-objdump
 
 {
-    flock 7   # apt and the Wine prefix are shared by all PYVERs
     pkgs=()
     find_wine || pkgs+=(wine64)
     command -v "$CC" >/dev/null || pkgs+=(gcc-mingw-w64-x86-64 mingw-w64-x86-64-dev)
     command -v "$OBJDUMP" >/dev/null || pkgs+=(binutils-mingw-w64-x86-64)
     command -v "$HOSTPY" >/dev/null || pkgs+=(python3)
     ((${#pkgs[@]})) && apt_install "${pkgs[@]}"
-    if ! "$HOSTPY" -m pip --version >/dev/null 2>&1; then
+    if ! "$HOSTPY" -c 'import pip' >/dev/null 2>&1; then
         apt_install python3-pip
     fi
+    # The interpreter itself, not a wrapper such as a pyenv shim (faster).
+    HOSTPY=$("$HOSTPY" -c 'import sys; print(sys.executable)')
     find_wine || die "wine64 not found after installing it"
     command -v "$CC" >/dev/null || die "$CC not found after installing mingw-w64"
 
-    # Wine prefix: created once, non-interactively.
-    if [[ ! -f $WINEPREFIX/system.reg ]]; then
-        log "creating Wine prefix $WINEPREFIX (once)"
-        rm -rf "$WINEPREFIX"
-        # wine64-only installs complain about the missing 32-bit side: harmless.
-        "$WINE" wineboot -i </dev/null >"$CACHE/wineboot.log" 2>&1 \
-            || { cat "$CACHE/wineboot.log" >&2; die "wineboot -i failed"; }
+    # Wine prefix: created once, non-interactively, set to report Windows 10
+    # (Wine 8's default is Windows 7, older than CPython 3.11+ supports).
+    prefix_stamp="wine-prefix v1 win10"
+    if [[ ! -f $WINEPREFIX/.fastiocp-stamp || $(<"$WINEPREFIX/.fastiocp-stamp") != "$prefix_stamp" ]]; then
+        log "setting up Wine prefix $WINEPREFIX (once)"
+        if [[ ! -f $WINEPREFIX/system.reg ]]; then
+            rm -rf "$WINEPREFIX"
+            # wine64-only installs complain about the missing 32-bit side: harmless.
+            "$WINE" wineboot -i </dev/null >"$CACHE/wineboot.log" 2>&1 \
+                || { cat "$CACHE/wineboot.log" >&2; die "wineboot -i failed"; }
+        fi
+        "$WINE" winecfg -v win10 </dev/null >>"$CACHE/wineboot.log" 2>&1 \
+            || { cat "$CACHE/wineboot.log" >&2; die "winecfg -v win10 failed"; }
         "$WINESERVER" -w
+        echo "$prefix_stamp" >"$WINEPREFIX/.fastiocp-stamp"
     fi
-} 7>"$CACHE/.setup.lock"
+}
 
 pip_dl() { "$HOSTPY" -m pip download --disable-pip-version-check -q "$@"; }
 
@@ -196,9 +209,13 @@ EOF
 fi
 
 # ------------------------------------------------------------- 2. headers
-# Platform-neutral CPython headers of the same minor, from a CPython on this
-# machine (pyenv, pythonX.Y on PATH, or Debian's pythonX.Y-dev), with the
-# host's pyconfig.h replaced by tools/wine/pyconfig.h.
+# Platform-neutral CPython headers of the same minor, with the host's
+# pyconfig.h replaced by tools/wine/pyconfig.h. From a CPython on this machine
+# (pyenv, pythonX.Y on PATH, Debian's pythonX.Y-dev), else from Debian's
+# libpythonX.Y-dev package (3.11: bookworm, 3.13: trixie), fetched with
+# `apt-get download` against a private package index in the cache: nothing is
+# installed and the system's apt configuration is not changed.
+DEBHDR=$CACHE/debian-headers/python$PYVER
 find_headers() {
     local d cands=()
     [[ -n ${FASTIOCP_WINE_PY_INCLUDE:-} ]] && cands+=("$FASTIOCP_WINE_PY_INCLUDE")
@@ -207,7 +224,7 @@ find_headers() {
     fi
     local pyenv_root=${PYENV_ROOT:-$HOME/.pyenv}
     for d in "$pyenv_root"/versions/"$PYVER".*/include/python"$PYVER"; do cands+=("$d"); done
-    cands+=("/usr/include/python$PYVER" "/usr/local/include/python$PYVER")
+    cands+=("/usr/include/python$PYVER" "/usr/local/include/python$PYVER" "$DEBHDR/usr/include/python$PYVER")
     for d in "${cands[@]}"; do
         [[ -n $d && -f $d/Python.h && -f $d/patchlevel.h ]] || continue
         grep -qE "^#define PY_MINOR_VERSION[[:space:]]+${PYVER#*.}\$" "$d/patchlevel.h" || continue
@@ -216,15 +233,34 @@ find_headers() {
     done
     return 1
 }
+fetch_debian_headers() {
+    local suite pkg=libpython$PYVER-dev uri apt_dir
+    case $PYVER in 3.11) suite=bookworm ;; 3.13) suite=trixie ;; *) return 1 ;; esac
+    command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || return 1
+    # The Debian archive this machine's apt already uses (no host named here).
+    # shellcheck disable=SC2016
+    uri=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
+          awk '$2 ~ /^(bookworm|trixie|forky|sid|stable|testing|unstable)$/ {print $1; exit}')
+    [[ -n $uri ]] || { log "no Debian archive in the apt configuration"; return 1; }
+    apt_dir=$CACHE/apt-$suite
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$apt_dir/sources"
+    printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: %s\n' \
+        "$uri" "$suite" /usr/share/keyrings/debian-archive-keyring.gpg >"$apt_dir/sources/$suite.sources"
+    local opts=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$apt_dir/sources"
+                -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir"
+                -o "Dir::Cache::archives=$apt_dir/archives" -o "Dir::State::status=/dev/null"
+                -o "APT::Sandbox::User=$(id -un)" -o "Debug::NoLocking=1" -qq)
+    log "fetching CPython $PYVER headers: Debian $suite's $pkg"
+    apt-get "${opts[@]}" update >&2 || return 1
+    (cd "$apt_dir/archives" && rm -f ./*.deb && apt-get "${opts[@]}" download "$pkg" >&2) || return 1
+    local deb=("$apt_dir/archives/${pkg}_"*.deb)
+    ((${#deb[@]} == 1)) || return 1
+    rm -rf "$DEBHDR"
+    mkdir -p "$DEBHDR"
+    dpkg-deb -x "${deb[0]}" "$DEBHDR"
+}
 if ! HDRSRC=$(find_headers); then
-    # Debian ships some minors (bookworm: 3.11) as pythonX.Y-dev.
-    if [[ $(id -u) -eq 0 ]]; then
-        ( flock 7
-          apt-get update -qq >&2 || true
-          APT_UPDATED=1
-          if apt-cache show "python$PYVER-dev" >/dev/null 2>&1; then apt_install "python$PYVER-dev"; fi
-        ) 7>"$CACHE/.setup.lock"
-    fi
+    fetch_debian_headers || log "fetching headers from Debian failed"
     HDRSRC=$(find_headers) || die "no CPython $PYVER headers found. Set FASTIOCP_WINE_PY_INCLUDE to a \
 directory holding CPython $PYVER's Python.h (e.g. a pyenv install's include/python$PYVER)"
 fi
@@ -236,7 +272,8 @@ rm -f "$INCDIR/pyconfig.h"
 cp "$HERE/pyconfig.h" "$INCDIR/pyconfig.h"
 
 # ------------------------------------------------------------- 3. build
-[[ -f $REPO/setup.py ]] || die "no setup.py in $REPO"
+[[ -f $REPO/setup.py ]] || die "no setup.py in $REPO: it must declare the extension's sources \
+(module-level dicts SOURCES and INCLUDE_DIRS keyed by platform, 'win32' and 'linux')"
 # setup.py declares module-level dicts keyed by platform ("win32", "linux"):
 # SOURCES and INCLUDE_DIRS (required), DEFINE_MACROS and LIBRARIES (optional),
 # and calls setup() only under `if __name__ == "__main__":`.
@@ -245,8 +282,8 @@ import os, runpy, sys
 sys.path.insert(0, os.getcwd())
 try:
     ns = runpy.run_path("setup.py", run_name="fastiocp_sources")
-except SystemExit as e:
-    sys.exit(f"setup.py exited ({e.code}) when run as a module: "
+except SystemExit:
+    sys.exit("setup.py exited when run as a module (it runs setup() at import?): "
              "call setup() only under `if __name__ == '__main__':`")
 def win32(name, required):
     d = ns.get(name)
@@ -280,7 +317,7 @@ while IFS= read -r line; do
         "S ") srcs+=("$REPO/${line:2}") ;;
         "I ") cflags+=("-I$REPO/${line:2}") ;;
         "D ") cflags+=("-D${line:2}") ;;
-        "L ") libs+=("-l${line:2}") ;;
+        "L ") [[ " ${libs[*]} " == *" -l${line:2} "* ]] || libs+=("-l${line:2}") ;;
     esac
 done <<<"$spec"
 for s in "${srcs[@]}"; do [[ -f $s ]] || die "source listed in setup.py not found: $s"; done
@@ -320,27 +357,88 @@ cp "$BUILD/$PYD_NAME" "$STAGE/fastiocp/"
 # Std handles must be pipes or /dev/null: CPython in Wine 8 fails to start
 # ("init_sys_streams: ... Invalid handle") when one is a regular file. So
 # stdout and stderr always go through cat.
+# With --end-session, the Wine session is ended right after the command: a
+# process that the command left behind (holding these pipes) would otherwise
+# keep both cats, and this script, waiting.
+end_session() { "$WINESERVER" -k >/dev/null 2>&1 || true; }
 winepy() {
-    local rc=0
-    { set +e; "$@" </dev/null 2>&1 1>&3 3>&- | cat >&2; exit "${PIPESTATUS[0]}"; } 3>&1 | cat \
-        || rc=${PIPESTATUS[0]}
+    local rc=0 end=false
+    [[ $1 == --end-session ]] && { end=true; shift; }
+    { set +e
+      { "$@" </dev/null; r=$?; $end && end_session; exit "$r"; } 2>&1 1>&3 3>&- | cat >&2
+      exit "${PIPESTATUS[0]}"
+    } 3>&1 | cat || rc=${PIPESTATUS[0]}
     return "$rc"
 }
-cd "$REPO"
-# -X utf8: stdout is a pipe, whose default encoding would be cp1252 ('strict').
-# -B: no __pycache__ (and no pytest assertion-rewrite .pyc) in the work tree.
-PYFLAGS=(-B -X utf8)
-winepy "$WINE" "$PYDIR/python.exe" "${PYFLAGS[@]}" -c \
-    "import sys, platform, pytest; print('Windows CPython', sys.version, '|', platform.platform(), '| pytest', pytest.__version__)" \
-    || die "the Windows CPython in Wine does not start (or cannot import pytest)"
+# Start the Wine session (wineserver, services.exe, ...) with its stdio on
+# /dev/null, and keep it up with an idle process until this script exits.
+# Otherwise the session's helper processes inherit the pipes above from the
+# first python.exe and hold them open until wineserver exits, 3+ s later, and
+# every python.exe would boot the session again (about 1.5 s).
+"$WINE" cmd /c exit </dev/null >/dev/null 2>&1 || die "Wine does not start (WINEPREFIX=$WINEPREFIX)"
+"$WINE" "$PYDIR/python.exe" -I -S -c "import time; time.sleep(86400)" </dev/null >/dev/null 2>&1 &
+KEEPER=$!
+trap 'kill "$KEEPER" 2>/dev/null || true; end_session' EXIT
 
+cd "$REPO"
+# Host Python settings must not leak into the Windows CPython: despite the
+# ._pth file it still reads some PYTHON* variables (e.g. PYTHONUTF8).
+while IFS= read -r v; do unset "$v"; done < <(compgen -e | grep '^PYTHON' || true)
+winpath() { local p=${1//\//\\}; printf 'Z:%s' "$p"; }   # Wine maps Z: to /
+# Hypothesis' example database goes to the cache, not into the work tree.
+# The suite scales its loops down under Wine (tests/conftest.py).
+export FASTIOCP_UNDER_WINE=1
+export HYPOTHESIS_STORAGE_DIRECTORY=${HYPOTHESIS_STORAGE_DIRECTORY:-$(winpath "$VDIR/hypothesis")}
+RCFILE=$VDIR/pytest.rc
+export FASTIOCP_WINE_RCFILE
+FASTIOCP_WINE_RCFILE=$(winpath "$RCFILE")
+# -u: output is not lost if the process crashes or times out.
+# -X utf8: stdout is a pipe, whose default encoding would be cp1252 ('strict').
+# -X pycache_prefix: .pyc files (pytest's rewritten test modules included) go
+# to the cache, not into the work tree.
+PYFLAGS=(-u -X utf8 -X "pycache_prefix=$(winpath "$VDIR/pycache")")
+winepy "$WINE" "$PYDIR/python.exe" "${PYFLAGS[@]}" -c \
+    "import sys, importlib.metadata as m; w = sys.getwindowsversion(); print('Windows CPython', sys.version, '| Windows %d.%d.%d' % w[:3], '| pytest', m.version('pytest'))" \
+    || die "the Windows CPython in Wine does not start"
+
+# Equivalent to `python.exe -m pytest ARGS` (neither puts the cwd on sys.path
+# under a ._pth file), but records pytest's own exit status: Wine reports only
+# the low byte of a Windows exit code, so a crash (0xC0000005 -> 5) would look
+# like pytest's "no tests collected".
+RUNNER='import os, sys, pytest
+try:
+    rc = int(pytest.main())  # its args: sys.argv[1:]
+except SystemExit as e:
+    rc = e.code if isinstance(e.code, int) else int(e.code is not None)
+sys.stdout.flush()
+with open(os.environ["FASTIOCP_WINE_RCFILE"], "w") as f:
+    f.write("%d\n" % rc)
+sys.exit(rc)'
 args=("$@")
 ((${#args[@]})) || args=(tests)
 tcmd=()
 [[ $TIMEOUT != 0 ]] && tcmd=(timeout --kill-after=30 "$TIMEOUT")
+rm -f "$RCFILE"
+log "setup and build took ${SECONDS}s; running pytest"
+t_pytest=$SECONDS
 rc=0
-winepy "${tcmd[@]}" "$WINE" "$PYDIR/python.exe" "${PYFLAGS[@]}" -m pytest -p no:cacheprovider "${args[@]}" || rc=$?
-if [[ $rc -eq 124 ]]; then
+winepy --end-session "${tcmd[@]}" "$WINE" "$PYDIR/python.exe" "${PYFLAGS[@]}" -c "$RUNNER" \
+    -p no:cacheprovider "${args[@]}" || rc=$?
+if [[ -f $RCFILE ]]; then
+    pytest_rc=$(tr -d '\r\n' <"$RCFILE")
+    if [[ $pytest_rc != "$rc" ]]; then
+        log "pytest finished with exit status $pytest_rc, then python.exe exited with $rc:" \
+            "a crash at interpreter exit (e.g. in a C destructor); reporting 134"
+        rc=134
+    fi
+elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
     log "pytest under Wine timed out after ${TIMEOUT}s (FASTIOCP_WINE_TIMEOUT)"
+    rc=124
+else
+    log "python.exe ended before pytest finished (exit status $rc; Wine keeps only the" \
+        "low byte of the Windows status: 5 = 0xC0000005 access violation," \
+        "253 = 0xC00000FD stack overflow, 9 = 0xC0000409 fail-fast, 3 = abort()); reporting 134"
+    rc=134
 fi
+log "pytest under Wine took $((SECONDS - t_pytest))s; exit status $rc"
 exit "$rc"
