@@ -105,8 +105,26 @@ def test_write_read_only_file_fails_in_completion(port, data_file):
             c.result()
 
 
-def test_pipe_read_write(port):
+def overlapped_pipe():
+    """(read end, write end, close function) of a pipe a port can use.
+
+    On Windows, os.pipe() gives C runtime descriptors of an anonymous pipe,
+    which is opened for synchronous I/O only: no completion port accepts it
+    (tests/backends/test_iocp.py checks that). Windows' pipe for overlapped
+    I/O is a named pipe opened with FILE_FLAG_OVERLAPPED at both ends, as
+    asyncio's proactor makes them; its ends are HANDLEs."""
+    if ON_WINDOWS:
+        import _winapi
+        from asyncio.windows_utils import pipe
+
+        r, w = pipe(duplex=False, overlapped=(True, True))
+        return r, w, _winapi.CloseHandle
     r, w = os.pipe()
+    return r, w, os.close
+
+
+def test_pipe_read_write(port):
+    r, w, close = overlapped_pipe()
     try:
         port.register(r, key="r")
         port.register(w, key="w")
@@ -115,12 +133,12 @@ def test_pipe_read_write(port):
         got = {c.key: c for c in collect(port, 2)}
         assert got["w"].nbytes == 14
         assert bytes(got["r"].buffer[: got["r"].nbytes]) == b"through a pipe"
-        os.close(w)
+        close(w)
         w = -1
         port.read(r, 10, offset=None)
         (eof,) = collect(port, 1)
         assert eof.nbytes == 0 and eof.error is None
     finally:
-        os.close(r)
+        close(r)
         if w >= 0:
-            os.close(w)
+            close(w)

@@ -454,7 +454,7 @@ def test_ctrl_c_interrupts_get(backend, role):
 # 5. No leaks
 
 
-@pytest.mark.skipif(not ON_LINUX, reason="reads /proc for RSS and fd counts")
+@pytest.mark.skipif(not (ON_LINUX or ON_WINDOWS), reason="reads RSS and fd counts from /proc (Linux) or handle counts and the working set from Win32 (Windows) only")
 def test_no_growth_over_50k_cycles(port, sockpair):
     a, b = sockpair
     port.register(a)
@@ -483,7 +483,7 @@ def test_no_growth_over_50k_cycles(port, sockpair):
     assert port.pending == 0
 
 
-@pytest.mark.skipif(not ON_LINUX, reason="reads /proc for fd counts")
+@pytest.mark.skipif(not (ON_LINUX or ON_WINDOWS), reason="reads fd counts from /proc (Linux) or handle counts from Win32 (Windows) only")
 def test_ports_do_not_leak_fds(backend):
     before = open_fd_count()
     for _ in range(200):

@@ -51,7 +51,8 @@ def _child(code: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, env=env)
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="seccomp filter written for x86_64/aarch64")
+@pytest.mark.skipif(sys.platform.startswith("linux") and platform.machine() not in ("x86_64", "aarch64"),
+                    reason="seccomp filter written for x86_64/aarch64")
 def test_auto_falls_back_to_epoll_when_io_uring_is_refused():
     r = _child("""
         import fastiocp, socket
@@ -78,7 +79,8 @@ def test_auto_falls_back_to_epoll_when_io_uring_is_refused():
     assert "backend: epoll" in r.stdout
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="seccomp filter written for x86_64/aarch64")
+@pytest.mark.skipif(sys.platform.startswith("linux") and platform.machine() not in ("x86_64", "aarch64"),
+                    reason="seccomp filter written for x86_64/aarch64")
 def test_forcing_io_uring_when_refused_says_why():
     r = _child("""
         import fastiocp
