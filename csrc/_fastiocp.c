@@ -28,6 +28,7 @@
 # include <arpa/inet.h>
 # include <netdb.h>
 # include <netinet/in.h>
+# include <pthread.h>
 # include <sys/un.h>
 # include <unistd.h>
 #endif
@@ -55,6 +56,16 @@ static PyObject* kind_names[FIOCP_OP__COUNT];
 
 static PyTypeObject CompletionType;
 static PyTypeObject CompletionPortType;
+
+/* Bumped in the child after fork(). A port belongs to the process that
+ * created it: its ring, epoll set and threads are the parent's, and a child
+ * that used them (or closed them on exit) would cancel and steal the
+ * parent's completions. */
+static volatile unsigned long fork_generation;
+
+#ifndef _WIN32
+static void on_fork_child(void) { fork_generation++; }
+#endif
 
 /* ======================================================================
  * Errors
@@ -412,6 +423,7 @@ typedef struct CompletionPortObject {
   uint8_t destroy_pending;  /* destroy when the last thread leaves */
   uint8_t leaked;
   uint8_t emulate_slots;    /* concurrency > 0 on a backend with release() */
+  unsigned long fork_gen;   /* fork_generation when created */
   PyObject* weakreflist;
 } CompletionPortObject;
 
@@ -668,6 +680,12 @@ static int port_check_open(CompletionPortObject* self) {
     set_closed_error();
     return -1;
   }
+  if (self->fork_gen != fork_generation) {
+    PyErr_SetString(FastIOCPError,
+                    "this CompletionPort was created by the parent process: "
+                    "it cannot be used after fork(); create a new one");
+    return -1;
+  }
   return 0;
 }
 
@@ -779,6 +797,14 @@ static int port_close_impl(CompletionPortObject* self) {
   int n, i;
   if (!self->initialized || self->closed) return 0;
   self->closed = 1;
+  if (self->fork_gen != fork_generation) {
+    /* A forked child: the kernel objects and threads are the parent's.
+     * Touch nothing; the child's copies of the records and buffers are
+     * simply left behind. */
+    self->leaked = 1;
+    Py_CLEAR(self->handles);
+    return 0;
+  }
   owed = self->backend->shutdown(self->port, 0);
   if (owed > 0) {
     self->inside++;
@@ -941,6 +967,7 @@ static int CompletionPort_init(CompletionPortObject* self, PyObject* args,
   }
   self->concurrency = (unsigned)concurrency;
   self->emulate_slots = concurrency > 0 && self->backend->release != NULL;
+  self->fork_gen = fork_generation;
   self->initialized = 1;
   return 0;
 fail:
@@ -963,7 +990,8 @@ static PyObject* CompletionPort_register(CompletionPortObject* self,
   if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:register", kwlist,
                                    &fileobj, &key))
     return NULL;
-  if (port_check_open(self) < 0 || get_handle(fileobj, &h) < 0) return NULL;
+  /* fileno() may run Python code that closes the port: check after it. */
+  if (get_handle(fileobj, &h) < 0 || port_check_open(self) < 0) return NULL;
   hkey = PyLong_FromLongLong((long long)h);
   if (hkey == NULL) return NULL;
   rc = PyDict_Contains(self->handles, hkey);
@@ -993,7 +1021,7 @@ static PyObject* CompletionPort_unregister(CompletionPortObject* self,
   fiocp_handle_t h;
   PyObject* hkey;
   int rc;
-  if (port_check_open(self) < 0 || get_handle(fileobj, &h) < 0) return NULL;
+  if (get_handle(fileobj, &h) < 0 || port_check_open(self) < 0) return NULL;
   hkey = PyLong_FromLongLong((long long)h);
   if (hkey == NULL) return NULL;
   rc = PyDict_DelItem(self->handles, hkey);
@@ -1042,9 +1070,13 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
   struct sockaddr_storage ss;
   fiocp_socklen_t sslen = 0;
   int rc, needs_addr;
+  /* Python code may run in the steps that prepare the call (fileno(), a
+   * socket's family, __fspath__, a buffer exporter, a finalizer run by the
+   * GC when the Completion is allocated, other threads while the resolver
+   * runs without the GIL), and that code may close the port or unregister
+   * the handle. So the port is checked and the key looked up only once all
+   * of them are done; nothing after that runs Python code. */
   if (port_check_open(self) < 0 || get_handle(fileobj, &h) < 0) return NULL;
-  key = lookup_key(self, h);
-  if (key == NULL) return NULL;
   needs_addr = kind == FIOCP_OP_RECVFROM || kind == FIOCP_OP_SENDTO ||
                kind == FIOCP_OP_ACCEPT || kind == FIOCP_OP_CONNECT;
   if (address != NULL) {
@@ -1052,7 +1084,7 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
     if (family < 0) return NULL;
     if (parse_sockaddr(address, family, &ss, &sslen) < 0) return NULL;
   }
-  c = Completion_create(kind, key, context);
+  c = Completion_create(kind, Py_None, context);
   if (c == NULL) return NULL;
   if (bufmode != BUF_NONE) {
     PyObject* obj = bufarg;
@@ -1085,6 +1117,12 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
     }
     c->pinned = 1;
   }
+  if (port_check_open(self) < 0) goto error;
+  key = lookup_key(self, h);
+  if (key == NULL) goto error;
+  Py_INCREF(key);
+  Py_SETREF(c->key, key);
+  track_if_needed(c, key);
   rec = fiocp__op_alloc(self->port);
   if (rec == NULL) {
     PyErr_NoMemory();
@@ -1321,6 +1359,11 @@ static PyObject* CompletionPort_post(CompletionPortObject* self, FASTARGS) {
   }
   c = Completion_create(FIOCP_OP_POST, key, ctx);
   if (c == NULL) return NULL;
+  /* Allocating the Completion may run a finalizer that closes the port. */
+  if (port_check_open(self) < 0) {
+    Py_DECREF(c);
+    return NULL;
+  }
   rec = fiocp__op_alloc(self->port);
   if (rec == NULL) {
     Py_DECREF(c);
@@ -1937,6 +1980,19 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
     WSADATA wsa;
     int rc = WSAStartup(MAKEWORD(2, 2), &wsa);
     if (rc != 0) return PyErr_SetExcFromWindowsErr(PyExc_OSError, rc);
+  }
+#endif
+#ifndef _WIN32
+  {
+    static int atfork_done;
+    if (!atfork_done) {
+      int rc = pthread_atfork(NULL, NULL, on_fork_child);
+      if (rc != 0) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+      }
+      atfork_done = 1;
+    }
   }
 #endif
   if (fiocp__nbackends == 0) {
