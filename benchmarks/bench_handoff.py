@@ -1,5 +1,5 @@
-"""Hand-off between two threads: fastiocp post+get_many beside queue.Queue
-and queue.SimpleQueue, in the same run.
+"""Hand-off between two threads: fastiocp post+get_many beside queue.Queue,
+queue.SimpleQueue and asyncio's call_soon_threadsafe, in the same run.
 
     python -m pytest benchmarks/bench_handoff.py --benchmark-group-by=group
 """
@@ -72,3 +72,30 @@ def test_handoff_simplequeue(benchmark):
 
     benchmark.extra_info["items"] = N
     benchmark.pedantic(_run_pair, args=(produce, consume), rounds=5, iterations=1)
+
+
+@pytest.mark.benchmark(group="handoff")
+def test_handoff_asyncio_call_soon_threadsafe(benchmark):
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+
+    def one_round():
+        done = loop.create_future()
+        count = [0]
+
+        def on_item(i):
+            count[0] += 1
+            if count[0] == N:
+                done.set_result(None)
+
+        def produce():
+            call = loop.call_soon_threadsafe
+            for i in range(N):
+                call(on_item, i)
+
+        _run_pair(produce, lambda: loop.run_until_complete(done))
+
+    benchmark.extra_info["items"] = N
+    benchmark.pedantic(one_round, rounds=3, iterations=1)
+    loop.close()

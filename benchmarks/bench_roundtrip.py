@@ -1,5 +1,6 @@
 """Round trips on a socketpair: a sends 64 bytes, b echoes them back.
-fastiocp (recv + send through the port) beside plain blocking calls.
+fastiocp (recv + send through the port) beside plain blocking calls and
+asyncio (loop.sock_sendall / loop.sock_recv).
 
     python -m pytest benchmarks/bench_roundtrip.py --benchmark-group-by=group
 """
@@ -64,5 +65,29 @@ def test_roundtrip_blocking(benchmark):
 
     benchmark.extra_info["round_trips"] = ROUNDS
     benchmark.pedantic(run, rounds=5, iterations=1)
+    a.close()
+    b.close()
+
+
+@pytest.mark.benchmark(group="roundtrip")
+def test_roundtrip_asyncio(benchmark):
+    import asyncio
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    loop = asyncio.new_event_loop()
+
+    async def rounds():
+        sendall, recv = loop.sock_sendall, loop.sock_recv
+        for _ in range(ROUNDS):
+            await sendall(a, MSG)
+            data = await recv(b, 64)
+            await sendall(b, data)
+            await recv(a, 64)
+
+    benchmark.extra_info["round_trips"] = ROUNDS
+    benchmark.pedantic(lambda: loop.run_until_complete(rounds()), rounds=5, iterations=1)
+    loop.close()
     a.close()
     b.close()

@@ -1218,10 +1218,17 @@ static int parse_offset(PyObject* obj, int64_t* out) {
  * `required` arguments must be present. Returns 0, or -1 with TypeError. */
 static int parse_args(const char* fname, PyObject* const* args,
                       Py_ssize_t nargs, PyObject* kwnames,
-                      const char* const* names, int nnames, int required,
-                      PyObject** out) {
+                      const char* const* names, PyObject** interned,
+                      int nnames, int required, PyObject** out) {
   Py_ssize_t i, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
   int j;
+  if (nkw > 0 && interned[0] == NULL) {
+    /* Keyword names in calls are interned: compare pointers first. */
+    for (j = 0; j < nnames; j++) {
+      interned[j] = PyUnicode_InternFromString(names[j]);
+      if (interned[j] == NULL) return -1;
+    }
+  }
   for (j = 0; j < nnames; j++) out[j] = NULL;
   if (nargs > nnames) {
     PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)",
@@ -1232,7 +1239,10 @@ static int parse_args(const char* fname, PyObject* const* args,
   for (i = 0; i < nkw; i++) {
     PyObject* kw = PyTuple_GET_ITEM(kwnames, i);
     for (j = 0; j < nnames; j++)
-      if (PyUnicode_CompareWithASCIIString(kw, names[j]) == 0) break;
+      if (kw == interned[j]) break;
+    if (j == nnames)
+      for (j = 0; j < nnames; j++)
+        if (PyUnicode_CompareWithASCIIString(kw, names[j]) == 0) break;
     if (j == nnames) {
       PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R",
                    fname, kw);
@@ -1259,9 +1269,10 @@ static int parse_args(const char* fname, PyObject* const* args,
 
 static PyObject* CompletionPort_read(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"file", "buffer", "offset", "context"};
+  static PyObject* interned[4];
   PyObject* a[4];
   int64_t offset;
-  if (parse_args("read", args, nargs, kwnames, names, 4, 2, a) < 0 ||
+  if (parse_args("read", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
       parse_offset(a[2], &offset) < 0)
     return NULL;
   return submit_op(self, FIOCP_OP_READ, a[0], a[1], BUF_READ, offset, NULL,
@@ -1270,9 +1281,10 @@ static PyObject* CompletionPort_read(CompletionPortObject* self, FASTARGS) {
 
 static PyObject* CompletionPort_write(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"file", "data", "offset", "context"};
+  static PyObject* interned[4];
   PyObject* a[4];
   int64_t offset;
-  if (parse_args("write", args, nargs, kwnames, names, 4, 2, a) < 0 ||
+  if (parse_args("write", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
       parse_offset(a[2], &offset) < 0)
     return NULL;
   return submit_op(self, FIOCP_OP_WRITE, a[0], a[1], BUF_WRITE, offset, NULL,
@@ -1281,16 +1293,18 @@ static PyObject* CompletionPort_write(CompletionPortObject* self, FASTARGS) {
 
 static PyObject* CompletionPort_recv(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"sock", "buffer", "context"};
+  static PyObject* interned[3];
   PyObject* a[3];
-  if (parse_args("recv", args, nargs, kwnames, names, 3, 2, a) < 0) return NULL;
+  if (parse_args("recv", args, nargs, kwnames, names, interned, 3, 2, a) < 0) return NULL;
   return submit_op(self, FIOCP_OP_RECV, a[0], a[1], BUF_READ, 0, NULL,
                    OR_NONE(a[2]));
 }
 
 static PyObject* CompletionPort_send(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"sock", "data", "context"};
+  static PyObject* interned[3];
   PyObject* a[3];
-  if (parse_args("send", args, nargs, kwnames, names, 3, 2, a) < 0) return NULL;
+  if (parse_args("send", args, nargs, kwnames, names, interned, 3, 2, a) < 0) return NULL;
   return submit_op(self, FIOCP_OP_SEND, a[0], a[1], BUF_WRITE, 0, NULL,
                    OR_NONE(a[2]));
 }
@@ -1298,8 +1312,9 @@ static PyObject* CompletionPort_send(CompletionPortObject* self, FASTARGS) {
 static PyObject* CompletionPort_recvfrom(CompletionPortObject* self,
                                          FASTARGS) {
   static const char* const names[] = {"sock", "buffer", "context"};
+  static PyObject* interned[3];
   PyObject* a[3];
-  if (parse_args("recvfrom", args, nargs, kwnames, names, 3, 2, a) < 0)
+  if (parse_args("recvfrom", args, nargs, kwnames, names, interned, 3, 2, a) < 0)
     return NULL;
   return submit_op(self, FIOCP_OP_RECVFROM, a[0], a[1], BUF_READ, 0, NULL,
                    OR_NONE(a[2]));
@@ -1307,8 +1322,9 @@ static PyObject* CompletionPort_recvfrom(CompletionPortObject* self,
 
 static PyObject* CompletionPort_sendto(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"sock", "data", "address", "context"};
+  static PyObject* interned[4];
   PyObject* a[4];
-  if (parse_args("sendto", args, nargs, kwnames, names, 4, 3, a) < 0)
+  if (parse_args("sendto", args, nargs, kwnames, names, interned, 4, 3, a) < 0)
     return NULL;
   return submit_op(self, FIOCP_OP_SENDTO, a[0], a[1], BUF_WRITE, 0, a[2],
                    OR_NONE(a[3]));
@@ -1316,8 +1332,9 @@ static PyObject* CompletionPort_sendto(CompletionPortObject* self, FASTARGS) {
 
 static PyObject* CompletionPort_accept(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"sock", "context"};
+  static PyObject* interned[2];
   PyObject* a[2];
-  if (parse_args("accept", args, nargs, kwnames, names, 2, 1, a) < 0)
+  if (parse_args("accept", args, nargs, kwnames, names, interned, 2, 1, a) < 0)
     return NULL;
   return submit_op(self, FIOCP_OP_ACCEPT, a[0], NULL, BUF_NONE, 0, NULL,
                    OR_NONE(a[1]));
@@ -1325,8 +1342,9 @@ static PyObject* CompletionPort_accept(CompletionPortObject* self, FASTARGS) {
 
 static PyObject* CompletionPort_connect(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"sock", "address", "context"};
+  static PyObject* interned[3];
   PyObject* a[3];
-  if (parse_args("connect", args, nargs, kwnames, names, 3, 2, a) < 0)
+  if (parse_args("connect", args, nargs, kwnames, names, interned, 3, 2, a) < 0)
     return NULL;
   return submit_op(self, FIOCP_OP_CONNECT, a[0], NULL, BUF_NONE, 0, a[1],
                    OR_NONE(a[2]));
@@ -1334,13 +1352,14 @@ static PyObject* CompletionPort_connect(CompletionPortObject* self, FASTARGS) {
 
 static PyObject* CompletionPort_post(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"key", "context", "nbytes"};
+  static PyObject* interned[3];
   PyObject* a[3];
   PyObject *key, *ctx;
   Py_ssize_t nbytes = 0;
   CompletionObject* c;
   fiocp_op_t* rec;
   int rc;
-  if (parse_args("post", args, nargs, kwnames, names, 3, 0, a) < 0) return NULL;
+  if (parse_args("post", args, nargs, kwnames, names, interned, 3, 0, a) < 0) return NULL;
   key = OR_NONE(a[0]);
   ctx = OR_NONE(a[1]);
   if (a[2] != NULL) {
@@ -1618,11 +1637,12 @@ static void port_leave(CompletionPortObject* self) {
 
 static PyObject* CompletionPort_get(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"timeout"};
+  static PyObject* interned[1];
   PyObject* a[1];
   int64_t ms;
   fiocp_op_t* rec;
   int n;
-  if (parse_args("get", args, nargs, kwnames, names, 1, 0, a) < 0 ||
+  if (parse_args("get", args, nargs, kwnames, names, interned, 1, 0, a) < 0 ||
       parse_timeout(a[0], &ms) < 0)
     return NULL;
   CompletionObject* c = NULL;
@@ -1639,6 +1659,7 @@ static PyObject* CompletionPort_get(CompletionPortObject* self, FASTARGS) {
 static PyObject* CompletionPort_get_many(CompletionPortObject* self,
                                          FASTARGS) {
   static const char* const names[] = {"max", "timeout"};
+  static PyObject* interned[2];
   PyObject* a[2];
   Py_ssize_t max = 64;
   int64_t ms;
@@ -1646,7 +1667,7 @@ static PyObject* CompletionPort_get_many(CompletionPortObject* self,
   fiocp_op_t** out = stack;
   PyObject* list;
   int n, i;
-  if (parse_args("get_many", args, nargs, kwnames, names, 2, 0, a) < 0 ||
+  if (parse_args("get_many", args, nargs, kwnames, names, interned, 2, 0, a) < 0 ||
       parse_timeout(a[1], &ms) < 0)
     return NULL;
   if (a[0] != NULL) {

@@ -1,0 +1,265 @@
+"""The server contenders of ``python -m fastiocp bench``.
+
+    python -m fastiocp._bench_servers NAME [PORT]
+
+NAME is one of SERVERS below. Each server listens on 127.0.0.1:PORT (0: any
+free port), prints ``<what> on 127.0.0.1:<port>`` on stdout once it accepts
+connections, and serves until it is killed (SIGTERM's default action: the
+runner kills every server it starts). The fastiocp servers use only the
+public API. The HTTP server on fastiocp is the example
+(examples/http_server.py, shipped as fastiocp/_http_example.py); the asyncio
+and uvloop HTTP servers here answer the same requests with the same bytes.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from typing import Any, Callable, Dict
+
+HOST = "127.0.0.1"
+
+
+def _listen(port: int) -> socket.socket:
+    lsock = socket.create_server((HOST, port), backlog=1024)
+    return lsock
+
+
+def _announce(what: str, lsock_or_port: Any) -> None:
+    port = lsock_or_port if isinstance(lsock_or_port, int) else lsock_or_port.getsockname()[1]
+    print(f"{what} on {HOST}:{port}", flush=True)
+
+
+# ---- TCP echo --------------------------------------------------------------
+
+def echo_fastiocp(port: int) -> None:
+    """Single thread on one completion port: one receive in flight per
+    connection; the echo is sent, and the next receive submitted when the
+    send completed. Every submission made while handling one batch of
+    completions reaches the kernel in one system call (port.batch())."""
+    import fastiocp
+
+    lsock = _listen(port)
+    listener = object()
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with fastiocp.CompletionPort() as cp:
+        cp.register(lsock, key=listener)
+        cp.accept(lsock)
+        _announce("echo server", lsock)
+        get_many, recv, send, batch = cp.get_many, cp.recv, cp.send, cp.batch
+        while True:
+            completions = get_many(256)
+            with batch():
+                for c in completions:
+                    op = c.op
+                    if op == "send":
+                        conn = c.key
+                        buf = c.context
+                        n = c.nbytes
+                        if c.error is not None:
+                            cp.unregister(conn)
+                            conn.close()
+                        elif n < len(c.buffer):  # short send: the rest first
+                            send(conn, c.buffer[n:], buf)
+                        else:
+                            recv(conn, buf)
+                    elif op == "recv":
+                        n = c.nbytes
+                        conn = c.key
+                        if n and c.error is None:
+                            buf = c.buffer
+                            send(conn, memoryview(buf)[:n], buf)
+                        else:
+                            cp.unregister(conn)
+                            conn.close()
+                    else:  # accept
+                        if c.error is None:
+                            conn, _ = c.result()
+                            conn.setsockopt(*nodelay)
+                            cp.register(conn, key=conn)
+                            recv(conn, bytearray(65536))
+                        cp.accept(lsock)
+
+
+def echo_fastiocp_pool(port: int, threads: int = 2) -> None:
+    """The same server on fastiocp.WorkerPool: `threads` threads dequeue
+    completions and run the handler."""
+    import fastiocp
+
+    lsock = _listen(port)
+    listener = object()
+    cp = fastiocp.CompletionPort()
+    cp.register(lsock, key=listener)
+    recv, send = cp.recv, cp.send
+
+    def handle(c: fastiocp.Completion) -> None:
+        op = c.op
+        if op == "send":
+            conn = c.key
+            n = c.nbytes
+            if c.error is not None:
+                cp.unregister(conn)
+                conn.close()
+            elif n < len(c.buffer):
+                send(conn, c.buffer[n:], c.context)
+            else:
+                recv(conn, c.context)
+        elif op == "recv":
+            n = c.nbytes
+            conn = c.key
+            if n and c.error is None:
+                buf = c.buffer
+                send(conn, memoryview(buf)[:n], buf)
+            else:
+                cp.unregister(conn)
+                conn.close()
+        else:
+            if c.error is None:
+                conn, _ = c.result()
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                cp.register(conn, key=conn)
+                recv(conn, bytearray(65536))
+            cp.accept(lsock)
+
+    with fastiocp.WorkerPool(cp, handle, threads=threads, max_batch=64):
+        cp.accept(lsock)
+        _announce("echo server", lsock)
+        threading.Event().wait()
+
+
+def _echo_protocol_server(loop_factory: Callable[[], Any]) -> Callable[[int], None]:
+    def serve(port: int) -> None:
+        import asyncio
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport: Any) -> None:
+                self.transport = transport  # asyncio and uvloop set TCP_NODELAY
+
+            def data_received(self, data: bytes) -> None:
+                self.transport.write(data)
+
+        loop = loop_factory()
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(loop.create_server(Echo, HOST, port, backlog=1024))
+        _announce("echo server", server.sockets[0])
+        loop.run_forever()
+
+    return serve
+
+
+def _asyncio_loop() -> Any:
+    import asyncio
+
+    return asyncio.new_event_loop()
+
+
+def _uvloop_loop() -> Any:
+    import uvloop
+
+    return uvloop.new_event_loop()
+
+
+def echo_threads(port: int) -> None:
+    """A thread per connection, blocking calls."""
+    lsock = _listen(port)
+    _announce("echo server", lsock)
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            recv, sendall = conn.recv, conn.sendall
+            while True:
+                data = recv(65536)
+                if not data:
+                    return
+                sendall(data)
+
+    while True:
+        conn, _ = lsock.accept()
+        threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+
+# ---- HTTP/1.1 (the asyncio twin of examples/http_server.py) ----------------
+
+BODY = b"Hello, World!\n"
+
+
+def _http_protocol_server(loop_factory: Callable[[], Any]) -> Callable[[int], None]:
+    def serve(port: int) -> None:
+        import asyncio
+
+        from fastiocp import _http_example as http
+
+        class HTTP(asyncio.Protocol):
+            def connection_made(self, transport: Any) -> None:
+                self.transport = transport
+                self.pending = b""
+
+            def data_received(self, data: bytes) -> None:
+                if self.pending:
+                    data = self.pending + data
+                requests, self.pending = http.parse(data)
+                out = []
+                close = False
+                for method, path, keep_alive in requests:
+                    if method is None:
+                        out.append(http.error_response(path, False))
+                    elif method != b"GET" and method != b"HEAD":
+                        out.append(http.error_response(b"405 Method Not Allowed", keep_alive,
+                                                       b"Allow: GET, HEAD\r\n"))
+                    elif path == b"/":
+                        out.append(http.FIXED[keep_alive] if method == b"GET"
+                                   else http.FIXED_HEAD[keep_alive])
+                    else:
+                        out.append(static(method, path, keep_alive))
+                    if not keep_alive:
+                        close = True
+                        break
+                if out:
+                    self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                if close:
+                    self.transport.close()
+
+        def static(method: bytes, path: bytes, keep_alive: bool) -> bytes:
+            # Plain blocking reads: this twin exists for the fixed body.
+            full = http.static_path(root, path)
+            if full is None:
+                return http.error_response(b"404 Not Found", keep_alive)
+            with open(full, "rb") as f:
+                data = f.read()
+            head = http.file_head(full, len(data), keep_alive)
+            return head + data if method == b"GET" else head
+
+        root = os.path.abspath(http.DEFAULT_ROOT)
+        loop = loop_factory()
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(loop.create_server(HTTP, HOST, port, backlog=1024))
+        _announce("http server", server.sockets[0])
+        loop.run_forever()
+
+    return serve
+
+
+SERVERS: Dict[str, Callable[[int], None]] = {
+    "echo-fastiocp": echo_fastiocp,
+    "echo-fastiocp-pool": echo_fastiocp_pool,
+    "echo-asyncio": _echo_protocol_server(_asyncio_loop),
+    "echo-uvloop": _echo_protocol_server(_uvloop_loop),
+    "echo-threads": echo_threads,
+    "http-asyncio": _http_protocol_server(_asyncio_loop),
+    "http-uvloop": _http_protocol_server(_uvloop_loop),
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in SERVERS:
+        print(f"usage: python -m fastiocp._bench_servers {{{','.join(SERVERS)}}} [PORT]",
+              file=sys.stderr)
+        return 2
+    SERVERS[argv[0]](int(argv[1]) if len(argv) > 1 else 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,255 @@
+/* _loadgen.c: the TCP echo load generator of `python -m fastiocp bench`.
+ *
+ * Built at run time by the bench runner (fastiocp/_bench.py) with the system
+ * C compiler; plain POSIX + epoll, no dependencies. One thread drives every
+ * connection, each with exactly one message in flight: send MSGSIZE bytes,
+ * wait until all of them came back, send again.
+ *
+ *   loadgen echo HOST PORT CONNS MSGSIZE WARMUP_S DURATION_S SERVER_PID
+ *
+ * After WARMUP_S seconds it samples its own CPU time and the server's
+ * (/proc/SERVER_PID/stat, every thread of the process), counts messages for
+ * DURATION_S seconds, samples again and prints one JSON object on stdout:
+ * messages, seconds, latency percentiles (microseconds, measured from the
+ * send to the last byte of the echo), its own CPU seconds and the server's.
+ * It exits with status 2 on a connection error and never runs longer than
+ * WARMUP_S + DURATION_S + 30 s (alarm), nor outlives its parent.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define HIST_US 100000 /* 1 us buckets up to 100 ms, then one overflow */
+
+typedef struct {
+  int fd;
+  size_t got;    /* bytes of the current echo received */
+  double sent;   /* when the current message was sent */
+} conn_t;
+
+static uint64_t hist[HIST_US + 1];
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static double cpu_self_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* utime + stime of a whole process, in seconds; -1 if unreadable. */
+static double cpu_of_pid(long pid) {
+  char path[64], buf[4096];
+  FILE* f;
+  size_t n;
+  char* p;
+  unsigned long long ut = 0, st = 0;
+  int field;
+  if (pid <= 0) return -1;
+  snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
+  f = fopen(path, "r");
+  if (f == NULL) return -1;
+  n = fread(buf, 1, sizeof(buf) - 1, f);
+  fclose(f);
+  buf[n] = 0;
+  p = strrchr(buf, ')'); /* the command name may hold spaces */
+  if (p == NULL) return -1;
+  p++;
+  /* After ')': field 3 (state) onwards; utime is 14, stime 15. */
+  for (field = 3; field <= 15 && *p; field++) {
+    while (*p == ' ') p++;
+    if (field == 14) ut = strtoull(p, NULL, 10);
+    if (field == 15) st = strtoull(p, NULL, 10);
+    while (*p && *p != ' ') p++;
+  }
+  return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static double percentile(uint64_t total, double q) {
+  uint64_t want = (uint64_t)((double)total * q), seen = 0;
+  size_t i;
+  if (total == 0) return 0;
+  if (want >= total) want = total - 1;
+  for (i = 0; i <= HIST_US; i++) {
+    seen += hist[i];
+    if (seen > want) return (double)i;
+  }
+  return (double)HIST_US;
+}
+
+static int fail(const char* what) {
+  fprintf(stderr, "loadgen: %s: %s\n", what, strerror(errno));
+  return 2;
+}
+
+static int send_all(int fd, const char* msg, size_t len) {
+  size_t off = 0;
+  while (off < len) {
+    ssize_t r = send(fd, msg + off, len - off, MSG_NOSIGNAL);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) { /* cannot happen for one small message in flight */
+        usleep(10);
+        continue;
+      }
+      return -1;
+    }
+    off += (size_t)r;
+  }
+  return 0;
+}
+
+static int run_echo(int argc, char** argv) {
+  const char* host;
+  int port, nconns, i, ep, measuring = 0, one = 1;
+  size_t msgsize;
+  double warmup, duration, t0 = 0, t_end = 0, t_start, cpu0 = 0, scpu0 = 0,
+                           last_progress;
+  long server_pid;
+  conn_t* conns;
+  char *msg, *rbuf;
+  struct sockaddr_in sa;
+  struct epoll_event evs[256];
+  uint64_t messages = 0, errors = 0;
+
+  if (argc != 9) {
+    fprintf(stderr,
+            "usage: loadgen echo HOST PORT CONNS MSGSIZE WARMUP_S DURATION_S "
+            "SERVER_PID\n");
+    return 64;
+  }
+  host = argv[2];
+  port = atoi(argv[3]);
+  nconns = atoi(argv[4]);
+  msgsize = (size_t)atol(argv[5]);
+  warmup = atof(argv[6]);
+  duration = atof(argv[7]);
+  server_pid = atol(argv[8]);
+  if (nconns < 1 || msgsize < 1 || msgsize > (1 << 20) || duration <= 0) {
+    fprintf(stderr, "loadgen: bad arguments\n");
+    return 64;
+  }
+  alarm((unsigned)(warmup + duration + 30));
+
+  memset(&sa, 0, sizeof(sa));
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons((uint16_t)port);
+  if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
+    fprintf(stderr, "loadgen: HOST must be an IPv4 address\n");
+    return 64;
+  }
+  conns = calloc((size_t)nconns, sizeof(conn_t));
+  msg = malloc(msgsize);
+  rbuf = malloc(msgsize);
+  if (!conns || !msg || !rbuf) return fail("malloc");
+  for (i = 0; i < (int)msgsize; i++) msg[i] = (char)('a' + i % 26);
+
+  ep = epoll_create1(EPOLL_CLOEXEC);
+  if (ep < 0) return fail("epoll_create1");
+  for (i = 0; i < nconns; i++) {
+    struct epoll_event ev;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return fail("socket");
+    if (connect(fd, (struct sockaddr*)&sa, sizeof(sa)) < 0) return fail("connect");
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    conns[i].fd = fd;
+    ev.events = EPOLLIN;
+    ev.data.u32 = (uint32_t)i;
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) return fail("epoll_ctl");
+  }
+  t_start = now_s();
+  for (i = 0; i < nconns; i++) {
+    conns[i].sent = now_s();
+    if (send_all(conns[i].fd, msg, msgsize) < 0) return fail("send");
+  }
+  last_progress = t_start;
+
+  for (;;) {
+    int n = epoll_wait(ep, evs, 256, 100), k;
+    double t = now_s();
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return fail("epoll_wait");
+    }
+    for (k = 0; k < n; k++) {
+      conn_t* c = &conns[evs[k].data.u32];
+      ssize_t r = recv(c->fd, rbuf + c->got, msgsize - c->got, 0);
+      if (r <= 0) {
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+        fprintf(stderr, "loadgen: connection %u %s\n", evs[k].data.u32,
+                r == 0 ? "closed by the server" : strerror(errno));
+        return 2;
+      }
+      c->got += (size_t)r;
+      if (c->got < msgsize) continue;
+      if (memcmp(rbuf, msg, msgsize) != 0) errors++;
+      c->got = 0;
+      if (measuring) {
+        double us = (t - c->sent) * 1e6;
+        size_t b = us < 0 ? 0 : (us >= HIST_US ? HIST_US : (size_t)us);
+        hist[b]++;
+        messages++;
+      }
+      c->sent = t;
+      if (send_all(c->fd, msg, msgsize) < 0) return fail("send");
+    }
+    if (n > 0) last_progress = t;
+    else if (t - last_progress > 5.0) {
+      fprintf(stderr, "loadgen: no echo for 5 s: the server is stuck\n");
+      return 2;
+    }
+    if (!measuring && t - t_start >= warmup) {
+      measuring = 1;
+      t0 = now_s();
+      cpu0 = cpu_self_s();
+      scpu0 = cpu_of_pid(server_pid);
+      t_end = t0 + duration;
+    } else if (measuring && t >= t_end) {
+      break;
+    }
+  }
+  {
+    double t1 = now_s(), cpu1 = cpu_self_s(), scpu1 = cpu_of_pid(server_pid);
+    double secs = t1 - t0;
+    printf("{\"messages\": %llu, \"seconds\": %.6f, \"msgs_per_s\": %.1f, "
+           "\"lat_p50_us\": %.0f, \"lat_p90_us\": %.0f, \"lat_p99_us\": %.0f, "
+           "\"lat_p999_us\": %.0f, \"loadgen_cpu_s\": %.4f, "
+           "\"server_cpu_s\": %.4f, \"bad_echoes\": %llu, \"connections\": %d}\n",
+           (unsigned long long)messages, secs, (double)messages / secs,
+           percentile(messages, 0.50), percentile(messages, 0.90),
+           percentile(messages, 0.99), percentile(messages, 0.999),
+           cpu1 - cpu0, (scpu0 < 0 || scpu1 < 0) ? -1.0 : scpu1 - scpu0,
+           (unsigned long long)errors, nconns);
+    fflush(stdout);
+  }
+  for (i = 0; i < nconns; i++) close(conns[i].fd);
+  return errors ? 3 : 0;
+}
+
+int main(int argc, char** argv) {
+  /* Never outlive the bench runner. */
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() == 1) return 1;
+  if (argc >= 2 && strcmp(argv[1], "echo") == 0) return run_echo(argc, argv);
+  fprintf(stderr, "usage: loadgen echo HOST PORT CONNS MSGSIZE WARMUP_S "
+                  "DURATION_S SERVER_PID\n");
+  return 64;
+}
