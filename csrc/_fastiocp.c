@@ -56,6 +56,7 @@ static PyObject* kind_names[FIOCP_OP__COUNT];
 
 static PyTypeObject CompletionType;
 static PyTypeObject CompletionPortType;
+static PyTypeObject FileHandleType;
 
 /* Bumped in the child after fork(). A port belongs to the process that
  * created it: its ring, epoll set and threads are the parent's, and a child
@@ -301,9 +302,86 @@ bad:
  * Handles
  * ====================================================================== */
 
+/* The base of fastiocp.File (src/fastiocp/_files.py): the OS handle in a C
+ * field, so that submitting on a File reads it directly. -1: closed. */
+struct FileHandleObject {
+  PyObject_HEAD
+  long long handle;
+};
+
+static int FileHandle_init(struct FileHandleObject* self, PyObject* args,
+                           PyObject* kwds) {
+  static char* kwlist[] = {"handle", NULL};
+  long long h;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "L:_FileHandle", kwlist, &h))
+    return -1;
+  if (h < 0) {
+    PyErr_SetString(PyExc_ValueError, "handle must be >= 0");
+    return -1;
+  }
+  self->handle = h;
+  return 0;
+}
+
+static PyObject* FileHandle_fileno(struct FileHandleObject* self,
+                                   PyObject* Py_UNUSED(ignored)) {
+  if (self->handle < 0) {
+    PyErr_SetString(PyExc_ValueError, "I/O operation on closed file");
+    return NULL;
+  }
+  return PyLong_FromLongLong(self->handle);
+}
+
+static PyObject* FileHandle_detach(struct FileHandleObject* self,
+                                   PyObject* Py_UNUSED(ignored)) {
+  long long h = self->handle;
+  self->handle = -1;
+  return PyLong_FromLongLong(h);
+}
+
+static PyObject* FileHandle_get_closed(struct FileHandleObject* self,
+                                       void* c) {
+  (void)c;
+  return PyBool_FromLong(self->handle < 0);
+}
+
+static PyMethodDef FileHandle_methods[] = {
+    {"fileno", (PyCFunction)FileHandle_fileno, METH_NOARGS,
+     "fileno()\n--\n\nThe OS handle (a file descriptor on Linux, a HANDLE "
+     "on Windows)."},
+    {"_detach", (PyCFunction)FileHandle_detach, METH_NOARGS,
+     "Forget the handle (mark closed) and return it, or -1 if closed."},
+    {NULL}};
+
+static PyGetSetDef FileHandle_getset[] = {
+    {"closed", (getter)FileHandle_get_closed, NULL,
+     "True once the handle has been closed.", NULL},
+    {NULL}};
+
+static PyTypeObject FileHandleType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastiocp._FileHandle",
+    .tp_basicsize = sizeof(struct FileHandleObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Base of fastiocp.File: an OS handle kept in C.",
+    .tp_init = (initproc)FileHandle_init,
+    .tp_new = PyType_GenericNew,
+    .tp_methods = FileHandle_methods,
+    .tp_getset = FileHandle_getset,
+};
+
 /* The OS handle of an int, a socket or any object with fileno(). */
 static int get_handle(PyObject* obj, fiocp_handle_t* out) {
   PyObject* num;
+  if (PyObject_TypeCheck(obj, &FileHandleType)) {
+    /* fastiocp.File: no Python-level fileno() call per operation. */
+    long long v = ((struct FileHandleObject*)obj)->handle;
+    if (v < 0) {
+      PyErr_SetString(PyExc_ValueError, "I/O operation on closed file");
+      return -1;
+    }
+    *out = (fiocp_handle_t)v;
+    return 0;
+  }
   if (PyLong_Check(obj)) {
     num = obj;
     Py_INCREF(num);
@@ -2023,7 +2101,7 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
     return NULL;
   }
   if (PyType_Ready(&CompletionType) < 0 || PyType_Ready(&BatchType) < 0 ||
-      PyType_Ready(&SlotType) < 0 ||
+      PyType_Ready(&SlotType) < 0 || PyType_Ready(&FileHandleType) < 0 ||
       PyType_Ready(&CompletionPortType) < 0)
     return NULL;
   for (i = 0; i < FIOCP_OP__COUNT; i++) {
@@ -2079,6 +2157,11 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
   if (PyModule_AddObject(m, "CompletionPort", (PyObject*)&CompletionPortType) <
       0) {
     Py_DECREF(&CompletionPortType);
+    goto fail;
+  }
+  Py_INCREF(&FileHandleType);
+  if (PyModule_AddObject(m, "_FileHandle", (PyObject*)&FileHandleType) < 0) {
+    Py_DECREF(&FileHandleType);
     goto fail;
   }
   if (PyModule_AddStringConstant(m, "__version__", FASTIOCP_VERSION) < 0)

@@ -5,6 +5,8 @@ import os
 import sys
 from typing import Any
 
+from ._fastiocp import _FileHandle
+
 __all__ = ["File", "open"]
 
 _builtin_open = open
@@ -27,7 +29,7 @@ def _parse_mode(mode: str) -> tuple[bool, bool, str]:
     return readable, writable, kind
 
 
-class File:
+class File(_FileHandle):
     """A file opened for asynchronous I/O through a CompletionPort.
 
     On Windows the handle is opened with FILE_FLAG_OVERLAPPED; on Linux it is
@@ -35,23 +37,12 @@ class File:
     write() like a socket. fileno() returns the OS handle.
     """
 
-    __slots__ = ("_handle", "name", "mode", "__weakref__")
+    __slots__ = ("name", "mode", "__weakref__")
 
     def __init__(self, handle: int, name: Any, mode: str) -> None:
-        self._handle = handle
+        super().__init__(handle)  # fileno() and closed come from the C base
         self.name = name
         self.mode = mode
-
-    def fileno(self) -> int:
-        """The OS handle (a file descriptor on Linux, a HANDLE on Windows)."""
-        if self._handle < 0:
-            raise ValueError("I/O operation on closed file")
-        return self._handle
-
-    @property
-    def closed(self) -> bool:
-        """True once close() has been called."""
-        return self._handle < 0
 
     def size(self) -> int:
         """The file's current size in bytes."""
@@ -72,7 +63,7 @@ class File:
 
     def close(self) -> None:
         """Close the handle. Idempotent."""
-        handle, self._handle = self._handle, -1
+        handle = self._detach()
         if handle >= 0:
             if sys.platform == "win32":
                 from . import _fastiocp
@@ -88,11 +79,11 @@ class File:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_handle", -1) >= 0:
+        if not self.closed:
             self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"handle={self._handle}"
+        state = "closed" if self.closed else f"handle={self.fileno()}"
         return f"<fastiocp.File name={self.name!r} mode={self.mode!r} {state}>"
 
 
