@@ -184,7 +184,7 @@ typedef struct pool_s {
 } pool_t;
 
 typedef struct ep_s {
-  fiocp_hub_t hub;
+  fiocp_hub_t hub; /* first: see FIOCP__HUB() */
   fiocp_port_t* port;
   int epfd;
   int evfd;              /* kick(): wakes a poller blocked in epoll_wait */
@@ -1094,10 +1094,6 @@ static int ep_wait(fiocp_port_t* port, fiocp_op_t** out, int max,
   return fiocp__hub_wait(&e->hub, out, max, timeout_ms);
 }
 
-static int ep_post(fiocp_port_t* port, fiocp_op_t* op) {
-  return fiocp__hub_post(&((ep_t*)port->impl)->hub, op);
-}
-
 /* Cancels everything queued, in descriptor queues and in the pool's queue.
  * Called once, after e->closing is set: a submit() that queues after the
  * sweep passed sees the flag under the same lock and cancels itself. */
@@ -1147,10 +1143,6 @@ static int64_t ep_shutdown(fiocp_port_t* port, int64_t timeout_ms) {
   return fiocp__hub_wait_idle(&e->hub, timeout_ms);
 }
 
-static int ep_drain(fiocp_port_t* port, fiocp_op_t** out, int max) {
-  return fiocp__hub_drain(&((ep_t*)port->impl)->hub, out, max);
-}
-
 static void ep_destroy(fiocp_port_t* port) {
   ep_t* e = (ep_t*)port->impl;
   pool_t* p;
@@ -1194,12 +1186,19 @@ static void ep_destroy(fiocp_port_t* port) {
   port->impl = NULL;
 }
 
-static void ep_release(fiocp_port_t* port) {
-  fiocp__hub_release(&((ep_t*)port->impl)->hub);
-}
-
 const fiocp_backend_t fiocp__epoll_backend = {
-    "epoll",     ep_probe,  ep_init,     ep_associate, ep_submit,
-    ep_flush,    ep_cancel, ep_try_get,  ep_wait,      ep_post,
-    ep_shutdown, ep_drain,  ep_destroy,  ep_release,
+    "epoll",
+    ep_probe,
+    ep_init,
+    ep_associate,
+    ep_submit,
+    ep_flush,
+    ep_cancel,
+    ep_try_get,
+    ep_wait,
+    fiocp__hub_port_post,
+    ep_shutdown,
+    fiocp__hub_port_drain,
+    ep_destroy,
+    fiocp__hub_port_release,
 };

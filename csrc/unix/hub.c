@@ -340,3 +340,26 @@ int fiocp__hub_drain(fiocp_hub_t* hub, fiocp_op_t** out, int max) {
   pthread_mutex_unlock(&hub->mu);
   return n;
 }
+
+/* ---- Contract entries --------------------------------------------------- */
+
+int fiocp__hub_port_try_get(fiocp_port_t* port, fiocp_op_t** out, int max) {
+  return fiocp__hub_try_get(FIOCP__HUB(port), out, max);
+}
+
+int fiocp__hub_port_wait(fiocp_port_t* port, fiocp_op_t** out, int max,
+                         int64_t timeout_ms) {
+  return fiocp__hub_wait(FIOCP__HUB(port), out, max, timeout_ms);
+}
+
+int fiocp__hub_port_post(fiocp_port_t* port, fiocp_op_t* op) {
+  return fiocp__hub_post(FIOCP__HUB(port), op);
+}
+
+int fiocp__hub_port_drain(fiocp_port_t* port, fiocp_op_t** out, int max) {
+  return fiocp__hub_drain(FIOCP__HUB(port), out, max);
+}
+
+void fiocp__hub_port_release(fiocp_port_t* port) {
+  fiocp__hub_release(FIOCP__HUB(port));
+}

@@ -101,4 +101,14 @@ void fiocp__hub_poll_once(fiocp_hub_t* hub);
 /* The contract's release(): gives back a concurrency slot. */
 void fiocp__hub_release(fiocp_hub_t* hub);
 
+/* Contract entries (fiocp.h) that are the hub's own, for backends whose
+ * port->impl begins with their fiocp_hub_t. */
+#define FIOCP__HUB(port) ((fiocp_hub_t*)(port)->impl)
+int fiocp__hub_port_try_get(fiocp_port_t* port, fiocp_op_t** out, int max);
+int fiocp__hub_port_wait(fiocp_port_t* port, fiocp_op_t** out, int max,
+                         int64_t timeout_ms);
+int fiocp__hub_port_post(fiocp_port_t* port, fiocp_op_t* op);
+int fiocp__hub_port_drain(fiocp_port_t* port, fiocp_op_t** out, int max);
+void fiocp__hub_port_release(fiocp_port_t* port);
+
 #endif /* FIOCP_HUB_H */

@@ -44,7 +44,7 @@
 #define DEFAULT_ENTRIES 1024u
 
 typedef struct uring_s {
-  fiocp_hub_t hub;
+  fiocp_hub_t hub; /* first: see FIOCP__HUB() */
   fiocp_port_t* port;
   int fd;
   unsigned features;
@@ -575,19 +575,6 @@ static int uring_associate(fiocp_port_t* port, fiocp_handle_t h) {
   return 0; /* io_uring needs no association */
 }
 
-static int uring_try_get(fiocp_port_t* port, fiocp_op_t** out, int max) {
-  return fiocp__hub_try_get(&((uring_t*)port->impl)->hub, out, max);
-}
-
-static int uring_wait(fiocp_port_t* port, fiocp_op_t** out, int max,
-                      int64_t timeout_ms) {
-  return fiocp__hub_wait(&((uring_t*)port->impl)->hub, out, max, timeout_ms);
-}
-
-static int uring_post(fiocp_port_t* port, fiocp_op_t* op) {
-  return fiocp__hub_post(&((uring_t*)port->impl)->hub, op);
-}
-
 static void cancel_one(fiocp_port_t* port, fiocp_op_t* op, void* arg) {
   uring_t* u = (uring_t*)port->impl;
   (void)arg;
@@ -608,10 +595,6 @@ static int64_t uring_shutdown(fiocp_port_t* port, int64_t timeout_ms) {
   return fiocp__hub_wait_idle(&u->hub, timeout_ms);
 }
 
-static int uring_drain(fiocp_port_t* port, fiocp_op_t** out, int max) {
-  return fiocp__hub_drain(&((uring_t*)port->impl)->hub, out, max);
-}
-
 static void uring_destroy(fiocp_port_t* port) {
   uring_t* u = (uring_t*)port->impl;
   if (u == NULL) return;
@@ -623,13 +606,19 @@ static void uring_destroy(fiocp_port_t* port) {
   port->impl = NULL;
 }
 
-static void uring_release(fiocp_port_t* port) {
-  fiocp__hub_release(&((uring_t*)port->impl)->hub);
-}
-
 const fiocp_backend_t fiocp__uring_backend = {
-    "io_uring",     uring_probe,  uring_init,    uring_associate,
-    uring_submit,   uring_flush,  uring_cancel,  uring_try_get,
-    uring_wait,     uring_post,   uring_shutdown, uring_drain,
-    uring_destroy,  uring_release,
+    "io_uring",
+    uring_probe,
+    uring_init,
+    uring_associate,
+    uring_submit,
+    uring_flush,
+    uring_cancel,
+    fiocp__hub_port_try_get,
+    fiocp__hub_port_wait,
+    fiocp__hub_port_post,
+    uring_shutdown,
+    fiocp__hub_port_drain,
+    uring_destroy,
+    fiocp__hub_port_release,
 };
