@@ -1170,8 +1170,12 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
       /* A size: allocate the buffer for the caller. */
       Py_ssize_t size = PyLong_AsSsize_t(bufarg);
       if (size == -1 && PyErr_Occurred()) goto error;
-      if (size < 0) {
-        PyErr_SetString(PyExc_ValueError, "buffer size must be >= 0");
+      if (size < 0 || (size_t)size > MAX_TRANSFER) {
+        /* Refused before allocating: one operation moves at most
+         * MAX_TRANSFER bytes, and CPython's own failure path for absurd
+         * bytearray sizes is fragile (<= 3.13). */
+        PyErr_Format(PyExc_ValueError,
+                     "buffer size must be between 0 and %u", MAX_TRANSFER);
         goto error;
       }
       obj = PyByteArray_FromStringAndSize(NULL, size);

@@ -463,17 +463,26 @@ static void uring_harvest(void* ctx) {
       struct fu_cqe* cqe = &u->cqes[head & u->cq_mask];
       uint64_t ud = cqe->user_data;
       fiocp_op_t* op;
+      int32_t res;
       if (ud == UD_WAKE || ud == UD_CANCEL) continue;
       op = user_data_op(ud);
-      if (cqe->res == -ECANCELED && !(op->flags & FIOCP_OPF_CANCELLED) &&
-          !hub->closed) {
-        /* Cancelled by the exit of the thread that submitted it (see the
-         * head comment): it never ran, so run it again. */
-        op->next = u->resubmit;
-        u->resubmit = op;
-        continue;
+      res = cqe->res;
+      /* A request that io_uring moved to an io-wq worker (a receive whose
+       * poll kept waking for data another reader took) is interrupted, not
+       * cancelled, when cancelled or when its task exits: -EINTR, with
+       * nothing transferred (a partial transfer reports its count). */
+      if (res == -ECANCELED || res == -EINTR) {
+        if (op->flags & FIOCP_OPF_CANCELLED) {
+          res = -ECANCELED;
+        } else if (!hub->closed) {
+          /* Cancelled by the exit of the thread that submitted it (see the
+           * head comment): it never ran, so run it again. */
+          op->next = u->resubmit;
+          u->resubmit = op;
+          continue;
+        }
       }
-      op->res = cqe->res;
+      op->res = res;
       if (op->kind == FIOCP_OP_RECVFROM)
         op->addr->sslen = op->addr->msg.msg_namelen;
       fiocp__hub_complete_locked(hub, op, 1);
