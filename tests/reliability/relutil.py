@@ -25,6 +25,16 @@ import fastiocp
 from conftest import ON_LINUX, ON_WINDOWS, UNDER_WINE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if ON_WINDOWS:
+    # A crash must end the process, not start a debugger: Wine runs winedbg
+    # for an unhandled exception unless SEM_NOGPFAULTERRORBOX is set, and a
+    # child waiting in the debugger holds its pipes open, so the test that
+    # started it hangs instead of failing. Child processes inherit the mode.
+    import ctypes
+
+    _k32 = ctypes.WinDLL("kernel32")
+    _k32.SetErrorMode(_k32.GetErrorMode() | 0x0001 | 0x0002)  # FAILCRITICALERRORS | NOGPFAULTERRORBOX
 TOOLS = os.path.join(REPO, "tools")
 
 

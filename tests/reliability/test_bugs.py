@@ -29,6 +29,8 @@ BUG-3  fork(): a child that ends normally finalizes the ports it inherited,
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from relutil import ON_LINUX, assert_clean_exit, run_child
@@ -297,3 +299,31 @@ def test_bug5_receive_moved_to_io_wq_completes_with_eintr(backend, mode):
         assert "victim: True True OSError(125" in r.stdout, r.stdout
     else:
         assert "victim: True False None 4" in r.stdout, r.stdout
+
+
+@pytest.mark.known_bug
+@pytest.mark.xfail(reason="open BUG-6 (IOCP): not fixed yet; see docs/RELIABILITY.md", strict=False)
+@pytest.mark.skipif(sys.platform != "win32", reason="IOCP backend (Windows; seen under Wine)")
+def test_bug6_file_write_failing_at_once_completes_twice():
+    """BUG-6: one completion per submission, even when the OS both fails
+    the call at once and queues a packet for it."""
+    r = run_child("""
+        import os, sys, tempfile, fastiocp
+        port = fastiocp.CompletionPort()
+        path = os.path.join(tempfile.mkdtemp(), "f")
+        with open(path, "wb") as fh:
+            fh.write(bytes(8192))
+        f = fastiocp.open(path, "r+b")
+        port.register(f)
+        for off in (2**50, 2**62):
+            op = port.write(f, b"x" * 10, offset=off)
+            c = port.get(timeout=5)
+            assert c is op, c
+            extra = port.get(timeout=1)
+            assert extra is None, f"a second completion: {extra!r}"
+        port.close()
+        f.close()
+        print("once each")
+    """, timeout=60)
+    assert_clean_exit(r)
+    assert "once each" in r.stdout
