@@ -27,10 +27,7 @@ from conftest import ON_LINUX, ON_WINDOWS, UNDER_WINE
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if ON_WINDOWS:
-    # A crash must end the process, not start a debugger: Wine runs winedbg
-    # for an unhandled exception unless SEM_NOGPFAULTERRORBOX is set, and a
-    # child waiting in the debugger holds its pipes open, so the test that
-    # started it hangs instead of failing. Child processes inherit the mode.
+    # A crash must end the process, not open an error box.
     import ctypes
 
     _k32 = ctypes.WinDLL("kernel32")
@@ -120,6 +117,11 @@ def child_env(**extra: str) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in [pkg_parent, here, tests_dir, env.get("PYTHONPATH", "")] if p)
     env.pop("FASTIOCP_BACKEND", None)
+    if UNDER_WINE:
+        # Wine starts winedbg for a crashed process whatever its error mode;
+        # a child waiting in the debugger keeps its pipes open and the test
+        # hangs instead of failing. Disabled, the child just dies.
+        env["WINEDLLOVERRIDES"] = ";".join(p for p in [env.get("WINEDLLOVERRIDES", ""), "winedbg.exe=d"] if p)
     env.update(extra)
     return env
 
@@ -130,12 +132,31 @@ SANITIZER_MARKS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSani
 
 def run_child(code: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
     """Runs `code` in a fresh interpreter (this one's), fastiocp importable.
-    Returns the CompletedProcess; fails the test on a timeout (a hang)."""
-    try:
-        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                              text=True, timeout=timeout, env=child_env(**env))
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"child interpreter hung for {timeout}s\nstdout: {exc.stdout!r}\nstderr: {exc.stderr!r}")
+    Returns the CompletedProcess; fails the test on a timeout (a hang).
+    Output goes through files, not pipes: a crashed child that Wine hands
+    to its debugger keeps running, and its pipes would keep the reader
+    threads of subprocess waiting past any timeout."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, text=True, env=child_env(**env))
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+            rc = None
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if rc is None:
+        pytest.fail(f"child interpreter hung (or crashed into a debugger) for {timeout}s\n"
+                    f"stdout: {stdout[-2000:]!r}\nstderr: {stderr[-4000:]!r}")
+    return subprocess.CompletedProcess(proc.args, rc, stdout, stderr)
 
 
 def assert_clean_exit(r: subprocess.CompletedProcess, expect_rc: int = 0) -> None:

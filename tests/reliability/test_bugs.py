@@ -324,6 +324,6 @@ def test_bug6_file_write_failing_at_once_completes_twice():
         port.close()
         f.close()
         print("once each")
-    """, timeout=60)
+    """, timeout=20)
     assert_clean_exit(r)
     assert "once each" in r.stdout
