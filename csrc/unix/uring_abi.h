@@ -91,6 +91,8 @@ struct fu_probe {
 /* Setup flags. */
 #define FU_SETUP_CQSIZE (1U << 3)
 #define FU_SETUP_CLAMP (1U << 4)
+#define FU_SETUP_COOP_TASKRUN (1U << 8)  /* 5.19 */
+#define FU_SETUP_TASKRUN_FLAG (1U << 9)  /* 5.19 */
 
 /* Features. */
 #define FU_FEAT_SINGLE_MMAP (1U << 0)
@@ -105,6 +107,7 @@ struct fu_probe {
 
 /* sq_ring flags. */
 #define FU_SQ_CQ_OVERFLOW (1U << 1)
+#define FU_SQ_TASKRUN (1U << 2)  /* completions wait as task work */
 
 /* mmap offsets. */
 #define FU_OFF_SQ_RING 0ULL

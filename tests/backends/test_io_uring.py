@@ -78,3 +78,42 @@ def test_cancel_only_hits_its_own_operation():
                 (c,) = collect(port, 1)
                 assert c is op and c.error is None
                 assert op.cancel() is False
+
+
+def test_completion_reaches_waiter_while_submitter_computes():
+    """The ring defers task work (COOP_TASKRUN): a completion owed to a
+    thread busy in pure Python waits for that thread's next kernel entry
+    rather than an interrupt. That next entry (a tick, a GIL hand-off) must
+    come soon: a waiter in get() sees the completion while the submitter is
+    still computing, not when it stops. The bound is liveness, not speed."""
+    import time
+
+    with fastiocp.CompletionPort(backend="io_uring") as port:
+        a, b = socket.socketpair()
+        with a, b:
+            port.register(b)
+            submitted = threading.Event()
+            stop_at = [0.0]
+
+            def submit_then_compute() -> None:
+                port.recv(b, bytearray(8), context="busy")
+                submitted.set()
+                stop_at[0] = time.monotonic() + 3.0
+                x = 0
+                while time.monotonic() < stop_at[0]:
+                    x += 1
+
+            t = threading.Thread(target=submit_then_compute)
+            t.start()
+            try:
+                assert submitted.wait(5)
+                a.send(b"data")
+                sent = time.monotonic()
+                c = port.get(timeout=10)
+                got = time.monotonic()
+                assert c.context == "busy" and bytes(c.buffer[:c.nbytes]) == b"data"
+                assert got - sent < 2.0, f"the completion waited {got - sent:.2f} s"
+                assert t.is_alive(), "the submitter stopped computing first"
+            finally:
+                stop_at[0] = 0.0
+                t.join()
