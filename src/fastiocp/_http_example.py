@@ -49,6 +49,7 @@ def _head(status: bytes, length: int, ctype: bytes, keep_alive: bool) -> bytes:
 
 FIXED = {True: _head(b"200 OK", len(BODY), b"text/plain", True) + BODY,
          False: _head(b"200 OK", len(BODY), b"text/plain", False) + BODY}
+FIXED_KEEP_ALIVE = FIXED[True]
 FIXED_HEAD = {k: _head(b"200 OK", len(BODY), b"text/plain", k) for k in (True, False)}
 TYPES = {".html": b"text/html", ".htm": b"text/html", ".txt": b"text/plain",
          ".css": b"text/css", ".js": b"text/javascript", ".json": b"application/json",
@@ -142,12 +143,13 @@ def file_head(full: str, size: int, keep_alive: bool) -> bytes:
 class Conn:
     """One client connection: at most one operation in flight at a time."""
 
-    __slots__ = ("sock", "buf", "pending", "requests", "closing", "file", "offset", "left",
-                 "fbuf")
+    __slots__ = ("sock", "buf", "view", "pending", "requests", "closing", "file", "offset",
+                 "left", "fbuf")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray(16384)
+        self.view = memoryview(self.buf)  # slicing a kept view is the cheapest copy-out
         self.pending = b""           # the start of a request not yet complete
         self.requests: Deque[Request] = collections.deque()
         self.closing = False         # close once everything queued is sent
@@ -224,10 +226,17 @@ class Server:
         if n == 0 or comp.error is not None:  # EOF or reset
             self.drop(c)
             return
-        data = bytes(memoryview(c.buf)[:n])
+        data = c.view[:n].tobytes()
         if c.pending:
             data = c.pending + data
         requests, c.pending = parse(data)
+        if len(requests) == 1 and not c.requests and c.file is None:
+            # The common case, one request with nothing queued: answered
+            # without the queue.
+            method, path, keep_alive = requests[0]
+            if method == b"GET" and path == b"/" and keep_alive:
+                self.port.send(c.sock, FIXED_KEEP_ALIVE, context=c)
+                return
         c.requests.extend(requests)
         self.answer(c)
 
@@ -238,8 +247,10 @@ class Server:
         data = comp.buffer
         if comp.nbytes < len(data):  # a short send: send the rest first
             self.port.send(c.sock, memoryview(data)[comp.nbytes:], context=c)
-        else:
+        elif c.requests or c.file is not None or c.closing:
             self.answer(c)
+        else:  # the common case: wait for the next request
+            self.port.recv(c.sock, c.buf, context=c)
 
     def on_read(self, c: Conn, comp: fastiocp.Completion) -> None:
         n = comp.nbytes
