@@ -8,11 +8,12 @@
  *   travels in the record (op->user), never in the completion key, which
  *   only tells our own packets apart (see the KEY_* values below).
  * - Every record starts with its OVERLAPPED, so a dequeued packet's
- *   lpOverlapped is the record. Records live in slabs that never move, and
- *   the binding frees one only after wait() or drain() handed it back, so an
- *   OVERLAPPED stays valid until its packet has been dequeued, including
- *   after CancelIoEx (CPython #116773, pywin32 #259/#744, twisted #8870 are
- *   what happens otherwise).
+ *   lpOverlapped is the record (for file operations, the record plus a tag
+ *   in its low bits: see BUG-6 below). Records live in slabs that never
+ *   move, and the binding frees one only after wait() or drain() handed it
+ *   back, so an OVERLAPPED stays valid until its packet has been dequeued,
+ *   including after CancelIoEx (CPython #116773, pywin32 #259/#744,
+ *   twisted #8870 are what happens otherwise).
  * - Any number of threads dequeue at once with GetQueuedCompletionStatusEx,
  *   a batch per call; the kernel arbitrates, so there is no hub here.
  *
@@ -31,7 +32,63 @@
  * operation itself (a reset connection, EOF, access denied). The contract
  * delivers the latter in the completion on every platform, so we set
  * op->res and queue the record ourselves with PostQueuedCompletionStatus
- * (KEY_EARLY): exactly one packet again.
+ * (KEY_EARLY): exactly one packet again, once the packets below are
+ * accounted for.
+ *
+ * Packets nobody should see twice (BUG-6). Windows documents that a call
+ * failing at once with an NT error queues nothing, but Wine's NtReadFile and
+ * NtWriteFile queue a packet anyway for many such failures of a file
+ * operation (a write at offset 2**50 fails with ERROR_GEN_FAILURE and
+ * queues STATUS_UNSUCCESSFUL; an offset that overflows, ERROR_INVALID_-
+ * PARAMETER; not an access denied), without writing the OVERLAPPED, and a
+ * driver may do the same. Such a "ghost" packet sits in the queue, ahead of
+ * our KEY_EARLY packet, or arrives when the binding has already raised (an
+ * argument error) and reused the record for another operation. The
+ * OVERLAPPED cannot tell it apart (it holds STATUS_PENDING in both cases),
+ * nor can the packet's status (Wine also completes, with the OVERLAPPED
+ * untouched, the operations of a thread that exited). What does tell it
+ * apart is the record's life and state:
+ * - File reads and writes call NtReadFile/NtWriteFile directly (what
+ *   ReadFile/WriteFile do), with the record's address plus a tag of its
+ *   generation in the low bits as the APC context, which is what a packet
+ *   returns as lpOverlapped. A packet of an earlier life (tag mismatch), or
+ *   a tagged one for a record now used by a socket operation, is stale.
+ * - Each record carries backend flags under mu: STARTING while submit() is
+ *   inside the OS call (a tagged packet that arrives meanwhile waits for
+ *   the outcome), EARLY once it failed at once (only its KEY_EARLY packet,
+ *   whose key carries the generation too, completes it), TAKEN once a
+ *   packet for it was claimed (any other is stale).
+ * - take_entries() claims every entry under mu before doing any work, and
+ *   drops (without touching the record) a packet whose record is not in
+ *   flight, already taken, or of another life.
+ * Socket calls (Winsock) keep the OVERLAPPED as APC context; no socket call
+ * queues a packet after failing at once (Wine's server honours the rule).
+ *
+ * Handles whose number outlived them (BUG-7). The binding keys
+ * registrations by handle value, like descriptors on Linux, but a completion
+ * port association belongs to the kernel object: a socket or File closed
+ * without unregister() leaves a registration whose value the next handle
+ * (socket or file) may get, and operations through it then run on an object
+ * that was never associated with this port (no packet ever comes), or that
+ * another port associated (its packets go there). Three defences:
+ * - A KEY_IO packet whose record is not in this port's slabs is forwarded
+ *   to the live port that owns it (a registry of ports, under reg_lock), in
+ *   a heap envelope (KEY_FWD), or dropped if no live port owns it; it is
+ *   never completed by the wrong port. That needs the receiving port to be
+ *   dequeued, as any port in use is.
+ * - close() cancels the other ports' operations on handles whose current
+ *   object it associated (of two ports holding a handle value, the one that
+ *   associated it last: assoc_clock), and forwards their packets before it
+ *   goes: nothing is lost into a port nobody dequeues.
+ * - sweep_locked(): when a wait slice ends with nothing dequeued (and in
+ *   close()), at most every SWEEP_MS, the records in flight whose OVERLAPPED
+ *   shows them finished are looked at twice; still finished, still without
+ *   a packet, their handle is associated with this port at that moment
+ *   (CreateIoCompletionPort succeeds only on an object no port has: proof
+ *   that no packet went anywhere), and they complete from their OVERLAPPED
+ *   through a KEY_ORPHAN packet. Later operations on that handle produce
+ *   packets as usual. A finished operation whose handle has been closed
+ *   since is completed the same way.
  *
  * Reading a dequeued packet. GetQueuedCompletionStatus has three failure
  * shapes: FALSE with no OVERLAPPED (nothing dequeued: a timeout or a broken
@@ -100,17 +157,53 @@
 #endif
 
 /* Completion keys. Associated handles get KEY_IO; the others mark packets
- * that this file queues itself. */
-#define KEY_IO 0     /* an operation on an associated handle */
-#define KEY_POST 1   /* post(): op->res holds the user's nbytes */
-#define KEY_EARLY 2  /* an operation that failed at once: op->res is set */
-#define KEY_WAKE 3   /* close() waking a waiter: no record */
+ * that this file queues itself, and carry the record's generation in bits
+ * 8-15 (KEY_GEN) so that a packet of an earlier life is recognized. */
+#define KEY_IO 0      /* an operation on an associated handle */
+#define KEY_POST 1    /* post(): op->res holds the user's nbytes */
+#define KEY_EARLY 2   /* an operation that failed at once: op->res is set */
+#define KEY_WAKE 3    /* close() waking a waiter: no record */
+#define KEY_ORPHAN 4  /* an operation finished without a packet (sweep) */
+#define KEY_FWD 5     /* another port's KEY_IO packet: a fwd_t envelope */
+#define KEY_KIND(k) ((unsigned)((k) & 0xff))
+#define KEY_GEN(k) ((uint8_t)(((k) >> 8) & 0xff))
+#define MAKE_KEY(kind, op) ((ULONG_PTR)(kind) | ((ULONG_PTR)(op)->gen << 8))
+
+/* Backend flags in op->flags (FIOCP_OPF_CANCELLED is 0x1; the binding zeroes
+ * the byte when it frees a record). Changed under mu. */
+#define OPF_LATE_ASSOC 0x04  /* in flight when sweep_locked() associated its
+                                handle: finished, it may have no packet */
+#define OPF_STARTING 0x08    /* submit() is inside the OS call */
+#define OPF_EARLY 0x10       /* failed at once: only KEY_EARLY completes it */
+#define OPF_TAKEN 0x20       /* a packet for it was claimed */
+#define OPF_ISSUED 0x40      /* the OS accepted it (a packet should come) */
+#define OPF_SUSPECT 0x80     /* sweep_locked() saw it finished, no packet */
+#define OPF_BACKEND                                                    \
+  (OPF_LATE_ASSOC | OPF_STARTING | OPF_EARLY | OPF_TAKEN | OPF_ISSUED | \
+   OPF_SUSPECT)
+
+/* Tagged APC contexts of file operations (see the head comment): records
+ * are 8-byte aligned (slabs come from calloc, and the size and the offset
+ * checked below are multiples of 8), the tag (1-7, never 0) is in the low 3
+ * bits. */
+#define TAG_MASK ((uintptr_t)7)
+#define FILE_TAG(gen) ((uintptr_t)(1 + (gen) % 7))
+typedef char iocp_record_alignment_check
+    [sizeof(fiocp_op_t) % 8 == 0 && offsetof(fiocp_slab_t, ops) % 8 == 0
+         ? 1
+         : -1];
 
 /* Longest single block in GetQueuedCompletionStatusEx (see the head
  * comment on Ctrl-C). */
 #define SLICE_MS 100
 /* Most packets taken by one GetQueuedCompletionStatusEx call. */
 #define BATCH 128
+/* Least time between two sweeps of a port (see the head comment on BUG-7);
+ * an orphan completes after its second sweep. */
+#define SWEEP_MS 400
+/* Longest close() waits for the packets of the other ports' operations it
+ * cancelled (see cancel_foreign()). */
+#define FOREIGN_WAIT_MS 1000
 
 /* NTSTATUS severities, from the top two bits: 2 is a warning (e.g.
  * STATUS_BUFFER_OVERFLOW, 0x80000005), 3 an error. */
@@ -118,23 +211,60 @@
 /* The NTSTATUS values this file looks at (ntstatus.h clashes with
  * windows.h, hence our own names). */
 #define IOCP_STATUS_ALERTED 0x00000101UL
+#define IOCP_STATUS_PENDING 0x00000103UL
+
+/* NtReadFile/NtWriteFile and RtlNtStatusToDosError, from ntdll (the build
+ * links only kernel32, ws2_32 and mswsock). The IO_STATUS_BLOCK is the
+ * OVERLAPPED's first two fields, as ReadFile passes it. */
+typedef LONG(NTAPI* nt_rw_fn)(HANDLE file, HANDLE event, PVOID apc,
+                              PVOID apc_context, PVOID iosb, PVOID buf,
+                              ULONG len, PLARGE_INTEGER offset, PULONG key);
+typedef ULONG(NTAPI* nt_to_dos_fn)(LONG status);
+static nt_rw_fn nt_read_file;
+static nt_rw_fn nt_write_file;
+static nt_to_dos_fn nt_to_dos;
+
+typedef struct assoc_s {
+  uintptr_t h;
+  int64_t seq;
+} assoc_t;
 
 typedef struct iocp_s {
   HANDLE port;
   CRITICAL_SECTION mu;  /* guards everything below and records' state */
   int closed;
-  int nwaiters;         /* threads inside wait() */
-  int wakes;            /* KEY_WAKE packets queued, not yet dequeued */
+  int64_t nwaiters;     /* threads inside wait() */
+  int64_t wakes;        /* KEY_WAKE packets queued, not yet dequeued */
   int64_t owed;         /* records whose packet is not dequeued yet */
   fiocp_op_t* head;     /* records dequeued after close, for drain() */
   fiocp_op_t* tail;
-  /* Handles this port associated (open addressing, 0 = empty slot), to
+  /* Handles this port associated (open addressing, h 0 = empty slot), to
    * accept a register() after unregister() of the same handle: a handle
-   * stays associated with its port until it is closed. */
-  uintptr_t* assoc;
+   * stays associated with its port until it is closed. Each entry has the
+   * assoc_clock value of its latest association: of two ports holding the
+   * same handle value, the later one has the current object (the earlier
+   * object was closed before its value could be reused). */
+  assoc_t* assoc;
   size_t assoc_cap;
   size_t assoc_len;
+  int64_t foreign_owed; /* other ports' operations cancelled by close(),
+                           whose packets come here to be forwarded */
+  int64_t foreign_until; /* fiocp__now_ms() when close() stops waiting for
+                            them (their handle's object may be another) */
+  int64_t last_sweep;   /* fiocp__now_ms() of the last sweep_locked() */
+  /* The registry of live ports (reg_lock), for KEY_FWD. */
+  fiocp_port_t* owner;
+  struct iocp_s* reg_next;
 } iocp_t;
+
+/* A KEY_IO packet forwarded to the port owning its record. */
+typedef struct fwd_s {
+  OVERLAPPED_ENTRY entry;  /* as dequeued by the other port */
+} fwd_t;
+
+static SRWLOCK reg_lock = SRWLOCK_INIT;
+static iocp_t* reg_head;
+static volatile LONG64 assoc_clock;  /* orders associations, all ports */
 
 /* ---- Winsock extension functions ----------------------------------------
  * AcceptEx, ConnectEx and GetAcceptExSockaddrs are reached through
@@ -177,27 +307,45 @@ static size_t assoc_slot(uintptr_t h, size_t cap) {
   return (size_t)(x >> 32) & (cap - 1);
 }
 
-static int assoc_contains(const iocp_t* ip, uintptr_t h) {
+/* The entry of h in tab (cap slots), or NULL. */
+static assoc_t* assoc_find(assoc_t* tab, size_t cap, uintptr_t h) {
   size_t i;
-  if (ip->assoc_cap == 0) return 0;
-  for (i = assoc_slot(h, ip->assoc_cap); ip->assoc[i] != 0;
-       i = (i + 1) & (ip->assoc_cap - 1))
-    if (ip->assoc[i] == h) return 1;
-  return 0;
+  if (cap == 0) return NULL;
+  for (i = assoc_slot(h, cap); tab[i].h != 0; i = (i + 1) & (cap - 1))
+    if (tab[i].h == h) return &tab[i];
+  return NULL;
 }
 
-/* Records h. A failure to grow only loses the hint that lets the same
- * handle register again after unregister(); it is not an error. */
+static int assoc_contains(iocp_t* ip, uintptr_t h) {
+  return assoc_find(ip->assoc, ip->assoc_cap, h) != NULL;
+}
+
+/* When this port last associated h (0: never). */
+static int64_t assoc_seq(iocp_t* ip, uintptr_t h) {
+  assoc_t* a = assoc_find(ip->assoc, ip->assoc_cap, h);
+  return a != NULL ? a->seq : 0;
+}
+
+/* Records that h was just associated with this port. A failure to grow
+ * only loses the hint that lets the same handle register again after
+ * unregister(); it is not an error. mu held. */
 static void assoc_add(iocp_t* ip, uintptr_t h) {
   size_t i;
-  if (h == 0 || assoc_contains(ip, h)) return;
+  int64_t seq = InterlockedIncrement64(&assoc_clock);
+  assoc_t* a;
+  if (h == 0) return;
+  a = assoc_find(ip->assoc, ip->assoc_cap, h);
+  if (a != NULL) {
+    a->seq = seq;  /* the value's new object */
+    return;
+  }
   if (2 * (ip->assoc_len + 1) > ip->assoc_cap) {
     size_t cap = ip->assoc_cap ? 2 * ip->assoc_cap : 64, j;
-    uintptr_t* tab = (uintptr_t*)calloc(cap, sizeof(uintptr_t));
+    assoc_t* tab = (assoc_t*)calloc(cap, sizeof(assoc_t));
     if (tab == NULL) return;
     for (j = 0; j < ip->assoc_cap; j++) {
-      if (ip->assoc[j] == 0) continue;
-      for (i = assoc_slot(ip->assoc[j], cap); tab[i] != 0;
+      if (ip->assoc[j].h == 0) continue;
+      for (i = assoc_slot(ip->assoc[j].h, cap); tab[i].h != 0;
            i = (i + 1) & (cap - 1)) {
       }
       tab[i] = ip->assoc[j];
@@ -206,10 +354,11 @@ static void assoc_add(iocp_t* ip, uintptr_t h) {
     ip->assoc = tab;
     ip->assoc_cap = cap;
   }
-  for (i = assoc_slot(h, ip->assoc_cap); ip->assoc[i] != 0;
+  for (i = assoc_slot(h, ip->assoc_cap); ip->assoc[i].h != 0;
        i = (i + 1) & (ip->assoc_cap - 1)) {
   }
-  ip->assoc[i] = h;
+  ip->assoc[i].h = h;
+  ip->assoc[i].seq = seq;
   ip->assoc_len++;
 }
 
@@ -311,6 +460,181 @@ static int64_t op_result(fiocp_op_t* op, DWORD err, DWORD bytes) {
   return res;
 }
 
+/* ---- Records: ownership, forwarding, orphans ----------------------------- */
+
+static int is_file_op(uint8_t kind) {
+  return kind == FIOCP_OP_READ || kind == FIOCP_OP_WRITE;
+}
+
+/* The record a packet's lpOverlapped names (file operations tag it). */
+static fiocp_op_t* untag(void* p) {
+  return (fiocp_op_t*)((uintptr_t)p & ~TAG_MASK);
+}
+
+/* Whether op is one of port's records. The binding grows the slab list at
+ * its head, under the GIL, possibly while this runs: a walk racing with that
+ * may miss the newest slab or stop early (its fields come from calloc), but
+ * never follows a bad pointer; callers look twice before concluding. */
+static int port_owns(const fiocp_port_t* port, const fiocp_op_t* op) {
+  const fiocp_slab_t* s = *(fiocp_slab_t* const volatile*)&port->slabs;
+  uintptr_t p = (uintptr_t)op;
+  for (; s != NULL; s = s->next) {
+    uintptr_t first = (uintptr_t)s->ops;
+    if (p >= first && p < first + s->count * sizeof(fiocp_op_t))
+      return (p - first) % sizeof(fiocp_op_t) == 0;
+  }
+  return 0;
+}
+
+static void registry_add(iocp_t* ip) {
+  AcquireSRWLockExclusive(&reg_lock);
+  ip->reg_next = reg_head;
+  reg_head = ip;
+  ReleaseSRWLockExclusive(&reg_lock);
+}
+
+static void registry_remove(iocp_t* ip) {
+  iocp_t** pp;
+  AcquireSRWLockExclusive(&reg_lock);
+  for (pp = &reg_head; *pp != NULL; pp = &(*pp)->reg_next) {
+    if (*pp == ip) {
+      *pp = ip->reg_next;
+      break;
+    }
+  }
+  ReleaseSRWLockExclusive(&reg_lock);
+}
+
+/* A KEY_IO packet whose record this port did not find in its slabs (see the
+ * head comment on BUG-7): hands it, in an envelope, to the live port that
+ * owns the record, and returns 1; a packet no live port owns is dropped
+ * without touching its record (1 too). Returns 0 if the record is ours
+ * after all (a third look, against a racing slab growth). The registry
+ * lock keeps the owner (its slabs and its port handle) alive meanwhile; mu
+ * is never held here. */
+static int forward_foreign(iocp_t* ip, const OVERLAPPED_ENTRY* e) {
+  const fiocp_op_t* op = untag(e->lpOverlapped);
+  iocp_t* o;
+  int done = 1;
+  AcquireSRWLockShared(&reg_lock);
+  for (o = reg_head; o != NULL; o = o->reg_next) {
+    fwd_t* f;
+    if (!port_owns(o->owner, op)) continue;
+    if (o == ip) {
+      done = 0;
+      break;
+    }
+    f = (fwd_t*)malloc(sizeof(*f));
+    if (f != NULL) {
+      f->entry = *e;
+      if (!PostQueuedCompletionStatus(o->port, 0, KEY_FWD, (LPOVERLAPPED)f))
+        free(f);
+    }
+    break;  /* out of memory: that operation is lost, not misdelivered */
+  }
+  ReleaseSRWLockShared(&reg_lock);
+  return done;
+}
+
+/* Marks the records in flight on h once sweep_locked() has associated h:
+ * those that finished before have no packet. mu held. */
+static void mark_late_assoc_locked(fiocp_port_t* port, fiocp_handle_t h) {
+  fiocp_slab_t* s;
+  size_t i;
+  for (s = port->slabs; s != NULL; s = s->next) {
+    for (i = 0; i < s->count; i++) {
+      fiocp_op_t* op = &s->ops[i];
+      if (op->state == FIOCP_ST_INFLIGHT && op->handle == h &&
+          (op->flags & (OPF_ISSUED | OPF_STARTING)))
+        op->flags |= OPF_LATE_ASSOC;
+    }
+  }
+}
+
+/* close() of ip (see the head comment on BUG-7): other ports' operations
+ * through stale registrations of handles whose current object ip
+ * associated (ip's association of the value is the later one) would
+ * complete into a port nobody dequeues any more. Cancels them, so that
+ * their packets come while ip still forwards them. tab is a copy of ip's
+ * associations (cap slots). GIL held: the other ports' slabs cannot grow.
+ * Returns how many cancellations were requested. Takes reg_lock, then each
+ * other port's mu (no caller holds a mu). */
+static int64_t cancel_foreign(iocp_t* ip, assoc_t* tab, size_t cap) {
+  iocp_t* o;
+  int64_t count = 0;
+  AcquireSRWLockShared(&reg_lock);
+  for (o = reg_head; o != NULL; o = o->reg_next) {
+    fiocp_slab_t* sl;
+    size_t i;
+    if (o == ip) continue;
+    EnterCriticalSection(&o->mu);
+    for (sl = o->owner->slabs; sl != NULL; sl = sl->next) {
+      for (i = 0; i < sl->count; i++) {
+        fiocp_op_t* op = &sl->ops[i];
+        assoc_t* a;
+        if (op->state != FIOCP_ST_INFLIGHT || op->kind == FIOCP_OP_POST ||
+            !(op->flags & OPF_ISSUED) || (op->flags & (OPF_TAKEN | OPF_EARLY)))
+          continue;
+        a = assoc_find(tab, cap, (uintptr_t)op->handle);
+        if (a == NULL || a->seq <= assoc_seq(o, (uintptr_t)op->handle))
+          continue;
+        op->flags |= FIOCP_OPF_CANCELLED;
+        if (CancelIoEx((HANDLE)op->handle, &op->ov)) count++;
+      }
+    }
+    LeaveCriticalSection(&o->mu);
+  }
+  ReleaseSRWLockShared(&reg_lock);
+  return count;
+}
+
+/* Completes, through KEY_ORPHAN packets, the operations that finished but
+ * whose packet never comes (see the head comment on BUG-7): their handle
+ * was never associated with a port, as CreateIoCompletionPort succeeding on
+ * it proves, or has been closed since. An operation qualifies at its second
+ * sweep (SWEEP_MS apart) in that state, which a packet merely on its way
+ * never stays in. The first sweep of the port's life must come after the
+ * slabs exist; later growth under the GIL is harmless (see port_owns()).
+ * mu held. */
+static void sweep_locked(fiocp_port_t* port, iocp_t* ip) {
+  fiocp_slab_t* s;
+  size_t i;
+  int64_t now = fiocp__now_ms();
+  if (ip->owed <= 0 || now - ip->last_sweep < SWEEP_MS) return;
+  ip->last_sweep = now;
+  for (s = *(fiocp_slab_t* volatile*)&port->slabs; s != NULL; s = s->next) {
+    for (i = 0; i < s->count; i++) {
+      fiocp_op_t* op = &s->ops[i];
+      uint8_t f = op->flags;
+      HANDLE h;
+      if (op->state != FIOCP_ST_INFLIGHT || op->kind == FIOCP_OP_POST ||
+          !(f & OPF_ISSUED) ||
+          (f & (OPF_STARTING | OPF_EARLY | OPF_TAKEN)) ||
+          (ULONG)op->ov.Internal == IOCP_STATUS_PENDING)
+        continue;
+      if (!(f & OPF_SUSPECT)) {
+        op->flags |= OPF_SUSPECT;  /* finished: its packet has one sweep */
+        continue;
+      }
+      h = (HANDLE)op->handle;
+      if (!(f & OPF_LATE_ASSOC)) {
+        if (h == NULL || h == INVALID_HANDLE_VALUE) continue;
+        /* Non-blocking, like every call made under mu. */
+        if (CreateIoCompletionPort(h, ip->port, KEY_IO, 0) != NULL) {
+          assoc_add(ip, (uintptr_t)h);
+          mark_late_assoc_locked(port, op->handle);
+        } else if (GetLastError() != ERROR_INVALID_HANDLE) {
+          continue;  /* associated: its packet comes, here or forwarded */
+        }
+      }
+      op->flags |= OPF_TAKEN;
+      if (!PostQueuedCompletionStatus(ip->port, 0, MAKE_KEY(KEY_ORPHAN, op),
+                                      &op->ov))
+        op->flags &= (uint8_t)~OPF_TAKEN;  /* next sweep */
+    }
+  }
+}
+
 /* ---- Dequeue ------------------------------------------------------------- */
 
 /* Wakes waiters after close: keeps one KEY_WAKE packet queued per thread
@@ -326,52 +650,171 @@ static void top_up_wakes_locked(iocp_t* ip) {
 
 static int finish_alerted(iocp_t* ip, fiocp_op_t* op);
 
+/* One dequeued entry on its way to becoming a completion. */
+typedef struct cand_s {
+  fiocp_op_t* op;
+  uintptr_t tag;   /* a file operation's tag, 0 for the others */
+  unsigned kind;   /* KEY_IO (also forwarded), KEY_POST, KEY_EARLY or
+                      KEY_ORPHAN */
+  uint8_t gen;     /* KEY_GEN of our own packets */
+  ULONG pst;       /* KEY_IO: the packet's NTSTATUS */
+  DWORD bytes;
+  int state;       /* 0 undecided, 1 claimed, -1 dropped */
+} cand_t;
+
+/* Claims what it can of c[0..n) under mu (see the head comment on BUG-6):
+ * a candidate is claimed (its record marked TAKEN) or dropped, or stays
+ * undecided if its record's submit() is still inside the OS call. Returns
+ * how many stay undecided. */
+static int claim_locked(cand_t* c, ULONG n, int ignore_starting) {
+  ULONG i;
+  int undecided = 0;
+  for (i = 0; i < n; i++) {
+    fiocp_op_t* op = c[i].op;
+    int ok = 0;
+    if (c[i].state != 0) continue;
+    if (op->state == FIOCP_ST_INFLIGHT) {
+      uint8_t f = op->flags;
+      switch (c[i].kind) {
+        case KEY_POST:
+          ok = op->kind == FIOCP_OP_POST && op->gen == c[i].gen &&
+               !(f & OPF_TAKEN);
+          break;
+        case KEY_EARLY:
+          ok = (f & OPF_EARLY) && !(f & OPF_TAKEN) && op->gen == c[i].gen;
+          break;
+        case KEY_ORPHAN:
+          /* sweep_locked() claimed it for this packet already */
+          ok = (f & OPF_TAKEN) && op->gen == c[i].gen;
+          c[i].state = ok ? 1 : -1;
+          continue;
+        case KEY_IO:
+          if (op->kind == FIOCP_OP_POST) break;
+          if (c[i].tag != 0) {
+            /* A file operation's packet: of this life, for this kind. */
+            if (!is_file_op(op->kind) || c[i].tag != FILE_TAG(op->gen))
+              break;
+            if ((f & OPF_STARTING) && !ignore_starting) {
+              undecided++;  /* a ghost, or a fast completion: wait */
+              continue;
+            }
+          } else if (is_file_op(op->kind)) {
+            break;  /* file packets are tagged: a stale socket packet */
+          }
+          ok = !(f & (OPF_EARLY | OPF_TAKEN));
+          break;
+        default:
+          break;
+      }
+    }
+    if (ok) op->flags |= OPF_TAKEN;
+    c[i].state = ok ? 1 : -1;
+  }
+  return undecided;
+}
+
 /* Turns n dequeued entries into finished records. While the port is open
  * they go to out (which has room for n) and the count is returned; once it
- * is closed they go to the drain queue and FIOCP_ECLOSED is returned. */
-static int take_entries(iocp_t* ip, OVERLAPPED_ENTRY* ents, ULONG n,
-                        fiocp_op_t** out) {
-  ULONG i;
-  int k = 0, wakes = 0, j;
-  /* The per-record work (error mapping, accept and connect contexts) needs
-   * no lock: until its state changes below, nobody else touches a record
-   * but cancel(), which tolerates a completed operation. */
-  for (i = 0; i < n; i++) {
-    fiocp_op_t* op = (fiocp_op_t*)ents[i].lpOverlapped;
-    ULONG_PTR key = ents[i].lpCompletionKey;
-    if (key == KEY_WAKE) {
+ * is closed they go to the drain queue and FIOCP_ECLOSED is returned.
+ * Packets that complete nothing (wake packets, stale or foreign ones, see
+ * the head comment) are consumed here. */
+static int take_entries(fiocp_port_t* port, iocp_t* ip,
+                        OVERLAPPED_ENTRY* ents, ULONG n, fiocp_op_t** out) {
+  cand_t c[BATCH];
+  ULONG i, m = 0;
+  int k = 0, wakes = 0, j, spins = 0, forwarded = 0;
+  int64_t give_up = 0;
+  /* 1. Decode; hand foreign packets over. No lock. */
+  for (i = 0; i < n && i < BATCH; i++) {
+    OVERLAPPED_ENTRY e = ents[i];
+    unsigned kind = KEY_KIND(e.lpCompletionKey);
+    if (e.lpCompletionKey == KEY_WAKE) {
       wakes++;
       continue;
     }
-    /* Nobody else can queue to this private port: a packet without a
-     * record or with another key is a bug, and has nothing to return. */
-    if (op == NULL || (key != KEY_IO && key != KEY_POST && key != KEY_EARLY))
-      continue;
-    if (key == KEY_IO) {
-      /* The entry's Internal field is the packet's own status (the layout
-       * is FILE_IO_COMPLETION_INFORMATION's), the same as the one in the
-       * OVERLAPPED, which Windows writes before it queues the packet. */
-      ULONG pst = (ULONG)ents[i].Internal;
-      DWORD bytes = ents[i].dwNumberOfBytesTransferred;
-      if (pst == IOCP_STATUS_ALERTED && finish_alerted(ip, op))
-        continue;  /* started again: its packet will come */
-      if (pst != IOCP_STATUS_ALERTED) {
-        if ((ULONG)op->ov.Internal != pst) {
-          /* Not written back (Wine: see the head comment on exiting
-           * threads). The packet is the truth; packet_error() reads the
-           * OVERLAPPED, so copy it there. */
-          op->ov.Internal = (ULONG_PTR)pst;
-          op->ov.InternalHigh = bytes;
+    if (e.lpOverlapped == NULL) continue;  /* nobody queues these: a bug */
+    if (e.lpCompletionKey == KEY_FWD) {
+      /* Another port's KEY_IO packet for one of our records. */
+      fwd_t* f = (fwd_t*)e.lpOverlapped;
+      e = f->entry;
+      free(f);
+      kind = KEY_IO;
+    } else if (e.lpCompletionKey == KEY_IO) {
+      fiocp_op_t* op = untag(e.lpOverlapped);
+      if (!port_owns(port, op)) {
+        MemoryBarrier();
+        if (!port_owns(port, op) && forward_foreign(ip, &e)) {
+          forwarded++;
+          continue;
         }
-        op->res = op_result(op, pst == 0 ? 0 : packet_error(op), bytes);
       }
+    } else if (kind != KEY_POST && kind != KEY_EARLY && kind != KEY_ORPHAN) {
+      continue;  /* nobody queues these: a bug */
+    }
+    c[m].op = untag(e.lpOverlapped);
+    c[m].tag = (uintptr_t)e.lpOverlapped & TAG_MASK;
+    c[m].kind = kind;
+    c[m].gen = KEY_GEN(e.lpCompletionKey);
+    /* The entry's Internal field is the packet's own status (the layout is
+     * FILE_IO_COMPLETION_INFORMATION's). */
+    c[m].pst = (ULONG)e.Internal;
+    c[m].bytes = e.dwNumberOfBytesTransferred;
+    c[m].state = 0;
+    m++;
+  }
+  /* 2. Claim, under mu. A file packet whose submit() has not seen its call
+   * return yet waits for it (microseconds: the submitter only has to take
+   * mu); the bound only guards against a submitter that never returns. */
+  for (;;) {
+    int undecided;
+    EnterCriticalSection(&ip->mu);
+    undecided = claim_locked(c, m, give_up != 0 && fiocp__now_ms() > give_up);
+    LeaveCriticalSection(&ip->mu);
+    if (undecided == 0) break;
+    if (give_up == 0) give_up = fiocp__now_ms() + 2000;
+    if (++spins < 64) SwitchToThread();
+    else Sleep(1);
+  }
+  /* 3. The per-record work (error mapping, accept and connect contexts),
+   * without the lock: a claimed record is ours until its state changes
+   * below; cancel() only asks the OS, which tolerates a completed
+   * operation. */
+  for (i = 0; i < m; i++) {
+    fiocp_op_t* op = c[i].op;
+    ULONG pst;
+    DWORD bytes;
+    if (c[i].state != 1) continue;
+    if (c[i].kind == KEY_IO) {
+      pst = c[i].pst;
+      bytes = c[i].bytes;
+      if (pst == IOCP_STATUS_ALERTED) {
+        if (finish_alerted(ip, op)) continue;  /* started again */
+        out[k++] = op;
+        continue;
+      }
+      if ((ULONG)op->ov.Internal != pst) {
+        /* Not written back (Wine: see the head comment on exiting
+         * threads). The packet is the truth; packet_error() reads the
+         * OVERLAPPED, so copy it there. */
+        op->ov.Internal = (ULONG_PTR)pst;
+        op->ov.InternalHigh = bytes;
+      }
+      op->res = op_result(op, pst == 0 ? 0 : packet_error(op), bytes);
+    } else if (c[i].kind == KEY_ORPHAN) {
+      /* Finished without a packet: the OVERLAPPED has the result. */
+      pst = (ULONG)op->ov.Internal;
+      bytes = (DWORD)op->ov.InternalHigh;
+      op->res = op_result(op, pst == 0 ? 0 : packet_error(op), bytes);
     }
     /* KEY_POST and KEY_EARLY: op->res was set before queueing. */
     out[k++] = op;
   }
+  /* 4. Hand the records back. */
   EnterCriticalSection(&ip->mu);
   ip->wakes -= wakes;
   ip->owed -= k;
+  ip->foreign_owed -= forwarded;
+  if (ip->foreign_owed < 0) ip->foreign_owed = 0;
   for (j = 0; j < k; j++) {
     out[j]->state = FIOCP_ST_DONE;
     out[j]->next = NULL;
@@ -391,11 +834,22 @@ static int take_entries(iocp_t* ip, OVERLAPPED_ENTRY* ents, ULONG n,
 
 /* ---- Submission ---------------------------------------------------------- */
 
-/* Issues op. Returns 0 if the OS took it (a packet will come), or the Win32
- * error with which it failed at once. */
+/* Readies op's OVERLAPPED for a start: zeroed, and STATUS_PENDING in its
+ * status as ReadFile and WSARecv leave it, so that sweep_locked(), which
+ * looks at it under mu, never takes a record being started for a finished
+ * one. mu held. */
+static void prepare_ov_locked(fiocp_op_t* op) {
+  memset(&op->ov, 0, sizeof(op->ov));
+  op->ov.Internal = (ULONG_PTR)IOCP_STATUS_PENDING;
+}
+
+/* Issues op, whose OVERLAPPED prepare_ov_locked() readied. Returns 0 if the
+ * OS took it (a packet will come), or the Win32 error with which it failed
+ * at once; ERROR_IO_PENDING too means a packet will come. */
 static DWORD start_read_write(fiocp_op_t* op) {
   HANDLE h = (HANDLE)op->handle;
-  BOOL ok;
+  LARGE_INTEGER off;
+  LONG st;
   if (op->offset >= 0) {
     op->ov.Offset = (DWORD)((uint64_t)op->offset & 0xffffffffu);
     op->ov.OffsetHigh = (DWORD)((uint64_t)op->offset >> 32);
@@ -414,11 +868,17 @@ static DWORD start_read_write(fiocp_op_t* op) {
       op->ov.OffsetHigh = 0xffffffffu;
     }
   }
-  if (op->kind == FIOCP_OP_READ)
-    ok = ReadFile(h, op->buf, op->len, NULL, &op->ov);
-  else
-    ok = WriteFile(h, op->buf, op->len, NULL, &op->ov);
-  return ok ? 0 : GetLastError();
+  /* What ReadFile/WriteFile do, with a tagged APC context (see the head
+   * comment on BUG-6); the OVERLAPPED is the IO_STATUS_BLOCK. */
+  off.LowPart = op->ov.Offset;
+  off.HighPart = (LONG)op->ov.OffsetHigh;
+  st = (op->kind == FIOCP_OP_READ ? nt_read_file : nt_write_file)(
+      h, NULL, NULL, (PVOID)((uintptr_t)op | FILE_TAG(op->gen)), &op->ov,
+      op->buf, op->len, &off, NULL);
+  if ((ULONG)st == IOCP_STATUS_PENDING || NT_SEVERITY(st) == 2)
+    return ERROR_IO_PENDING;  /* a warning completes too: its packet comes */
+  if (st >= 0) return 0;
+  return nt_to_dos(st);
 }
 
 static DWORD start_accept(fiocp_op_t* op) {
@@ -474,7 +934,6 @@ static DWORD start_op(fiocp_op_t* op) {
   SOCKET s = (SOCKET)op->handle;
   WSABUF wb;
   int rc;
-  memset(&op->ov, 0, sizeof(op->ov));
   wb.len = op->len;
   wb.buf = op->buf;
   switch (op->kind) {
@@ -535,13 +994,13 @@ static int is_argument_error(DWORD err) {
  * user or close()), or failed when started again. */
 static int restart_op(iocp_t* ip, fiocp_op_t* op) {
   DWORD err;
-  int stop;
+  int started = 0;
   /* Under mu, cancel() and shutdown() either see the old OVERLAPPED
    * (then the CANCELLED flag or the closed port stops us) or the new one
-   * (then CancelIoEx reaches it). */
+   * (then CancelIoEx reaches it); and the new packet cannot be claimed
+   * before the record is no longer TAKEN. */
   EnterCriticalSection(&ip->mu);
-  stop = ip->closed || (op->flags & FIOCP_OPF_CANCELLED);
-  if (stop) {
+  if (ip->closed || (op->flags & FIOCP_OPF_CANCELLED)) {
     err = ERROR_OPERATION_ABORTED;
   } else {
     if (op->kind == FIOCP_OP_ACCEPT &&
@@ -549,12 +1008,15 @@ static int restart_op(iocp_t* ip, fiocp_op_t* op) {
       closesocket(op->addr->accept_sock);  /* start_accept makes another */
       op->addr->accept_sock = INVALID_SOCKET;
     }
+    prepare_ov_locked(op);
     err = start_op(op);
+    started = err == 0 || err == ERROR_IO_PENDING ||
+              NT_SEVERITY(op->ov.Internal) == 2;
+    if (started)
+      op->flags &= (uint8_t)~(OPF_TAKEN | OPF_SUSPECT | OPF_LATE_ASSOC);
   }
   LeaveCriticalSection(&ip->mu);
-  if (!stop && (err == 0 || err == ERROR_IO_PENDING ||
-                NT_SEVERITY(op->ov.Internal) == 2))
-    return 1;
+  if (started) return 1;
   op->res = op_result(op, err, 0);
   return 0;
 }
@@ -606,16 +1068,39 @@ static int finish_alerted(iocp_t* ip, fiocp_op_t* op) {
 
 /* ---- Contract ------------------------------------------------------------ */
 
+/* Resolves the ntdll functions of file operations (start_read_write()).
+ * Racing calls store the same values (pointer-sized, aligned stores). */
+static DWORD load_ntdll(void) {
+  HMODULE nt = GetModuleHandleW(L"ntdll.dll");
+  FARPROC r, w, e;
+  if (nt == NULL) return GetLastError();
+  r = GetProcAddress(nt, "NtReadFile");
+  w = GetProcAddress(nt, "NtWriteFile");
+  e = GetProcAddress(nt, "RtlNtStatusToDosError");
+  if (r == NULL || w == NULL || e == NULL) return ERROR_PROC_NOT_FOUND;
+  nt_read_file = (nt_rw_fn)(void (*)(void))r;  /* any function type */
+  nt_write_file = (nt_rw_fn)(void (*)(void))w;
+  nt_to_dos = (nt_to_dos_fn)(void (*)(void))e;
+  return 0;
+}
+
 static int iocp_probe(char* why, size_t whylen) {
-  HANDLE p = CreateIoCompletionPort(INVALID_HANDLE_VALUE, NULL, 0, 1);
+  HANDLE p;
+  DWORD err = load_ntdll();
+  if (err != 0) {
+    snprintf(why, whylen, "NtReadFile/NtWriteFile not found in ntdll "
+             "(error %lu)", (unsigned long)err);
+    return -(int)err;
+  }
+  p = CreateIoCompletionPort(INVALID_HANDLE_VALUE, NULL, 0, 1);
   if (p == NULL) {
-    DWORD err = GetLastError();
+    err = GetLastError();
     snprintf(why, whylen, "CreateIoCompletionPort failed with error %lu",
              (unsigned long)err);
     return -(int)err;
   }
   if (!CloseHandle(p)) {
-    DWORD err = GetLastError();
+    err = GetLastError();
     snprintf(why, whylen, "CloseHandle of a completion port failed with "
              "error %lu", (unsigned long)err);
     return -(int)err;
@@ -625,8 +1110,15 @@ static int iocp_probe(char* why, size_t whylen) {
 
 static int iocp_init(fiocp_port_t* port, unsigned entries,
                      unsigned concurrency, char* why, size_t whylen) {
-  iocp_t* ip = (iocp_t*)calloc(1, sizeof(*ip));
+  iocp_t* ip;
+  DWORD err = load_ntdll();
   (void)entries;  /* an IOCP queue has no fixed size */
+  if (err != 0) {
+    snprintf(why, whylen, "NtReadFile/NtWriteFile not found in ntdll "
+             "(error %lu)", (unsigned long)err);
+    return -(int)err;
+  }
+  ip = (iocp_t*)calloc(1, sizeof(*ip));
   if (ip == NULL) {
     snprintf(why, whylen, "out of memory");
     return FIOCP_ENOMEM;
@@ -634,7 +1126,7 @@ static int iocp_init(fiocp_port_t* port, unsigned entries,
   ip->port = CreateIoCompletionPort(INVALID_HANDLE_VALUE, NULL, 0,
                                     (DWORD)concurrency);
   if (ip->port == NULL) {
-    DWORD err = GetLastError();
+    err = GetLastError();
     snprintf(why, whylen, "CreateIoCompletionPort failed with error %lu",
              (unsigned long)err);
     free(ip);
@@ -642,7 +1134,10 @@ static int iocp_init(fiocp_port_t* port, unsigned entries,
   }
   /* Cannot fail since Windows Vista. */
   InitializeCriticalSection(&ip->mu);
+  ip->owner = port;
+  ip->last_sweep = fiocp__now_ms();
   port->impl = ip;
+  registry_add(ip);
   return 0;
 }
 
@@ -667,38 +1162,69 @@ static int iocp_associate(fiocp_port_t* port, fiocp_handle_t h) {
   return -(int)err;
 }
 
-static int iocp_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
-  iocp_t* ip = (iocp_t*)port->impl;
-  DWORD err;
-  (void)defer;  /* every submission is one system call already */
+/* The prologue of submit(), post() and wait(): under mu, refuses a closed
+ * port (returns 0) or counts the caller in (*count += 1, returns 1). For a
+ * submission (op not NULL) it also readies the record for its OS call:
+ * STARTING, no other backend flag, a fresh OVERLAPPED. */
+static int enter_if_open(iocp_t* ip, int64_t* count, fiocp_op_t* op) {
   EnterCriticalSection(&ip->mu);
   if (ip->closed) {
     LeaveCriticalSection(&ip->mu);
-    return FIOCP_ECLOSED;
+    return 0;
   }
-  ip->owed++;
+  ++*count;
+  if (op != NULL) {
+    op->flags = (uint8_t)((op->flags & ~OPF_BACKEND) | OPF_STARTING);
+    prepare_ov_locked(op);
+  }
   LeaveCriticalSection(&ip->mu);
+  return 1;
+}
+
+static int iocp_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
+  iocp_t* ip = (iocp_t*)port->impl;
+  uint8_t gen = op->gen;
+  DWORD err;
+  int queued;
+  (void)defer;  /* every submission is one system call already */
+  if (!enter_if_open(ip, &ip->owed, op)) return FIOCP_ECLOSED;
   err = start_op(op);
   /* Success and ERROR_IO_PENDING both queue a packet, and so does a
-   * warning status (see the head comment). From here on another thread
-   * may already own the record: do not touch it. */
-  if (err == 0 || err == ERROR_IO_PENDING ||
-      NT_SEVERITY(op->ov.Internal) == 2)
-    return 0;
+   * warning status (see the head comment). */
+  queued = err == 0 || err == ERROR_IO_PENDING ||
+           NT_SEVERITY(op->ov.Internal) == 2;
+  /* The outcome, for the packets waiting on STARTING and for the sweep.
+   * A socket operation's packet may have been claimed meanwhile, but the
+   * binding frees records under the GIL, which its submit() holds: the
+   * generation check only guards against a future caller without it. */
+  EnterCriticalSection(&ip->mu);
+  if (op->gen == gen) {
+    /* A socket operation that failed at once, yet whose packet another
+     * thread already claimed (only tagged packets wait for STARTING): a
+     * driver queued one after all, and that packet is its completion. */
+    if (!queued && (op->flags & OPF_TAKEN)) queued = 1;
+    op->flags &= (uint8_t)~OPF_STARTING;
+    op->flags |= queued ? OPF_ISSUED : OPF_EARLY;
+  }
+  if (!queued && is_argument_error(err)) ip->owed--;
+  LeaveCriticalSection(&ip->mu);
+  if (queued) return 0;  /* another thread may own the record already */
   if (!is_argument_error(err)) {
-    /* The operation itself failed: deliver that as its completion. */
+    /* The operation itself failed: deliver that as its completion. A
+     * packet the OS queued for it all the same is dropped (EARLY). */
     op->res = op_result(op, err, 0);
-    if (PostQueuedCompletionStatus(ip->port, 0, KEY_EARLY, &op->ov))
+    if (PostQueuedCompletionStatus(ip->port, 0, MAKE_KEY(KEY_EARLY, op),
+                                   &op->ov))
       return 0;
     /* Out of memory for the packet: raise the operation's error now. */
+    EnterCriticalSection(&ip->mu);
+    ip->owed--;
+    LeaveCriticalSection(&ip->mu);
   } else if (op->kind == FIOCP_OP_ACCEPT &&
              op->addr->accept_sock != INVALID_SOCKET) {
     closesocket(op->addr->accept_sock);
     op->addr->accept_sock = INVALID_SOCKET;
   }
-  EnterCriticalSection(&ip->mu);
-  ip->owed--;
-  LeaveCriticalSection(&ip->mu);
   return -(int)err;
 }
 
@@ -744,7 +1270,7 @@ static int iocp_try_get(fiocp_port_t* port, fiocp_op_t** out, int max) {
     if (err == ERROR_ABANDONED_WAIT_0) return FIOCP_ECLOSED;
     return -(int)err;
   }
-  rc = take_entries(ip, ents, n, out);
+  rc = take_entries(port, ip, ents, n, out);
   if (rc == FIOCP_ECLOSED) {
     /* Closed meanwhile: wake packets this thread took belong to waiters. */
     EnterCriticalSection(&ip->mu);
@@ -759,28 +1285,32 @@ static int iocp_wait(fiocp_port_t* port, fiocp_op_t** out, int max,
   iocp_t* ip = (iocp_t*)port->impl;
   OVERLAPPED_ENTRY ents[BATCH];
   ULONG n, want = max < BATCH ? (ULONG)max : BATCH;
-  int64_t deadline = timeout_ms < 0 ? -1 : fiocp__now_ms() + timeout_ms;
+  int64_t start = fiocp__now_ms();
+  int64_t deadline = timeout_ms < 0 ? -1 : start + timeout_ms;
+  int64_t slice_end = start + SLICE_MS;
   int rc;
-  EnterCriticalSection(&ip->mu);
-  if (ip->closed) {
-    LeaveCriticalSection(&ip->mu);
-    return FIOCP_ECLOSED;
-  }
-  ip->nwaiters++;
-  LeaveCriticalSection(&ip->mu);
+  if (!enter_if_open(ip, &ip->nwaiters, NULL)) return FIOCP_ECLOSED;
+  /* Every pass ends by the caller's deadline and by the end of this slice,
+   * whatever the packets dequeued: take_entries() may consume some that
+   * complete nothing (wake, stale or foreign packets, an operation started
+   * again). */
   for (;;) {
     int64_t left = fiocp__remaining_ms(deadline);
-    DWORD slice = left < 0 || left > SLICE_MS ? SLICE_MS : (DWORD)left;
+    int64_t in_slice = slice_end - fiocp__now_ms();
+    DWORD ms;
+    if (in_slice < 0) in_slice = 0;
+    ms = (DWORD)(left >= 0 && left < in_slice ? left : in_slice);
     n = 0;
-    if (!GetQueuedCompletionStatusEx(ip->port, ents, want, &n, slice,
-                                     FALSE)) {
+    if (!GetQueuedCompletionStatusEx(ip->port, ents, want, &n, ms, FALSE)) {
       DWORD err = GetLastError();
       if (err == WAIT_TIMEOUT) {
         /* Nothing dequeued: the deadline, or the end of a slice, when the
          * caller checks for Ctrl-C and calls again (see the head comment).
-         * A closed flag without a wake packet for us ends the wait too. */
+         * A closed flag without a wake packet for us ends the wait too. An
+         * idle moment is when orphans are looked for. */
         EnterCriticalSection(&ip->mu);
         rc = ip->closed;
+        if (!rc) sweep_locked(port, ip);
         LeaveCriticalSection(&ip->mu);
         if (rc) rc = FIOCP_ECLOSED;
         else rc = fiocp__remaining_ms(deadline) == 0 ? 0 : FIOCP_EINTR;
@@ -791,10 +1321,13 @@ static int iocp_wait(fiocp_port_t* port, fiocp_op_t** out, int max,
       }
       break;
     }
-    rc = take_entries(ip, ents, n, out);
+    rc = take_entries(port, ip, ents, n, out);
     if (rc != 0) break;
-    /* Nothing but packets without a record, which only a bug could queue
-     * while the port is open: wait again for the time left. */
+    if (fiocp__remaining_ms(deadline) == 0) break;  /* rc == 0: timed out */
+    if (fiocp__now_ms() >= slice_end) {
+      rc = FIOCP_EINTR;  /* the slice is over: let the caller check */
+      break;
+    }
   }
   EnterCriticalSection(&ip->mu);
   ip->nwaiters--;
@@ -805,16 +1338,10 @@ static int iocp_wait(fiocp_port_t* port, fiocp_op_t** out, int max,
 
 static int iocp_post(fiocp_port_t* port, fiocp_op_t* op) {
   iocp_t* ip = (iocp_t*)port->impl;
-  EnterCriticalSection(&ip->mu);
-  if (ip->closed) {
-    LeaveCriticalSection(&ip->mu);
-    return FIOCP_ECLOSED;
-  }
-  ip->owed++;
-  LeaveCriticalSection(&ip->mu);
+  if (!enter_if_open(ip, &ip->owed, NULL)) return FIOCP_ECLOSED;
   memset(&op->ov, 0, sizeof(op->ov));
-  if (!PostQueuedCompletionStatus(ip->port, (DWORD)op->res, KEY_POST,
-                                  &op->ov)) {
+  if (!PostQueuedCompletionStatus(ip->port, (DWORD)op->res,
+                                  MAKE_KEY(KEY_POST, op), &op->ov)) {
     DWORD err = GetLastError();
     EnterCriticalSection(&ip->mu);
     ip->owed--;
@@ -839,6 +1366,8 @@ static int64_t iocp_shutdown(fiocp_port_t* port, int64_t timeout_ms) {
   int64_t deadline = timeout_ms < 0 ? -1 : fiocp__now_ms() + timeout_ms;
   OVERLAPPED_ENTRY ents[BATCH];
   fiocp_op_t* sink[BATCH];
+  assoc_t* tab = NULL;
+  size_t cap = 0;
   EnterCriticalSection(&ip->mu);
   if (!ip->closed) {
     /* First call, GIL held: the slabs cannot grow, and states only change
@@ -846,20 +1375,41 @@ static int64_t iocp_shutdown(fiocp_port_t* port, int64_t timeout_ms) {
     ip->closed = 1;
     fiocp__foreach_inflight(port, cancel_one, NULL);
     top_up_wakes_locked(ip);
+    if (ip->assoc_len > 0) {
+      tab = (assoc_t*)malloc(ip->assoc_cap * sizeof(assoc_t));
+      if (tab != NULL) {
+        memcpy(tab, ip->assoc, ip->assoc_cap * sizeof(assoc_t));
+        cap = ip->assoc_cap;
+      }
+    }
   }
   LeaveCriticalSection(&ip->mu);
+  if (tab != NULL) {
+    int64_t n = cancel_foreign(ip, tab, cap);
+    free(tab);
+    EnterCriticalSection(&ip->mu);
+    ip->foreign_owed += n;
+    ip->foreign_until = fiocp__now_ms() + FOREIGN_WAIT_MS;
+    LeaveCriticalSection(&ip->mu);
+  }
   for (;;) {
-    int64_t owed, left;
-    int nwaiters;
+    int64_t owed, foreign, left;
+    int64_t nwaiters;
     ULONG n = 0;
     DWORD slice;
     EnterCriticalSection(&ip->mu);
     owed = ip->owed;
+    foreign = ip->foreign_owed;
+    if (foreign > 0 && fiocp__now_ms() > ip->foreign_until)
+      foreign = ip->foreign_owed = 0;  /* they went elsewhere, or nowhere */
     nwaiters = ip->nwaiters;
     LeaveCriticalSection(&ip->mu);
-    if (owed <= 0) return 0;
+    if (owed <= 0 && foreign <= 0) return 0;
     left = fiocp__remaining_ms(deadline);
-    if (left == 0) return owed;
+    /* A call without time (the binding's first) counts the other ports'
+     * packets still to forward too, so that the binding gives us the time
+     * to; what the binding keeps alive on a timeout is only our own. */
+    if (left == 0) return timeout_ms == 0 ? owed + foreign : owed;
     if (nwaiters > 0) {
       /* The waiters are leaving (each has or will get a wake packet, or
        * ends its slice) and move what they dequeue to the drain queue.
@@ -872,11 +1422,16 @@ static int64_t iocp_shutdown(fiocp_port_t* port, int64_t timeout_ms) {
                                      FALSE)) {
       DWORD err = GetLastError();
       if (err != WAIT_TIMEOUT) return owed;  /* the port itself is broken */
+      /* Cancelled operations that can have no packet (see the head
+       * comment on BUG-7) complete through the sweep. */
+      EnterCriticalSection(&ip->mu);
+      sweep_locked(port, ip);
+      LeaveCriticalSection(&ip->mu);
       continue;
     }
     /* Records go to the drain queue (the port is closed); leftover wake
-     * packets are dropped. */
-    (void)take_entries(ip, ents, n, sink);
+     * packets are dropped, other ports' packets forwarded. */
+    (void)take_entries(port, ip, ents, n, sink);
   }
 }
 
@@ -898,13 +1453,25 @@ static int iocp_drain(fiocp_port_t* port, fiocp_op_t** out, int max) {
 static void iocp_destroy(fiocp_port_t* port) {
   iocp_t* ip = (iocp_t*)port->impl;
   OVERLAPPED_ENTRY ents[BATCH];
-  ULONG n = 0;
+  ULONG n = 0, i;
   if (ip == NULL) return;
+  /* No other port forwards to this one from now on. */
+  registry_remove(ip);
   /* Only called once nothing is owed: what is left is wake packets, which
-   * carry no OVERLAPPED. Dequeue them anyway rather than leave packets in a
-   * port being closed. */
+   * carry no OVERLAPPED, stale packets (see the head comment) and maybe
+   * other ports' packets. Dequeue them rather than leave packets in a port
+   * being closed; forwarded envelopes are ours to free. */
   while (GetQueuedCompletionStatusEx(ip->port, ents, BATCH, &n, 0, FALSE) &&
          n > 0) {
+    for (i = 0; i < n; i++) {
+      if (ents[i].lpCompletionKey == KEY_FWD) {
+        free(ents[i].lpOverlapped);
+      } else if (ents[i].lpCompletionKey == KEY_IO &&
+                 ents[i].lpOverlapped != NULL &&
+                 !port_owns(port, untag(ents[i].lpOverlapped))) {
+        (void)forward_foreign(ip, &ents[i]);  /* a late foreign packet */
+      }
+    }
   }
   (void)CloseHandle(ip->port);  /* nothing useful to do if it fails */
   DeleteCriticalSection(&ip->mu);
