@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import textwrap
 import time
 
 import pytest
@@ -80,6 +81,38 @@ def collect(port: fastiocp.CompletionPort, n: int, timeout: float = 10.0) -> lis
             raise AssertionError(f"only {len(out)} of {n} completions within {timeout}s; last: {out[-3:]!r}")
         out.extend(port.get_many(n - len(out), timeout=left))
     return out
+
+
+def ctrl_c_child_script(backend: str, other_waiter: bool, raise_after: float | None = None) -> str:
+    """The child interpreter of the Ctrl-C tests (tests/test_invariants.py on
+    POSIX, tests/backends/test_iocp.py on Windows): a port with a receive in
+    flight; with other_waiter, a second thread already blocked in get() on
+    it. The main thread prints "ready" and blocks in get(timeout=30); on
+    KeyboardInterrupt it prints "interrupted after S" (seconds) and exits 0,
+    else exits 3. raise_after: the child raises SIGINT itself after that
+    many seconds, through C raise() as Windows' Ctrl-C does (CPython's
+    handler sets its flag and event from another thread); None: the parent
+    sends it."""
+    return textwrap.dedent(f"""
+        import signal, socket, sys, threading, time, fastiocp
+        port = fastiocp.CompletionPort(backend={backend!r})
+        a, b = socket.socketpair()
+        port.register(b)
+        port.recv(b, 10)
+        if {other_waiter!r}:
+            threading.Thread(target=lambda: port.get(timeout=30), daemon=True).start()
+            time.sleep(0.2)
+        if {raise_after!r} is not None:
+            threading.Timer({raise_after!r}, signal.raise_signal, args=(signal.SIGINT,)).start()
+        print("ready", flush=True)
+        t0 = time.monotonic()
+        try:
+            port.get(timeout=30)
+        except KeyboardInterrupt:
+            print("interrupted after %.2f" % (time.monotonic() - t0), flush=True)
+            sys.exit(0)
+        sys.exit(3)
+    """)
 
 
 def open_fd_count() -> int:

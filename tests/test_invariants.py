@@ -18,7 +18,7 @@ import time
 import pytest
 
 import fastiocp
-from conftest import ON_LINUX, ON_WINDOWS, UNDER_WINE, collect, open_fd_count, rss_bytes
+from conftest import ON_LINUX, ON_WINDOWS, UNDER_WINE, collect, ctrl_c_child_script, open_fd_count, rss_bytes
 
 # ---------------------------------------------------------------------------
 # 1. Exactly once
@@ -419,27 +419,10 @@ def test_interpreter_shutdown_with_io_in_flight(backend):
 def test_ctrl_c_interrupts_get(backend, role):
     """SIGINT reaches a main thread blocked in get() promptly, whether it is
     the thread polling the OS or one sleeping behind another poller."""
-    code = f"""
-        import socket, sys, threading, time, fastiocp
-        port = fastiocp.CompletionPort(backend={backend!r})
-        a, b = socket.socketpair()
-        port.register(b)
-        port.recv(b, 10)
-        if {role!r} == "sleeper":
-            threading.Thread(target=lambda: port.get(timeout=30), daemon=True).start()
-            time.sleep(0.2)
-        print("ready", flush=True)
-        t0 = time.monotonic()
-        try:
-            port.get(timeout=30)
-        except KeyboardInterrupt:
-            print("interrupted after %.2f" % (time.monotonic() - t0), flush=True)
-            sys.exit(0)
-        sys.exit(3)
-    """
+    code = ctrl_c_child_script(backend, other_waiter=role == "sleeper")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(fastiocp.__file__))
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.3)

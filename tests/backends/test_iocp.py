@@ -14,7 +14,7 @@ import time
 import pytest
 
 import fastiocp
-from conftest import collect, open_fd_count
+from conftest import collect, ctrl_c_child_script, open_fd_count
 
 pytestmark = pytest.mark.skipif(sys.platform != "win32", reason="Windows only: IOCP")
 
@@ -72,21 +72,7 @@ def test_ctrl_c_interrupts_get(role):
     """SIGINT (raised as Ctrl-C raises it: C raise(), CPython's handler sets
     its flag and event) reaches a main thread blocked in get() promptly,
     also while another thread waits on the same port."""
-    r = _child(f"""
-        import signal, sys, threading, time, fastiocp
-        port = fastiocp.CompletionPort(backend="iocp")
-        if {role!r} == "with-other-waiter":
-            threading.Thread(target=lambda: port.get(timeout=30), daemon=True).start()
-            time.sleep(0.2)
-        threading.Timer(0.3, signal.raise_signal, args=(signal.SIGINT,)).start()
-        t0 = time.monotonic()
-        try:
-            port.get(timeout=30)
-        except KeyboardInterrupt:
-            print("interrupted after %.2f" % (time.monotonic() - t0), flush=True)
-            sys.exit(0)
-        sys.exit(3)
-    """)
+    r = _child(ctrl_c_child_script("iocp", other_waiter=role == "with-other-waiter", raise_after=0.3))
     assert r.returncode == 0, (r.stdout, r.stderr)
     elapsed = float(r.stdout.split()[-1])
     assert 0.25 <= elapsed < 2, r.stdout
