@@ -149,7 +149,7 @@ static int uring_open(uring_t* u, unsigned entries, char* why, size_t whylen) {
   p.cq_entries = entries * 4;
   /* COOP_TASKRUN: a completion for a thread busy in user space waits for
    * that thread's next system call instead of interrupting it with an IPI
-   * (a tenth of a loopback server's CPU went to those). TASKRUN_FLAG tells
+   * (about 5% of a loopback HTTP server's CPU went to those). TASKRUN_FLAG tells
    * the harvester when such completions wait, so that it enters to run
    * them. Kernels before 5.19 refuse the flags: open without them. */
   p.flags |= FU_SETUP_COOP_TASKRUN | FU_SETUP_TASKRUN_FLAG;
