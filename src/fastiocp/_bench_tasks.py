@@ -10,6 +10,7 @@ same N items handed from one thread to another.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -59,41 +60,18 @@ def file_fastiocp(path: str, direct: bool, duration: float, depth: int) -> Dict[
     clock = time.perf_counter
     state = {"i": 0, "bad": 0}
 
-    def run_direct(deadline: float) -> int:
-        # From the disk the device is the limit: each read goes back to it
-        # at once, unbatched. This machine's virtual disk completes a whole
-        # batch at once and idled while Python handled it: 0.75x fio with a
-        # batched resubmit, 0.9-1.0x this way.
-        i = state["i"]
-        done = 0
-        for b in bufs:
-            read(f, b, offs[i & mask])
-            i += 1
-        inflight = depth
-        while True:
-            cs = get_many(depth)
-            inflight -= len(cs)
-            done += len(cs)
-            for c in cs:
-                if c.nbytes != BLOCK:
-                    state["bad"] += 1
-            if clock() >= deadline:
-                break
-            for c in cs:
-                read(f, c.buffer, offs[i & mask])
-                i += 1
-            inflight += len(cs)
-        while inflight:  # drain, uncounted
-            inflight -= len(get_many(depth))
-        state["i"] = i
-        return done
+    # From the page cache the CPU is the limit: one system call submits a
+    # whole batch of reads, which complete during that call. From the disk
+    # the device is the limit: each read goes back to it at once, unbatched.
+    # This machine's virtual disk completes a whole batch at once and idled
+    # while Python handled it: 0.75x fio with a batched resubmit, 0.9-1.0x
+    # unbatched.
+    together = contextlib.nullcontext if direct else batch
 
     def run(deadline: float) -> int:
-        # From the page cache the CPU is the limit: one system call submits
-        # a whole batch of reads, which complete during that call.
         i = state["i"]
         done = 0
-        with batch():
+        with together():
             for b in bufs:
                 read(f, b, offs[i & mask])
                 i += 1
@@ -107,7 +85,7 @@ def file_fastiocp(path: str, direct: bool, duration: float, depth: int) -> Dict[
             done += len(cs)
             if clock() >= deadline:
                 break
-            with batch():
+            with together():
                 for c in cs:
                     read(f, c.buffer, offs[i & mask])
                     i += 1
@@ -117,7 +95,7 @@ def file_fastiocp(path: str, direct: bool, duration: float, depth: int) -> Dict[
         state["i"] = i
         return done
 
-    out = _timed(run_direct if direct else run, duration)
+    out = _timed(run, duration)
     port.close()
     f.close()
     out["bad_reads"] = state["bad"]
