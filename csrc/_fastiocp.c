@@ -474,10 +474,15 @@ typedef struct {
   PyObject_HEAD
   struct CompletionPortObject* port; /* borrowed, set only while in flight */
   fiocp_op_t* rec;                   /* set only while in flight */
+  /* The attributes read in every completion loop are object slots that
+   * are never NULL (T_OBJECT_EX members): CPython 3.11+ specializes their
+   * reads to one load, 4-6x cheaper than a getter or a T_PYSSIZET member. */
   PyObject* key;
   PyObject* context;
-  PyObject* buffer;   /* the object whose memory the operation uses */
+  PyObject* buffer;   /* the object whose memory the operation uses, or None */
   PyObject* error;    /* None or the OSError */
+  PyObject* op;       /* kind_names[kind] */
+  PyObject* nbytes_obj; /* nbytes as an int */
   PyObject* extra;    /* recvfrom: address; accept: (socket, address) */
   Py_ssize_t nbytes;
   Py_buffer view;     /* exported while in flight */
@@ -522,6 +527,8 @@ static int Completion_clear(CompletionObject* self) {
   Py_CLEAR(self->context);
   Py_CLEAR(self->error);
   Py_CLEAR(self->extra);
+  Py_CLEAR(self->op);
+  Py_CLEAR(self->nbytes_obj);
   if (!self->pinned) Py_CLEAR(self->buffer);
   return 0;
 }
@@ -584,9 +591,13 @@ static CompletionObject* Completion_create(uint8_t kind, PyObject* key,
   c->key = key;
   Py_INCREF(context);
   c->context = context;
-  c->buffer = NULL;
+  Py_INCREF(Py_None);
+  c->buffer = Py_None;
   Py_INCREF(Py_None);
   c->error = Py_None;
+  Py_INCREF(kind_names[kind]);
+  c->op = kind_names[kind];
+  c->nbytes_obj = PyLong_FromLong(0); /* a cached small int: cannot fail */
   c->extra = NULL;
   c->nbytes = 0;
   memset(&c->view, 0, sizeof(c->view));
@@ -635,19 +646,6 @@ static PyObject* Completion_cancel(CompletionObject* self,
   return port_cancel_completion(self->port, self);
 }
 
-static PyObject* Completion_get_op(CompletionObject* self, void* c) {
-  (void)c;
-  Py_INCREF(kind_names[self->kind]);
-  return kind_names[self->kind];
-}
-
-static PyObject* Completion_get_buffer(CompletionObject* self, void* c) {
-  (void)c;
-  if (self->buffer == NULL) Py_RETURN_NONE;
-  Py_INCREF(self->buffer);
-  return self->buffer;
-}
-
 static PyObject* Completion_get_done(CompletionObject* self, void* c) {
   (void)c;
   return PyBool_FromLong(self->done);
@@ -685,26 +683,24 @@ static PyObject* Completion_repr(CompletionObject* self) {
 }
 
 static PyMemberDef Completion_members[] = {
-    {"key", T_OBJECT, offsetof(CompletionObject, key), READONLY,
+    {"key", T_OBJECT_EX, offsetof(CompletionObject, key), READONLY,
      "The key given to register() for the handle (or to post())."},
-    {"context", T_OBJECT, offsetof(CompletionObject, context), READONLY,
+    {"context", T_OBJECT_EX, offsetof(CompletionObject, context), READONLY,
      "The context object given when the operation was submitted."},
-    {"nbytes", T_PYSSIZET, offsetof(CompletionObject, nbytes), READONLY,
+    {"nbytes", T_OBJECT_EX, offsetof(CompletionObject, nbytes_obj), READONLY,
      "Bytes transferred (0 at end of file, and while pending); for post(), "
      "the nbytes posted."},
-    {"error", T_OBJECT, offsetof(CompletionObject, error), READONLY,
+    {"error", T_OBJECT_EX, offsetof(CompletionObject, error), READONLY,
      "None, or the OSError the operation failed with (errno/winerror set)."},
+    {"op", T_OBJECT_EX, offsetof(CompletionObject, op), READONLY,
+     "The kind of operation: 'read', 'write', 'recv', 'send', 'recvfrom', "
+     "'sendto', 'accept', 'connect' or 'post'."},
+    {"buffer", T_OBJECT_EX, offsetof(CompletionObject, buffer), READONLY,
+     "The buffer object the operation read into or wrote from (None for "
+     "accept, connect and post)."},
     {NULL}};
 
 static PyGetSetDef Completion_getset[] = {
-    {"op", (getter)Completion_get_op, NULL,
-     "The kind of operation: 'read', 'write', 'recv', 'send', 'recvfrom', "
-     "'sendto', 'accept', 'connect' or 'post'.",
-     NULL},
-    {"buffer", (getter)Completion_get_buffer, NULL,
-     "The buffer object the operation read into or wrote from (None for "
-     "accept, connect and post).",
-     NULL},
     {"done", (getter)Completion_get_done, NULL,
      "True once the completion has been dequeued (or drained by close()).",
      NULL},
@@ -795,6 +791,33 @@ static PyObject* make_accepted(fiocp_op_t* rec, int64_t res) {
   return Py_BuildValue("(NN)", sock, addr);
 }
 
+/* c->nbytes as an int object. Consecutive completions mostly carry the same
+ * count (a block, a message size), so the last int made is reused: no
+ * allocation for counts above the small-int cache. Guarded by the GIL. */
+static PyObject* last_nbytes_obj;
+static Py_ssize_t last_nbytes;
+
+static void set_nbytes_obj(CompletionObject* c) {
+  PyObject* o;
+  if (last_nbytes_obj != NULL && last_nbytes == c->nbytes) {
+    Py_INCREF(last_nbytes_obj);
+    o = last_nbytes_obj;
+  } else {
+    o = PyLong_FromSsize_t(c->nbytes);
+    if (o == NULL) {
+      /* Out of memory: reading nbytes then raises AttributeError rather
+       * than giving a wrong count; result() still has it. */
+      PyErr_Clear();
+      Py_CLEAR(c->nbytes_obj);
+      return;
+    }
+    Py_INCREF(o);
+    Py_XSETREF(last_nbytes_obj, o);
+    last_nbytes = c->nbytes;
+  }
+  Py_XSETREF(c->nbytes_obj, o);
+}
+
 /* Fills c from its record, releases the buffer, frees the record. Returns
  * the completion (the port's reference, now the caller's). GIL. */
 static CompletionObject* finish_op(CompletionPortObject* self,
@@ -842,6 +865,7 @@ static CompletionObject* finish_op(CompletionPortObject* self,
         c->nbytes = (Py_ssize_t)res;
     }
   }
+  if (c->nbytes != 0) set_nbytes_obj(c);
   if (c->pinned) {
     PyBuffer_Release(&c->view);
     c->pinned = 0;
@@ -1183,7 +1207,7 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
     } else {
       Py_INCREF(obj);
     }
-    c->buffer = obj;
+    Py_SETREF(c->buffer, obj);
     track_if_needed(c, obj);
     if (PyObject_GetBuffer(obj, &c->view,
                            bufmode == BUF_READ ? PyBUF_WRITABLE : PyBUF_SIMPLE) <

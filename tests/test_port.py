@@ -28,6 +28,21 @@ def test_post_and_get(port):
     assert c.result() == 7
 
 
+def test_completion_attributes_are_exact_and_read_only(port):
+    # nbytes objects are shared between completions with the same count (an
+    # allocation saved per completion): each must still carry its own count.
+    counts = [5000, 5000, 0, 70000, 5000, 2**32 - 1, 1]
+    for n in counts:
+        port.post(context=n, nbytes=n)
+    got = collect(port, len(counts))
+    assert [c.nbytes for c in got] == counts == [c.context for c in got]
+    assert [c.result() for c in got] == counts
+    c = got[0]
+    for name in ("key", "context", "op", "nbytes", "error", "buffer", "done"):
+        with pytest.raises(AttributeError):
+            setattr(c, name, 1)
+
+
 def test_post_defaults(port):
     port.post()
     c = port.get(5)
