@@ -73,6 +73,38 @@ def test_read_fastiocp_qd32(benchmark, backend, data_file):
 
 
 @pytest.mark.benchmark(group="file-read-4k")
+def test_read_fastiocp_qd32_resubmit(benchmark, backend, data_file):
+    """The same reads, each batch of dequeued completions started again
+    with one resubmit() call instead of a read() call per completion."""
+    path, offsets = data_file
+    f = fastiocp.open(path, "rb")
+    port = fastiocp.CompletionPort(backend=backend)
+    port.register(f)
+    get_many, resubmit = port.get_many, port.resubmit
+
+    def run():
+        with port.batch():
+            for i in range(DEPTH):
+                port.read(f, bytearray(BLOCK), offsets[i])
+        inflight, k = DEPTH, DEPTH
+        while inflight:
+            cs = get_many(DEPTH)
+            inflight -= len(cs)
+            for c in cs:
+                assert c.nbytes == BLOCK
+            more = offsets[k : k + len(cs)]
+            if more:
+                resubmit(cs[: len(more)], more)
+                k += len(more)
+                inflight += len(more)
+
+    benchmark.extra_info["reads"] = N
+    benchmark.pedantic(run, rounds=5, iterations=1)
+    port.close()
+    f.close()
+
+
+@pytest.mark.benchmark(group="file-read-4k")
 def test_read_pread_loop(benchmark, data_file):
     path, offsets = data_file
     fd = os.open(path, os.O_RDONLY)

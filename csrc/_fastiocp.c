@@ -485,6 +485,7 @@ typedef struct {
   PyObject* nbytes_obj; /* nbytes as an int */
   PyObject* extra;    /* recvfrom: address; accept: (socket, address) */
   Py_ssize_t nbytes;
+  fiocp_handle_t handle; /* the handle of its last submission (resubmit) */
   Py_buffer view;     /* exported while in flight */
   uint8_t kind;
   uint8_t pinned;
@@ -1158,6 +1159,72 @@ static PyObject* lookup_key(CompletionPortObject* self, fiocp_handle_t h) {
 
 enum { BUF_NONE, BUF_READ, BUF_WRITE };
 
+/* Undoes the hand-over of c and its record to the port after the backend
+ * refused it at once (no completion will come). c itself stays alive: the
+ * caller holds its own reference. GIL. */
+static void take_back(CompletionPortObject* self, CompletionObject* c,
+                      fiocp_op_t* rec) {
+  self->pending--;
+  c->rec = NULL;
+  c->port = NULL;
+  rec->state = FIOCP_ST_FREE;
+  fiocp__op_free(self->port, rec);
+  Py_DECREF(c); /* the port's reference */
+}
+
+/* Takes a record for c (buffer pinned, key set, port open) and submits it
+ * on h. Returns 0: c is in flight and the port holds a reference to it.
+ * Returns -1 with an exception: nothing was submitted, c's buffer is still
+ * pinned (the caller releases it). Runs no Python code. GIL. */
+static int start_op(CompletionPortObject* self, CompletionObject* c,
+                    fiocp_handle_t h, int64_t offset, int needs_addr,
+                    const struct sockaddr_storage* ss, fiocp_socklen_t sslen,
+                    int defer) {
+  fiocp_op_t* rec = fiocp__op_alloc(self->port);
+  int rc;
+  if (rec == NULL) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  if (needs_addr) {
+    rec->addr = fiocp__addr_alloc(self->port);
+    if (rec->addr == NULL) {
+      fiocp__op_free(self->port, rec);
+      PyErr_NoMemory();
+      return -1;
+    }
+    if (ss != NULL) {
+      memcpy(&rec->addr->ss, ss, sizeof(*ss));
+      rec->addr->sslen = sslen;
+    } else {
+      rec->addr->sslen = (fiocp_socklen_t)sizeof(rec->addr->ss);
+    }
+  }
+  rec->kind = c->kind;
+  rec->handle = h;
+  if (c->pinned) {
+    rec->buf = (char*)c->view.buf;
+    rec->len = c->view.len > (Py_ssize_t)MAX_TRANSFER ? MAX_TRANSFER
+                                                      : (uint32_t)c->view.len;
+  }
+  rec->offset = offset;
+  rec->user = (uintptr_t)c;
+  rec->state = FIOCP_ST_INFLIGHT;
+  c->rec = rec;
+  c->port = self;
+  c->handle = h;
+  Py_INCREF(c); /* the port's reference, given back by get() */
+  self->pending++;
+  rc = self->backend->submit(self->port, rec, defer);
+  if (rc < 0) {
+    /* Failed at once: no completion will come. */
+    take_back(self, c, rec);
+    set_code_error(rc);
+    return -1;
+  }
+  return 0;
+}
+
 /* Validates, pins the buffer, fills a record and submits it. Everything
  * that can fail because of the arguments fails before anything is
  * submitted. GIL. */
@@ -1168,10 +1235,9 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
   fiocp_handle_t h;
   PyObject* key;
   CompletionObject* c;
-  fiocp_op_t* rec;
   struct sockaddr_storage ss;
   fiocp_socklen_t sslen = 0;
-  int rc, needs_addr;
+  int needs_addr;
   /* Python code may run in the steps that prepare the call (fileno(), a
    * socket's family, __fspath__, a buffer exporter, a finalizer run by the
    * GC when the Completion is allocated, other threads while the resolver
@@ -1229,55 +1295,9 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
   Py_INCREF(key);
   Py_SETREF(c->key, key);
   track_if_needed(c, key);
-  rec = fiocp__op_alloc(self->port);
-  if (rec == NULL) {
-    PyErr_NoMemory();
+  if (start_op(self, c, h, offset, needs_addr, address != NULL ? &ss : NULL,
+               sslen, self->batch_depth > 0) < 0)
     goto error;
-  }
-  if (needs_addr) {
-    rec->addr = fiocp__addr_alloc(self->port);
-    if (rec->addr == NULL) {
-      fiocp__op_free(self->port, rec);
-      PyErr_NoMemory();
-      goto error;
-    }
-    if (address != NULL) {
-      memcpy(&rec->addr->ss, &ss, sizeof(ss));
-      rec->addr->sslen = sslen;
-    } else {
-      rec->addr->sslen = (fiocp_socklen_t)sizeof(rec->addr->ss);
-    }
-  }
-  rec->kind = kind;
-  rec->handle = h;
-  if (c->pinned) {
-    rec->buf = (char*)c->view.buf;
-    rec->len = c->view.len > (Py_ssize_t)MAX_TRANSFER ? MAX_TRANSFER
-                                                      : (uint32_t)c->view.len;
-  }
-  rec->offset = offset;
-  rec->user = (uintptr_t)c;
-  rec->state = FIOCP_ST_INFLIGHT;
-  c->rec = rec;
-  c->port = self;
-  Py_INCREF(c); /* the port's reference, given back by get() */
-  self->pending++;
-  rc = self->backend->submit(self->port, rec, self->batch_depth > 0);
-  if (rc < 0) {
-    /* Failed at once: no completion will come. */
-    self->pending--;
-    c->rec = NULL;
-    c->port = NULL;
-    rec->state = FIOCP_ST_FREE;
-    fiocp__op_free(self->port, rec);
-    Py_DECREF(c);
-    if (c->pinned) {
-      PyBuffer_Release(&c->view);
-      c->pinned = 0;
-    }
-    set_code_error(rc);
-    goto error;
-  }
   return (PyObject*)c;
 error:
   if (c->pinned) {
@@ -1456,6 +1476,178 @@ static PyObject* CompletionPort_connect(CompletionPortObject* self, FASTARGS) {
                    OR_NONE(a[2]));
 }
 
+static PyObject* CompletionPort_flush(CompletionPortObject* self,
+                                      PyObject* Py_UNUSED(ignored));
+
+/* done == RESUBMITTING marks a completion taken by a resubmit() call that is
+ * still checking its arguments: a second appearance in the same call is
+ * refused, and done stays true for anyone reading it. */
+#define RESUBMITTING 2
+
+/* Undoes resubmit()'s marks and pins on items [from, to). */
+static void resubmit_undo(PyObject** items, Py_ssize_t from, Py_ssize_t to) {
+  Py_ssize_t i;
+  for (i = from; i < to; i++) {
+    CompletionObject* c = (CompletionObject*)items[i];
+    if (c->pinned) {
+      PyBuffer_Release(&c->view);
+      c->pinned = 0;
+    }
+    c->done = 1;
+  }
+}
+
+static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
+                                         FASTARGS) {
+  static const char* const names[] = {"completions", "offsets"};
+  static PyObject* interned[2];
+  PyObject* a[2];
+  PyObject *seq = NULL, *offseq = NULL, *result = NULL;
+  PyObject **items, **keys = NULL, **olds = NULL;
+  int64_t* offsets = NULL;
+  Py_ssize_t n, i, checked = 0, nolds = 0;
+  if (parse_args("resubmit", args, nargs, kwnames, names, interned, 2, 1, a) <
+      0)
+    return NULL;
+  /* Iterating the arguments may run Python code: it is done first, into a
+   * tuple that nothing else can change. */
+  seq = PySequence_Tuple(a[0]);
+  if (seq == NULL) return NULL;
+  n = PyTuple_GET_SIZE(seq);
+  items = &PyTuple_GET_ITEM(seq, 0);
+  if (a[1] != NULL && a[1] != Py_None) {
+    offseq = PySequence_Tuple(a[1]);
+    if (offseq == NULL) goto done;
+    if (PyTuple_GET_SIZE(offseq) != n) {
+      PyErr_Format(PyExc_ValueError,
+                   "offsets has %zd items for %zd completions",
+                   PyTuple_GET_SIZE(offseq), n);
+      goto done;
+    }
+  }
+  if (port_check_open(self) < 0) goto done;
+  offsets = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*offsets));
+  keys = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*keys));
+  olds = PyMem_Malloc((size_t)(n > 0 ? n : 1) * 2 * sizeof(*olds));
+  if (offsets == NULL || keys == NULL || olds == NULL) {
+    PyErr_NoMemory();
+    goto done;
+  }
+  /* 1. Check every completion and offset; no Python code runs here. */
+  for (checked = 0; checked < n; checked++) {
+    CompletionObject* c = (CompletionObject*)items[checked];
+    uint8_t k;
+    if (!Py_IS_TYPE(items[checked], &CompletionType)) {
+      PyErr_Format(PyExc_TypeError,
+                   "completions must hold Completion objects, not %.100s",
+                   Py_TYPE(items[checked])->tp_name);
+      goto undo_checked;
+    }
+    if (c->done != 1) {
+      if (c->done == RESUBMITTING)
+        PyErr_SetString(PyExc_ValueError,
+                        "the same Completion appears twice in completions");
+      else
+        PyErr_Format(InvalidStateError,
+                     "%R is still in flight: only a dequeued completion "
+                     "can be resubmitted",
+                     items[checked]);
+      goto undo_checked;
+    }
+    k = c->kind;
+    if (k != FIOCP_OP_READ && k != FIOCP_OP_WRITE && k != FIOCP_OP_RECV &&
+        k != FIOCP_OP_SEND) {
+      PyErr_Format(PyExc_ValueError,
+                   "resubmit() takes read, write, recv and send completions, "
+                   "not %R",
+                   kind_names[k]);
+      goto undo_checked;
+    }
+    if (c->buffer == NULL || c->buffer == Py_None) {
+      PyErr_SetString(PyExc_ValueError, "the completion has no buffer left");
+      goto undo_checked;
+    }
+    offsets[checked] = 0;
+    if (k == FIOCP_OP_READ || k == FIOCP_OP_WRITE) {
+      if (offseq == NULL) {
+        PyErr_SetString(PyExc_TypeError,
+                        "offsets is required to resubmit reads and writes");
+        goto undo_checked;
+      }
+      if (parse_offset(PyTuple_GET_ITEM(offseq, checked), &offsets[checked]) <
+          0)
+        goto undo_checked;
+    } else if (offseq != NULL && PyTuple_GET_ITEM(offseq, checked) != Py_None) {
+      PyErr_Format(PyExc_TypeError,
+                   "offsets[%zd] must be None for a %U completion", checked,
+                   kind_names[k]);
+      goto undo_checked;
+    }
+    c->done = RESUBMITTING;
+  }
+  /* 2. Pin the buffers: an exporter may run Python code. */
+  for (i = 0; i < n; i++) {
+    CompletionObject* c = (CompletionObject*)items[i];
+    int mode = c->kind == FIOCP_OP_READ || c->kind == FIOCP_OP_RECV
+                   ? PyBUF_WRITABLE
+                   : PyBUF_SIMPLE;
+    if (PyObject_GetBuffer(c->buffer, &c->view, mode) < 0) goto undo_all;
+    c->pinned = 1;
+  }
+  /* 3. The port and the registrations as they are now; from here on no
+   * Python code runs until every operation is submitted. */
+  if (port_check_open(self) < 0) goto undo_all;
+  for (i = 0; i < n; i++) {
+    keys[i] = lookup_key(self, ((CompletionObject*)items[i])->handle);
+    if (keys[i] == NULL) goto undo_all;
+  }
+  /* 4. Submit. The references the completions drop are released at the
+   * end: a finalizer must not run in the middle. */
+  for (i = 0; i < n; i++) {
+    CompletionObject* c = (CompletionObject*)items[i];
+    if (start_op(self, c, c->handle, offsets[i], 0, NULL, 0, 1) < 0) {
+      PyObject *type, *value, *tb;
+      resubmit_undo(items, i, n);
+      PyErr_Fetch(&type, &value, &tb);
+      /* The ones already queued go to the kernel all the same. */
+      if (self->batch_depth == 0) (void)self->backend->flush(self->port);
+      PyErr_Restore(type, value, tb);
+      goto done;
+    }
+    Py_INCREF(keys[i]);
+    olds[nolds++] = c->key;
+    c->key = keys[i];
+    track_if_needed(c, c->key);
+    olds[nolds++] = c->error;
+    Py_INCREF(Py_None);
+    c->error = Py_None;
+    c->nbytes = 0;
+    Py_XSETREF(c->nbytes_obj, PyLong_FromLong(0)); /* small int: no failure */
+    c->cancelled = 0;
+    c->done = 0;
+  }
+  if (self->batch_depth == 0)
+    result = CompletionPort_flush(self, NULL);
+  else {
+    Py_INCREF(Py_None);
+    result = Py_None;
+  }
+  goto done;
+undo_all:
+  resubmit_undo(items, 0, n);
+  goto done;
+undo_checked:
+  resubmit_undo(items, 0, checked);
+done:
+  for (i = 0; i < nolds; i++) Py_XDECREF(olds[i]);
+  PyMem_Free(olds);
+  PyMem_Free(keys);
+  PyMem_Free(offsets);
+  Py_XDECREF(offseq);
+  Py_XDECREF(seq);
+  return result;
+}
+
 static PyObject* CompletionPort_post(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"key", "context", "nbytes"};
   static PyObject* interned[3];
@@ -1505,12 +1697,7 @@ static PyObject* CompletionPort_post(CompletionPortObject* self, FASTARGS) {
   self->pending++;
   rc = self->backend->post(self->port, rec);
   if (rc < 0) {
-    self->pending--;
-    c->rec = NULL;
-    c->port = NULL;
-    rec->state = FIOCP_ST_FREE;
-    fiocp__op_free(self->port, rec);
-    Py_DECREF(c);
+    take_back(self, c, rec);
     return set_code_error(rc);
   }
   Py_RETURN_NONE;
@@ -1891,6 +2078,15 @@ static PyMethodDef CompletionPort_methods[] = {
     {"unregister", (PyCFunction)CompletionPort_unregister, METH_O,
      "unregister(fileobj)\n--\n\nForget a registration (call before closing "
      "and reusing a descriptor)."},
+    {"resubmit", (PyCFunction)(void (*)(void))CompletionPort_resubmit, FASTKW,
+     "resubmit(completions, offsets=None)\n--\n\nStart dequeued read, write, "
+     "recv and send completions again, in one call: each on its handle, "
+     "with its buffer and context (and, for a read or write, the offset at "
+     "the same place in offsets; None there for a socket). The Completion "
+     "objects are reused: each is pending again, and get() returns it when "
+     "its new operation ends. Nothing is submitted if an argument is wrong. "
+     "The way to keep a queue of reads full, or to re-arm a batch of "
+     "receives, without a Python call per operation."},
     {"read", (PyCFunction)(void (*)(void))CompletionPort_read, FASTKW,
      "read(file, buffer, offset=0, context=None)\n--\n\nRead into buffer (a "
      "writable buffer, or an int size to allocate a bytearray) at offset "
