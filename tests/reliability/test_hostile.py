@@ -134,6 +134,7 @@ OFFSETS = [0, 0, 5, 4096, None, -1, -(2**63), 2**50, 2**62, 2**63 - 1, 2**63, 2*
 NBYTES = [0, 7, 2**32 - 1, 2**32, -1, 2**63, 2**64, "7", 1.5, True]
 TIMEOUTS = [0, 0, 0.001, 0.01, -1, float("nan"), "1", -(10**400)]
 MAXES = [1, 2, 64, 100000, 0, -1, 2**31, 2**63, "x", 1.5]
+RESUBMITTABLE = ("read", "write", "recv", "send")
 
 
 def make_buffer(kind: str, size: int):
@@ -183,6 +184,9 @@ class PortMachine(RuleBasedStateMachine):
         self.lsock = socket.create_server(("127.0.0.1", 0), backlog=64)  # where connect goes
         self.accepted: list[socket.socket] = []
         self.nfile = 0
+        self.op_target: dict[int, tuple] = {}  # id(op) -> (fd number, Res or None) of its submission
+        self.dequeued: dict[int, tuple] = {}   # id(c) -> (c, model entry, fd number, Res or None)
+        self.dequeued_posts: list = []
 
     # ------------------------------------------------------------ resources
 
@@ -460,6 +464,7 @@ class PortMachine(RuleBasedStateMachine):
         elif not nobuf:
             assert op.buffer is buf
         m.ops[id(op)] = (op, kind, m.registered[number], context, op.buffer, length)
+        self.op_target[id(op)] = (number, r)
 
     @precondition(lambda self: self.ports)
     @rule(data=st.data(), nbytes=st.sampled_from(NBYTES), key=st.sampled_from([None, 0, "k", ()]))
@@ -496,6 +501,7 @@ class PortMachine(RuleBasedStateMachine):
                         ctx = ("batch", object())
                         op = p.recv(r.obj, 16, context=ctx)
                         m.ops[id(op)] = (op, "recv", m.registered[r.fd], ctx, op.buffer, 16)
+                        self.op_target[id(op)] = (r.fd, r)
                     ctx = ["batch-post"]
                     p.post(context=ctx)
                     m.posts[id(ctx)] = (ctx, None, 0)
@@ -514,6 +520,7 @@ class PortMachine(RuleBasedStateMachine):
             assert entry is not None, f"unknown post {c!r}"
             context, key, nbytes = entry
             assert c.context is context and c.key is key and c.nbytes == nbytes and c.error is None
+            self.dequeued_posts = [c] + self.dequeued_posts[:3]
         else:
             entry = m.ops.pop(id(c), None)
             assert entry is not None, f"unknown completion {c!r} (not submitted to this port, or twice)"
@@ -545,6 +552,8 @@ class PortMachine(RuleBasedStateMachine):
             if isinstance(buffer, bytearray):
                 buffer.append(0)  # released once dequeued: resizable again
                 buffer.pop()
+            if kind in RESUBMITTABLE:
+                self.dequeued[id(c)] = (c, entry) + self.op_target[id(c)]
         m.seen.add(id(c))
         m.keep.append(c)  # keep ids unique for the example's lifetime
 
@@ -571,6 +580,104 @@ class PortMachine(RuleBasedStateMachine):
         assert not m.closed
         for c in cs:
             self.check_completion(m, c)
+
+    def dequeue_a_write(self, m: PortModel) -> None:
+        """A write to a registered file, dequeued (with whatever else comes
+        first): a completion for resubmit() to take."""
+        files = [r for r in self.res if r.kind == "file" and not r.closed and r.fd in m.registered]
+        if m.closed or not files:
+            return
+        r = files[0]
+        context = ("write", object())
+        op = m.port.write(r.obj, b"abc", 0, context=context)
+        m.ops[id(op)] = (op, "write", m.registered[r.fd], context, op.buffer, 3)
+        self.op_target[id(op)] = (r.fd, r)
+        deadline = time.monotonic() + 10
+        while id(op) in m.ops and time.monotonic() < deadline:
+            for c in m.port.get_many(64, timeout=0.1):
+                self.check_completion(m, c)
+        assert id(op) not in m.ops, f"{op!r} never completed"
+
+    @precondition(lambda self: self.ports)
+    @rule(data=st.data(), n=st.integers(0, 4), offsets_as=st.sampled_from(["list", "list", "none", "short"]),
+          keyword=st.booleans())
+    def resubmit(self, data, n, offsets_as, keyword):
+        """resubmit() of dequeued completions, mixed with what it must refuse
+        (one still in flight, a post, the same one twice, not a completion,
+        bad offsets, a handle not registered here): all go back in flight, or
+        none, unless the OS refuses one at submission."""
+        m = self.port(data)
+        port = m.port
+        if not self.dequeued and data.draw(st.booleans()):
+            self.dequeue_a_write(m)
+        pool = list(self.dequeued.values())
+        in_flight = [e[0] for pm in self.ports for e in pm.ops.values()]
+        items: list = []
+        offsets: list = []
+        for _ in range(n):
+            pick = data.draw(st.sampled_from(["done"] * 5 + ["in-flight", "post", "twice", "junk"]))
+            fresh = [d[0] for d in pool if all(d[0] is not x for x in items)]
+            if pick == "done" and fresh:
+                item = data.draw(st.sampled_from(fresh))
+            elif pick == "in-flight" and in_flight:
+                item = data.draw(st.sampled_from(in_flight))
+            elif pick == "post" and self.dequeued_posts:
+                item = self.dequeued_posts[0]
+            elif pick == "twice" and items:
+                item = items[0]
+            elif pick == "junk":
+                item = data.draw(st.sampled_from(["c", None, 3]))
+            else:
+                continue
+            items.append(item)
+            kind = getattr(item, "op", None)
+            good = [0, 4096, 100000] if kind in ("read", "write") else [None]
+            offsets.append(data.draw(st.sampled_from(good if data.draw(st.integers(0, 3)) else OFFSETS)))
+        arg = {"list": offsets, "none": None, "short": offsets[:-1]}[offsets_as]
+
+        def bad_offset(kind, off):
+            if kind not in ("read", "write"):
+                return off is not None
+            return not (off is None or (isinstance(off, int) and 0 <= off < 2**63))
+
+        known = [self.dequeued.get(id(c)) for c in items]
+        ids = [id(c) for c in items]
+        must_fail = bool(m.closed or len(set(ids)) < len(ids) or
+                     any(not isinstance(c, fastiocp.Completion) for c in items) or
+                     any(d is None for d in known) or  # in flight, or a post
+                     (offsets_as == "short" and items) or
+                     (offsets_as == "none" and any(d[1][1] in ("read", "write") for d in known if d)) or
+                     (offsets_as == "list" and any(bad_offset(getattr(c, "op", None), o)
+                                                   for c, o in zip(items, offsets))) or
+                     any(d[2] not in m.registered for d in known if d))
+        must_succeed = not must_fail and all(
+            d[3] is not None and not d[3].closed and
+            not (ON_WINDOWS and d[3].kind == "file" and d[1][1] == "read" and
+                 (arg is None or arg[i] is None))
+            for i, d in enumerate(known))
+        before = port.pending
+        try:
+            ret = port.resubmit(items, offsets=arg) if keyword else port.resubmit(items, arg)
+        except (fastiocp.InvalidStateError,) + ORDINARY as exc:
+            started = port.pending - before
+            assert started == 0 or not must_fail, f"refused with {started} submitted: {exc!r}"
+            assert not must_succeed, f"resubmit({items!r}, {arg!r}) refused: {exc!r}"
+            assert m.closed or not isinstance(exc, fastiocp.PortClosedError)
+        else:
+            assert ret is None and not must_fail, f"resubmit({items!r}, {arg!r}) accepted"
+            started = len(items)
+        assert port.pending == before + started
+        for i, c in enumerate(items):
+            if i < started:
+                c0, entry, fd, r = self.dequeued.pop(id(c))
+                _, kind, _, context, buffer, length = entry
+                assert not c.done and not c.cancelled and c.error is None and c.nbytes == 0
+                m.ops[id(c)] = (c, kind, m.registered[fd], context, buffer, length)
+                self.op_target[id(c)] = (fd, r)
+                for pm in self.ports:
+                    pm.seen.discard(id(c))
+            elif isinstance(c, fastiocp.Completion) and id(c) in self.dequeued:
+                assert c.done, f"{c!r} left pending by a refused resubmit()"
 
     @precondition(lambda self: self.ports)
     @rule(data=st.data(), how=st.sampled_from(["method", "port", "other-port", "not-an-op"]))
