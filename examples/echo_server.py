@@ -3,9 +3,11 @@
     python examples/echo_server.py PORT
 
 Serves on 127.0.0.1:PORT until SIGTERM or Ctrl-C. Every connection has one
-receive in flight; each received chunk is sent back, and the next receive is
-submitted when the send completes. Submissions made while handling a batch of
-completions reach the kernel together (port.batch()).
+receive in flight; each received chunk is sent back, and the receive is
+started again when the send completes: the same Completion, by one
+resubmit() call for all the receives of a batch (no Python call per
+receive). Submissions made while handling a batch of completions reach the
+kernel together (port.batch()).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def serve(port_number: int, ready=None) -> None:
         port.accept(lsock)
         if ready is not None:
             ready(lsock.getsockname())
+        rearm = []  # receives whose echo has gone out
         while not stop:
             completions = port.get_many(256, timeout=0.5)
             with port.batch():
@@ -50,7 +53,7 @@ def serve(port_number: int, ready=None) -> None:
                             conn.close()  # peer closed or failed
                         else:
                             data = memoryview(c.buffer)[: c.nbytes]
-                            port.send(conn, data, context=c.buffer)
+                            port.send(conn, data, context=c)  # c: the receive
                     elif c.op == "send":
                         conn = c.key
                         if c.error is not None:
@@ -60,7 +63,10 @@ def serve(port_number: int, ready=None) -> None:
                             # A short send: send the rest before reading on.
                             port.send(conn, c.buffer[c.nbytes :], context=c.context)
                         else:
-                            port.recv(conn, c.context)
+                            rearm.append(c.context)
+                if rearm:
+                    port.resubmit(rearm)
+                    rearm.clear()
 
 
 def main() -> int:

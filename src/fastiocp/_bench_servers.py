@@ -35,9 +35,10 @@ def _announce(what: str, lsock_or_port: Any) -> None:
 
 def echo_fastiocp(port: int) -> None:
     """Single thread on one completion port: one receive in flight per
-    connection; the echo is sent, and the next receive submitted when the
-    send completed. Every submission made while handling one batch of
-    completions reaches the kernel in one system call (port.batch())."""
+    connection; the echo is sent, and the receive started again (the same
+    Completion, by one resubmit() for the whole batch) when the send
+    completed. Every submission made while handling one batch of completions
+    reaches the kernel in one system call (port.batch())."""
     import fastiocp
 
     lsock = _listen(port)
@@ -47,7 +48,8 @@ def echo_fastiocp(port: int) -> None:
         cp.register(lsock, key=listener)
         cp.accept(lsock)
         _announce("echo server", lsock)
-        get_many, recv, send, batch = cp.get_many, cp.recv, cp.send, cp.batch
+        get_many, recv, send, resubmit, batch = cp.get_many, cp.recv, cp.send, cp.resubmit, cp.batch
+        rearm: list = []  # receives whose echo went out: started again together
         while True:
             completions = get_many(256)
             with batch():
@@ -55,21 +57,20 @@ def echo_fastiocp(port: int) -> None:
                     op = c.op
                     if op == "send":
                         conn = c.key
-                        buf = c.context
+                        received = c.context  # the receive's Completion
                         n = c.nbytes
                         if c.error is not None:
                             cp.unregister(conn)
                             conn.close()
                         elif n < len(c.buffer):  # short send: the rest first
-                            send(conn, c.buffer[n:], buf)
+                            send(conn, c.buffer[n:], received)
                         else:
-                            recv(conn, buf)
+                            rearm.append(received)
                     elif op == "recv":
                         n = c.nbytes
                         conn = c.key
                         if n and c.error is None:
-                            buf = c.buffer
-                            send(conn, memoryview(buf)[:n], buf)
+                            send(conn, memoryview(c.buffer)[:n], c)
                         else:
                             cp.unregister(conn)
                             conn.close()
@@ -80,6 +81,9 @@ def echo_fastiocp(port: int) -> None:
                             cp.register(conn, key=conn)
                             recv(conn, bytearray(65536))
                         cp.accept(lsock)
+                if rearm:
+                    resubmit(rearm)
+                    rearm.clear()
 
 
 def echo_fastiocp_pool(port: int, threads: int = 2) -> None:

@@ -143,13 +143,14 @@ def file_head(full: str, size: int, keep_alive: bool) -> bytes:
 class Conn:
     """One client connection: at most one operation in flight at a time."""
 
-    __slots__ = ("sock", "buf", "view", "pending", "requests", "closing", "file", "offset",
-                 "left", "fbuf")
+    __slots__ = ("sock", "buf", "view", "recv_op", "pending", "requests", "closing", "file",
+                 "offset", "left", "fbuf")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray(16384)
         self.view = memoryview(self.buf)  # slicing a kept view is the cheapest copy-out
+        self.recv_op: Optional[fastiocp.Completion] = None  # the receive, reused by resubmit()
         self.pending = b""           # the start of a request not yet complete
         self.requests: Deque[Request] = collections.deque()
         self.closing = False         # close once everything queued is sent
@@ -164,6 +165,9 @@ class Server:
         self.port = port
         self.lsock = lsock
         self.root = root
+        # Receives to start again once this batch of completions is handled:
+        # one resubmit() call for all of them.
+        self.rearm: List[fastiocp.Completion] = []
 
     def answer(self, c: Conn) -> None:
         """Called when c has nothing in flight: start its next operation."""
@@ -190,7 +194,7 @@ class Server:
         elif c.closing:
             self.drop(c)
         else:
-            self.port.recv(c.sock, c.buf, context=c)
+            self.rearm.append(c.recv_op)
 
     def open_static(self, c: Conn, method: bytes, path: bytes, keep_alive: bool) -> bytes:
         full = static_path(self.root, path)
@@ -250,7 +254,7 @@ class Server:
         elif c.requests or c.file is not None or c.closing:
             self.answer(c)
         else:  # the common case: wait for the next request
-            self.port.recv(c.sock, c.buf, context=c)
+            self.rearm.append(c.recv_op)
 
     def on_read(self, c: Conn, comp: fastiocp.Completion) -> None:
         n = comp.nbytes
@@ -271,12 +275,13 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.port.register(sock, key="conn")
             c = Conn(sock)
-            self.port.recv(sock, c.buf, context=c)
+            c.recv_op = self.port.recv(sock, c.buf, context=c)
         self.port.accept(self.lsock)
 
     def run(self, stop: List[bool]) -> None:
         port = self.port
         on_recv, on_send, on_read = self.on_recv, self.on_send, self.on_read
+        rearm = self.rearm
         port.register(self.lsock, key="listener")
         port.accept(self.lsock)
         while not stop:
@@ -292,6 +297,9 @@ class Server:
                         on_read(comp.context, comp)
                     else:
                         self.on_accept(comp)
+                if rearm:
+                    port.resubmit(rearm)
+                    rearm.clear()
 
 
 def serve(port_number: int, root: str = DEFAULT_ROOT,
