@@ -1598,7 +1598,13 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
    * Python code runs until every operation is submitted. */
   if (port_check_open(self) < 0) goto undo_all;
   for (i = 0; i < n; i++) {
-    keys[i] = lookup_key(self, ((CompletionObject*)items[i])->handle);
+    fiocp_handle_t h = ((CompletionObject*)items[i])->handle;
+    /* A batch of reads is mostly on one handle: one lookup for a run. */
+    if (i > 0 && h == ((CompletionObject*)items[i - 1])->handle) {
+      keys[i] = keys[i - 1];
+      continue;
+    }
+    keys[i] = lookup_key(self, h);
     if (keys[i] == NULL) goto undo_all;
   }
   /* 4. Submit. The references the completions drop are released at the
