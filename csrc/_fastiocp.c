@@ -1160,8 +1160,8 @@ static PyObject* lookup_key(CompletionPortObject* self, fiocp_handle_t h) {
 enum { BUF_NONE, BUF_READ, BUF_WRITE };
 
 /* Undoes the hand-over of c and its record to the port after the backend
- * refused it at once (no completion will come). c itself stays alive: the
- * caller holds its own reference. GIL. */
+ * refused it at once (no completion will come), dropping the port's
+ * reference to c (for post(), the only one). GIL. */
 static void take_back(CompletionPortObject* self, CompletionObject* c,
                       fiocp_op_t* rec) {
   self->pending--;
@@ -1533,7 +1533,8 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
     PyErr_NoMemory();
     goto done;
   }
-  /* 1. Check every completion and offset; no Python code runs here. */
+  /* 1. Check every completion and offset. No Python code runs here but a
+   * repr() for an error message, after which the call only unwinds. */
   for (checked = 0; checked < n; checked++) {
     CompletionObject* c = (CompletionObject*)items[checked];
     uint8_t k;
@@ -1546,7 +1547,8 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
     if (c->done != 1) {
       if (c->done == RESUBMITTING)
         PyErr_SetString(PyExc_ValueError,
-                        "the same Completion appears twice in completions");
+                        "the same Completion appears twice in completions (or "
+                        "another resubmit() call is starting it)");
       else
         PyErr_Format(InvalidStateError,
                      "%R is still in flight: only a dequeued completion "
