@@ -146,11 +146,12 @@ class Conn:
     __slots__ = ("sock", "buf", "view", "recv_op", "pending", "requests", "closing", "file",
                  "offset", "left", "fbuf")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, port: fastiocp.CompletionPort) -> None:
         self.sock = sock
         self.buf = bytearray(16384)
         self.view = memoryview(self.buf)  # slicing a kept view is the cheapest copy-out
-        self.recv_op: Optional[fastiocp.Completion] = None  # the receive, reused by resubmit()
+        # The first receive; later ones reuse its Completion (resubmit()).
+        self.recv_op = port.recv(sock, self.buf, context=self)
         self.pending = b""           # the start of a request not yet complete
         self.requests: Deque[Request] = collections.deque()
         self.closing = False         # close once everything queued is sent
@@ -274,8 +275,7 @@ class Server:
             sock, _addr = comp.result()
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.port.register(sock, key="conn")
-            c = Conn(sock)
-            c.recv_op = self.port.recv(sock, c.buf, context=c)
+            Conn(sock, self.port)  # lives on as its receive's context
         self.port.accept(self.lsock)
 
     def run(self, stop: List[bool]) -> None:
