@@ -1528,7 +1528,7 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
   if (port_check_open(self) < 0) goto done;
   offsets = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*offsets));
   keys = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*keys));
-  olds = PyMem_Malloc((size_t)(n > 0 ? n : 1) * 2 * sizeof(*olds));
+  olds = PyMem_Malloc((size_t)(n > 0 ? n : 1) * 3 * sizeof(*olds));
   if (offsets == NULL || keys == NULL || olds == NULL) {
     PyErr_NoMemory();
     goto done;
@@ -1557,15 +1557,16 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
       goto undo_checked;
     }
     k = c->kind;
+    /* Not sendto and connect: their address is gone with their record. */
     if (k != FIOCP_OP_READ && k != FIOCP_OP_WRITE && k != FIOCP_OP_RECV &&
-        k != FIOCP_OP_SEND) {
+        k != FIOCP_OP_SEND && k != FIOCP_OP_RECVFROM && k != FIOCP_OP_ACCEPT) {
       PyErr_Format(PyExc_ValueError,
-                   "resubmit() takes read, write, recv and send completions, "
-                   "not %R",
+                   "resubmit() takes read, write, recv, send, recvfrom and "
+                   "accept completions, not %R",
                    kind_names[k]);
       goto undo_checked;
     }
-    if (c->buffer == NULL || c->buffer == Py_None) {
+    if (k != FIOCP_OP_ACCEPT && (c->buffer == NULL || c->buffer == Py_None)) {
       PyErr_SetString(PyExc_ValueError, "the completion has no buffer left");
       goto undo_checked;
     }
@@ -1590,9 +1591,10 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
   /* 2. Pin the buffers: an exporter may run Python code. */
   for (i = 0; i < n; i++) {
     CompletionObject* c = (CompletionObject*)items[i];
-    int mode = c->kind == FIOCP_OP_READ || c->kind == FIOCP_OP_RECV
-                   ? PyBUF_WRITABLE
-                   : PyBUF_SIMPLE;
+    int mode = c->kind == FIOCP_OP_WRITE || c->kind == FIOCP_OP_SEND
+                   ? PyBUF_SIMPLE
+                   : PyBUF_WRITABLE;
+    if (c->kind == FIOCP_OP_ACCEPT) continue;
     if (PyObject_GetBuffer(c->buffer, &c->view, mode) < 0) goto undo_all;
     c->pinned = 1;
   }
@@ -1613,7 +1615,8 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
    * end: a finalizer must not run in the middle. */
   for (i = 0; i < n; i++) {
     CompletionObject* c = (CompletionObject*)items[i];
-    if (start_op(self, c, c->handle, offsets[i], 0, NULL, 0, 1) < 0) {
+    int needs_addr = c->kind == FIOCP_OP_RECVFROM || c->kind == FIOCP_OP_ACCEPT;
+    if (start_op(self, c, c->handle, offsets[i], needs_addr, NULL, 0, 1) < 0) {
       PyObject *type, *value, *tb;
       resubmit_undo(items, i, n);
       PyErr_Fetch(&type, &value, &tb);
@@ -1629,6 +1632,8 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
     olds[nolds++] = c->error;
     Py_INCREF(Py_None);
     c->error = Py_None;
+    olds[nolds++] = c->extra; /* recvfrom's address, accept's socket */
+    c->extra = NULL;
     c->nbytes = 0;
     Py_XSETREF(c->nbytes_obj, PyLong_FromLong(0)); /* small int: no failure */
     c->cancelled = 0;
@@ -2088,13 +2093,14 @@ static PyMethodDef CompletionPort_methods[] = {
      "and reusing a descriptor)."},
     {"resubmit", (PyCFunction)(void (*)(void))CompletionPort_resubmit, FASTKW,
      "resubmit(completions, offsets=None)\n--\n\nStart dequeued read, write, "
-     "recv and send completions again, in one call: each on its handle, "
-     "with its buffer and context (and, for a read or write, the offset at "
-     "the same place in offsets; None there for a socket). The Completion "
-     "objects are reused: each is pending again, and get() returns it when "
-     "its new operation ends. Nothing is submitted if an argument is wrong. "
-     "The way to keep a queue of reads full, or to re-arm a batch of "
-     "receives, without a Python call per operation."},
+     "recv, send, recvfrom and accept completions again, in one call: each "
+     "on its handle, with its buffer and context (and, for a read or write, "
+     "the offset at the same place in offsets; None there for a socket). "
+     "The Completion objects are reused: each is pending again, and get() "
+     "returns it when its new operation ends. Nothing is submitted if an "
+     "argument is wrong. The way to keep a queue of reads full, or to "
+     "re-arm a batch of receives or accepts, without a Python call per "
+     "operation."},
     {"read", (PyCFunction)(void (*)(void))CompletionPort_read, FASTKW,
      "read(file, buffer, offset=0, context=None)\n--\n\nRead into buffer (a "
      "writable buffer, or an int size to allocate a bytearray) at offset "

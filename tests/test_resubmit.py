@@ -1,6 +1,8 @@
 """CompletionPort.resubmit(): dequeued completions started again in one call."""
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 import fastiocp
@@ -83,6 +85,64 @@ def test_sends_and_receives_together_with_none_offsets(port, sockpair):
     assert got == b"xy" * 3
 
 
+def test_accepts_rearmed(port):
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port.register(lsock, key="listener")
+    op = port.accept(lsock, context="acc")
+    peers, accepted = [], []
+    try:
+        for _ in range(3):
+            peers.append(socket.create_connection(lsock.getsockname()))
+            (c,) = collect(port, 1)
+            assert c is op and c.error is None and c.context == "acc" and c.key == "listener"
+            conn, addr = c.result()
+            accepted.append(conn)
+            assert addr == peers[-1].getsockname() and c.address == addr
+            port.resubmit([c])
+            assert not c.done and c.address is None
+        op.cancel()
+        (c,) = collect(port, 1)
+        assert c.cancelled
+    finally:
+        for s in peers + accepted + [lsock]:
+            s.close()
+
+
+def test_recvfrom_rearmed(port):
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        tx.bind(("127.0.0.1", 0))
+        port.register(rx)
+        port.recvfrom(rx, bytearray(32), context="dgram")
+        for i in range(3):
+            tx.sendto(b"d%d" % i, rx.getsockname())
+            (c,) = collect(port, 1)
+            n, addr = c.result()
+            assert bytes(c.buffer[:n]) == b"d%d" % i and addr == tx.getsockname()
+            port.resubmit([c], [None])
+        c.cancel()
+        assert collect(port, 1)[0].cancelled
+    finally:
+        rx.close()
+        tx.close()
+
+
+def test_sendto_and_connect_are_refused(port):
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        a.bind(("127.0.0.1", 0))
+        port.register(a)
+        port.sendto(a, b"x", a.getsockname())
+        sent = collect(port, 1)[0]
+        with pytest.raises(ValueError, match="not 'sendto'"):
+            port.resubmit([sent])
+        assert port.pending == 0 and sent.done
+    finally:
+        a.close()
+
+
 def test_inside_a_batch(port, sockpair):
     a, b = sockpair
     port.register(a)
@@ -122,7 +182,7 @@ def test_refusals_submit_nothing_and_leave_completions_usable(port, data_file, s
             (ValueError, "appears twice", ([c1, c1], [0, 0]), {}),
             (TypeError, "must hold Completion", ([c1, "no"], [0, 0]), {}),
             (fastiocp.InvalidStateError, "in flight", ([c1, in_flight], [0, None]), {}),
-            (ValueError, "read, write, recv and send", ([c1, posted], [0, None]), {}),
+            (ValueError, "read, write, recv, send, recvfrom and accept", ([c1, posted], [0, None]), {}),
             (ValueError, "offset must be >= 0", ([c1, c2], [0, -1]), {}),
             (TypeError, "offset must be an int", ([c1, c2], [0, "0"]), {}),
             (TypeError, "not iterable", (5,), {}),
