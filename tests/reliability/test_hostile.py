@@ -137,6 +137,18 @@ MAXES = [1, 2, 64, 100000, 0, -1, 2**31, 2**63, "x", 1.5]
 RESUBMITTABLE = ("read", "write", "recv", "send", "recvfrom", "accept")
 
 
+def offset_refused(offset) -> bool:
+    """An offset read(), write() and resubmit() must refuse: anything but
+    None or an int in [0, 2**63)."""
+    return not (offset is None or (isinstance(offset, int) and 0 <= offset < 2**63))
+
+
+def offset_taken(offset) -> bool:
+    """An offset every OS takes: None or an int up to 2**62 (Windows refuses
+    some above)."""
+    return offset is None or (type(offset) is int and 0 <= offset <= 2**62)
+
+
 def make_buffer(kind: str, size: int):
     """(object, writable, length or None when the call must fail)."""
     if kind == "bytearray":
@@ -420,10 +432,9 @@ class PortMachine(RuleBasedStateMachine):
                      (not nobuf and length is None) or
                      (reads and writable is False) or
                      (isinstance(buf, int) and not reads) or
-                     (kind in ("read", "write") and (not isinstance(offset, (int, type(None))) or
-                                                      (isinstance(offset, int) and not 0 <= offset < 2**63))))
+                     (kind in ("read", "write") and offset_refused(offset)))
         # Calls that must succeed: everything valid.
-        good_offset = offset is None or (type(offset) is int and 0 <= offset <= 2**62)
+        good_offset = offset_taken(offset)
         if ON_WINDOWS and offset is None and kind == "read" and r is not None and r.kind == "file":
             # A file opened for overlapped I/O has no file pointer: a read at
             # the current position is refused (tests/backends/test_iocp.py).
@@ -638,10 +649,8 @@ class PortMachine(RuleBasedStateMachine):
             offsets.append(menu[offset_index % len(menu)])
         arg = {"list": offsets, "none": None, "short": offsets[:-1]}[offsets_as]
 
-        def bad_offset(kind, off):
-            if kind not in ("read", "write"):
-                return off is not None
-            return not (off is None or (isinstance(off, int) and 0 <= off < 2**63))
+        def bad_offset(kind, off):  # sockets take None only
+            return offset_refused(off) if kind in ("read", "write") else off is not None
 
         known = [self.dequeued.get(id(c)) for c in items]
         ids = [id(c) for c in items]
@@ -653,12 +662,9 @@ class PortMachine(RuleBasedStateMachine):
                      (offsets_as == "list" and any(bad_offset(getattr(c, "op", None), o)
                                                    for c, o in zip(items, offsets))) or
                      any(d[2] not in m.registered for d in known if d))
-        def good_offset(kind, off):  # as in submit(): the OS may refuse 2**62 < off < 2**63
-            return kind not in ("read", "write") or off is None or (type(off) is int and 0 <= off <= 2**62)
-
         must_succeed = not must_fail and all(
             d[3] is not None and not d[3].closed and
-            (arg is None or good_offset(d[1][1], arg[i])) and
+            (arg is None or d[1][1] not in ("read", "write") or offset_taken(arg[i])) and
             not (ON_WINDOWS and d[3].kind == "file" and d[1][1] == "read" and
                  (arg is None or arg[i] is None))
             for i, d in enumerate(known))
