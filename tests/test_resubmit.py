@@ -1,12 +1,13 @@
 """CompletionPort.resubmit(): dequeued completions started again in one call."""
 from __future__ import annotations
 
+import gc
 import socket
 
 import pytest
 
 import fastiocp
-from conftest import collect
+from conftest import ON_LINUX, ON_WINDOWS, collect, open_fd_count, rss_bytes
 
 BLOCK = 512
 
@@ -213,3 +214,52 @@ def test_after_close(backend, data_file):
         with pytest.raises(fastiocp.PortClosedError):
             port.resubmit([c], [0])
         assert c.done
+
+
+def test_buffer_pinned_again_and_released_by_close(backend, sockpair):
+    """Invariants 2 and 4 for a resubmitted operation: its buffer cannot be
+    resized while it is in flight, and close() completes it and lets go."""
+    a, b = sockpair
+    port = fastiocp.CompletionPort(backend=backend)
+    port.register(b)
+    buf = bytearray(16)
+    port.recv(b, buf)
+    a.sendall(b"x")
+    (c,) = collect(port, 1)
+    buf.extend(b"free")  # dequeued: released
+    del buf[16:]
+    port.resubmit([c])
+    with pytest.raises(BufferError):
+        buf.extend(b"more")
+    port.close()
+    assert c.done and c.cancelled and isinstance(c.error, OSError)
+    buf.extend(b"free again")
+
+
+@pytest.mark.skipif(not (ON_LINUX or ON_WINDOWS), reason="reads RSS and fd counts from /proc (Linux) or handle counts and the working set from Win32 (Windows) only")
+def test_no_growth_over_20k_resubmit_cycles(port, sockpair):
+    """Invariant 5: the same two completions (a receive and a send) cycled
+    through resubmit() keep memory and handle counts flat."""
+    a, b = sockpair
+    port.register(a)
+    port.register(b)
+    port.recv(b, bytearray(64), context="r")
+    port.send(a, b"0123456789", context="s")
+    pair = collect(port, 2)
+
+    def cycles(n: int) -> None:
+        nonlocal pair
+        for _ in range(n):
+            port.resubmit(pair)
+            pair = collect(port, 2)
+            assert sorted(c.nbytes for c in pair) == [10, 10]
+
+    cycles(2_000)  # warm up
+    gc.collect()
+    fds0, rss0 = open_fd_count(), rss_bytes()
+    cycles(20_000)
+    gc.collect()
+    fds1, rss1 = open_fd_count(), rss_bytes()
+    assert fds1 == fds0
+    assert rss1 - rss0 < 2 * 1024 * 1024, f"RSS grew by {(rss1 - rss0) / 1024:.0f} KiB"
+    assert port.pending == 0
