@@ -3,11 +3,13 @@ this machine (narrowed by FASTIOCP_BACKEND), as CPython's test_selectors
 runs one suite per selector."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
 import textwrap
 import time
+from typing import Callable
 
 import pytest
 
@@ -186,3 +188,16 @@ def rss_bytes() -> int:
         return counters.WorkingSetSize
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def assert_no_growth(cycles: Callable[[int], None], warm_up: int, n: int) -> None:
+    """Runs cycles(warm_up) (slabs, pymalloc arenas), then cycles(n), and
+    fails if the handle count changed or RSS grew by 2 MiB or more."""
+    cycles(warm_up)
+    gc.collect()
+    fds0, rss0 = open_fd_count(), rss_bytes()
+    cycles(n)
+    gc.collect()
+    fds1, rss1 = open_fd_count(), rss_bytes()
+    assert fds1 == fds0
+    assert rss1 - rss0 < 2 * 1024 * 1024, f"RSS grew by {(rss1 - rss0) / 1024:.0f} KiB"

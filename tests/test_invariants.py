@@ -18,7 +18,7 @@ import time
 import pytest
 
 import fastiocp
-from conftest import ON_LINUX, ON_WINDOWS, UNDER_WINE, collect, ctrl_c_child_script, open_fd_count, rss_bytes
+from conftest import ON_LINUX, ON_WINDOWS, UNDER_WINE, assert_no_growth, collect, ctrl_c_child_script, open_fd_count
 
 # ---------------------------------------------------------------------------
 # 1. Exactly once
@@ -455,14 +455,7 @@ def test_no_growth_over_50k_cycles(port, sockpair):
                 port.post(context=i)
                 port.get(5)
 
-    cycles(5_000)  # warm up: slabs, pymalloc arenas
-    gc.collect()
-    fds0, rss0 = open_fd_count(), rss_bytes()
-    cycles(50_000)
-    gc.collect()
-    fds1, rss1 = open_fd_count(), rss_bytes()
-    assert fds1 == fds0
-    assert rss1 - rss0 < 2 * 1024 * 1024, f"RSS grew by {(rss1 - rss0) / 1024:.0f} KiB"
+    assert_no_growth(cycles, 5_000, 50_000)
     assert port.pending == 0
 
 

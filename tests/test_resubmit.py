@@ -1,13 +1,12 @@
 """CompletionPort.resubmit(): dequeued completions started again in one call."""
 from __future__ import annotations
 
-import gc
 import socket
 
 import pytest
 
 import fastiocp
-from conftest import ON_LINUX, ON_WINDOWS, collect, open_fd_count, rss_bytes
+from conftest import ON_LINUX, ON_WINDOWS, assert_no_growth, collect
 
 BLOCK = 512
 
@@ -254,12 +253,5 @@ def test_no_growth_over_20k_resubmit_cycles(port, sockpair):
             pair = collect(port, 2)
             assert sorted(c.nbytes for c in pair) == [10, 10]
 
-    cycles(2_000)  # warm up
-    gc.collect()
-    fds0, rss0 = open_fd_count(), rss_bytes()
-    cycles(20_000)
-    gc.collect()
-    fds1, rss1 = open_fd_count(), rss_bytes()
-    assert fds1 == fds0
-    assert rss1 - rss0 < 2 * 1024 * 1024, f"RSS grew by {(rss1 - rss0) / 1024:.0f} KiB"
+    assert_no_growth(cycles, 2_000, 20_000)
     assert port.pending == 0
