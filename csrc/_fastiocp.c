@@ -33,8 +33,6 @@
 # include <unistd.h>
 #endif
 
-#define FASTIOCP_VERSION "0.1.0"
-
 /* Longest single transfer: what Linux does in one read()/write() call.
  * Larger buffers complete short, which callers must handle anyway. */
 #define MAX_TRANSFER 0x7ffff000u
@@ -347,7 +345,7 @@ static PyObject* FileHandle_get_closed(struct FileHandleObject* self,
 
 static PyMethodDef FileHandle_methods[] = {
     {"fileno", (PyCFunction)FileHandle_fileno, METH_NOARGS,
-     "fileno()\n--\n\nThe OS handle (a file descriptor on Linux, a HANDLE "
+     "fileno($self)\n--\n\nThe OS handle (a file descriptor on Linux, a HANDLE "
      "on Windows)."},
     {"_detach", (PyCFunction)FileHandle_detach, METH_NOARGS,
      "Forget the handle (mark closed) and return it, or -1 if closed."},
@@ -715,12 +713,12 @@ static PyGetSetDef Completion_getset[] = {
 
 static PyMethodDef Completion_methods[] = {
     {"result", (PyCFunction)Completion_result, METH_NOARGS,
-     "result()\n--\n\nThe operation's result, or raise its error.\n\n"
+     "result($self)\n--\n\nThe operation's result, or raise its error.\n\n"
      "read/write/recv/send/sendto: nbytes; recvfrom: (nbytes, address); "
      "accept: (socket, address); connect: None; post: nbytes. Raises "
      "InvalidStateError while the operation is still in flight."},
     {"cancel", (PyCFunction)Completion_cancel, METH_NOARGS,
-     "cancel()\n--\n\nAsk the OS to cancel the operation. Returns True if a "
+     "cancel($self)\n--\n\nAsk the OS to cancel the operation. Returns True if a "
      "cancellation was requested, False if it had already completed. The "
      "completion is still delivered by get(), cancelled or with its real "
      "result if it raced."},
@@ -970,6 +968,31 @@ static const fiocp_backend_t* backend_from_env(void) {
   return fiocp__backend_by_name(env);
 }
 
+/* The error for a backend name this build lacks: BackendUnavailableError
+ * for a backend of another platform, ValueError for a name that is no
+ * backend at all; both list the backends compiled in. */
+static void set_unknown_backend_error(const char* how, const char* name) {
+  static const char* const all[] = {"iocp", "io_uring", "epoll"};
+  char have[64];
+  size_t used = 0;
+  int i, known = 0;
+  have[0] = 0;
+  for (i = 0; i < fiocp__nbackends; i++)
+    used += (size_t)PyOS_snprintf(have + used, sizeof(have) - used, "%s%s",
+                                  i ? ", " : "", fiocp__backends[i]->name);
+  for (i = 0; i < (int)(sizeof(all) / sizeof(all[0])); i++)
+    if (strcmp(all[i], name) == 0) known = 1;
+  if (known)
+    PyErr_Format(BackendUnavailableError,
+                 "%s'%s': that backend is not built for this platform; this "
+                 "build has: %s ('auto' picks the best that works)",
+                 how, name, have);
+  else
+    PyErr_Format(PyExc_ValueError,
+                 "%s'%s' names no backend; this build has: %s, or 'auto'",
+                 how, name, have);
+}
+
 static int CompletionPort_init(CompletionPortObject* self, PyObject* args,
                                PyObject* kwds) {
   static char* kwlist[] = {"concurrency", "backend", "entries", NULL};
@@ -1004,8 +1027,7 @@ static int CompletionPort_init(CompletionPortObject* self, PyObject* args,
     const fiocp_backend_t* forced = backend_from_env();
     const char* env = getenv("FASTIOCP_BACKEND");
     if (forced == NULL && env != NULL && env[0] && strcmp(env, "auto") != 0) {
-      PyErr_Format(PyExc_ValueError,
-                   "FASTIOCP_BACKEND=%s names no backend of this build", env);
+      set_unknown_backend_error("FASTIOCP_BACKEND=", env);
       goto fail;
     }
     if (forced != NULL) {
@@ -1034,10 +1056,7 @@ static int CompletionPort_init(CompletionPortObject* self, PyObject* args,
   } else {
     const fiocp_backend_t* b = fiocp__backend_by_name(name);
     if (b == NULL) {
-      PyErr_Format(PyExc_ValueError,
-                   "unknown backend %R for this build; available here: see "
-                   "fastiocp.available_backends()",
-                   PyTuple_GET_SIZE(args) > 1 ? PyTuple_GET_ITEM(args, 1) : Py_None);
+      set_unknown_backend_error("backend=", name);
       goto fail;
     }
     self->port->backend = b;
@@ -2085,14 +2104,14 @@ static PyGetSetDef CompletionPort_getset[] = {
 #define FASTKW (METH_FASTCALL | METH_KEYWORDS)
 static PyMethodDef CompletionPort_methods[] = {
     {"register", (PyCFunction)(void (*)(void))CompletionPort_register, KW,
-     "register(fileobj, key=None)\n--\n\nAssociate a file, socket or fd with "
+     "register($self, fileobj, key=None)\n--\n\nAssociate a file, socket or fd with "
      "the port. key (any object) comes back on every completion of "
      "operations on it."},
     {"unregister", (PyCFunction)CompletionPort_unregister, METH_O,
-     "unregister(fileobj)\n--\n\nForget a registration (call before closing "
+     "unregister($self, fileobj)\n--\n\nForget a registration (call before closing "
      "and reusing a descriptor)."},
     {"resubmit", (PyCFunction)(void (*)(void))CompletionPort_resubmit, FASTKW,
-     "resubmit(completions, offsets=None)\n--\n\nStart dequeued read, write, "
+     "resubmit($self, completions, offsets=None)\n--\n\nStart dequeued read, write, "
      "recv, send, recvfrom and accept completions again, in one call: each "
      "on its handle, with its buffer and context (and, for a read or write, "
      "the offset at the same place in offsets; None there for a socket). "
@@ -2102,51 +2121,51 @@ static PyMethodDef CompletionPort_methods[] = {
      "re-arm a batch of receives or accepts, without a Python call per "
      "operation."},
     {"read", (PyCFunction)(void (*)(void))CompletionPort_read, FASTKW,
-     "read(file, buffer, offset=0, context=None)\n--\n\nRead into buffer (a "
+     "read($self, file, buffer, offset=0, context=None)\n--\n\nRead into buffer (a "
      "writable buffer, or an int size to allocate a bytearray) at offset "
      "(None: the current position, for pipes). Returns the pending "
      "Completion."},
     {"write", (PyCFunction)(void (*)(void))CompletionPort_write, FASTKW,
-     "write(file, data, offset=0, context=None)\n--\n\nWrite data at offset "
+     "write($self, file, data, offset=0, context=None)\n--\n\nWrite data at offset "
      "(None: the current position). Returns the pending Completion."},
     {"recv", (PyCFunction)(void (*)(void))CompletionPort_recv, FASTKW,
-     "recv(sock, buffer, context=None)\n--\n\nReceive into buffer (or an int "
+     "recv($self, sock, buffer, context=None)\n--\n\nReceive into buffer (or an int "
      "size). nbytes == 0 means the peer closed."},
     {"send", (PyCFunction)(void (*)(void))CompletionPort_send, FASTKW,
-     "send(sock, data, context=None)\n--\n\nSend data; nbytes may be short."},
+     "send($self, sock, data, context=None)\n--\n\nSend data; nbytes may be short."},
     {"recvfrom", (PyCFunction)(void (*)(void))CompletionPort_recvfrom, FASTKW,
-     "recvfrom(sock, buffer, context=None)\n--\n\nReceive a datagram; "
+     "recvfrom($self, sock, buffer, context=None)\n--\n\nReceive a datagram; "
      "result() is (nbytes, address)."},
     {"sendto", (PyCFunction)(void (*)(void))CompletionPort_sendto, FASTKW,
-     "sendto(sock, data, address, context=None)\n--\n\nSend a datagram to "
+     "sendto($self, sock, data, address, context=None)\n--\n\nSend a datagram to "
      "address."},
     {"accept", (PyCFunction)(void (*)(void))CompletionPort_accept, FASTKW,
-     "accept(sock, context=None)\n--\n\nAccept a connection on a listening "
+     "accept($self, sock, context=None)\n--\n\nAccept a connection on a listening "
      "socket; result() is (socket.socket, address)."},
     {"connect", (PyCFunction)(void (*)(void))CompletionPort_connect, FASTKW,
-     "connect(sock, address, context=None)\n--\n\nConnect a stream socket "
+     "connect($self, sock, address, context=None)\n--\n\nConnect a stream socket "
      "(TCP v4/v6, Unix)."},
     {"post", (PyCFunction)(void (*)(void))CompletionPort_post, FASTKW,
-     "post(key=None, context=None, nbytes=0)\n--\n\nQueue a packet of your "
+     "post($self, key=None, context=None, nbytes=0)\n--\n\nQueue a packet of your "
      "own; get() returns it as a Completion with op 'post'."},
     {"get", (PyCFunction)(void (*)(void))CompletionPort_get, FASTKW,
-     "get(timeout=None)\n--\n\nDequeue one Completion, waiting up to timeout "
+     "get($self, timeout=None)\n--\n\nDequeue one Completion, waiting up to timeout "
      "seconds (None: forever) with the GIL released. Returns None on "
      "timeout; raises PortClosedError once the port is closed."},
     {"get_many", (PyCFunction)(void (*)(void))CompletionPort_get_many, FASTKW,
-     "get_many(max=64, timeout=None)\n--\n\nDequeue up to max completions in "
+     "get_many($self, max=64, timeout=None)\n--\n\nDequeue up to max completions in "
      "one wait. Returns a list, empty on timeout."},
     {"cancel", (PyCFunction)CompletionPort_cancel, METH_O,
-     "cancel(op)\n--\n\nAsk the OS to cancel op; see Completion.cancel()."},
+     "cancel($self, op)\n--\n\nAsk the OS to cancel op; see Completion.cancel()."},
     {"flush", (PyCFunction)CompletionPort_flush, METH_NOARGS,
-     "flush()\n--\n\nSubmit operations deferred by batch() now."},
+     "flush($self)\n--\n\nSubmit operations deferred by batch() now."},
     {"batch", (PyCFunction)CompletionPort_batch, METH_NOARGS,
-     "batch()\n--\n\nDefer the submissions made inside `with port.batch():` "
+     "batch($self)\n--\n\nDefer the submissions made inside `with port.batch():` "
      "and submit them together when the block ends (io_uring: one system "
      "call; other backends submit at once and the block is harmless). A "
      "thread waiting in get() also submits what is deferred."},
     {"close", (PyCFunction)CompletionPort_close, METH_NOARGS,
-     "close()\n--\n\nCancel pending operations, wait for them (bounded), "
+     "close($self)\n--\n\nCancel pending operations, wait for them (bounded), "
      "release their buffers and wake every waiting thread. Idempotent."},
     {"__enter__", (PyCFunction)CompletionPort_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)CompletionPort_exit, METH_VARARGS, NULL},
@@ -2274,18 +2293,18 @@ static PyObject* mod_win_truncate(PyObject* m, PyObject* args) {
 
 static PyMethodDef module_methods[] = {
     {"backend_status", (PyCFunction)mod_backend_status, METH_NOARGS,
-     "backend_status()\n--\n\nFor each backend compiled in, best first: "
+     "backend_status($module)\n--\n\nFor each backend compiled in, best first: "
      "(name, works_here, reason_if_not)."},
 #ifdef _WIN32
     {"_win_open", (PyCFunction)mod_win_open, METH_VARARGS,
-     "_win_open(path, readable, writable, kind, direct)\n--\n\nOpen a file "
+     "_win_open($module, path, readable, writable, kind, direct)\n--\n\nOpen a file "
      "for overlapped I/O (kind: 'r', 'w', 'a' or 'x'); returns the HANDLE."},
     {"_win_close_handle", (PyCFunction)mod_win_close_handle, METH_VARARGS,
-     "_win_close_handle(handle)\n--\n\nCloseHandle()."},
+     "_win_close_handle($module, handle)\n--\n\nCloseHandle()."},
     {"_win_file_size", (PyCFunction)mod_win_file_size, METH_VARARGS,
-     "_win_file_size(handle)\n--\n\nThe file's size in bytes."},
+     "_win_file_size($module, handle)\n--\n\nThe file's size in bytes."},
     {"_win_truncate", (PyCFunction)mod_win_truncate, METH_VARARGS,
-     "_win_truncate(handle, size)\n--\n\nSet the file's size."},
+     "_win_truncate($module, handle, size)\n--\n\nSet the file's size."},
 #endif
     {NULL}};
 
@@ -2402,8 +2421,6 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
     Py_DECREF(&FileHandleType);
     goto fail;
   }
-  if (PyModule_AddStringConstant(m, "__version__", FASTIOCP_VERSION) < 0)
-    goto fail;
   return m;
 fail:
   Py_DECREF(m);

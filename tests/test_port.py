@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 import weakref
@@ -130,8 +131,18 @@ def test_pending_counts(port):
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match="unknown backend"):
+    built = ", ".join(name for name, _works, _why in fastiocp.backend_status())
+    with pytest.raises(ValueError, match=f"'kqueue' names no backend; this build has: {built}"):
         fastiocp.CompletionPort(backend="kqueue")
+
+
+def test_backend_of_another_platform_by_keyword():
+    """CompletionPort(backend=...) names the backend it was given (it said
+    'unknown backend None' for a keyword argument) and what this build has."""
+    other = "epoll" if sys.platform == "win32" else "iocp"
+    with pytest.raises(fastiocp.BackendUnavailableError,
+                       match=f"backend='{other}': that backend is not built for this platform"):
+        fastiocp.CompletionPort(backend=other)
 
 
 def test_bad_constructor_args():

@@ -21,10 +21,10 @@ from ._fastiocp import (
     FastIOCPError,
     InvalidStateError,
     PortClosedError,
-    __version__,
     backend_status,
 )
 from ._files import File, open
+from ._version import __version__
 from ._workers import EXIT, WorkerPool
 
 __all__ = [

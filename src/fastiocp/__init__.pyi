@@ -9,10 +9,10 @@ from ._fastiocp import (
     FastIOCPError as FastIOCPError,
     InvalidStateError as InvalidStateError,
     PortClosedError as PortClosedError,
-    __version__ as __version__,
     backend_status as backend_status,
 )
 from ._files import File as File, open as open
+from ._version import __version__ as __version__
 from ._workers import EXIT as EXIT, WorkerPool as WorkerPool
 
 __all__: list[str]

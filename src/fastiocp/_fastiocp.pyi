@@ -3,7 +3,6 @@ import sys
 from typing import Any, Iterable, Iterator, Literal, Optional, Protocol, Union
 
 
-__version__: str
 
 class _HasFileno(Protocol):
     def fileno(self) -> int: ...
