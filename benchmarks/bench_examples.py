@@ -175,8 +175,8 @@ def test_asyncio_twin_answers_the_same_bytes(www):
                 b"DELETE / HTTP/1.1\r\n\r\n", b"GET /static/index.html HTTP/1.1\r\n\r\n",
                 b"GET /nope HTTP/1.1\r\n\r\n"]
     answers = []
-    for cmd in ([sys.executable, "-m", "fastiocp._http_example", "--port", "0"],
-                [sys.executable, "-m", "fastiocp._bench_servers", "http-asyncio", "0"]):
+    for cmd in ([sys.executable, "-m", "fastiocp.bench.http_example", "--port", "0"],
+                [sys.executable, "-m", "fastiocp.bench.servers", "http-asyncio", "0"]):
         srv = Server(cmd, cwd=str(root))
         try:
             s = srv.connect()

@@ -3,13 +3,13 @@
     python examples/http_server.py [--port 8080] [--root DIR]
 
 The server is written only on fastiocp's public API. Its code lives in the
-package, src/fastiocp/_http_example.py (read it there), so that
+package, src/fastiocp/bench/http_example.py (read it there), so that
 ``python -m fastiocp bench`` can drive it with wrk after ``pip install .``;
 this file runs it.
 """
 import sys
 
-from fastiocp._http_example import main
+from fastiocp.bench.http_example import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -88,13 +88,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, backend chosen, and why others were not")
     sub.add_parser("demo", help="run the completion-port walkthrough")
-    from . import _bench
+    from .bench import runner as bench
 
-    _bench.add_arguments(sub.add_parser(
+    bench.add_arguments(sub.add_parser(
         "bench", help="fastiocp beside asyncio, uvloop, threads, os.pread, queue (this machine)",
-        description=_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "demo": cmd_demo, "bench": _bench.main}[args.command](args)
+    return {"info": cmd_info, "demo": cmd_demo, "bench": bench.main}[args.command](args)
 
 
 if __name__ == "__main__":

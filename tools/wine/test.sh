@@ -4,7 +4,7 @@
 #   tools/wine/test.sh PYVER [PYTEST ARGS...]      PYVER: 3.11 or 3.13
 #
 # Cross-compiles fastiocp._fastiocp with mingw-w64 against the embeddable
-# CPython's python3XY.dll, stages it with src/fastiocp/*.py, and runs
+# CPython's python3XY.dll, stages it in a copy of the src/fastiocp/ tree, and runs
 # pytest (as `python.exe -m pytest -p no:cacheprovider [ARGS or tests]`) in Wine.
 # Exit status: pytest's; 124 if FASTIOCP_WINE_TIMEOUT ran out; 125 if this
 # script could not set up or build; 134 if python.exe crashed.
@@ -346,10 +346,16 @@ log "$PYD_NAME imports: ${deps[*]}"
 rm -rf "$STAGE"
 mkdir -p "$STAGE"
 [[ -d $REPO/src/fastiocp ]] || die "no package dir $REPO/src/fastiocp"
+# The whole package tree, subpackages (fastiocp.bench, ...) and package data
+# included, as a wheel would install it; no host build products.
 "$HOSTPY" - "$REPO/src/fastiocp" "$STAGE/fastiocp" <<'EOF' || die "staging failed"
-import shutil, sys
+import os, shutil, sys
 shutil.copytree(sys.argv[1], sys.argv[2], ignore=shutil.ignore_patterns(
     "__pycache__", "*.so", "*.pyd", "*.dll", "*.o", "*.obj", "*.pyc"))
+pkgs = [d for d, _dirs, files in os.walk(sys.argv[2]) if "__init__.py" in files]
+print(f"  staged {len(pkgs)} packages: " + ", ".join(
+    sorted(os.path.relpath(d, os.path.dirname(sys.argv[2])).replace(os.sep, ".") for d in pkgs)),
+    file=sys.stderr)
 EOF
 cp "$BUILD/$PYD_NAME" "$STAGE/fastiocp/"
 

@@ -1,8 +1,8 @@
 """The in-process contenders of ``python -m fastiocp bench``: file reads and
 thread hand-off. The runner starts each in a fresh interpreter:
 
-    python -m fastiocp._bench_tasks file KIND PATH DIRECT DURATION [DEPTH]
-    python -m fastiocp._bench_tasks handoff KIND N
+    python -m fastiocp.bench.tasks file KIND PATH DIRECT DURATION [DEPTH]
+    python -m fastiocp.bench.tasks handoff KIND N
 
 and reads one JSON object from its stdout. Every contender of a group does
 the same work: the same random 4 KiB-aligned offsets (fixed seed), or the

@@ -1,13 +1,13 @@
 """The server contenders of ``python -m fastiocp bench``.
 
-    python -m fastiocp._bench_servers NAME [PORT]
+    python -m fastiocp.bench.servers NAME [PORT]
 
 NAME is one of SERVERS below. Each server listens on 127.0.0.1:PORT (0: any
 free port), prints ``<what> on 127.0.0.1:<port>`` on stdout once it accepts
 connections, and serves until it is killed (SIGTERM's default action: the
 runner kills every server it starts). The fastiocp servers use only the
 public API. The HTTP server on fastiocp is the example
-(examples/http_server.py, shipped as fastiocp/_http_example.py); the asyncio
+(examples/http_server.py runs fastiocp/bench/http_example.py); the asyncio
 and uvloop HTTP servers here answer the same requests with the same bytes.
 """
 from __future__ import annotations
@@ -193,7 +193,7 @@ def _http_protocol_server(loop_factory: Callable[[], Any]) -> Callable[[int], No
     def serve(port: int) -> None:
         import asyncio
 
-        from fastiocp import _http_example as http
+        from fastiocp.bench import http_example as http
 
         class HTTP(asyncio.Protocol):
             def connection_made(self, transport: Any) -> None:
@@ -258,7 +258,7 @@ SERVERS: Dict[str, Callable[[int], None]] = {
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in SERVERS:
-        print(f"usage: python -m fastiocp._bench_servers {{{','.join(SERVERS)}}} [PORT]",
+        print(f"usage: python -m fastiocp.bench.servers {{{','.join(SERVERS)}}} [PORT]",
               file=sys.stderr)
         return 2
     SERVERS[argv[0]](int(argv[1]) if len(argv) > 1 else 0)

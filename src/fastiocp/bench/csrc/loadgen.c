@@ -1,6 +1,6 @@
-/* _loadgen.c: the TCP echo load generator of `python -m fastiocp bench`.
+/* loadgen.c: the TCP echo load generator of `python -m fastiocp bench`.
  *
- * Built at run time by the bench runner (fastiocp/_bench.py) with the system
+ * Built at run time by the bench runner (fastiocp/bench/runner.py) with the system
  * C compiler; plain POSIX + epoll, no dependencies. One thread drives every
  * connection, each with exactly one message in flight: send MSGSIZE bytes,
  * wait until all of them came back, send again.

@@ -17,7 +17,7 @@ most one operation in flight, so its state is a plain object and the order
 of events is simply: receive, answer (send, or read+send for a file), then
 receive again.
 
-The code lives in the package (fastiocp/_http_example.py) so that
+The code lives in the package (fastiocp/bench/http_example.py) so that
 ``python -m fastiocp bench`` can drive it with wrk after ``pip install .``,
 beside the same server on asyncio and uvloop (which reuse parse() and the
 response builders below); examples/http_server.py runs it.

@@ -39,6 +39,8 @@ from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 import fastiocp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The C sources of the load generator and the reference server.
+CSRC = os.path.join(HERE, "csrc")
 HOST = "127.0.0.1"
 SECTION_IDS = ("echo", "pingpong", "http", "file", "handoff")
 
@@ -106,7 +108,7 @@ def _child_setup() -> None:  # runs in the child before exec (the runner has no 
 def child_env() -> Dict[str, str]:
     """The environment of every child: this very fastiocp importable."""
     env = dict(os.environ)
-    root = os.path.dirname(HERE)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastiocp.__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -285,9 +287,9 @@ def find_cc() -> Optional[str]:
 
 
 def build_c(name: str) -> Tuple[Optional[str], str]:
-    """Compiles fastiocp/_<name>.c into the cache directory once; returns
-    (path of the program or None, a note for the report)."""
-    src = os.path.join(HERE, f"_{name}.c")
+    """Compiles fastiocp/bench/csrc/<name>.c into the cache directory once;
+    returns (path of the program or None, a note for the report)."""
+    src = os.path.join(CSRC, f"{name}.c")
     if not os.path.exists(src):
         return None, f"{name}: source {src} missing from this install"
     cc = find_cc()
@@ -499,7 +501,7 @@ class Runner:
         return r
 
     def task(self, args: List[str], timeout: float) -> Dict[str, Any]:
-        proc = spawn([sys.executable, "-m", "fastiocp._bench_tasks", *args],
+        proc = spawn([sys.executable, "-m", "fastiocp.bench.tasks", *args],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         assert self.progress is not None
         self.progress.wait(proc, timeout)
@@ -595,7 +597,7 @@ class Runner:
     # -- the plan ---------------------------------------------------------------
 
     def sections(self, only: List[str]) -> List[Section]:
-        py = [sys.executable, "-m", "fastiocp._bench_servers"]
+        py = [sys.executable, "-m", "fastiocp.bench.servers"]
         out: List[Section] = []
         echo_cols = [Column("p50 µs", "lat_p50_us", "{:,.0f}"), Column("p99 µs", "lat_p99_us", "{:,.0f}"),
                      Column("server CPU µs/msg", "server_us_per_msg", "{:.2f}"),
@@ -648,7 +650,7 @@ class Runner:
                     return r.http(args)
                 return run
 
-            ex = [sys.executable, "-m", "fastiocp._http_example", "--port", "0"]
+            ex = [sys.executable, "-m", "fastiocp.bench.http_example", "--port", "0"]
             out.append(Section(
                 "http", "HTTP/1.1 keep-alive, GET / (14-byte body), wrk -t2 -c64",
                 "req/s", "req_per_s",
@@ -751,53 +753,6 @@ class Runner:
 
 
 # ---- report --------------------------------------------------------------------
-
-TARGETS = [
-    # (section, fastiocp contender, other contender, minimum ratio, what)
-    ("echo", "fastiocp, 1 thread", "uvloop", 1.1, "msgs_per_s"),
-    ("echo", "fastiocp, 1 thread", "C io_uring", 0.9, "msgs_per_s"),
-    ("echo", "fastiocp, 1 thread", "uvloop", 1.0, "server_cpu_per_msg"),
-    # Issue 4: the epoll fallback within 1.3x of the default backend.
-    ("echo", "fastiocp, 1 thread, epoll", "fastiocp, 1 thread", 1 / 1.3, "msgs_per_s"),
-    ("http", "fastiocp example", "uvloop", 1.2, "req_per_s"),
-    ("file-cached", "fastiocp", "os.pread", 1.0, "iops"),
-    ("file-cached", "fastiocp", "ThreadPoolExecutor", 10.0, "iops"),
-    ("file-direct", "fastiocp", "fio", 0.8, "iops"),
-    ("handoff", "fastiocp", "queue.Queue", 3.0, "ops_per_s"),
-    ("handoff", "fastiocp", "queue.SimpleQueue", 0.5, "ops_per_s"),
-]
-
-
-def evaluate_targets(sections: List[Section]) -> List[Dict[str, Any]]:
-    by_id = {s.id: s for s in sections}
-    out: List[Dict[str, Any]] = []
-    for sid, mine, other, minimum, metric in TARGETS:
-        s = by_id.get(sid)
-        if s is None:
-            continue
-        a, b = s.by_name(mine), s.by_name(other)
-        label = f"{sid}: {a.name if a else mine} vs {b.name if b else other}"
-        if metric == "server_cpu_per_msg":
-            label = f"{sid}: server CPU per message, {mine} <= {other}"
-            va = s.median(a, "server_us_per_msg") if a else None
-            vb = s.median(b, "server_us_per_msg") if b else None
-            ratio = (vb / va) if va and vb else None  # >= 1.0: fastiocp uses no more CPU
-            shown = f"{va:.2f} vs {vb:.2f} µs" if va and vb else ""
-        else:
-            va = s.median(a, metric) if a else None
-            vb = s.median(b, metric) if b else None
-            ratio = va / vb if va and vb else None
-            shown = f"{ratio:.3f}x" if ratio else ""
-            label += f" >= {minimum:g}x"
-        if ratio is None:
-            why = (b.skipped or b.failed) if b and (b.skipped or b.failed) else \
-                  (a.skipped or a.failed) if a and (a.skipped or a.failed) else "not measured"
-            out.append({"target": label, "status": "n/a", "detail": why, "ratio": None})
-        else:
-            out.append({"target": label, "status": "met" if ratio >= minimum else "MISSED",
-                        "detail": shown, "ratio": ratio})
-    return out
-
 
 def format_section(s: Section) -> str:
     best = s.best_baseline()
@@ -999,13 +954,6 @@ def main(args: argparse.Namespace) -> int:
         section_notes(s)
         print(format_section(s))
         print()
-    targets = evaluate_targets(sections)
-    if targets:
-        print("== targets (issues 4 and 5; ratios of medians, same run) ==")
-        w = max(len(t["target"]) for t in targets)
-        for t in targets:
-            print(f"{t['target'].ljust(w)}  {t['status']:>6}  {t['detail']}")
-        print()
     for n in runner.notes:
         print(f"note: {n}")
     if elapsed >= 2:
@@ -1018,7 +966,7 @@ def main(args: argparse.Namespace) -> int:
         doc = {"meta": dict(info, mode="quick" if cfg.quick else "full", rounds=cfg.rounds,
                             seconds=elapsed, config=cfg.__dict__),
                "sections": [section_json(s) for s in sections],
-               "targets": targets, "notes": runner.notes}
+               "notes": runner.notes}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
         print(f"results saved to {args.json}")

@@ -1,4 +1,4 @@
-/* _echo_uring.c: a small TCP echo server in C on io_uring, the reference
+/* echo_uring.c: a small TCP echo server in C on io_uring, the reference
  * contender ("what C can do on this kernel") of `python -m fastiocp bench`.
  *
  * Built at run time by the bench runner with the system C compiler; needs

@@ -1,0 +1,15 @@
+"""``python -m fastiocp bench``: fastiocp beside asyncio, uvloop, threads,
+``os.pread``, fio and ``queue``, measured on this machine in one run.
+
+Not part of the library's API: nothing in ``fastiocp`` imports this package
+except the command line (``fastiocp.__main__``), and its optional
+dependencies (uvloop, matplotlib: ``pip install 'fastiocp[bench]'``) are
+imported only here, when a run needs them.
+
+    runner.py        the command: plan, child processes, table, --json, --plot
+    servers.py       the server contenders (``python -m fastiocp.bench.servers``)
+    tasks.py         file-read and hand-off contenders (``python -m fastiocp.bench.tasks``)
+    http_example.py  the HTTP/1.1 example server (examples/http_server.py runs it)
+    csrc/            C programs compiled on the spot: the echo load generator
+                     (loadgen.c) and the C io_uring echo server (echo_uring.c)
+"""
