@@ -6,7 +6,7 @@
 #
 # The sanitizer build (setup.py's FASTIOCP_SANITIZE=1) goes out of tree, into
 # $FASTIOCP_SANITIZE_DIR (default: a new directory under /tmp), next to a copy
-# of src/fastiocp/*.py; pytest runs with that copy first on PYTHONPATH, so an
+# of the src/fastiocp/ tree; pytest runs with that copy first on PYTHONPATH, so an
 # installed or in-place normal build is neither used nor touched. The
 # interpreter is not instrumented: libasan is preloaded (LD_PRELOAD). Child
 # interpreters started by the tests inherit all of it.
@@ -86,14 +86,25 @@ SECONDS=0
 # --------------------------------------------------------------------- build
 LIBASAN=$("$CC" -print-file-name=libasan.so)
 [[ $LIBASAN == /* && -e $LIBASAN ]] || die "libasan.so not found by $CC (install gcc's libasan, e.g. Debian libasan8)"
-"$PY" -c 'import setuptools' 2>/dev/null || "$PY" -m pip install -q setuptools || die "setuptools is missing"
+# pyproject.toml's SPDX license fields need setuptools >= 77 (build-system.requires);
+# setup.py runs here outside pip's build isolation, so this environment needs it.
+if ! "$PY" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' 2>/dev/null; then
+    log "installing setuptools>=77 into $("$PY" -c 'import sys; print(sys.prefix)')"
+    "$PY" -m pip install -q 'setuptools>=77' || die "setuptools>=77 is missing"
+fi
 log "building the ASan+UBSan variant in $OUT"
 if ! FASTIOCP_SANITIZE=1 "$PY" setup.py -q build_ext --force --build-lib "$LIB" --build-temp "$OUT/tmp" \
         >"$OUT/build.log" 2>&1; then
     cat "$OUT/build.log" >&2
     die "build failed"
 fi
-cp src/fastiocp/*.py src/fastiocp/*.pyi src/fastiocp/py.typed "$LIB/fastiocp/"
+# The whole package tree (subpackages such as fastiocp.bench, stubs, package
+# data), without the host's build products.
+"$PY" - src/fastiocp "$LIB/fastiocp" <<'EOF' || die "copying src/fastiocp failed"
+import shutil, sys
+shutil.copytree(sys.argv[1], sys.argv[2], dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+    "__pycache__", "*.so", "*.pyd", "*.o", "*.pyc"))
+EOF
 ls "$LIB"/fastiocp/_fastiocp*.so >/dev/null 2>&1 || die "no extension module was built"
 BUILD_SECONDS=$SECONDS
 

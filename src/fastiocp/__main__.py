@@ -85,6 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m fastiocp``."""
     parser = argparse.ArgumentParser(prog="python -m fastiocp",
                                      description="fastiocp: I/O completion ports for Python")
+    parser.add_argument("--version", action="version", version=f"fastiocp {fastiocp.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, backend chosen, and why others were not")
     sub.add_parser("demo", help="run the completion-port walkthrough")
