@@ -3,16 +3,19 @@ checkout, it carries every source of every platform, and a wheel built FROM
 it in a fresh virtual environment installs, imports and runs (its own tests
 included, from the unpacked sdist).
 
-Slow (about a minute: a C build in a fresh venv) and needs PyPI (build
-isolation fetches setuptools); marked ``packaging``. It runs where the
-``build`` package is installed, from a source checkout:
+Slow (under a minute with a warm pip cache: a C build in a fresh venv) and
+needs PyPI (build isolation fetches setuptools); marked ``packaging``. It
+runs from a source checkout where ``build`` (and, for the cibuildwheel
+check, ``cibuildwheel``) is installed, and skips otherwise:
 
-    python -m pip install build && python -m pytest -m packaging tests/test_packaging.py
+    python -m pip install build cibuildwheel && python -m pytest -m packaging tests/test_packaging.py
 
-.ci/run does exactly that, after check-manifest.
+.ci/run does that after check-manifest, with FASTIOCP_REQUIRE_PACKAGING_TOOLS=1
+(a missing tool fails instead of skipping).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
 import runpy
@@ -39,6 +42,17 @@ pytestmark = [
 ]
 
 
+def require(module: str, pip_name: str) -> None:
+    """Skip without the tool, or fail under FASTIOCP_REQUIRE_PACKAGING_TOOLS=1
+    (.ci/run sets it: there a missing tool must not pass as a skip)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("FASTIOCP_REQUIRE_PACKAGING_TOOLS"):
+            pytest.fail(f"{pip_name} is not installed (FASTIOCP_REQUIRE_PACKAGING_TOOLS is set)")
+        pytest.skip(f"pip install {pip_name}")
+
+
 def _run(cmd: list, cwd: pathlib.Path, env: dict | None = None, timeout: float = 600) -> str:
     r = subprocess.run([str(c) for c in cmd], cwd=str(cwd), capture_output=True, text=True,
                        timeout=timeout, env=env)
@@ -63,7 +77,7 @@ def _setup_spec() -> dict:
 
 @pytest.fixture(scope="module")
 def sdist(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    pytest.importorskip("build", reason="pip install build (the PyPA build frontend)")
+    require("build", "build")
     out = tmp_path_factory.mktemp("sdist")
     _run([sys.executable, "-m", "build", "--sdist", "--outdir", out, ROOT], cwd=out, env=_clean_env())
     found = list(out.glob("fastiocp-*.tar.gz"))
@@ -106,6 +120,18 @@ def test_sdist_holds_every_platform_source(sdist: pathlib.Path) -> None:
             assert rel in names, f"{rel} missing from the sdist"
     built = [n for n in names if n.endswith((".so", ".pyd", ".pyc", ".o", ".dll"))]
     assert not built, f"build products in the sdist: {built}"
+
+
+def test_sdist_carries_the_cibuildwheel_config(sdist: pathlib.Path) -> None:
+    """wheels.yml hands cibuildwheel the sdist, not the checkout: the sdist's
+    pyproject.toml must select the same builds."""
+    require("cibuildwheel", "cibuildwheel")
+    for platform, arch in (("linux", "x86_64"), ("windows", "ARM64")):
+        cmd = [sys.executable, "-m", "cibuildwheel", "--print-build-identifiers", "--platform", platform,
+               "--archs", arch]
+        from_checkout = _run(cmd, cwd=ROOT).split()
+        from_sdist = _run(cmd + [sdist], cwd=sdist.parent).split()
+        assert from_sdist == from_checkout and from_sdist, (from_sdist, from_checkout)
 
 
 def test_wheel_from_sdist_in_fresh_venv(sdist: pathlib.Path, tmp_path: pathlib.Path) -> None:
