@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import fastiocp
 
 
@@ -31,6 +33,28 @@ def test_info_with_forced_backend(backend):
                        text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     assert f"backend: {backend} (forced by FASTIOCP_BACKEND={backend})" in r.stdout
+
+
+def test_version():
+    r = _run("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"fastiocp {fastiocp.__version__}"
+
+
+@pytest.mark.parametrize("name", ["bogus", "IO_URING", "epoll" if sys.platform == "win32" else "iocp"])
+def test_info_explains_a_wrong_forced_backend(name):
+    """A FASTIOCP_BACKEND naming no backend (or another platform's) is
+    explained, with the fix, and no traceback."""
+    env = dict(os.environ, FASTIOCP_BACKEND=name)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(fastiocp.__file__))
+    r = subprocess.run([sys.executable, "-m", "fastiocp", "info"], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert f"backend: none: FASTIOCP_BACKEND={name!r}" in r.stdout, r.stdout
+    assert "to fix: " in r.stdout and "unset it" in r.stdout, r.stdout
+    for working in fastiocp.available_backends():
+        assert working in r.stdout
 
 
 def test_demo_runs():

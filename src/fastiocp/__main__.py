@@ -14,23 +14,46 @@ import fastiocp
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Print the version, the backend chosen and why the others were not."""
+    """Print the version, the backend a port gets here and why, and the state
+    of every other backend. A FASTIOCP_BACKEND that names no backend, or one
+    that does not work here, is explained with the fix (exit status 1)."""
     print(f"fastiocp {fastiocp.__version__} on Python {platform.python_version()} "
           f"({sys.platform}, {platform.machine()})")
-    env = os.environ.get("FASTIOCP_BACKEND")
+    env = os.environ.get("FASTIOCP_BACKEND", "")
+    forced = env if env and env != "auto" else None
+    status = fastiocp.backend_status()
+    working = [name for name, works, _why in status if works]
+    chosen: Optional[str] = None
     try:
         with fastiocp.CompletionPort() as port:
-            chosen: Optional[str] = port.backend
-    except fastiocp.BackendUnavailableError as exc:
-        chosen = None
-        print(f"backend: none ({exc})")
+            chosen = port.backend
+    except (fastiocp.BackendUnavailableError, ValueError) as exc:
+        # FASTIOCP_BACKEND names no backend of this build, one of another
+        # platform, or one this machine blocks; or nothing works at all.
+        print(f"backend: none: {exc}")
+        if forced is not None and working:
+            print(f"to fix: set FASTIOCP_BACKEND to a backend that works here ({', '.join(working)}), "
+                  "or unset it (or set it to 'auto') to let fastiocp choose")
+        elif forced is not None:
+            print("to fix: no backend works on this machine (reasons below); unsetting "
+                  "FASTIOCP_BACKEND will not help")
     if chosen is not None:
-        how = f" (forced by FASTIOCP_BACKEND={env})" if env and env != "auto" else ""
-        print(f"backend: {chosen}{how}")
-    for name, works, why in fastiocp.backend_status():
-        if name == chosen:
-            continue
-        state = "available, not chosen" if works else why
+        if forced is not None:
+            print(f"backend: {chosen} (forced by FASTIOCP_BACKEND={forced})")
+        elif len(status) == 1:
+            print(f"backend: {chosen} (the only backend of this build)")
+        else:
+            print(f"backend: {chosen} (the first that works, in the order {', '.join(n for n, _w, _y in status)})")
+    others = [(name, works, why) for name, works, why in status if name != chosen]
+    if others:
+        print("other backends:" if chosen is not None else "backends of this build:")
+    for name, works, why in others:
+        if not works:
+            state = f"unavailable: {why}" if why else "unavailable"
+        elif chosen is None:
+            state = "works here"
+        else:
+            state = f"works here, not chosen (FASTIOCP_BACKEND={name} or backend={name!r} selects it)"
         print(f"  {name}: {state}")
     return 0 if chosen is not None else 1
 
