@@ -15,6 +15,20 @@ from ._files import File as File, open as open
 from ._version import __version__ as __version__
 from ._workers import EXIT as EXIT, WorkerPool as WorkerPool
 
-__all__: list[str]
+__all__ = [
+    "BackendUnavailableError",
+    "Completion",
+    "CompletionPort",
+    "EXIT",
+    "FastIOCPError",
+    "File",
+    "InvalidStateError",
+    "PortClosedError",
+    "WorkerPool",
+    "__version__",
+    "available_backends",
+    "backend_status",
+    "open",
+]
 
 def available_backends() -> list[str]: ...

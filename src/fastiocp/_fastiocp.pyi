@@ -1,15 +1,35 @@
-"""Type stubs for the C core of fastiocp."""
+"""Type stubs for the C core of fastiocp.
+
+Checked against the built module by ``python -m mypy.stubtest fastiocp``
+(.ci/run; what stubtest cannot see is listed, with reasons, in
+tools/stubtest-allowlist.txt).
+"""
 import sys
-from typing import Any, Iterable, Iterator, Literal, Optional, Protocol, Union
+from typing import Any, Iterable, Iterator, Literal, Optional, Protocol, Union, final
 
-
+# typing_extensions is read by type checkers only (it ships with them): a
+# plain install of fastiocp needs nothing at run time for these stubs.
+from typing_extensions import Buffer, TypeAlias, disjoint_base
 
 class _HasFileno(Protocol):
     def fileno(self) -> int: ...
 
-_Handle = Union[int, _HasFileno]
-_OpKind = Literal["read", "write", "recv", "send", "recvfrom", "sendto", "accept", "connect", "post"]
-_BackendName = Literal["iocp", "io_uring", "epoll"]
+_Handle: TypeAlias = Union[int, _HasFileno]
+_OpKind: TypeAlias = Literal["read", "write", "recv", "send", "recvfrom", "sendto", "accept", "connect", "post"]
+_BackendName: TypeAlias = Literal["iocp", "io_uring", "epoll"]
+
+# Buffers (PEP 688). The data of a write, send or sendto is any object with
+# the buffer protocol (bytes, bytearray, memoryview, array, mmap...). A read,
+# recv or recvfrom needs a *writable* one (bytearray, a writable memoryview,
+# array, mmap...), or an int: the size of a bytearray made for it. Python's
+# typing has no writable-buffer type (PEP 688 has one Buffer protocol for
+# both; typeshed's own WriteableBuffer is the same alias), so both aliases are
+# Buffer and the name carries the requirement: a read-only buffer passed to a
+# read type-checks, and raises TypeError at once when called (nothing is
+# submitted).
+_ReadableBuffer: TypeAlias = Buffer
+_WritableBuffer: TypeAlias = Buffer
+_Address: TypeAlias = Union[tuple[Any, ...], str, bytes]
 
 class FastIOCPError(Exception):
     """Base class of fastiocp's own exceptions."""
@@ -23,6 +43,7 @@ class PortClosedError(FastIOCPError, ValueError):
 class InvalidStateError(FastIOCPError, RuntimeError):
     """result() was called before the operation completed."""
 
+@final  # made by the port only; not subclassable at run time
 class Completion:
     """The record of one operation or posted packet."""
 
@@ -36,6 +57,9 @@ class Completion:
     def nbytes(self) -> int: ...
     @property
     def error(self) -> Optional[OSError]: ...
+    # The buffer the operation used (the object passed, or the bytearray made
+    # for an int size); None for accept, connect and post. Any, not Buffer:
+    # the usual next step, c.buffer[:c.nbytes], needs the concrete type.
     @property
     def buffer(self) -> Any: ...
     @property
@@ -44,6 +68,9 @@ class Completion:
     def cancelled(self) -> bool: ...
     @property
     def address(self) -> Any: ...
+    # result() depends on op: nbytes (read, write, recv, send, sendto, post),
+    # (nbytes, address) for recvfrom, (socket.socket, address) for accept,
+    # None for connect; it raises the operation's error.
     def result(self) -> Any: ...
     def cancel(self) -> bool: ...
 
@@ -51,6 +78,7 @@ class _Batch:
     def __enter__(self) -> "CompletionPort": ...
     def __exit__(self, *exc: object) -> None: ...
 
+@disjoint_base
 class CompletionPort:
     """An I/O completion port."""
 
@@ -65,14 +93,16 @@ class CompletionPort:
     def concurrency(self) -> int: ...
     def register(self, fileobj: _Handle, key: Any = None) -> None: ...
     def unregister(self, fileobj: _Handle) -> None: ...
-    def read(self, file: _Handle, buffer: Any, offset: Optional[int] = 0, context: Any = None) -> Completion: ...
-    def write(self, file: _Handle, data: Any, offset: Optional[int] = 0, context: Any = None) -> Completion: ...
-    def recv(self, sock: _Handle, buffer: Any, context: Any = None) -> Completion: ...
-    def send(self, sock: _Handle, data: Any, context: Any = None) -> Completion: ...
-    def recvfrom(self, sock: _Handle, buffer: Any, context: Any = None) -> Completion: ...
-    def sendto(self, sock: _Handle, data: Any, address: Any, context: Any = None) -> Completion: ...
+    def read(
+        self, file: _Handle, buffer: Union[_WritableBuffer, int], offset: Optional[int] = 0, context: Any = None
+    ) -> Completion: ...
+    def write(self, file: _Handle, data: _ReadableBuffer, offset: Optional[int] = 0, context: Any = None) -> Completion: ...
+    def recv(self, sock: _Handle, buffer: Union[_WritableBuffer, int], context: Any = None) -> Completion: ...
+    def send(self, sock: _Handle, data: _ReadableBuffer, context: Any = None) -> Completion: ...
+    def recvfrom(self, sock: _Handle, buffer: Union[_WritableBuffer, int], context: Any = None) -> Completion: ...
+    def sendto(self, sock: _Handle, data: _ReadableBuffer, address: _Address, context: Any = None) -> Completion: ...
     def accept(self, sock: _Handle, context: Any = None) -> Completion: ...
-    def connect(self, sock: _Handle, address: Any, context: Any = None) -> Completion: ...
+    def connect(self, sock: _Handle, address: _Address, context: Any = None) -> Completion: ...
     def post(self, key: Any = None, context: Any = None, nbytes: int = 0) -> None: ...
     def get(self, timeout: Optional[float] = None) -> Optional[Completion]: ...
     def get_many(self, max: int = 64, timeout: Optional[float] = None) -> list[Completion]: ...
@@ -90,6 +120,7 @@ class CompletionPort:
 
 def backend_status() -> list[tuple[str, bool, str]]: ...
 
+@disjoint_base
 class _FileHandle:
     """Base of fastiocp.File: an OS handle kept in C."""
 

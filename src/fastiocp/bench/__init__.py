@@ -4,7 +4,8 @@
 Not part of the library's API: nothing in ``fastiocp`` imports this package
 except the command line (``fastiocp.__main__``), and its optional
 dependencies (uvloop, matplotlib: ``pip install 'fastiocp[bench]'``) are
-imported only here, when a run needs them.
+imported only here, when a run needs them, through optional_import(): by
+name, so that type-checking fastiocp (mypy, stubtest) needs none of them.
 
     runner.py        the command: plan, child processes, table, --json, --plot
     servers.py       the server contenders (``python -m fastiocp.bench.servers``)
@@ -13,3 +14,13 @@ imported only here, when a run needs them.
     csrc/            C programs compiled on the spot: the echo load generator
                      (loadgen.c) and the C io_uring echo server (echo_uring.c)
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+def optional_import(name: str) -> Any:
+    """The module of an optional dependency of the bench (uvloop, matplotlib);
+    ImportError if it is not installed."""
+    return importlib.import_module(name)

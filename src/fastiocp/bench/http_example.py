@@ -191,6 +191,7 @@ class Server:
             data = out[0] if len(out) == 1 else b"".join(out)
             self.port.send(c.sock, data, context=c)
         elif c.file is not None:
+            assert c.fbuf is not None  # open_static() made it with the file
             self.port.read(c.file, c.fbuf, offset=c.offset, context=c)
         elif c.closing:
             self.drop(c)

@@ -38,6 +38,8 @@ from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 import fastiocp
 
+from . import optional_import
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The C sources of the load generator and the reference server.
 CSRC = os.path.join(HERE, "csrc")
@@ -390,7 +392,7 @@ class Runner:
         self.file_path: Optional[str] = None
         self.direct_ok: Optional[str] = None   # None: works; else why not
         try:
-            import uvloop  # noqa: F401
+            optional_import("uvloop")
             self.uvloop: Optional[str] = None
         except ImportError:
             self.uvloop = "uvloop not installed (pip install uvloop, or fastiocp[bench])"
@@ -824,11 +826,10 @@ def section_json(s: Section) -> Dict[str, Any]:
 
 def plot(sections: List[Section], path: str) -> str:
     try:
-        import matplotlib
-
+        matplotlib = optional_import("matplotlib")
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
+        plt = optional_import("matplotlib.pyplot")
+        ticker = optional_import("matplotlib.ticker")
     except ImportError:
         return f"--plot: matplotlib is not installed (pip install matplotlib): {path} not written"
     shown = [s for s in sections if any(c.samples for c in s.contenders)]
@@ -852,7 +853,7 @@ def plot(sections: List[Section], path: str) -> str:
         ax.set_xlabel(s.unit, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
         ax.set_xlim(0, max(vals) * 1.35 if vals and max(vals) > 0 else 1)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _pos: f"{x:,.0f}"))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _pos: f"{x:,.0f}"))
     fig.suptitle(f"fastiocp {fastiocp.__version__}: ratios to the best baseline of the same run "
                  "(orange: fastiocp, purple: baselines, grey: references)", fontsize=9)
     fig.tight_layout()

@@ -12,6 +12,7 @@ and uvloop HTTP servers here answer the same requests with the same bytes.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
@@ -49,7 +50,7 @@ def echo_fastiocp(port: int) -> None:
         cp.accept(lsock)
         _announce("echo server", lsock)
         get_many, recv, send, resubmit, batch = cp.get_many, cp.recv, cp.send, cp.resubmit, cp.batch
-        rearm: list = []  # receives whose echo went out: started again together
+        rearm: list[fastiocp.Completion] = []  # receives whose echo went out: started again together
         while True:
             completions = get_many(256)
             with batch():
@@ -132,20 +133,21 @@ def echo_fastiocp_pool(port: int, threads: int = 2) -> None:
         threading.Event().wait()
 
 
+class _EchoProtocol(asyncio.Protocol):
+    """The echo server of the asyncio and uvloop contenders."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport  # asyncio and uvloop set TCP_NODELAY
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
 def _echo_protocol_server(loop_factory: Callable[[], Any]) -> Callable[[int], None]:
     def serve(port: int) -> None:
-        import asyncio
-
-        class Echo(asyncio.Protocol):
-            def connection_made(self, transport: Any) -> None:
-                self.transport = transport  # asyncio and uvloop set TCP_NODELAY
-
-            def data_received(self, data: bytes) -> None:
-                self.transport.write(data)
-
         loop = loop_factory()
         asyncio.set_event_loop(loop)
-        server = loop.run_until_complete(loop.create_server(Echo, HOST, port, backlog=1024))
+        server = loop.run_until_complete(loop.create_server(_EchoProtocol, HOST, port, backlog=1024))
         _announce("echo server", server.sockets[0])
         loop.run_forever()
 
@@ -153,15 +155,13 @@ def _echo_protocol_server(loop_factory: Callable[[], Any]) -> Callable[[int], No
 
 
 def _asyncio_loop() -> Any:
-    import asyncio
-
     return asyncio.new_event_loop()
 
 
 def _uvloop_loop() -> Any:
-    import uvloop
+    from fastiocp.bench import optional_import
 
-    return uvloop.new_event_loop()
+    return optional_import("uvloop").new_event_loop()
 
 
 def echo_threads(port: int) -> None:
@@ -189,56 +189,72 @@ def echo_threads(port: int) -> None:
 BODY = b"Hello, World!\n"
 
 
+# fastiocp.bench.http_example, imported by the HTTP servers only (the other
+# contenders' processes never load fastiocp).
+_http: Any = None
+
+
+class _HTTPProtocol(asyncio.Protocol):
+    """The HTTP server of the asyncio and uvloop contenders: the example's
+    parse() and responses, served from root."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.pending = b""
+
+    def data_received(self, data: bytes) -> None:
+        http = _http
+        if self.pending:
+            data = self.pending + data
+        requests, self.pending = http.parse(data)
+        out = []
+        close = False
+        for method, path, keep_alive in requests:
+            if method is None:
+                out.append(http.error_response(path, False))
+            elif method != b"GET" and method != b"HEAD":
+                out.append(http.error_response(b"405 Method Not Allowed", keep_alive,
+                                               b"Allow: GET, HEAD\r\n"))
+            elif path == b"/":
+                out.append(http.FIXED[keep_alive] if method == b"GET"
+                           else http.FIXED_HEAD[keep_alive])
+            else:
+                out.append(self.static(method, path, keep_alive))
+            if not keep_alive:
+                close = True
+                break
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if close:
+            self.transport.close()
+
+    def static(self, method: bytes, path: bytes, keep_alive: bool) -> bytes:
+        # Plain blocking reads: this twin exists for the fixed body.
+        http = _http
+        full = http.static_path(self.root, path)
+        if full is None:
+            missing: bytes = http.error_response(b"404 Not Found", keep_alive)
+            return missing
+        with open(full, "rb") as f:
+            data = f.read()
+        head: bytes = http.file_head(full, len(data), keep_alive)
+        return head + data if method == b"GET" else head
+
+
 def _http_protocol_server(loop_factory: Callable[[], Any]) -> Callable[[int], None]:
     def serve(port: int) -> None:
-        import asyncio
+        global _http
+        from fastiocp.bench import http_example
 
-        from fastiocp.bench import http_example as http
-
-        class HTTP(asyncio.Protocol):
-            def connection_made(self, transport: Any) -> None:
-                self.transport = transport
-                self.pending = b""
-
-            def data_received(self, data: bytes) -> None:
-                if self.pending:
-                    data = self.pending + data
-                requests, self.pending = http.parse(data)
-                out = []
-                close = False
-                for method, path, keep_alive in requests:
-                    if method is None:
-                        out.append(http.error_response(path, False))
-                    elif method != b"GET" and method != b"HEAD":
-                        out.append(http.error_response(b"405 Method Not Allowed", keep_alive,
-                                                       b"Allow: GET, HEAD\r\n"))
-                    elif path == b"/":
-                        out.append(http.FIXED[keep_alive] if method == b"GET"
-                                   else http.FIXED_HEAD[keep_alive])
-                    else:
-                        out.append(static(method, path, keep_alive))
-                    if not keep_alive:
-                        close = True
-                        break
-                if out:
-                    self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-                if close:
-                    self.transport.close()
-
-        def static(method: bytes, path: bytes, keep_alive: bool) -> bytes:
-            # Plain blocking reads: this twin exists for the fixed body.
-            full = http.static_path(root, path)
-            if full is None:
-                return http.error_response(b"404 Not Found", keep_alive)
-            with open(full, "rb") as f:
-                data = f.read()
-            head = http.file_head(full, len(data), keep_alive)
-            return head + data if method == b"GET" else head
-
-        root = os.path.abspath(http.DEFAULT_ROOT)
+        _http = http_example
+        root = os.path.abspath(http_example.DEFAULT_ROOT)
         loop = loop_factory()
         asyncio.set_event_loop(loop)
-        server = loop.run_until_complete(loop.create_server(HTTP, HOST, port, backlog=1024))
+        server = loop.run_until_complete(
+            loop.create_server(lambda: _HTTPProtocol(root), HOST, port, backlog=1024))
         _announce("http server", server.sockets[0])
         loop.run_forever()
 
