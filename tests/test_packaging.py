@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import venv
 import zipfile
 
 import pytest
@@ -135,6 +134,8 @@ def test_sdist_carries_the_cibuildwheel_config(sdist: pathlib.Path) -> None:
 
 
 def test_wheel_from_sdist_in_fresh_venv(sdist: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    import venv  # not in every CPython (the Windows embeddable one has none)
+
     env = _clean_env()
     vdir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True, clear=True).create(vdir)
