@@ -88,6 +88,8 @@ def test_server_block_serves(line: int, directive: str, code: str, tmp_path: pat
     address = (host, int(port_s))
     assert f'("{host}", {port_s})' in code, "the directive names the address the code listens on"
     probe = socket.socket()
+    if os.name == "posix":  # as socket.create_server() does: TIME_WAIT is no conflict
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind(address)
     except OSError as exc:
