@@ -62,6 +62,7 @@ while [ $# -gt 0 ]; do
 done
 
 [ "$(uname -s)" = Linux ] || die "Linux only"
+HOME=${HOME:-$(cd ~ && pwd)}
 CACHE=${FASTIOCP_313T_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fastiocp-313t}
 SUITE=${FASTIOCP_313T_SUITE:-trixie}
 JOBS=${FASTIOCP_313T_JOBS:-$(nproc 2>/dev/null || echo 2)}
