@@ -51,7 +51,7 @@ find_python() {
     local v=$1 root cand
     root=$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")
     cand=$(ls -d "$root"/versions/"$v".[0-9]* 2>/dev/null | grep -E "/$v\.[0-9]+$" |
-           sort -t. -k3,3n | tail -n1)
+           sort -V | tail -n1)
     if [ -n "$cand" ] && [ -x "$cand/bin/python$v" ]; then echo "$cand/bin/python$v"; return 0; fi
     command -v "python$v" 2>/dev/null
 }
