@@ -83,6 +83,11 @@ static PyObject* set_code_error(int64_t code) {
   } else if (code == FIOCP_EUNSUPPORTED) {
     PyErr_SetString(PyExc_NotImplementedError,
                     "operation not supported by this backend");
+  } else if (code == FIOCP_EOWNHANDLE) {
+    PyErr_SetString(PyExc_ValueError,
+                    "that handle belongs to this CompletionPort itself (its "
+                    "kernel queue or wake-up descriptor): it cannot be "
+                    "registered");
   } else {
 #ifdef _WIN32
     PyErr_SetExcFromWindowsErr(PyExc_OSError, (int)-code);
@@ -168,15 +173,49 @@ static PyObject* make_sockaddr(const struct sockaddr_storage* ss,
   }
 }
 
-/* Resolves host for family into out: numeric first, the resolver (with the
- * GIL released: it may block on DNS) otherwise. */
+/* PyArg "O&" converter of a host name, as the socket module takes one: a
+ * str (ASCII as is, other text IDNA-encoded), bytes or bytearray, without
+ * NUL characters. Stores a new bytes object. */
+static int host_converter(PyObject* obj, void* out) {
+  PyObject* b;
+  if (PyUnicode_Check(obj)) {
+    b = PyUnicode_IS_ASCII(obj) ? PyUnicode_AsUTF8String(obj)
+                                : PyUnicode_AsEncodedString(obj, "idna", NULL);
+  } else if (PyBytes_Check(obj) || PyByteArray_Check(obj)) {
+    b = PyBytes_FromObject(obj);
+  } else {
+    PyErr_Format(PyExc_TypeError, "str, bytes or bytearray expected, not %s",
+                 Py_TYPE(obj)->tp_name);
+    return 0;
+  }
+  if (b == NULL) return 0;
+  if (strlen(PyBytes_AS_STRING(b)) != (size_t)PyBytes_GET_SIZE(b)) {
+    PyErr_SetString(PyExc_TypeError, "host name must not contain null character");
+    Py_DECREF(b);
+    return 0;
+  }
+  *(PyObject**)out = b;
+  return 1;
+}
+
+/* Resolves host for family into out as the socket module does: "" is the
+ * wildcard address, "<broadcast>" (IPv4) the broadcast address, numeric
+ * addresses are parsed, other names go to the resolver (with the GIL
+ * released: it may block on DNS). */
 static int resolve_host(const char* host, int family, void* out) {
   struct addrinfo hints, *res = NULL;
   int rc;
   if (host[0] == 0) {
-    /* "" means INADDR_ANY, as in the socket module. */
     if (family == AF_INET) memset(out, 0, sizeof(struct in_addr));
     else memset(out, 0, sizeof(struct in6_addr));
+    return 0;
+  }
+  if (strcmp(host, "<broadcast>") == 0) {
+    if (family != AF_INET) {
+      PyErr_SetString(PyExc_OSError, "address family mismatched");
+      return -1;
+    }
+    ((struct in_addr*)out)->s_addr = htonl(INADDR_BROADCAST);
     return 0;
   }
   if (inet_pton(family, host, out) == 1) return 0;
@@ -201,51 +240,67 @@ static int resolve_host(const char* host, int family, void* out) {
   return 0;
 }
 
-/* Parses a Python address for family into a sockaddr. */
-static int parse_sockaddr(PyObject* addr, int family,
+/* Parses a Python address for family into a sockaddr, accepting and
+ * refusing exactly what the socket module's caller() (sendto, connect)
+ * would, with the same exception types. */
+static int parse_sockaddr(const char* caller, PyObject* addr, int family,
                           struct sockaddr_storage* ss, fiocp_socklen_t* len) {
   memset(ss, 0, sizeof(*ss));
   switch (family) {
-    case AF_INET: {
-      struct sockaddr_in* a = (struct sockaddr_in*)ss;
-      const char* host;
-      int port;
-      if (!PyTuple_Check(addr) ||
-          !PyArg_ParseTuple(addr, "si;AF_INET address must be (host, port)",
-                            &host, &port))
-        goto bad;
-      if (port < 0 || port > 65535) {
-        PyErr_SetString(PyExc_OverflowError, "port must be 0-65535");
-        return -1;
-      }
-      a->sin_family = AF_INET;
-      a->sin_port = htons((unsigned short)port);
-      if (resolve_host(host, AF_INET, &a->sin_addr) < 0) return -1;
-      *len = (fiocp_socklen_t)sizeof(*a);
-      return 0;
-    }
+    case AF_INET:
     case AF_INET6: {
-      struct sockaddr_in6* a = (struct sockaddr_in6*)ss;
-      const char* host;
-      int port;
+      PyObject* host = NULL;
+      int port, rc;
       unsigned int flowinfo = 0, scope_id = 0;
-      if (!PyTuple_Check(addr) ||
-          !PyArg_ParseTuple(addr,
-                            "si|II;AF_INET6 address must be (host, port[, "
-                            "flowinfo[, scope_id]])",
-                            &host, &port, &flowinfo, &scope_id))
-        goto bad;
-      if (port < 0 || port > 65535) {
-        PyErr_SetString(PyExc_OverflowError, "port must be 0-65535");
+      if (!PyTuple_Check(addr)) {
+        PyErr_Format(PyExc_TypeError, "%s(): %s address must be tuple, not %.500s",
+                     caller, family == AF_INET ? "AF_INET" : "AF_INET6",
+                     Py_TYPE(addr)->tp_name);
         return -1;
       }
-      a->sin6_family = AF_INET6;
-      a->sin6_port = htons((unsigned short)port);
-      a->sin6_flowinfo = htonl(flowinfo);
-      a->sin6_scope_id = scope_id;
-      if (resolve_host(host, AF_INET6, &a->sin6_addr) < 0) return -1;
-      *len = (fiocp_socklen_t)sizeof(*a);
-      return 0;
+      /* flowinfo and scope_id as the socket module reads them ('I': a
+       * C unsigned int taken modulo 2**32), then range-checked. */
+      rc = family == AF_INET
+               ? PyArg_ParseTuple(addr, "O&i;AF_INET address must be a pair (host, port)",
+                                  host_converter, &host, &port)
+               : PyArg_ParseTuple(addr,
+                                  "O&i|II;AF_INET6 address must be a tuple (host, "
+                                  "port[, flowinfo[, scopeid]])",
+                                  host_converter, &host, &port, &flowinfo,
+                                  &scope_id);
+      if (!rc) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError))
+          PyErr_Format(PyExc_OverflowError, "%s(): port must be 0-65535.", caller);
+        return -1;
+      }
+      if (port < 0 || port > 0xffff) {
+        PyErr_Format(PyExc_OverflowError, "%s(): port must be 0-65535.", caller);
+        Py_DECREF(host);
+        return -1;
+      }
+      if (flowinfo > 0xfffff) {
+        PyErr_Format(PyExc_OverflowError, "%s(): flowinfo must be 0-1048575.",
+                     caller);
+        Py_DECREF(host);
+        return -1;
+      }
+      if (family == AF_INET) {
+        struct sockaddr_in* a = (struct sockaddr_in*)ss;
+        a->sin_family = AF_INET;
+        a->sin_port = htons((unsigned short)port);
+        rc = resolve_host(PyBytes_AS_STRING(host), AF_INET, &a->sin_addr);
+        *len = (fiocp_socklen_t)sizeof(*a);
+      } else {
+        struct sockaddr_in6* a = (struct sockaddr_in6*)ss;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons((unsigned short)port);
+        a->sin6_flowinfo = htonl(flowinfo);
+        a->sin6_scope_id = scope_id;
+        rc = resolve_host(PyBytes_AS_STRING(host), AF_INET6, &a->sin6_addr);
+        *len = (fiocp_socklen_t)sizeof(*a);
+      }
+      Py_DECREF(host);
+      return rc;
     }
 #ifndef _WIN32
     case AF_UNIX: {
@@ -259,7 +314,16 @@ static int parse_sockaddr(PyObject* addr, int family,
         path = PyBytes_FromObject(addr);
       } else {
         PyObject* fs = PyOS_FSPath(addr);
-        if (fs == NULL) goto bad;
+        if (fs == NULL) {
+          if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "%s(): AF_UNIX address must be str, bytes or a "
+                         "path, not %.100s",
+                         caller, Py_TYPE(addr)->tp_name);
+          }
+          return -1;
+        }
         if (PyUnicode_Check(fs)) {
           path = PyUnicode_EncodeFSDefault(fs);
           Py_DECREF(fs);
@@ -287,13 +351,6 @@ static int parse_sockaddr(PyObject* addr, int family,
       PyErr_Format(PyExc_ValueError, "unsupported address family %d", family);
       return -1;
   }
-bad:
-  if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
-    PyErr_Clear();
-    PyErr_Format(PyExc_TypeError,
-                 "invalid address %R for address family %d", addr, family);
-  }
-  return -1;
 }
 
 /* ======================================================================
@@ -307,17 +364,68 @@ struct FileHandleObject {
   long long handle;
 };
 
+/* The OS handle a Python int names, range-checked where it enters C: a
+ * descriptor on POSIX (0 to INT_MAX, the kernel's int), a HANDLE or SOCKET
+ * on Windows (pointer-sized). Never truncated: 2**32 + 1 must not become
+ * descriptor 1. Returns 0, or -1 with ValueError/TypeError. */
+static int handle_from_int(PyObject* num, fiocp_handle_t* out) {
+  if (!PyLong_Check(num)) {
+    PyErr_Format(PyExc_TypeError, "a handle must be an int, not %.100s",
+                 Py_TYPE(num)->tp_name);
+    return -1;
+  }
+#ifdef _WIN32
+  {
+    unsigned long long v = PyLong_AsUnsignedLongLong(num);
+    if ((v == (unsigned long long)-1 && PyErr_Occurred()) ||
+        v > (unsigned long long)UINTPTR_MAX) {
+      PyErr_Clear();
+      PyErr_Format(PyExc_ValueError, "invalid handle %R", num);
+      return -1;
+    }
+    *out = (fiocp_handle_t)v;
+  }
+#else
+  {
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(num, &overflow);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (overflow != 0 || v < 0 || v > INT_MAX) {
+      if (overflow < 0 || v < 0)
+        PyErr_Format(PyExc_ValueError,
+                     "file descriptor cannot be a negative integer (%R): is "
+                     "the file or socket closed?",
+                     num);
+      else
+        PyErr_Format(PyExc_ValueError,
+                     "file descriptor %R is out of range (0 to %d)", num,
+                     INT_MAX);
+      return -1;
+    }
+    *out = (fiocp_handle_t)v;
+  }
+#endif
+  return 0;
+}
+
+/* A File whose __init__ fails must not name descriptor 0 (its __del__
+ * would close stdin): it starts closed. */
+static PyObject* FileHandle_new(PyTypeObject* type, PyObject* args,
+                                PyObject* kwds) {
+  PyObject* self = PyType_GenericNew(type, args, kwds);
+  if (self != NULL) ((struct FileHandleObject*)self)->handle = -1;
+  return self;
+}
+
 static int FileHandle_init(struct FileHandleObject* self, PyObject* args,
                            PyObject* kwds) {
   static char* kwlist[] = {"handle", NULL};
-  long long h;
-  if (!PyArg_ParseTupleAndKeywords(args, kwds, "L:_FileHandle", kwlist, &h))
+  PyObject* num;
+  fiocp_handle_t h;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:_FileHandle", kwlist, &num) ||
+      handle_from_int(num, &h) < 0)
     return -1;
-  if (h < 0) {
-    PyErr_SetString(PyExc_ValueError, "handle must be >= 0");
-    return -1;
-  }
-  self->handle = h;
+  self->handle = (long long)h;
   return 0;
 }
 
@@ -362,7 +470,7 @@ static PyTypeObject FileHandleType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "Base of fastiocp.File: an OS handle kept in C.",
     .tp_init = (initproc)FileHandle_init,
-    .tp_new = PyType_GenericNew,
+    .tp_new = FileHandle_new,
     .tp_methods = FileHandle_methods,
     .tp_getset = FileHandle_getset,
 };
@@ -370,8 +478,10 @@ static PyTypeObject FileHandleType = {
 /* The OS handle of an int, a socket or any object with fileno(). */
 static int get_handle(PyObject* obj, fiocp_handle_t* out) {
   PyObject* num;
+  int rc;
   if (PyObject_TypeCheck(obj, &FileHandleType)) {
-    /* fastiocp.File: no Python-level fileno() call per operation. */
+    /* fastiocp.File: no Python-level fileno() call per operation. Its
+     * handle was range-checked when it was set. */
     long long v = ((struct FileHandleObject*)obj)->handle;
     if (v < 0) {
       PyErr_SetString(PyExc_ValueError, "I/O operation on closed file");
@@ -380,65 +490,43 @@ static int get_handle(PyObject* obj, fiocp_handle_t* out) {
     *out = (fiocp_handle_t)v;
     return 0;
   }
-  if (PyLong_Check(obj)) {
-    num = obj;
-    Py_INCREF(num);
-  } else {
-    num = PyObject_CallMethodNoArgs(obj, str_fileno);
-    if (num == NULL) {
-      if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError,
-                     "expected a file descriptor, a socket or an object "
-                     "with fileno(), not %.100s",
-                     Py_TYPE(obj)->tp_name);
-      }
-      return -1;
-    }
-    if (!PyLong_Check(num)) {
-      PyErr_SetString(PyExc_TypeError, "fileno() must return an int");
-      Py_DECREF(num);
-      return -1;
-    }
-  }
-#ifdef _WIN32
-  {
-    unsigned long long v = PyLong_AsUnsignedLongLong(num);
-    Py_DECREF(num);
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+  if (PyLong_Check(obj)) return handle_from_int(obj, out);
+  num = PyObject_CallMethodNoArgs(obj, str_fileno);
+  if (num == NULL) {
+    if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
       PyErr_Clear();
-      PyErr_SetString(PyExc_ValueError, "invalid handle");
-      return -1;
+      PyErr_Format(PyExc_TypeError,
+                   "expected a file descriptor, a socket or an object "
+                   "with fileno(), not %.100s",
+                   Py_TYPE(obj)->tp_name);
     }
-    *out = (fiocp_handle_t)v;
+    return -1;
   }
-#else
-  {
-    long v = PyLong_AsLong(num);
+  if (!PyLong_Check(num)) {
+    PyErr_SetString(PyExc_TypeError, "fileno() must return an int");
     Py_DECREF(num);
-    if (v == -1 && PyErr_Occurred()) return -1;
-    if (v < 0 || v > INT_MAX) {
-      PyErr_Format(PyExc_ValueError,
-                   "file descriptor cannot be a negative integer (%ld): "
-                   "is the file or socket closed?",
-                   v);
-      return -1;
-    }
-    *out = (fiocp_handle_t)v;
+    return -1;
   }
-#endif
-  return 0;
+  rc = handle_from_int(num, out);
+  Py_DECREF(num);
+  return rc;
 }
 
-/* The address family of a socket object or handle. */
+/* The address family of a socket object (its `family`) or, for a bare
+ * handle, of the socket it names. Returns it, or -1 with an exception. */
 static int get_family(PyObject* sockobj, fiocp_handle_t h) {
   PyObject* fam = PyObject_GetAttrString(sockobj, "family");
   if (fam != NULL) {
     long v = PyLong_AsLong(fam);
     Py_DECREF(fam);
     if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < 0 || v > 0xffff) { /* sa_family_t is 16 bits */
+      PyErr_Format(PyExc_ValueError, "invalid address family %ld", v);
+      return -1;
+    }
     return (int)v;
   }
+  if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
   PyErr_Clear();
   {
 #ifdef _WIN32
@@ -498,7 +586,14 @@ typedef struct CompletionPortObject {
   PyObject* handles;        /* {handle int: key} */
   Py_ssize_t pending;       /* submitted and not yet dequeued */
   unsigned concurrency;
-  int batch_depth;
+  /* The threads inside `with port.batch():`, each with its nesting depth:
+   * a batch belongs to the thread that opened it (another thread's
+   * submissions must reach the kernel at once). Few at a time. */
+  struct batch_thread_s {
+    unsigned long ident;
+    int depth;
+  }* batches;
+  int nbatches, batches_cap;
   int inside;               /* threads inside a GIL-free backend call */
   uint8_t initialized;
   uint8_t closed;
@@ -545,6 +640,10 @@ static int completion_freelist_len;
 
 static void Completion_dealloc(CompletionObject* self) {
   PyObject_GC_UnTrack(self);
+  /* A Completion can be the context of the next, and so on: freeing such a
+   * chain recursed once per link until the C stack overflowed (2,000,000
+   * deep). The trashcan defers deep deallocations, as for tuples. */
+  Py_TRASHCAN_BEGIN(self, Completion_dealloc)
   if (self->pinned) {
     /* Unreachable while in flight (the port holds a reference); this only
      * runs for a completion that failed before submission. */
@@ -558,9 +657,10 @@ static void Completion_dealloc(CompletionObject* self) {
     self->key = (PyObject*)completion_freelist;
     completion_freelist = self;
     completion_freelist_len++;
-    return;
+  } else {
+    Py_TYPE(self)->tp_free((PyObject*)self);
   }
-  Py_TYPE(self)->tp_free((PyObject*)self);
+  Py_TRASHCAN_END
 }
 
 /* A completion is tracked by the cyclic GC only once it refers to an object
@@ -762,6 +862,13 @@ static int port_check_open(CompletionPortObject* self) {
   return 0;
 }
 
+/* Whether this process may call into the port's backend: it is open and
+ * was created by this process, not inherited through fork(). */
+static int port_owns_backend(CompletionPortObject* p) {
+  return p->initialized && !p->closed && p->port != NULL &&
+         p->fork_gen == fork_generation;
+}
+
 static void close_handle(fiocp_handle_t h) {
 #ifdef _WIN32
   closesocket((SOCKET)h);
@@ -890,6 +997,19 @@ static void port_maybe_destroy(CompletionPortObject* self) {
   self->port = NULL;
 }
 
+static void slot_release(CompletionPortObject* self);
+
+/* For a port left behind with operations still owed (close() timed out, or
+ * a forked child's copy): their Completions stay alive, held by the leaked
+ * records, but no longer point to the port, which may be freed before
+ * them; cancel() then has nothing to follow and says False. */
+static void detach_completion(fiocp_port_t* port, fiocp_op_t* rec, void* arg) {
+  CompletionObject* c = (CompletionObject*)rec->user;
+  (void)port;
+  (void)arg;
+  if (c != NULL) c->port = NULL;
+}
+
 /* close(): cancels what is pending, waits (bounded) for it, releases every
  * buffer and reference, wakes every waiting thread. Idempotent. GIL. */
 static int port_close_impl(CompletionPortObject* self) {
@@ -898,11 +1018,13 @@ static int port_close_impl(CompletionPortObject* self) {
   int n, i;
   if (!self->initialized || self->closed) return 0;
   self->closed = 1;
+  if (self->emulate_slots) slot_release(self); /* forget this thread's */
   if (self->fork_gen != fork_generation) {
     /* A forked child: the kernel objects and threads are the parent's.
      * Touch nothing; the child's copies of the records and buffers are
-     * simply left behind. */
+     * simply left behind, and its completions no longer name the port. */
     self->leaked = 1;
+    fiocp__foreach_owned(self->port, detach_completion, NULL);
     Py_CLEAR(self->handles);
     return 0;
   }
@@ -926,6 +1048,7 @@ static int port_close_impl(CompletionPortObject* self) {
      * records and the backend alive forever rather than risk it writing
      * into freed memory. */
     self->leaked = 1;
+    fiocp__foreach_owned(self->port, detach_completion, NULL);
     PyErr_WarnFormat(PyExc_ResourceWarning, 1,
                      "CompletionPort.close(): %lld operations did not come "
                      "back within %d ms of being cancelled; their buffers "
@@ -948,6 +1071,7 @@ static void CompletionPort_dealloc(CompletionPortObject* self) {
   }
   PyErr_Restore(type, value, tb);
   Py_CLEAR(self->handles);
+  PyMem_Free(self->batches);
   Py_TYPE(self)->tp_free((PyObject*)self);
 }
 
@@ -1176,6 +1300,21 @@ static PyObject* lookup_key(CompletionPortObject* self, fiocp_handle_t h) {
  * CompletionPort: submission
  * ====================================================================== */
 
+/* The calling thread's entry in self->batches, or -1. */
+static int batch_index(CompletionPortObject* self, unsigned long ident) {
+  int i;
+  for (i = 0; i < self->nbatches; i++)
+    if (self->batches[i].ident == ident) return i;
+  return -1;
+}
+
+/* Whether the calling thread is inside one of its own port.batch() blocks:
+ * then its submissions wait for the block's end (io_uring). */
+static int in_batch(CompletionPortObject* self) {
+  return self->nbatches > 0 &&
+         batch_index(self, PyThread_get_thread_ident()) >= 0;
+}
+
 enum { BUF_NONE, BUF_READ, BUF_WRITE };
 
 /* Undoes the hand-over of c and its record to the port after the backend
@@ -1269,7 +1408,9 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
   if (address != NULL) {
     int family = get_family(fileobj, h);
     if (family < 0) return NULL;
-    if (parse_sockaddr(address, family, &ss, &sslen) < 0) return NULL;
+    if (parse_sockaddr(PyUnicode_AsUTF8(kind_names[kind]), address, family,
+                       &ss, &sslen) < 0)
+      return NULL;
   }
   c = Completion_create(kind, Py_None, context);
   if (c == NULL) return NULL;
@@ -1315,7 +1456,7 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
   Py_SETREF(c->key, key);
   track_if_needed(c, key);
   if (start_op(self, c, h, offset, needs_addr, address != NULL ? &ss : NULL,
-               sslen, self->batch_depth > 0) < 0)
+               sslen, in_batch(self)) < 0)
     goto error;
   return (PyObject*)c;
 error:
@@ -1640,7 +1781,7 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
       resubmit_undo(items, i, n);
       PyErr_Fetch(&type, &value, &tb);
       /* The ones already queued go to the kernel all the same. */
-      if (self->batch_depth == 0) (void)self->backend->flush(self->port);
+      if (!in_batch(self)) (void)self->backend->flush(self->port);
       PyErr_Restore(type, value, tb);
       goto done;
     }
@@ -1658,7 +1799,7 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
     c->cancelled = 0;
     c->done = 0;
   }
-  if (self->batch_depth == 0)
+  if (!in_batch(self))
     result = CompletionPort_flush(self, NULL);
   else {
     Py_INCREF(Py_None);
@@ -1778,15 +1919,32 @@ static PyObject* CompletionPort_flush(CompletionPortObject* self,
 
 static PyObject* CompletionPort_batch_enter(CompletionPortObject* self,
                                             PyObject* Py_UNUSED(ignored)) {
+  unsigned long me = PyThread_get_thread_ident();
+  int i = batch_index(self, me);
   if (port_check_open(self) < 0) return NULL;
-  self->batch_depth++;
+  if (i < 0) {
+    if (self->nbatches == self->batches_cap) {
+      int cap = self->batches_cap ? self->batches_cap * 2 : 4;
+      struct batch_thread_s* grown =
+          PyMem_Realloc(self->batches, (size_t)cap * sizeof(*grown));
+      if (grown == NULL) return PyErr_NoMemory();
+      self->batches = grown;
+      self->batches_cap = cap;
+    }
+    i = self->nbatches++;
+    self->batches[i].ident = me;
+    self->batches[i].depth = 0;
+  }
+  self->batches[i].depth++;
   Py_RETURN_NONE;
 }
 
 static PyObject* CompletionPort_batch_exit(CompletionPortObject* self,
                                            PyObject* Py_UNUSED(ignored)) {
-  if (self->batch_depth > 0) self->batch_depth--;
-  if (self->batch_depth == 0 && self->initialized && !self->closed)
+  int i = batch_index(self, PyThread_get_thread_ident());
+  if (i >= 0 && --self->batches[i].depth == 0)
+    self->batches[i] = self->batches[--self->nbatches];
+  if (!in_batch(self) && self->initialized && !self->closed)
     return CompletionPort_flush(self, NULL);
   Py_RETURN_NONE;
 }
@@ -1870,52 +2028,137 @@ static int parse_timeout(PyObject* obj, int64_t* ms) {
   return 0;
 }
 
-/* A thread's concurrency slot on a port (the Linux emulation of IOCP's
- * concurrency value, see fiocp.h release()). The token lives in the thread's
- * state dict, keyed by the port, while the thread holds dequeued packets;
- * calling get again deletes it, and CPython clears that dict when the thread
- * exits: either way the token's deallocation gives the slot back. */
+/* The concurrency slots a thread holds (the Linux emulation of IOCP's
+ * concurrency value, see fiocp.h release()). A thread holds a slot on a port
+ * from the get() that gave it packets until its next get() on that port or
+ * its exit. The ports are listed in a ThreadSlots object in the thread's
+ * state dict, which CPython clears when the thread exits: its deallocation
+ * then gives back every slot still held.
+ *
+ * The list holds weak references: a slot must not keep its port alive (a
+ * closed port, or one dropped without close(), must be freed and its
+ * descriptors closed), and a port that is gone has no slot to give back.
+ * Entries of ports that are gone are pruned whenever the list is touched.
+ * A forked child's list names its parent's ports: giving a slot back there
+ * would kick the parent's ring, so port_owns_backend() refuses. GIL. */
 typedef struct {
   PyObject_HEAD
-  CompletionPortObject* port;
-} SlotObject;
+  Py_ssize_t n, cap;
+  PyObject** ports; /* weak references to CompletionPortObjects */
+} ThreadSlotsObject;
 
-static void Slot_dealloc(SlotObject* self) {
-  CompletionPortObject* p = self->port;
-  if (p != NULL && p->initialized && !p->closed && p->port != NULL)
-    p->backend->release(p->port);
-  Py_XDECREF(p);
+/* The key of the ThreadSlots object in a thread's state dict. */
+static PyObject* str_thread_slots;
+
+/* The port a weak reference names (a new reference), or NULL once it is
+ * gone. */
+static CompletionPortObject* slot_port(PyObject* ref) {
+  PyObject* p;
+#if PY_VERSION_HEX >= 0x030D0000
+  if (PyWeakref_GetRef(ref, &p) <= 0) {
+    PyErr_Clear();
+    return NULL;
+  }
+#else
+  p = PyWeakref_GetObject(ref); /* borrowed; Py_None once gone */
+  if (p == NULL || p == Py_None) {
+    PyErr_Clear();
+    return NULL;
+  }
+  Py_INCREF(p);
+#endif
+  return (CompletionPortObject*)p;
+}
+
+/* Removes entry i, giving its slot back if give_back. */
+static void thread_slots_remove(ThreadSlotsObject* ts, Py_ssize_t i,
+                                int give_back) {
+  PyObject* ref = ts->ports[i];
+  CompletionPortObject* p = give_back ? slot_port(ref) : NULL;
+  ts->ports[i] = ts->ports[--ts->n];
+  if (p != NULL) {
+    if (port_owns_backend(p)) p->backend->release(p->port);
+    Py_DECREF(p); /* the last reference only if the port is being dropped
+                     anyway: its dealloc runs no code of this list */
+  }
+  Py_DECREF(ref);
+}
+
+static void ThreadSlots_dealloc(ThreadSlotsObject* self) {
+  while (self->n > 0) thread_slots_remove(self, self->n - 1, 1);
+  PyMem_Free(self->ports);
   PyObject_Free(self);
 }
 
-static PyTypeObject SlotType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastiocp._Slot",
-    .tp_basicsize = sizeof(SlotObject),
+static PyTypeObject ThreadSlotsType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastiocp._ThreadSlots",
+    .tp_basicsize = sizeof(ThreadSlotsObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_dealloc = (destructor)Slot_dealloc,
+    .tp_doc = "The concurrency slots the thread holds (internal).",
+    .tp_dealloc = (destructor)ThreadSlots_dealloc,
 };
 
-/* Gives back the calling thread's slot, if it holds one. */
-static void slot_release(CompletionPortObject* self) {
+/* The calling thread's slot list (borrowed), created if create; NULL when
+ * there is none (no exception set). */
+static ThreadSlotsObject* thread_slots(int create) {
   PyObject* dict = PyThreadState_GetDict();
-  if (dict == NULL || PyDict_GetItem(dict, (PyObject*)self) == NULL) return;
-  if (PyDict_DelItem(dict, (PyObject*)self) < 0) PyErr_Clear();
+  PyObject* ts;
+  if (dict == NULL) return NULL;
+  ts = PyDict_GetItemWithError(dict, str_thread_slots);
+  if (ts != NULL || !create) {
+    PyErr_Clear();
+    return (ThreadSlotsObject*)ts;
+  }
+  PyErr_Clear();
+  ts = (PyObject*)PyObject_New(ThreadSlotsObject, &ThreadSlotsType);
+  if (ts == NULL) {
+    PyErr_Clear();
+    return NULL;
+  }
+  ((ThreadSlotsObject*)ts)->n = ((ThreadSlotsObject*)ts)->cap = 0;
+  ((ThreadSlotsObject*)ts)->ports = NULL;
+  if (PyDict_SetItem(dict, str_thread_slots, ts) < 0) PyErr_Clear();
+  Py_DECREF(ts); /* the dict's reference, if it took one */
+  return (ThreadSlotsObject*)PyDict_GetItemWithError(dict, str_thread_slots);
 }
 
-/* Records that the calling thread took a slot in the backend. */
+/* Gives back the calling thread's slot on self, if it holds one, and
+ * prunes the entries of ports that are gone. */
+static void slot_release(CompletionPortObject* self) {
+  ThreadSlotsObject* ts = thread_slots(0);
+  Py_ssize_t i;
+  if (ts == NULL) return;
+  for (i = ts->n; i-- > 0;) {
+    CompletionPortObject* p;
+    if (i >= ts->n) continue; /* a port's dealloc below pruned the list */
+    p = slot_port(ts->ports[i]);
+    if (p == self) thread_slots_remove(ts, i, 1);
+    else if (p == NULL) thread_slots_remove(ts, i, 0);
+    Py_XDECREF(p); /* self, or a port another reference keeps alive */
+  }
+}
+
+/* Records that the calling thread took a slot on self in the backend. If
+ * that cannot be recorded (memory), the slot is given back at once. */
 static void slot_hold(CompletionPortObject* self) {
-  PyObject* dict = PyThreadState_GetDict();
-  SlotObject* token = PyObject_New(SlotObject, &SlotType);
-  if (token == NULL) {
+  ThreadSlotsObject* ts = thread_slots(1);
+  PyObject* ref;
+  if (ts != NULL && ts->n == ts->cap) {
+    Py_ssize_t cap = ts->cap ? ts->cap * 2 : 4;
+    PyObject** grown = PyMem_Realloc(ts->ports, (size_t)cap * sizeof(PyObject*));
+    if (grown == NULL) ts = NULL;
+    else {
+      ts->ports = grown;
+      ts->cap = cap;
+    }
+  }
+  ref = ts != NULL ? PyWeakref_NewRef((PyObject*)self, NULL) : NULL;
+  if (ref == NULL) {
     PyErr_Clear();
     self->backend->release(self->port);
     return;
   }
-  Py_INCREF(self);
-  token->port = self;
-  if (dict == NULL || PyDict_SetItem(dict, (PyObject*)self, (PyObject*)token) < 0)
-    PyErr_Clear(); /* the token's deallocation below releases the slot */
-  Py_DECREF(token);
+  ts->ports[ts->n++] = ref;
 }
 
 /* Dequeues up to max completions into out. Returns the count (0 on
@@ -2163,7 +2406,9 @@ static PyMethodDef CompletionPort_methods[] = {
      "batch($self)\n--\n\nDefer the submissions made inside `with port.batch():` "
      "and submit them together when the block ends (io_uring: one system "
      "call; other backends submit at once and the block is harmless). A "
-     "thread waiting in get() also submits what is deferred."},
+     "thread waiting in get() also submits what is deferred. A batch "
+     "belongs to the thread that opened it: other threads' submissions are "
+     "not deferred."},
     {"close", (PyCFunction)CompletionPort_close, METH_NOARGS,
      "close($self)\n--\n\nCancel pending operations, wait for them (bounded), "
      "release their buffers and wake every waiting thread. Idempotent."},
@@ -2231,6 +2476,11 @@ static PyObject* mod_backend_status(PyObject* m, PyObject* Py_UNUSED(ignored)) {
  * neither open() nor os.open() gives. Handles travel as Python ints.
  * ====================================================================== */
 
+/* PyArg "O&" converter of a handle argument (handle_from_int). */
+static int handle_converter(PyObject* obj, void* out) {
+  return handle_from_int(obj, (fiocp_handle_t*)out) < 0 ? 0 : 1;
+}
+
 static PyObject* mod_win_open(PyObject* m, PyObject* args) {
   PyObject* path;
   int readable, writable, kind, direct, rc;
@@ -2253,32 +2503,33 @@ static PyObject* mod_win_open(PyObject* m, PyObject* args) {
 }
 
 static PyObject* mod_win_close_handle(PyObject* m, PyObject* args) {
-  unsigned long long h;
+  fiocp_handle_t h;
   int rc;
   (void)m;
-  if (!PyArg_ParseTuple(args, "K:_win_close_handle", &h)) return NULL;
+  if (!PyArg_ParseTuple(args, "O&:_win_close_handle", handle_converter, &h)) return NULL;
   rc = fiocp__win_close_handle((fiocp_handle_t)h);
   if (rc < 0) return set_code_error(rc);
   Py_RETURN_NONE;
 }
 
 static PyObject* mod_win_file_size(PyObject* m, PyObject* args) {
-  unsigned long long h;
+  fiocp_handle_t h;
   int64_t size = 0;
   int rc;
   (void)m;
-  if (!PyArg_ParseTuple(args, "K:_win_file_size", &h)) return NULL;
+  if (!PyArg_ParseTuple(args, "O&:_win_file_size", handle_converter, &h)) return NULL;
   rc = fiocp__win_file_size((fiocp_handle_t)h, &size);
   if (rc < 0) return set_code_error(rc);
   return PyLong_FromLongLong((long long)size);
 }
 
 static PyObject* mod_win_truncate(PyObject* m, PyObject* args) {
-  unsigned long long h;
+  fiocp_handle_t h;
   long long size;
   int rc;
   (void)m;
-  if (!PyArg_ParseTuple(args, "KL:_win_truncate", &h, &size)) return NULL;
+  if (!PyArg_ParseTuple(args, "O&L:_win_truncate", handle_converter, &h, &size))
+    return NULL;
   if (size < 0) {
     PyErr_SetString(PyExc_ValueError, "size must be >= 0");
     return NULL;
@@ -2358,7 +2609,7 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
     return NULL;
   }
   if (PyType_Ready(&CompletionType) < 0 || PyType_Ready(&BatchType) < 0 ||
-      PyType_Ready(&SlotType) < 0 || PyType_Ready(&FileHandleType) < 0 ||
+      PyType_Ready(&ThreadSlotsType) < 0 || PyType_Ready(&FileHandleType) < 0 ||
       PyType_Ready(&CompletionPortType) < 0)
     return NULL;
   for (i = 0; i < FIOCP_OP__COUNT; i++) {
@@ -2370,6 +2621,10 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
   if (str_fileno == NULL) {
     str_fileno = PyUnicode_InternFromString("fileno");
     if (str_fileno == NULL) return NULL;
+  }
+  if (str_thread_slots == NULL) {
+    str_thread_slots = PyUnicode_InternFromString("fastiocp.thread_slots");
+    if (str_thread_slots == NULL) return NULL;
   }
   sockmod = PyImport_ImportModule("socket");
   if (sockmod == NULL) return NULL;

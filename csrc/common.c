@@ -122,14 +122,28 @@ void fiocp__allocator_destroy(fiocp_port_t* port) {
   port->nops = 0;
 }
 
-void fiocp__foreach_inflight(fiocp_port_t* port,
-                             void (*fn)(fiocp_port_t*, fiocp_op_t*, void*),
-                             void* arg) {
+/* Calls fn for every record whose state is in the mask (1 << state). */
+static void foreach_in_states(fiocp_port_t* port, unsigned mask,
+                              void (*fn)(fiocp_port_t*, fiocp_op_t*, void*),
+                              void* arg) {
   fiocp_slab_t* slab;
   size_t i;
   for (slab = port->slabs; slab != NULL; slab = slab->next)
     for (i = 0; i < slab->count; i++)
-      if (slab->ops[i].state == FIOCP_ST_INFLIGHT) fn(port, &slab->ops[i], arg);
+      if (mask & (1u << slab->ops[i].state)) fn(port, &slab->ops[i], arg);
+}
+
+void fiocp__foreach_inflight(fiocp_port_t* port,
+                             void (*fn)(fiocp_port_t*, fiocp_op_t*, void*),
+                             void* arg) {
+  foreach_in_states(port, 1u << FIOCP_ST_INFLIGHT, fn, arg);
+}
+
+void fiocp__foreach_owned(fiocp_port_t* port,
+                          void (*fn)(fiocp_port_t*, fiocp_op_t*, void*),
+                          void* arg) {
+  foreach_in_states(port, (1u << FIOCP_ST_INFLIGHT) | (1u << FIOCP_ST_DONE),
+                    fn, arg);
 }
 
 /* ---- Clock ------------------------------------------------------------- */

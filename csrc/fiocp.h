@@ -45,6 +45,10 @@ typedef socklen_t fiocp_socklen_t;
                                                      signals, then retry */
 #define FIOCP_ENOMEM      (FIOCP__ECODE_BASE - 3)
 #define FIOCP_EUNSUPPORTED (FIOCP__ECODE_BASE - 4) /* op not on this backend */
+#define FIOCP_EOWNHANDLE  (FIOCP__ECODE_BASE - 5) /* associate(): the handle
+                                                     is one of the port's own
+                                                     (its ring, epoll set,
+                                                     eventfd, IOCP handle) */
 
 /* Operation kinds. The binding maps them to the strings of Completion.op. */
 enum {
@@ -136,7 +140,9 @@ typedef struct fiocp_backend_s {
   int (*init)(fiocp_port_t* port, unsigned entries, unsigned concurrency,
               char* why, size_t whylen);
 
-  /* Associates a handle with the port. GIL. */
+  /* Associates a handle with the port. Refuses the port's own handles
+   * with FIOCP_EOWNHANDLE: operations on them would corrupt the port (an
+   * epoll backend's eventfd read by the user loses wake-ups). GIL. */
   int (*associate)(fiocp_port_t* port, fiocp_handle_t h);
 
   /* Starts op (state already FIOCP_ST_INFLIGHT). Returns 0: exactly one
@@ -221,11 +227,16 @@ void fiocp__op_free(fiocp_port_t* port, fiocp_op_t* op);
 fiocp_addr_t* fiocp__addr_alloc(fiocp_port_t* port);
 void fiocp__allocator_destroy(fiocp_port_t* port);
 
-/* Calls fn for every record in state FIOCP_ST_INFLIGHT. The caller holds
- * whatever lock makes states stable. */
+/* Calls fn for every record in state FIOCP_ST_INFLIGHT (foreach_inflight),
+ * or in FIOCP_ST_INFLIGHT or FIOCP_ST_DONE: owed to the user, not yet
+ * dequeued (foreach_owned). The caller holds whatever lock makes states
+ * stable. */
 void fiocp__foreach_inflight(fiocp_port_t* port,
                              void (*fn)(fiocp_port_t*, fiocp_op_t*, void*),
                              void* arg);
+void fiocp__foreach_owned(fiocp_port_t* port,
+                          void (*fn)(fiocp_port_t*, fiocp_op_t*, void*),
+                          void* arg);
 
 /* Backends compiled into this build, best first. */
 extern const fiocp_backend_t* const fiocp__backends[];

@@ -150,8 +150,8 @@ typedef struct opq_s {
 } opq_t;
 
 /* What the backend knows about one descriptor number. Created the first
- * time a readiness-driven operation is submitted on it, kept until
- * destroy() (descriptor numbers are dense, so the table stays small). */
+ * time a readiness-driven operation is submitted on a descriptor that
+ * exists, kept until destroy(). */
 typedef struct fdst_s {
   pthread_mutex_t mu;
   int fd;
@@ -162,15 +162,23 @@ typedef struct fdst_s {
   opq_t q[2];            /* DIR_IN, DIR_OUT */
 } fdst_t;
 
-/* Descriptor table: slot[fd]. Readers load it without a lock; it grows
- * under tab_mu by copying into a larger table, and the smaller tables stay
- * allocated (chained by older) until destroy(), so a reader holding an old
- * one is never left with freed memory. */
+/* Descriptor table: a hash of descriptor states keyed by descriptor number
+ * (open addressing, linear probing, at most half full), so that its size
+ * follows the descriptors used, not their numbers (a table indexed by the
+ * number took 16 GB of address space for descriptor 2**31 - 1). Entries
+ * are never removed. Readers probe it without a lock; it grows under
+ * tab_mu by copying into a table twice the size, and the smaller tables
+ * stay allocated (chained by older) until destroy(), so a reader holding
+ * an old one is never left with freed memory. */
 typedef struct fdtab_s {
-  size_t cap;
+  size_t cap;            /* a power of two, 2**(32 - shift) */
+  size_t used;
+  unsigned shift;
   struct fdtab_s* older;
   fdst_t* slot[];
 } fdtab_t;
+
+#define FDTAB_MIN_BITS 6
 
 typedef struct pool_s {
   pthread_mutex_t mu;
@@ -407,10 +415,18 @@ static int64_t do_connect(fiocp_op_t* op) {
   fiocp_addr_t* a = op->addr;
   int saved, rc, err;
   if (!(bk_get(op) & BK_STARTED)) {
+    int tries = 0;
     rc = nb_enter(fd, &saved);
     if (rc < 0) return rc;
-    rc = connect(fd, (const struct sockaddr*)&a->ss, a->sslen);
-    err = rc < 0 ? errno : 0;
+    do {
+      rc = connect(fd, (const struct sockaddr*)&a->ss, a->sslen);
+      err = rc < 0 ? errno : 0;
+      /* A socket whose earlier non-blocking connect failed (its error
+       * already read with SO_ERROR) is still "connecting" to the kernel:
+       * the next connect() only reports ECONNABORTED and resets it. Start
+       * the new connection then, as a blocking connect and io_uring do
+       * (the kernel's seen_econnaborted; liburing test/connect-rep.c). */
+    } while (err == ECONNABORTED && ++tries < 2);
     nb_leave(fd, saved);
     if (rc == 0) return 0;
     if (err == EINPROGRESS || err == EINTR) {
@@ -482,50 +498,82 @@ static int64_t try_io(fiocp_op_t* op) {
 
 /* ---- Descriptor table --------------------------------------------------- */
 
-static fdst_t* fdst_find(ep_t* e, int fd) {
-  fdtab_t* t = __atomic_load_n(&e->tab, __ATOMIC_ACQUIRE);
-  if (t == NULL || (size_t)fd >= t->cap) return NULL;
-  return __atomic_load_n(&t->slot[fd], __ATOMIC_ACQUIRE);
+/* Fibonacci hashing: the top bits of fd times 2**32 / phi, which spreads
+ * both dense numbers and numbers that share their low bits. */
+static size_t fd_slot(const fdtab_t* t, int fd) {
+  return (size_t)(((uint32_t)fd * 2654435769u) >> t->shift);
 }
 
-/* The state of fd, created if need be. NULL when out of memory. */
-static fdst_t* fdst_get(ep_t* e, int fd) {
+static fdst_t* tab_find(const fdtab_t* t, int fd) {
+  size_t i;
+  if (t == NULL) return NULL;
+  for (i = fd_slot(t, fd);; i = (i + 1) & (t->cap - 1)) {
+    fdst_t* st = __atomic_load_n(&t->slot[i], __ATOMIC_ACQUIRE);
+    if (st == NULL || st->fd == fd) return st;
+  }
+}
+
+static void tab_insert(fdtab_t* t, fdst_t* st) {
+  size_t i = fd_slot(t, st->fd);
+  while (t->slot[i] != NULL) i = (i + 1) & (t->cap - 1);
+  __atomic_store_n(&t->slot[i], st, __ATOMIC_RELEASE);
+  t->used++;
+}
+
+static fdst_t* fdst_find(ep_t* e, int fd) {
+  return tab_find(__atomic_load_n(&e->tab, __ATOMIC_ACQUIRE), fd);
+}
+
+/* The state of fd, created if need be: into *out, returning 0, -EBADF if
+ * fd names no open file (no state is kept for numbers that were never
+ * descriptors), or FIOCP_ENOMEM. */
+static int fdst_get(ep_t* e, int fd, fdst_t** out) {
   fdst_t* st = fdst_find(e, fd);
   fdtab_t* t;
   void* mem;
-  if (st != NULL) return st;
+  int rc = FIOCP_ENOMEM;
+  if (st != NULL) {
+    *out = st;
+    return 0;
+  }
   pthread_mutex_lock(&e->tab_mu);
   t = e->tab;
-  if (t == NULL || (size_t)fd >= t->cap) {
-    size_t cap = t ? t->cap : 64, i;
-    fdtab_t* nt;
-    while (cap <= (size_t)fd) cap *= 2;
-    nt = (fdtab_t*)calloc(1, sizeof(*nt) + cap * sizeof(fdst_t*));
-    if (nt == NULL) goto oom;
+  st = tab_find(t, fd);
+  if (st != NULL) goto done;
+  if (fcntl(fd, F_GETFD) < 0) {
+    rc = -errno;
+    goto fail;
+  }
+  if (t == NULL || (t->used + 1) * 2 > t->cap) {
+    unsigned bits = t ? 33 - t->shift : FDTAB_MIN_BITS;
+    size_t cap = (size_t)1 << bits, i;
+    fdtab_t* nt = (fdtab_t*)calloc(1, sizeof(*nt) + cap * sizeof(fdst_t*));
+    if (nt == NULL) goto fail;
     nt->cap = cap;
+    nt->shift = 32 - bits;
     nt->older = t;
     if (t != NULL)
-      for (i = 0; i < t->cap; i++) nt->slot[i] = t->slot[i];
+      for (i = 0; i < t->cap; i++)
+        if (t->slot[i] != NULL) tab_insert(nt, t->slot[i]);
     __atomic_store_n(&e->tab, nt, __ATOMIC_RELEASE);
     t = nt;
   }
-  st = t->slot[fd];
-  if (st == NULL) {
-    if (posix_memalign(&mem, FDST_ALIGN, sizeof(fdst_t)) != 0) goto oom;
-    st = (fdst_t*)mem;
-    memset(st, 0, sizeof(*st));
-    if (pthread_mutex_init(&st->mu, NULL) != 0) {
-      free(st);
-      goto oom;
-    }
-    st->fd = fd;
-    __atomic_store_n(&t->slot[fd], st, __ATOMIC_RELEASE);
+  if (posix_memalign(&mem, FDST_ALIGN, sizeof(fdst_t)) != 0) goto fail;
+  st = (fdst_t*)mem;
+  memset(st, 0, sizeof(*st));
+  if (pthread_mutex_init(&st->mu, NULL) != 0) {
+    free(st);
+    goto fail;
   }
+  st->fd = fd;
+  tab_insert(t, st);
+done:
   pthread_mutex_unlock(&e->tab_mu);
-  return st;
-oom:
+  *out = st;
+  return 0;
+fail:
   pthread_mutex_unlock(&e->tab_mu);
-  return NULL;
+  return rc;
 }
 
 static uint32_t interest(const fdst_t* st) {
@@ -728,13 +776,17 @@ static void pool_submit(ep_t* e, fiocp_op_t* op) {
 /* Submits a readiness-driven operation (socket, pipe, other streams). */
 static int fd_submit(ep_t* e, fiocp_op_t* op) {
   int dir = op_dir(op->kind);
-  fdst_t* st = fdst_get(e, (int)op->handle);
+  fdst_t* st;
   opq_t orphans = {NULL, NULL};
   int64_t res = 0;
-  int rc, to_pool = 0, failed = 0;
-  if (st == NULL) {
+  int rc = fdst_get(e, (int)op->handle, &st), to_pool = 0, failed = 0;
+  if (rc == FIOCP_ENOMEM) {
     fiocp__hub_abort(&e->hub);
-    return FIOCP_ENOMEM;
+    return rc;
+  }
+  if (rc < 0) { /* no such descriptor: the operation's own failure */
+    complete(e, op, rc);
+    return 0;
   }
   pthread_mutex_lock(&st->mu);
   if (st->q[dir].head == NULL) {
@@ -1068,10 +1120,11 @@ fail:
 }
 
 static int ep_associate(fiocp_port_t* port, fiocp_handle_t h) {
-  (void)port;
-  (void)h;
-  /* Interest is registered lazily, when an operation has to wait. */
-  return 0;
+  ep_t* e = (ep_t*)port->impl;
+  /* Interest is registered lazily, when an operation has to wait; only the
+   * port's own descriptors are refused (an operation on the eventfd would
+   * replace its wake-up registration with a one-shot one). */
+  return h == e->epfd || h == e->evfd ? FIOCP_EOWNHANDLE : 0;
 }
 
 static int ep_try_get(fiocp_port_t* port, fiocp_op_t** out, int max) {

@@ -219,6 +219,10 @@ int fiocp__hub_wait(fiocp_hub_t* hub, fiocp_op_t** out, int max,
     }
     left = fiocp__remaining_ms(deadline);
     if (left == 0) {
+      /* This thread may have been woken to poll or to take packets at the
+       * moment its own deadline passed: pass that duty on, or the other
+       * sleepers sleep on while completions wait in the kernel. */
+      fiocp__hub_wake_locked(hub);
       pthread_mutex_unlock(&hub->mu);
       return 0;
     }

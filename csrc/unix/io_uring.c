@@ -593,9 +593,8 @@ static int uring_init(fiocp_port_t* port, unsigned entries,
 }
 
 static int uring_associate(fiocp_port_t* port, fiocp_handle_t h) {
-  (void)port;
-  (void)h;
-  return 0; /* io_uring needs no association */
+  /* io_uring needs no association; only the ring itself is refused. */
+  return h == ((uring_t*)port->impl)->fd ? FIOCP_EOWNHANDLE : 0;
 }
 
 static void cancel_one(fiocp_port_t* port, fiocp_op_t* op, void* arg) {

@@ -1145,6 +1145,7 @@ static int iocp_associate(fiocp_port_t* port, fiocp_handle_t h) {
   iocp_t* ip = (iocp_t*)port->impl;
   DWORD err;
   int known;
+  if ((HANDLE)h == ip->port) return FIOCP_EOWNHANDLE;
   if (CreateIoCompletionPort((HANDLE)h, ip->port, KEY_IO, 0) != NULL) {
     EnterCriticalSection(&ip->mu);
     assoc_add(ip, (uintptr_t)h);
