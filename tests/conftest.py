@@ -19,6 +19,9 @@ ON_WINDOWS = sys.platform == "win32"
 ON_LINUX = sys.platform.startswith("linux")
 # Wine runs the Windows suite correctly but slowly: scale loops down there.
 UNDER_WINE = ON_WINDOWS and bool(os.environ.get("FASTIOCP_UNDER_WINE"))
+# tools/sanitize.sh preloads libasan: ASan's quarantine keeps freed memory
+# mapped, so RSS says nothing about leaks there (LeakSanitizer does).
+UNDER_ASAN = "asan" in os.environ.get("LD_PRELOAD", "")
 
 
 def _backends() -> list[str]:

@@ -27,6 +27,8 @@ import zipfile
 
 import pytest
 
+from conftest import UNDER_ASAN
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 pytestmark = [
@@ -35,7 +37,7 @@ pytestmark = [
                        reason="needs a source checkout (pyproject.toml, setup.py)"),
     pytest.mark.skipif(sys.platform == "win32" and bool(os.environ.get("FASTIOCP_UNDER_WINE")),
                        reason="the embeddable CPython under Wine has no venv or pip"),
-    pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", ""),
+    pytest.mark.skipif(UNDER_ASAN,
                        reason="tools/sanitize.sh checks the extension, not the packaging"),
     pytest.mark.timeout(900),
 ]

@@ -19,7 +19,7 @@ import weakref
 import pytest
 
 import fastiocp
-from conftest import ON_LINUX, UNDER_WINE, open_fd_count
+from conftest import ON_LINUX, UNDER_ASAN, open_fd_count
 from relutil import REPO, assert_clean_exit, env_int, run_child
 
 pytestmark = pytest.mark.reliability
@@ -186,7 +186,8 @@ def test_get_close_cycles_with_concurrency_keep_memory_flat(backend):
     before = live_ports()
     cycles(n)
     assert live_ports() - before <= 1
-    assert_no_growth(cycles, warm_up=n // 4, n=n)
+    if not UNDER_ASAN:  # its quarantine keeps the freed rings' memory
+        assert_no_growth(cycles, warm_up=n // 4, n=n)
 
 
 # ---------------------------------------------------------------------------
