@@ -27,8 +27,7 @@ def _filled_port(port: fastiocp.CompletionPort):
 
 @pytest.mark.benchmark(group="get_many")
 @pytest.mark.parametrize("size", [1, 16, 64, 256])
-def test_get_many_fastiocp(benchmark, backend, size):
-    port = fastiocp.CompletionPort(backend=backend)
+def test_get_many_fastiocp(benchmark, port, size):
     get_many = port.get_many
 
     def drain():
@@ -38,12 +37,10 @@ def test_get_many_fastiocp(benchmark, backend, size):
 
     benchmark.extra_info["items"] = N
     benchmark.pedantic(drain, setup=_filled_port(port), rounds=5, iterations=1)
-    port.close()
 
 
 @pytest.mark.benchmark(group="get_many")
-def test_get_one_by_one_fastiocp(benchmark, backend):
-    port = fastiocp.CompletionPort(backend=backend)
+def test_get_one_by_one_fastiocp(benchmark, port):
     get = port.get
 
     def drain():
@@ -52,7 +49,6 @@ def test_get_one_by_one_fastiocp(benchmark, backend):
 
     benchmark.extra_info["items"] = N
     benchmark.pedantic(drain, setup=_filled_port(port), rounds=5, iterations=1)
-    port.close()
 
 
 @pytest.mark.benchmark(group="get_many")

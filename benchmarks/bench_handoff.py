@@ -11,8 +11,6 @@ import threading
 
 import pytest
 
-import fastiocp
-
 N = int(os.environ.get("FASTIOCP_BENCH_N", "100000"))
 
 
@@ -24,8 +22,7 @@ def _run_pair(produce, consume) -> None:
 
 
 @pytest.mark.benchmark(group="handoff")
-def test_handoff_fastiocp(benchmark, backend):
-    port = fastiocp.CompletionPort(backend=backend)
+def test_handoff_fastiocp(benchmark, port):
     post, get_many = port.post, port.get_many
 
     def produce():
@@ -39,39 +36,31 @@ def test_handoff_fastiocp(benchmark, backend):
 
     benchmark.extra_info["items"] = N
     benchmark.pedantic(_run_pair, args=(produce, consume), rounds=5, iterations=1)
-    port.close()
+
+
+def _bench_queue(benchmark, q) -> None:
+    """N items through q.put() in one thread and q.get() in another."""
+
+    def produce():
+        for i in range(N):
+            q.put(i)
+
+    def consume():
+        for _ in range(N):
+            q.get()
+
+    benchmark.extra_info["items"] = N
+    benchmark.pedantic(_run_pair, args=(produce, consume), rounds=5, iterations=1)
 
 
 @pytest.mark.benchmark(group="handoff")
 def test_handoff_queue(benchmark):
-    q: queue.Queue = queue.Queue()
-
-    def produce():
-        for i in range(N):
-            q.put(i)
-
-    def consume():
-        for _ in range(N):
-            q.get()
-
-    benchmark.extra_info["items"] = N
-    benchmark.pedantic(_run_pair, args=(produce, consume), rounds=5, iterations=1)
+    _bench_queue(benchmark, queue.Queue())
 
 
 @pytest.mark.benchmark(group="handoff")
 def test_handoff_simplequeue(benchmark):
-    q: queue.SimpleQueue = queue.SimpleQueue()
-
-    def produce():
-        for i in range(N):
-            q.put(i)
-
-    def consume():
-        for _ in range(N):
-            q.get()
-
-    benchmark.extra_info["items"] = N
-    benchmark.pedantic(_run_pair, args=(produce, consume), rounds=5, iterations=1)
+    _bench_queue(benchmark, queue.SimpleQueue())
 
 
 @pytest.mark.benchmark(group="handoff")

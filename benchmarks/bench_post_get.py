@@ -10,14 +10,11 @@ import queue
 
 import pytest
 
-import fastiocp
-
 N = int(os.environ.get("FASTIOCP_BENCH_N", "100000"))
 
 
 @pytest.mark.benchmark(group="post+get")
-def test_post_get_fastiocp(benchmark, backend):
-    port = fastiocp.CompletionPort(backend=backend)
+def test_post_get_fastiocp(benchmark, port):
     post, get = port.post, port.get
 
     def run():
@@ -27,32 +24,26 @@ def test_post_get_fastiocp(benchmark, backend):
 
     benchmark.extra_info["items"] = N
     benchmark.pedantic(run, rounds=5, iterations=1)
-    port.close()
+
+
+def _bench_queue(benchmark, q) -> None:
+    """N put() + get() pairs on q in one thread."""
+    put, get = q.put, q.get
+
+    def run():
+        for i in range(N):
+            put(i)
+            get()
+
+    benchmark.extra_info["items"] = N
+    benchmark.pedantic(run, rounds=5, iterations=1)
 
 
 @pytest.mark.benchmark(group="post+get")
 def test_post_get_simplequeue(benchmark):
-    q: queue.SimpleQueue = queue.SimpleQueue()
-    put, get = q.put, q.get
-
-    def run():
-        for i in range(N):
-            put(i)
-            get()
-
-    benchmark.extra_info["items"] = N
-    benchmark.pedantic(run, rounds=5, iterations=1)
+    _bench_queue(benchmark, queue.SimpleQueue())
 
 
 @pytest.mark.benchmark(group="post+get")
 def test_post_get_queue(benchmark):
-    q: queue.Queue = queue.Queue()
-    put, get = q.put, q.get
-
-    def run():
-        for i in range(N):
-            put(i)
-            get()
-
-    benchmark.extra_info["items"] = N
-    benchmark.pedantic(run, rounds=5, iterations=1)
+    _bench_queue(benchmark, queue.Queue())
