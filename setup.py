@@ -10,7 +10,17 @@ Switches (environment variables):
 import os
 import sys
 
-COMMON = ["csrc/common.c", "csrc/_fastiocp.c"]
+# The CPython binding (csrc/binding/, one file per concern) and the backend
+# table every platform shares.
+BINDING = [
+    "csrc/binding/module.c",
+    "csrc/binding/port.c",
+    "csrc/binding/thread_state.c",
+    "csrc/binding/completion.c",
+    "csrc/binding/sockaddr.c",
+    "csrc/binding/filehandle.c",
+]
+COMMON = ["csrc/common.c"] + BINDING
 SOURCES = {
     "linux": COMMON
     + ["csrc/unix/hub.c", "csrc/unix/io_uring.c", "csrc/unix/epoll.c"],

@@ -1,4 +1,4 @@
-/* fiocp.h: the internal contract between the Python binding (_fastiocp.c)
+/* fiocp.h: the internal contract between the Python binding (binding/)
  * and the platform backends (unix/io_uring.c, unix/epoll.c, win/iocp.c).
  *
  * Nothing here includes Python.h: backend code cannot touch Python objects,

@@ -1,0 +1,221 @@
+/* binding.h: the internal header of the CPython binding (csrc/binding/),
+ * the only code that includes Python.h.
+ *
+ * Object model. Every submission creates one Completion object. The port
+ * holds a strong reference to it (through the operation record's user
+ * token) from submission until the completion is dequeued, so the buffer it
+ * pins (a Py_buffer export) stays valid however many Python references the
+ * user drops. get() hands that very object back, filled in: the object you
+ * submitted is the completion you receive, as an OVERLAPPED is on Windows.
+ *
+ * GIL. Each Py_BEGIN_ALLOW_THREADS block holds one backend call and stores
+ * its result; argument parsing, buffer exports and reference counting
+ * happen before, result building after.
+ *
+ * Files, one per concern:
+ *   module.c        module init, module state, exceptions and error mapping,
+ *                   backend_status()
+ *   port.c          the CompletionPort type: lifetime, registration,
+ *                   submission, resubmit, post, cancel, flush, dequeue
+ *   thread_state.c  a port's per-thread state: batch() blocks and the
+ *                   concurrency slots a thread holds
+ *   completion.c    the Completion type, its free list, finishing an
+ *                   operation into it
+ *   sockaddr.c      Python addresses <-> sockaddr
+ *   filehandle.c    the _FileHandle type, handle conversion, the Windows
+ *                   file helpers
+ * What one file uses from another is declared here, prefixed fb_ (fastiocp
+ * binding); everything else is static to its file. GIL everywhere unless
+ * said otherwise.
+ */
+#ifndef FASTIOCP_BINDING_H
+#define FASTIOCP_BINDING_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "fiocp.h"
+
+/* What this header declares is internal to the extension: hidden from the
+ * shared object's symbol table (only PyInit__fastiocp is exported), so
+ * that on ELF the compiler calls and inlines these functions as directly
+ * as the static functions they were while the binding was one file. PE
+ * (Windows) exports nothing unless asked to. */
+#if defined(__GNUC__) && !defined(_WIN32)
+# pragma GCC visibility push(hidden)
+#endif
+
+/* ======================================================================
+ * Module state (module.c)
+ * ====================================================================== */
+
+extern PyObject* fb_FastIOCPError;
+extern PyObject* fb_BackendUnavailableError;
+extern PyObject* fb_PortClosedError;
+extern PyObject* fb_InvalidStateError;
+extern PyObject* fb_socket_type;     /* socket.socket */
+extern PyObject* fb_str_fileno;      /* "fileno", interned */
+extern PyObject* fb_kind_names[FIOCP_OP__COUNT];
+
+/* Bumped in the child after fork(). A port belongs to the process that
+ * created it: its ring, epoll set and threads are the parent's, and a child
+ * that used them (or closed them on exit) would cancel and steal the
+ * parent's completions. */
+extern volatile unsigned long fb_fork_generation;
+
+/* Raises PortClosedError. */
+void fb_set_closed_error(void);
+/* Raises the exception for a negative fiocp code. Returns NULL. */
+PyObject* fb_set_code_error(int64_t code);
+/* The exception object (not raised) for a failed operation. */
+PyObject* fb_make_code_error(int64_t code);
+/* Whether code is the one a cancelled operation completes with. */
+int fb_is_cancel_code(int64_t code);
+
+/* ======================================================================
+ * The objects (completion.c, port.c)
+ * ====================================================================== */
+
+struct CompletionPortObject;
+
+typedef struct {
+  PyObject_HEAD
+  struct CompletionPortObject* port; /* borrowed, set only while in flight */
+  fiocp_op_t* rec;                   /* set only while in flight */
+  /* The attributes read in every completion loop are object slots that
+   * are never NULL (T_OBJECT_EX members): CPython 3.11+ specializes their
+   * reads to one load, 4-6x cheaper than a getter or a T_PYSSIZET member. */
+  PyObject* key;
+  PyObject* context;
+  PyObject* buffer;   /* the object whose memory the operation uses, or None */
+  PyObject* error;    /* None or the OSError */
+  PyObject* op;       /* fb_kind_names[kind] */
+  PyObject* nbytes_obj; /* nbytes as an int */
+  PyObject* extra;    /* recvfrom: address; accept: (socket, address) */
+  Py_ssize_t nbytes;
+  fiocp_handle_t handle; /* the handle of its last submission (resubmit) */
+  Py_buffer view;     /* exported while in flight */
+  uint8_t kind;
+  uint8_t pinned;
+  uint8_t done;
+  uint8_t cancelled;
+} CompletionObject;
+
+typedef struct CompletionPortObject {
+  PyObject_HEAD
+  fiocp_port_t* port;       /* malloc'd: may outlive us if leaked at close */
+  const fiocp_backend_t* backend;
+  PyObject* handles;        /* {handle int: key} */
+  Py_ssize_t pending;       /* submitted and not yet dequeued */
+  unsigned concurrency;
+  /* The threads inside `with port.batch():`, each with its nesting depth:
+   * a batch belongs to the thread that opened it (another thread's
+   * submissions must reach the kernel at once). Few at a time. */
+  struct batch_thread_s {
+    unsigned long ident;
+    int depth;
+  }* batches;
+  int nbatches, batches_cap;
+  int inside;               /* threads inside a GIL-free backend call */
+  uint8_t initialized;
+  uint8_t closed;
+  uint8_t destroy_pending;  /* destroy when the last thread leaves */
+  uint8_t leaked;
+  uint8_t emulate_slots;    /* concurrency > 0 on a backend with release() */
+  unsigned long fork_gen;   /* fb_fork_generation when created */
+  PyObject* weakreflist;
+} CompletionPortObject;
+
+/* ======================================================================
+ * Completion (completion.c)
+ * ====================================================================== */
+
+extern PyTypeObject fb_CompletionType;
+
+/* Tracks c by the cyclic GC once ref could refer back to it. */
+void fb_track_if_needed(CompletionObject* c, PyObject* ref);
+/* A new pending Completion (from the free list when it has one). */
+CompletionObject* fb_Completion_create(uint8_t kind, PyObject* key,
+                                       PyObject* context);
+/* Finishes a dequeued record: its Completion, filled in, and the port's
+ * reference to it, now the caller's. */
+CompletionObject* fb_finish_op(CompletionPortObject* self, fiocp_op_t* rec);
+
+/* ======================================================================
+ * CompletionPort (port.c)
+ * ====================================================================== */
+
+extern PyTypeObject fb_CompletionPortType;
+
+/* 0 if the port may be used, else -1 with an exception. */
+int fb_port_check_open(CompletionPortObject* self);
+/* Whether this process may call into the port's backend. */
+int fb_port_owns_backend(CompletionPortObject* p);
+/* Completion.cancel() and CompletionPort.cancel(). */
+PyObject* fb_port_cancel_completion(CompletionPortObject* self,
+                                    CompletionObject* c);
+/* CompletionPort.flush(). */
+PyObject* fb_CompletionPort_flush(CompletionPortObject* self,
+                                  PyObject* Py_UNUSED(ignored));
+
+/* ======================================================================
+ * Per-thread state of a port (thread_state.c)
+ * ====================================================================== */
+
+extern PyTypeObject fb_BatchType;
+extern PyTypeObject fb_ThreadSlotsType;
+/* "fastiocp.thread_slots", interned by module init: where a thread's state
+ * dict keeps its slots. */
+extern PyObject* fb_str_thread_slots;
+
+/* Whether the calling thread is inside one of its own port.batch() blocks. */
+int fb_in_batch(CompletionPortObject* self);
+/* CompletionPort.batch(). */
+PyObject* fb_CompletionPort_batch(CompletionPortObject* self,
+                                  PyObject* Py_UNUSED(ignored));
+/* Gives back the calling thread's concurrency slot on self, if it holds
+ * one. */
+void fb_slot_release(CompletionPortObject* self);
+/* Records that the calling thread took a concurrency slot on self. */
+void fb_slot_hold(CompletionPortObject* self);
+
+/* ======================================================================
+ * Socket addresses (sockaddr.c)
+ * ====================================================================== */
+
+/* Python address from a sockaddr, in the socket module's shapes. */
+PyObject* fb_make_sockaddr(const struct sockaddr_storage* ss,
+                           fiocp_socklen_t len);
+/* Parses a Python address for family into a sockaddr, as the socket
+ * module's caller() (sendto, connect) would. Returns 0, or -1 with an
+ * exception. */
+int fb_parse_sockaddr(const char* caller, PyObject* addr, int family,
+                      struct sockaddr_storage* ss, fiocp_socklen_t* len);
+/* The address family of a socket object, or of the socket h names.
+ * Returns it, or -1 with an exception. */
+int fb_get_family(PyObject* sockobj, fiocp_handle_t h);
+
+/* ======================================================================
+ * Handles (filehandle.c)
+ * ====================================================================== */
+
+extern PyTypeObject fb_FileHandleType;
+
+/* The OS handle of an int, a socket or any object with fileno(). Returns
+ * 0, or -1 with an exception. */
+int fb_get_handle(PyObject* obj, fiocp_handle_t* out);
+
+#ifdef _WIN32
+/* The module functions _win_open, _win_close_handle, _win_file_size and
+ * _win_truncate (module.c lists them). */
+PyObject* fb_mod_win_open(PyObject* m, PyObject* args);
+PyObject* fb_mod_win_close_handle(PyObject* m, PyObject* args);
+PyObject* fb_mod_win_file_size(PyObject* m, PyObject* args);
+PyObject* fb_mod_win_truncate(PyObject* m, PyObject* args);
+#endif
+
+#if defined(__GNUC__) && !defined(_WIN32)
+# pragma GCC visibility pop
+#endif
+
+#endif /* FASTIOCP_BINDING_H */

@@ -1,0 +1,255 @@
+/* module.c: the module _fastiocp: its state (exceptions, interned
+ * strings, the fork generation), the mapping of fiocp codes to exceptions,
+ * backend_status() and PyInit__fastiocp(). The types live in their own
+ * files (binding.h lists them).
+ */
+#include "binding.h"
+
+#include <errno.h>
+#include <string.h>
+
+#ifndef _WIN32
+# include <pthread.h>
+#endif
+
+/* ======================================================================
+ * Module state
+ * ====================================================================== */
+
+PyObject* fb_FastIOCPError;
+PyObject* fb_BackendUnavailableError;
+PyObject* fb_PortClosedError;
+PyObject* fb_InvalidStateError;
+PyObject* fb_socket_type;     /* socket.socket */
+PyObject* fb_str_fileno;      /* "fileno", interned */
+PyObject* fb_kind_names[FIOCP_OP__COUNT];
+
+/* Bumped in the child after fork() (binding.h). */
+volatile unsigned long fb_fork_generation;
+
+#ifndef _WIN32
+static void on_fork_child(void) { fb_fork_generation++; }
+#endif
+
+/* ======================================================================
+ * Errors
+ * ====================================================================== */
+
+void fb_set_closed_error(void) {
+  PyErr_SetString(fb_PortClosedError, "I/O operation on closed CompletionPort");
+}
+
+/* Raises the exception for a negative fiocp code. Returns NULL. */
+PyObject* fb_set_code_error(int64_t code) {
+  if (code == FIOCP_ECLOSED) {
+    fb_set_closed_error();
+  } else if (code == FIOCP_ENOMEM) {
+    PyErr_NoMemory();
+  } else if (code == FIOCP_EUNSUPPORTED) {
+    PyErr_SetString(PyExc_NotImplementedError,
+                    "operation not supported by this backend");
+  } else if (code == FIOCP_EOWNHANDLE) {
+    PyErr_SetString(PyExc_ValueError,
+                    "that handle belongs to this CompletionPort itself (its "
+                    "kernel queue or wake-up descriptor): it cannot be "
+                    "registered");
+  } else {
+#ifdef _WIN32
+    PyErr_SetExcFromWindowsErr(PyExc_OSError, (int)-code);
+#else
+    errno = (int)-code;
+    PyErr_SetFromErrno(PyExc_OSError);
+#endif
+  }
+  return NULL;
+}
+
+/* The exception object (not raised) for a failed operation: OSError picks
+ * the subclass (ConnectionResetError, ...) from errno/winerror. */
+PyObject* fb_make_code_error(int64_t code) {
+  PyObject *type, *value, *tb;
+  fb_set_code_error(code);
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (tb != NULL) {
+    PyException_SetTraceback(value, tb);
+    Py_DECREF(tb);
+  }
+  Py_XDECREF(type);
+  return value;
+}
+
+int fb_is_cancel_code(int64_t code) {
+#ifdef _WIN32
+  return code == -(int64_t)ERROR_OPERATION_ABORTED;
+#else
+  return code == -ECANCELED;
+#endif
+}
+
+/* ======================================================================
+ * Module
+ * ====================================================================== */
+
+static PyObject* mod_backend_status(PyObject* m, PyObject* Py_UNUSED(ignored)) {
+  PyObject* list = PyList_New(0);
+  int i;
+  (void)m;
+  if (list == NULL) return NULL;
+  for (i = 0; i < fiocp__nbackends; i++) {
+    char why[256];
+    int rc;
+    PyObject* item;
+    why[0] = 0;
+    rc = fiocp__backends[i]->probe(why, sizeof(why));
+    item = Py_BuildValue("(sOs)", fiocp__backends[i]->name,
+                         rc == 0 ? Py_True : Py_False, rc == 0 ? "" : why);
+    if (item == NULL || PyList_Append(list, item) < 0) {
+      Py_XDECREF(item);
+      Py_DECREF(list);
+      return NULL;
+    }
+    Py_DECREF(item);
+  }
+  return list;
+}
+
+static PyMethodDef module_methods[] = {
+    {"backend_status", (PyCFunction)mod_backend_status, METH_NOARGS,
+     "backend_status($module)\n--\n\nFor each backend compiled in, best first: "
+     "(name, works_here, reason_if_not)."},
+#ifdef _WIN32
+    {"_win_open", (PyCFunction)fb_mod_win_open, METH_VARARGS,
+     "_win_open($module, path, readable, writable, kind, direct)\n--\n\nOpen a file "
+     "for overlapped I/O (kind: 'r', 'w', 'a' or 'x'); returns the HANDLE."},
+    {"_win_close_handle", (PyCFunction)fb_mod_win_close_handle, METH_VARARGS,
+     "_win_close_handle($module, handle)\n--\n\nCloseHandle()."},
+    {"_win_file_size", (PyCFunction)fb_mod_win_file_size, METH_VARARGS,
+     "_win_file_size($module, handle)\n--\n\nThe file's size in bytes."},
+    {"_win_truncate", (PyCFunction)fb_mod_win_truncate, METH_VARARGS,
+     "_win_truncate($module, handle, size)\n--\n\nSet the file's size."},
+#endif
+    {NULL}};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "fastiocp._fastiocp",
+    "I/O completion ports: the C core of fastiocp.", -1, module_methods,
+};
+
+static PyObject* new_exception(PyObject* m, const char* name, PyObject* bases,
+                               const char* doc) {
+  PyObject* e = PyErr_NewExceptionWithDoc(name, doc, bases, NULL);
+  if (e == NULL) return NULL;
+  if (PyModule_AddObject(m, strrchr(name, '.') + 1, e) < 0) {
+    Py_DECREF(e);
+    return NULL;
+  }
+  Py_INCREF(e); /* one for the module, one for the static */
+  return e;
+}
+
+PyMODINIT_FUNC PyInit__fastiocp(void) {
+  static const char* names[FIOCP_OP__COUNT] = {
+      "", "read", "write", "recv", "send", "recvfrom", "sendto",
+      "accept", "connect", "post"};
+  PyObject *m, *sockmod, *bases;
+  int i;
+#ifdef _WIN32
+  {
+    WSADATA wsa;
+    int rc = WSAStartup(MAKEWORD(2, 2), &wsa);
+    if (rc != 0) return PyErr_SetExcFromWindowsErr(PyExc_OSError, rc);
+  }
+#endif
+#ifndef _WIN32
+  {
+    static int atfork_done;
+    if (!atfork_done) {
+      int rc = pthread_atfork(NULL, NULL, on_fork_child);
+      if (rc != 0) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+      }
+      atfork_done = 1;
+    }
+  }
+#endif
+  if (fiocp__nbackends == 0) {
+    PyErr_SetString(PyExc_ImportError,
+                    "fastiocp has no backend for this platform (it supports "
+                    "Windows IOCP and Linux io_uring/epoll)");
+    return NULL;
+  }
+  if (PyType_Ready(&fb_CompletionType) < 0 || PyType_Ready(&fb_BatchType) < 0 ||
+      PyType_Ready(&fb_ThreadSlotsType) < 0 || PyType_Ready(&fb_FileHandleType) < 0 ||
+      PyType_Ready(&fb_CompletionPortType) < 0)
+    return NULL;
+  for (i = 0; i < FIOCP_OP__COUNT; i++) {
+    if (fb_kind_names[i] == NULL) {
+      fb_kind_names[i] = PyUnicode_InternFromString(names[i]);
+      if (fb_kind_names[i] == NULL) return NULL;
+    }
+  }
+  if (fb_str_fileno == NULL) {
+    fb_str_fileno = PyUnicode_InternFromString("fileno");
+    if (fb_str_fileno == NULL) return NULL;
+  }
+  if (fb_str_thread_slots == NULL) {
+    fb_str_thread_slots = PyUnicode_InternFromString("fastiocp.thread_slots");
+    if (fb_str_thread_slots == NULL) return NULL;
+  }
+  sockmod = PyImport_ImportModule("socket");
+  if (sockmod == NULL) return NULL;
+  fb_socket_type = PyObject_GetAttrString(sockmod, "socket");
+  Py_DECREF(sockmod);
+  if (fb_socket_type == NULL) return NULL;
+
+  m = PyModule_Create(&module_def);
+  if (m == NULL) return NULL;
+  fb_FastIOCPError = new_exception(m, "fastiocp.FastIOCPError", NULL,
+                                   "Base class of fastiocp's own exceptions.");
+  if (fb_FastIOCPError == NULL) goto fail;
+  bases = PyTuple_Pack(2, fb_FastIOCPError, PyExc_OSError);
+  fb_BackendUnavailableError =
+      bases ? new_exception(m, "fastiocp.BackendUnavailableError", bases,
+                            "No usable backend, or the one asked for cannot "
+                            "work on this machine (the message says why).")
+            : NULL;
+  Py_XDECREF(bases);
+  if (fb_BackendUnavailableError == NULL) goto fail;
+  bases = PyTuple_Pack(2, fb_FastIOCPError, PyExc_ValueError);
+  fb_PortClosedError = bases ? new_exception(m, "fastiocp.PortClosedError", bases,
+                                             "The CompletionPort is closed.")
+                             : NULL;
+  Py_XDECREF(bases);
+  if (fb_PortClosedError == NULL) goto fail;
+  bases = PyTuple_Pack(2, fb_FastIOCPError, PyExc_RuntimeError);
+  fb_InvalidStateError =
+      bases ? new_exception(m, "fastiocp.InvalidStateError", bases,
+                            "result() was called before the operation "
+                            "completed.")
+            : NULL;
+  Py_XDECREF(bases);
+  if (fb_InvalidStateError == NULL) goto fail;
+
+  Py_INCREF(&fb_CompletionType);
+  if (PyModule_AddObject(m, "Completion", (PyObject*)&fb_CompletionType) < 0) {
+    Py_DECREF(&fb_CompletionType);
+    goto fail;
+  }
+  Py_INCREF(&fb_CompletionPortType);
+  if (PyModule_AddObject(m, "CompletionPort", (PyObject*)&fb_CompletionPortType) <
+      0) {
+    Py_DECREF(&fb_CompletionPortType);
+    goto fail;
+  }
+  Py_INCREF(&fb_FileHandleType);
+  if (PyModule_AddObject(m, "_FileHandle", (PyObject*)&fb_FileHandleType) < 0) {
+    Py_DECREF(&fb_FileHandleType);
+    goto fail;
+  }
+  return m;
+fail:
+  Py_DECREF(m);
+  return NULL;
+}

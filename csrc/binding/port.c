@@ -1,0 +1,1259 @@
+/* port.c: the CompletionPort type: lifetime (init, close, dealloc),
+ * registration, submission (the submit methods, resubmit, post), cancel,
+ * flush and dequeue (get, get_many, iteration). Which thread is inside a
+ * batch and which holds a concurrency slot is in thread_state.c.
+ */
+#include "binding.h"
+
+#include <math.h>
+#include <string.h>
+
+/* Longest single transfer: what Linux does in one read()/write() call.
+ * Larger buffers complete short, which callers must handle anyway. */
+#define MAX_TRANSFER 0x7ffff000u
+
+/* How long close() waits for cancelled operations to come back. */
+#define CLOSE_TIMEOUT_MS 10000
+
+/* ======================================================================
+ * CompletionPort: lifetime
+ * ====================================================================== */
+
+int fb_port_check_open(CompletionPortObject* self) {
+  if (!self->initialized) {
+    PyErr_SetString(PyExc_ValueError, "CompletionPort.__init__ was not called");
+    return -1;
+  }
+  if (self->closed) {
+    fb_set_closed_error();
+    return -1;
+  }
+  if (self->fork_gen != fb_fork_generation) {
+    PyErr_SetString(fb_FastIOCPError,
+                    "this CompletionPort was created by the parent process: "
+                    "it cannot be used after fork(); create a new one");
+    return -1;
+  }
+  return 0;
+}
+
+/* Whether this process may call into the port's backend: it is open and
+ * was created by this process, not inherited through fork(). */
+int fb_port_owns_backend(CompletionPortObject* p) {
+  return p->initialized && !p->closed && p->port != NULL &&
+         p->fork_gen == fb_fork_generation;
+}
+
+/* Runs backend->destroy once no thread is inside a GIL-free call. GIL. */
+static void port_maybe_destroy(CompletionPortObject* self) {
+  if (!self->destroy_pending || self->inside > 0) return;
+  self->destroy_pending = 0;
+  self->backend->destroy(self->port);
+  fiocp__allocator_destroy(self->port);
+  PyMem_RawFree(self->port);
+  self->port = NULL;
+}
+
+/* For a port left behind with operations still owed (close() timed out, or
+ * a forked child's copy): their Completions stay alive, held by the leaked
+ * records, but no longer point to the port, which may be freed before
+ * them; cancel() then has nothing to follow and says False. */
+static void detach_completion(fiocp_port_t* port, fiocp_op_t* rec, void* arg) {
+  CompletionObject* c = (CompletionObject*)rec->user;
+  (void)port;
+  (void)arg;
+  if (c != NULL) c->port = NULL;
+}
+
+/* close(): cancels what is pending, waits (bounded) for it, releases every
+ * buffer and reference, wakes every waiting thread. Idempotent. GIL. */
+static int port_close_impl(CompletionPortObject* self) {
+  int64_t owed;
+  fiocp_op_t* batch[64];
+  int n, i;
+  if (!self->initialized || self->closed) return 0;
+  self->closed = 1;
+  if (self->emulate_slots) fb_slot_release(self); /* forget this thread's */
+  if (self->fork_gen != fb_fork_generation) {
+    /* A forked child: the kernel objects and threads are the parent's.
+     * Touch nothing; the child's copies of the records and buffers are
+     * simply left behind, and its completions no longer name the port. */
+    self->leaked = 1;
+    fiocp__foreach_owned(self->port, detach_completion, NULL);
+    Py_CLEAR(self->handles);
+    return 0;
+  }
+  owed = self->backend->shutdown(self->port, 0);
+  if (owed > 0) {
+    self->inside++;
+    Py_BEGIN_ALLOW_THREADS
+    owed = self->backend->shutdown(self->port, CLOSE_TIMEOUT_MS);
+    Py_END_ALLOW_THREADS
+    self->inside--;
+  }
+  while ((n = self->backend->drain(self->port, batch, 64)) > 0) {
+    for (i = 0; i < n; i++) {
+      CompletionObject* c = fb_finish_op(self, batch[i]);
+      Py_DECREF(c);
+    }
+  }
+  Py_CLEAR(self->handles);
+  if (owed > 0) {
+    /* The kernel still owns buffers of these operations: keep them, their
+     * records and the backend alive forever rather than risk it writing
+     * into freed memory. */
+    self->leaked = 1;
+    fiocp__foreach_owned(self->port, detach_completion, NULL);
+    PyErr_WarnFormat(PyExc_ResourceWarning, 1,
+                     "CompletionPort.close(): %lld operations did not come "
+                     "back within %d ms of being cancelled; their buffers "
+                     "are kept alive",
+                     (long long)owed, CLOSE_TIMEOUT_MS);
+    return 0;
+  }
+  self->destroy_pending = 1;
+  port_maybe_destroy(self);
+  return 0;
+}
+
+static void CompletionPort_dealloc(CompletionPortObject* self) {
+  PyObject *type, *value, *tb;
+  PyObject_GC_UnTrack(self);
+  PyErr_Fetch(&type, &value, &tb);
+  if (self->weakreflist != NULL) PyObject_ClearWeakRefs((PyObject*)self);
+  if (self->initialized && !self->closed) {
+    if (port_close_impl(self) < 0) PyErr_WriteUnraisable((PyObject*)self);
+  }
+  PyErr_Restore(type, value, tb);
+  Py_CLEAR(self->handles);
+  PyMem_Free(self->batches);
+  Py_TYPE(self)->tp_free((PyObject*)self);
+}
+
+static int CompletionPort_traverse(CompletionPortObject* self, visitproc visit,
+                                   void* arg) {
+  Py_VISIT(self->handles);
+  return 0;
+}
+
+static int CompletionPort_clear(CompletionPortObject* self) {
+  Py_CLEAR(self->handles);
+  return 0;
+}
+
+static const fiocp_backend_t* backend_from_env(void) {
+  const char* env = getenv("FASTIOCP_BACKEND");
+  if (env == NULL || env[0] == 0 || strcmp(env, "auto") == 0) return NULL;
+  return fiocp__backend_by_name(env);
+}
+
+/* The error for a backend name this build lacks: BackendUnavailableError
+ * for a backend of another platform, ValueError for a name that is no
+ * backend at all; both list the backends compiled in. */
+static void set_unknown_backend_error(const char* how, const char* name) {
+  static const char* const all[] = {"iocp", "io_uring", "epoll"};
+  char have[64];
+  size_t used = 0;
+  int i, known = 0;
+  have[0] = 0;
+  for (i = 0; i < fiocp__nbackends; i++)
+    used += (size_t)PyOS_snprintf(have + used, sizeof(have) - used, "%s%s",
+                                  i ? ", " : "", fiocp__backends[i]->name);
+  for (i = 0; i < (int)(sizeof(all) / sizeof(all[0])); i++)
+    if (strcmp(all[i], name) == 0) known = 1;
+  if (known)
+    PyErr_Format(fb_BackendUnavailableError,
+                 "%s'%s': that backend is not built for this platform; this "
+                 "build has: %s ('auto' picks the best that works)",
+                 how, name, have);
+  else
+    PyErr_Format(PyExc_ValueError,
+                 "%s'%s' names no backend; this build has: %s, or 'auto'",
+                 how, name, have);
+}
+
+static int CompletionPort_init(CompletionPortObject* self, PyObject* args,
+                               PyObject* kwds) {
+  static char* kwlist[] = {"concurrency", "backend", "entries", NULL};
+  int concurrency = 0;
+  const char* name = "auto";
+  int entries = 0;
+  char why[256];
+  int rc = -1, i;
+  PyObject* reasons = NULL;
+  if (self->initialized) {
+    PyErr_SetString(PyExc_RuntimeError, "CompletionPort is already initialized");
+    return -1;
+  }
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|isi:CompletionPort", kwlist,
+                                   &concurrency, &name, &entries))
+    return -1;
+  if (concurrency < 0) {
+    PyErr_SetString(PyExc_ValueError, "concurrency must be >= 0");
+    return -1;
+  }
+  if (entries < 0 || entries > 32768) {
+    PyErr_SetString(PyExc_ValueError, "entries must be between 0 and 32768");
+    return -1;
+  }
+  self->port = (fiocp_port_t*)PyMem_RawCalloc(1, sizeof(fiocp_port_t));
+  if (self->port == NULL) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  why[0] = 0;
+  if (strcmp(name, "auto") == 0) {
+    const fiocp_backend_t* forced = backend_from_env();
+    const char* env = getenv("FASTIOCP_BACKEND");
+    if (forced == NULL && env != NULL && env[0] && strcmp(env, "auto") != 0) {
+      set_unknown_backend_error("FASTIOCP_BACKEND=", env);
+      goto fail;
+    }
+    if (forced != NULL) {
+      self->port->backend = forced;
+      rc = forced->init(self->port, (unsigned)entries, (unsigned)concurrency,
+                        why, sizeof(why));
+    } else {
+      reasons = PyList_New(0);
+      if (reasons == NULL) goto fail;
+      for (i = 0; i < fiocp__nbackends; i++) {
+        self->port->backend = fiocp__backends[i];
+        why[0] = 0;
+        rc = fiocp__backends[i]->init(self->port, (unsigned)entries,
+                                      (unsigned)concurrency, why, sizeof(why));
+        if (rc == 0) break;
+        {
+          PyObject* r = PyUnicode_FromFormat("%s: %s", fiocp__backends[i]->name, why);
+          if (r == NULL || PyList_Append(reasons, r) < 0) {
+            Py_XDECREF(r);
+            goto fail;
+          }
+          Py_DECREF(r);
+        }
+      }
+    }
+  } else {
+    const fiocp_backend_t* b = fiocp__backend_by_name(name);
+    if (b == NULL) {
+      set_unknown_backend_error("backend=", name);
+      goto fail;
+    }
+    self->port->backend = b;
+    rc = b->init(self->port, (unsigned)entries, (unsigned)concurrency, why,
+                 sizeof(why));
+  }
+  if (rc < 0) {
+    if (reasons != NULL) {
+      PyObject* sep = PyUnicode_FromString("; ");
+      PyObject* joined = sep ? PyUnicode_Join(sep, reasons) : NULL;
+      Py_XDECREF(sep);
+      if (joined == NULL) goto fail;
+      PyErr_Format(fb_BackendUnavailableError, "no backend works here: %U", joined);
+      Py_DECREF(joined);
+    } else {
+      PyErr_Format(fb_BackendUnavailableError, "backend %s is unavailable: %s",
+                   self->port->backend->name, why);
+    }
+    goto fail;
+  }
+  Py_XDECREF(reasons);
+  self->backend = self->port->backend;
+  self->handles = PyDict_New();
+  if (self->handles == NULL) {
+    int64_t owed = self->backend->shutdown(self->port, 0);
+    if (owed == 0) self->backend->destroy(self->port);
+    PyMem_RawFree(self->port);
+    self->port = NULL;
+    return -1;
+  }
+  self->concurrency = (unsigned)concurrency;
+  self->emulate_slots = concurrency > 0 && self->backend->release != NULL;
+  self->fork_gen = fb_fork_generation;
+  self->initialized = 1;
+  return 0;
+fail:
+  Py_XDECREF(reasons);
+  PyMem_RawFree(self->port);
+  self->port = NULL;
+  return -1;
+}
+
+/* ======================================================================
+ * CompletionPort: registration
+ * ====================================================================== */
+
+static PyObject* CompletionPort_register(CompletionPortObject* self,
+                                         PyObject* args, PyObject* kwds) {
+  static char* kwlist[] = {"fileobj", "key", NULL};
+  PyObject *fileobj, *key = Py_None, *hkey;
+  fiocp_handle_t h;
+  int rc;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:register", kwlist,
+                                   &fileobj, &key))
+    return NULL;
+  /* fileno() may run Python code that closes the port: check after it. */
+  if (fb_get_handle(fileobj, &h) < 0 || fb_port_check_open(self) < 0) return NULL;
+  hkey = PyLong_FromLongLong((long long)h);
+  if (hkey == NULL) return NULL;
+  rc = PyDict_Contains(self->handles, hkey);
+  if (rc != 0) {
+    if (rc > 0)
+      PyErr_Format(PyExc_ValueError,
+                   "handle %R is already registered with this port",
+                   hkey);
+    Py_DECREF(hkey);
+    return NULL;
+  }
+  rc = self->backend->associate(self->port, h);
+  if (rc < 0) {
+    Py_DECREF(hkey);
+    return fb_set_code_error(rc);
+  }
+  if (PyDict_SetItem(self->handles, hkey, key) < 0) {
+    Py_DECREF(hkey);
+    return NULL;
+  }
+  Py_DECREF(hkey);
+  Py_RETURN_NONE;
+}
+
+static PyObject* CompletionPort_unregister(CompletionPortObject* self,
+                                           PyObject* fileobj) {
+  fiocp_handle_t h;
+  PyObject* hkey;
+  int rc;
+  if (fb_get_handle(fileobj, &h) < 0 || fb_port_check_open(self) < 0) return NULL;
+  hkey = PyLong_FromLongLong((long long)h);
+  if (hkey == NULL) return NULL;
+  rc = PyDict_DelItem(self->handles, hkey);
+  if (rc < 0 && PyErr_ExceptionMatches(PyExc_KeyError)) {
+    PyErr_Clear();
+    PyErr_Format(PyExc_KeyError, "handle %R is not registered with this port",
+                 hkey);
+  }
+  Py_DECREF(hkey);
+  if (rc < 0) return NULL;
+  Py_RETURN_NONE;
+}
+
+/* The key registered for h (borrowed), or NULL with ValueError. */
+static PyObject* lookup_key(CompletionPortObject* self, fiocp_handle_t h) {
+  PyObject* hkey = PyLong_FromLongLong((long long)h);
+  PyObject* key;
+  if (hkey == NULL) return NULL;
+  key = PyDict_GetItemWithError(self->handles, hkey);
+  if (key == NULL && !PyErr_Occurred())
+    PyErr_Format(PyExc_ValueError,
+                 "handle %R is not registered with this port: call "
+                 "register() first",
+                 hkey);
+  Py_DECREF(hkey);
+  return key;
+}
+
+/* ======================================================================
+ * CompletionPort: submission
+ * ====================================================================== */
+
+enum { BUF_NONE, BUF_READ, BUF_WRITE };
+
+/* Undoes the hand-over of c and its record to the port after the backend
+ * refused it at once (no completion will come), dropping the port's
+ * reference to c (for post(), the only one). GIL. */
+static void take_back(CompletionPortObject* self, CompletionObject* c,
+                      fiocp_op_t* rec) {
+  self->pending--;
+  c->rec = NULL;
+  c->port = NULL;
+  rec->state = FIOCP_ST_FREE;
+  fiocp__op_free(self->port, rec);
+  Py_DECREF(c); /* the port's reference */
+}
+
+/* Takes a record for c (buffer pinned, key set, port open) and submits it
+ * on h. Returns 0: c is in flight and the port holds a reference to it.
+ * Returns -1 with an exception: nothing was submitted, c's buffer is still
+ * pinned (the caller releases it). Runs no Python code. GIL. */
+static int start_op(CompletionPortObject* self, CompletionObject* c,
+                    fiocp_handle_t h, int64_t offset, int needs_addr,
+                    const struct sockaddr_storage* ss, fiocp_socklen_t sslen,
+                    int defer) {
+  fiocp_op_t* rec = fiocp__op_alloc(self->port);
+  int rc;
+  if (rec == NULL) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  if (needs_addr) {
+    rec->addr = fiocp__addr_alloc(self->port);
+    if (rec->addr == NULL) {
+      fiocp__op_free(self->port, rec);
+      PyErr_NoMemory();
+      return -1;
+    }
+    if (ss != NULL) {
+      memcpy(&rec->addr->ss, ss, sizeof(*ss));
+      rec->addr->sslen = sslen;
+    } else {
+      rec->addr->sslen = (fiocp_socklen_t)sizeof(rec->addr->ss);
+    }
+  }
+  rec->kind = c->kind;
+  rec->handle = h;
+  if (c->pinned) {
+    rec->buf = (char*)c->view.buf;
+    rec->len = c->view.len > (Py_ssize_t)MAX_TRANSFER ? MAX_TRANSFER
+                                                      : (uint32_t)c->view.len;
+  }
+  rec->offset = offset;
+  rec->user = (uintptr_t)c;
+  rec->state = FIOCP_ST_INFLIGHT;
+  c->rec = rec;
+  c->port = self;
+  c->handle = h;
+  Py_INCREF(c); /* the port's reference, given back by get() */
+  self->pending++;
+  rc = self->backend->submit(self->port, rec, defer);
+  if (rc < 0) {
+    /* Failed at once: no completion will come. */
+    take_back(self, c, rec);
+    fb_set_code_error(rc);
+    return -1;
+  }
+  return 0;
+}
+
+/* Validates, pins the buffer, fills a record and submits it. Everything
+ * that can fail because of the arguments fails before anything is
+ * submitted. GIL. */
+static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
+                           PyObject* fileobj, PyObject* bufarg, int bufmode,
+                           int64_t offset, PyObject* address,
+                           PyObject* context) {
+  fiocp_handle_t h;
+  PyObject* key;
+  CompletionObject* c;
+  struct sockaddr_storage ss;
+  fiocp_socklen_t sslen = 0;
+  int needs_addr;
+  /* Python code may run in the steps that prepare the call (fileno(), a
+   * socket's family, __fspath__, a buffer exporter, a finalizer run by the
+   * GC when the Completion is allocated, other threads while the resolver
+   * runs without the GIL), and that code may close the port or unregister
+   * the handle. So the port is checked and the key looked up only once all
+   * of them are done; nothing after that runs Python code. */
+  if (fb_port_check_open(self) < 0 || fb_get_handle(fileobj, &h) < 0) return NULL;
+  needs_addr = kind == FIOCP_OP_RECVFROM || kind == FIOCP_OP_SENDTO ||
+               kind == FIOCP_OP_ACCEPT || kind == FIOCP_OP_CONNECT;
+  if (address != NULL) {
+    int family = fb_get_family(fileobj, h);
+    if (family < 0) return NULL;
+    if (fb_parse_sockaddr(PyUnicode_AsUTF8(fb_kind_names[kind]), address, family,
+                          &ss, &sslen) < 0)
+      return NULL;
+  }
+  c = fb_Completion_create(kind, Py_None, context);
+  if (c == NULL) return NULL;
+  if (bufmode != BUF_NONE) {
+    PyObject* obj = bufarg;
+    if (bufmode == BUF_READ && PyLong_Check(bufarg)) {
+      /* A size: allocate the buffer for the caller. */
+      Py_ssize_t size = PyLong_AsSsize_t(bufarg);
+      if (size == -1 && PyErr_Occurred()) goto error;
+      if (size < 0 || (size_t)size > MAX_TRANSFER) {
+        /* Refused before allocating: one operation moves at most
+         * MAX_TRANSFER bytes, and CPython's own failure path for absurd
+         * bytearray sizes is fragile (<= 3.13). */
+        PyErr_Format(PyExc_ValueError,
+                     "buffer size must be between 0 and %u", MAX_TRANSFER);
+        goto error;
+      }
+      obj = PyByteArray_FromStringAndSize(NULL, size);
+      if (obj == NULL) goto error;
+    } else {
+      Py_INCREF(obj);
+    }
+    Py_SETREF(c->buffer, obj);
+    fb_track_if_needed(c, obj);
+    if (PyObject_GetBuffer(obj, &c->view,
+                           bufmode == BUF_READ ? PyBUF_WRITABLE : PyBUF_SIMPLE) <
+        0) {
+      if (bufmode == BUF_READ && PyErr_ExceptionMatches(PyExc_BufferError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "%s needs a writable, contiguous buffer (bytearray, "
+                     "memoryview, array, mmap), not %.100s",
+                     PyUnicode_AsUTF8(fb_kind_names[kind]), Py_TYPE(obj)->tp_name);
+      }
+      goto error;
+    }
+    c->pinned = 1;
+  }
+  if (fb_port_check_open(self) < 0) goto error;
+  key = lookup_key(self, h);
+  if (key == NULL) goto error;
+  Py_INCREF(key);
+  Py_SETREF(c->key, key);
+  fb_track_if_needed(c, key);
+  if (start_op(self, c, h, offset, needs_addr, address != NULL ? &ss : NULL,
+               sslen, fb_in_batch(self)) < 0)
+    goto error;
+  return (PyObject*)c;
+error:
+  if (c->pinned) {
+    PyBuffer_Release(&c->view);
+    c->pinned = 0;
+  }
+  Py_DECREF(c);
+  return NULL;
+}
+
+/* Parses an offset: an int >= 0, or None for the current position. */
+static int parse_offset(PyObject* obj, int64_t* out) {
+  long long v;
+  if (obj == NULL) {
+    *out = 0;
+    return 0;
+  }
+  if (obj == Py_None) {
+    *out = -1;
+    return 0;
+  }
+  if (!PyLong_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "offset must be an int or None, not %.100s",
+                 Py_TYPE(obj)->tp_name);
+    return -1;
+  }
+  v = PyLong_AsLongLong(obj);
+  if (v == -1 && PyErr_Occurred()) return -1;
+  if (v < 0) {
+    PyErr_SetString(PyExc_ValueError,
+                    "offset must be >= 0 (None: the current position)");
+    return -1;
+  }
+  *out = (int64_t)v;
+  return 0;
+}
+
+/* The submit methods take vectorcall arguments: PyArg_ParseTupleAndKeywords
+ * costs more than the rest of a submission. */
+#define FASTARGS PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames
+
+/* Matches positional and keyword arguments against names. out[i] becomes a
+ * borrowed reference, or stays NULL when the argument is absent. The first
+ * `required` arguments must be present. Returns 0, or -1 with TypeError. */
+static int parse_args(const char* fname, PyObject* const* args,
+                      Py_ssize_t nargs, PyObject* kwnames,
+                      const char* const* names, PyObject** interned,
+                      int nnames, int required, PyObject** out) {
+  Py_ssize_t i, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+  int j;
+  if (nkw > 0 && interned[0] == NULL) {
+    /* Keyword names in calls are interned: compare pointers first. */
+    for (j = 0; j < nnames; j++) {
+      interned[j] = PyUnicode_InternFromString(names[j]);
+      if (interned[j] == NULL) return -1;
+    }
+  }
+  for (j = 0; j < nnames; j++) out[j] = NULL;
+  if (nargs > nnames) {
+    PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)",
+                 fname, nnames, nargs + nkw);
+    return -1;
+  }
+  for (i = 0; i < nargs; i++) out[i] = args[i];
+  for (i = 0; i < nkw; i++) {
+    PyObject* kw = PyTuple_GET_ITEM(kwnames, i);
+    for (j = 0; j < nnames; j++)
+      if (kw == interned[j]) break;
+    if (j == nnames)
+      for (j = 0; j < nnames; j++)
+        if (PyUnicode_CompareWithASCIIString(kw, names[j]) == 0) break;
+    if (j == nnames) {
+      PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R",
+                   fname, kw);
+      return -1;
+    }
+    if (out[j] != NULL) {
+      PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'",
+                   fname, names[j]);
+      return -1;
+    }
+    out[j] = args[nargs + i];
+  }
+  for (j = 0; j < required; j++) {
+    if (out[j] == NULL) {
+      PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'",
+                   fname, names[j]);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+#define OR_NONE(o) ((o) != NULL ? (o) : Py_None)
+
+static PyObject* CompletionPort_read(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"file", "buffer", "offset", "context"};
+  static PyObject* interned[4];
+  PyObject* a[4];
+  int64_t offset;
+  if (parse_args("read", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
+      parse_offset(a[2], &offset) < 0)
+    return NULL;
+  return submit_op(self, FIOCP_OP_READ, a[0], a[1], BUF_READ, offset, NULL,
+                   OR_NONE(a[3]));
+}
+
+static PyObject* CompletionPort_write(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"file", "data", "offset", "context"};
+  static PyObject* interned[4];
+  PyObject* a[4];
+  int64_t offset;
+  if (parse_args("write", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
+      parse_offset(a[2], &offset) < 0)
+    return NULL;
+  return submit_op(self, FIOCP_OP_WRITE, a[0], a[1], BUF_WRITE, offset, NULL,
+                   OR_NONE(a[3]));
+}
+
+static PyObject* CompletionPort_recv(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"sock", "buffer", "context"};
+  static PyObject* interned[3];
+  PyObject* a[3];
+  if (parse_args("recv", args, nargs, kwnames, names, interned, 3, 2, a) < 0) return NULL;
+  return submit_op(self, FIOCP_OP_RECV, a[0], a[1], BUF_READ, 0, NULL,
+                   OR_NONE(a[2]));
+}
+
+static PyObject* CompletionPort_send(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"sock", "data", "context"};
+  static PyObject* interned[3];
+  PyObject* a[3];
+  if (parse_args("send", args, nargs, kwnames, names, interned, 3, 2, a) < 0) return NULL;
+  return submit_op(self, FIOCP_OP_SEND, a[0], a[1], BUF_WRITE, 0, NULL,
+                   OR_NONE(a[2]));
+}
+
+static PyObject* CompletionPort_recvfrom(CompletionPortObject* self,
+                                         FASTARGS) {
+  static const char* const names[] = {"sock", "buffer", "context"};
+  static PyObject* interned[3];
+  PyObject* a[3];
+  if (parse_args("recvfrom", args, nargs, kwnames, names, interned, 3, 2, a) < 0)
+    return NULL;
+  return submit_op(self, FIOCP_OP_RECVFROM, a[0], a[1], BUF_READ, 0, NULL,
+                   OR_NONE(a[2]));
+}
+
+static PyObject* CompletionPort_sendto(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"sock", "data", "address", "context"};
+  static PyObject* interned[4];
+  PyObject* a[4];
+  if (parse_args("sendto", args, nargs, kwnames, names, interned, 4, 3, a) < 0)
+    return NULL;
+  return submit_op(self, FIOCP_OP_SENDTO, a[0], a[1], BUF_WRITE, 0, a[2],
+                   OR_NONE(a[3]));
+}
+
+static PyObject* CompletionPort_accept(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"sock", "context"};
+  static PyObject* interned[2];
+  PyObject* a[2];
+  if (parse_args("accept", args, nargs, kwnames, names, interned, 2, 1, a) < 0)
+    return NULL;
+  return submit_op(self, FIOCP_OP_ACCEPT, a[0], NULL, BUF_NONE, 0, NULL,
+                   OR_NONE(a[1]));
+}
+
+static PyObject* CompletionPort_connect(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"sock", "address", "context"};
+  static PyObject* interned[3];
+  PyObject* a[3];
+  if (parse_args("connect", args, nargs, kwnames, names, interned, 3, 2, a) < 0)
+    return NULL;
+  return submit_op(self, FIOCP_OP_CONNECT, a[0], NULL, BUF_NONE, 0, a[1],
+                   OR_NONE(a[2]));
+}
+
+/* done == RESUBMITTING marks a completion taken by a resubmit() call that is
+ * still checking its arguments: a second appearance in the same call is
+ * refused, and done stays true for anyone reading it. */
+#define RESUBMITTING 2
+
+/* Undoes resubmit()'s marks and pins on items [from, to). */
+static void resubmit_undo(PyObject** items, Py_ssize_t from, Py_ssize_t to) {
+  Py_ssize_t i;
+  for (i = from; i < to; i++) {
+    CompletionObject* c = (CompletionObject*)items[i];
+    if (c->pinned) {
+      PyBuffer_Release(&c->view);
+      c->pinned = 0;
+    }
+    c->done = 1;
+  }
+}
+
+static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
+                                         FASTARGS) {
+  static const char* const names[] = {"completions", "offsets"};
+  static PyObject* interned[2];
+  PyObject* a[2];
+  PyObject *seq = NULL, *offseq = NULL, *result = NULL;
+  PyObject **items, **keys = NULL, **olds = NULL;
+  int64_t* offsets = NULL;
+  Py_ssize_t n, i, checked = 0, nolds = 0;
+  if (parse_args("resubmit", args, nargs, kwnames, names, interned, 2, 1, a) <
+      0)
+    return NULL;
+  /* Iterating the arguments may run Python code: it is done first, into a
+   * tuple that nothing else can change. */
+  seq = PySequence_Tuple(a[0]);
+  if (seq == NULL) return NULL;
+  n = PyTuple_GET_SIZE(seq);
+  items = &PyTuple_GET_ITEM(seq, 0);
+  if (a[1] != NULL && a[1] != Py_None) {
+    offseq = PySequence_Tuple(a[1]);
+    if (offseq == NULL) goto done;
+    if (PyTuple_GET_SIZE(offseq) != n) {
+      PyErr_Format(PyExc_ValueError,
+                   "offsets has %zd items for %zd completions",
+                   PyTuple_GET_SIZE(offseq), n);
+      goto done;
+    }
+  }
+  if (fb_port_check_open(self) < 0) goto done;
+  offsets = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*offsets));
+  keys = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*keys));
+  olds = PyMem_Malloc((size_t)(n > 0 ? n : 1) * 3 * sizeof(*olds));
+  if (offsets == NULL || keys == NULL || olds == NULL) {
+    PyErr_NoMemory();
+    goto done;
+  }
+  /* 1. Check every completion and offset. No Python code runs here but a
+   * repr() for an error message, after which the call only unwinds. */
+  for (checked = 0; checked < n; checked++) {
+    CompletionObject* c = (CompletionObject*)items[checked];
+    uint8_t k;
+    if (!Py_IS_TYPE(items[checked], &fb_CompletionType)) {
+      PyErr_Format(PyExc_TypeError,
+                   "completions must hold Completion objects, not %.100s",
+                   Py_TYPE(items[checked])->tp_name);
+      goto undo_checked;
+    }
+    if (c->done != 1) {
+      if (c->done == RESUBMITTING)
+        PyErr_SetString(PyExc_ValueError,
+                        "the same Completion appears twice in completions (or "
+                        "another resubmit() call is starting it)");
+      else
+        PyErr_Format(fb_InvalidStateError,
+                     "%R is still in flight: only a dequeued completion "
+                     "can be resubmitted",
+                     items[checked]);
+      goto undo_checked;
+    }
+    k = c->kind;
+    /* Not sendto and connect: their address is gone with their record. */
+    if (k != FIOCP_OP_READ && k != FIOCP_OP_WRITE && k != FIOCP_OP_RECV &&
+        k != FIOCP_OP_SEND && k != FIOCP_OP_RECVFROM && k != FIOCP_OP_ACCEPT) {
+      PyErr_Format(PyExc_ValueError,
+                   "resubmit() takes read, write, recv, send, recvfrom and "
+                   "accept completions, not %R",
+                   fb_kind_names[k]);
+      goto undo_checked;
+    }
+    if (k != FIOCP_OP_ACCEPT && (c->buffer == NULL || c->buffer == Py_None)) {
+      PyErr_SetString(PyExc_ValueError, "the completion has no buffer left");
+      goto undo_checked;
+    }
+    offsets[checked] = 0;
+    if (k == FIOCP_OP_READ || k == FIOCP_OP_WRITE) {
+      if (offseq == NULL) {
+        PyErr_SetString(PyExc_TypeError,
+                        "offsets is required to resubmit reads and writes");
+        goto undo_checked;
+      }
+      if (parse_offset(PyTuple_GET_ITEM(offseq, checked), &offsets[checked]) <
+          0)
+        goto undo_checked;
+    } else if (offseq != NULL && PyTuple_GET_ITEM(offseq, checked) != Py_None) {
+      PyErr_Format(PyExc_TypeError,
+                   "offsets[%zd] must be None for a %U completion", checked,
+                   fb_kind_names[k]);
+      goto undo_checked;
+    }
+    c->done = RESUBMITTING;
+  }
+  /* 2. Pin the buffers: an exporter may run Python code. */
+  for (i = 0; i < n; i++) {
+    CompletionObject* c = (CompletionObject*)items[i];
+    int mode = c->kind == FIOCP_OP_WRITE || c->kind == FIOCP_OP_SEND
+                   ? PyBUF_SIMPLE
+                   : PyBUF_WRITABLE;
+    if (c->kind == FIOCP_OP_ACCEPT) continue;
+    if (PyObject_GetBuffer(c->buffer, &c->view, mode) < 0) goto undo_all;
+    c->pinned = 1;
+  }
+  /* 3. The port and the registrations as they are now; from here on no
+   * Python code runs until every operation is submitted. */
+  if (fb_port_check_open(self) < 0) goto undo_all;
+  for (i = 0; i < n; i++) {
+    fiocp_handle_t h = ((CompletionObject*)items[i])->handle;
+    /* A batch of reads is mostly on one handle: one lookup for a run. */
+    if (i > 0 && h == ((CompletionObject*)items[i - 1])->handle) {
+      keys[i] = keys[i - 1];
+      continue;
+    }
+    keys[i] = lookup_key(self, h);
+    if (keys[i] == NULL) goto undo_all;
+  }
+  /* 4. Submit. The references the completions drop are released at the
+   * end: a finalizer must not run in the middle. */
+  for (i = 0; i < n; i++) {
+    CompletionObject* c = (CompletionObject*)items[i];
+    int needs_addr = c->kind == FIOCP_OP_RECVFROM || c->kind == FIOCP_OP_ACCEPT;
+    if (start_op(self, c, c->handle, offsets[i], needs_addr, NULL, 0, 1) < 0) {
+      PyObject *type, *value, *tb;
+      resubmit_undo(items, i, n);
+      PyErr_Fetch(&type, &value, &tb);
+      /* The ones already queued go to the kernel all the same. */
+      if (!fb_in_batch(self)) (void)self->backend->flush(self->port);
+      PyErr_Restore(type, value, tb);
+      goto done;
+    }
+    Py_INCREF(keys[i]);
+    olds[nolds++] = c->key;
+    c->key = keys[i];
+    fb_track_if_needed(c, c->key);
+    olds[nolds++] = c->error;
+    Py_INCREF(Py_None);
+    c->error = Py_None;
+    olds[nolds++] = c->extra; /* recvfrom's address, accept's socket */
+    c->extra = NULL;
+    c->nbytes = 0;
+    Py_XSETREF(c->nbytes_obj, PyLong_FromLong(0)); /* small int: no failure */
+    c->cancelled = 0;
+    c->done = 0;
+  }
+  if (!fb_in_batch(self))
+    result = fb_CompletionPort_flush(self, NULL);
+  else {
+    Py_INCREF(Py_None);
+    result = Py_None;
+  }
+  goto done;
+undo_all:
+  resubmit_undo(items, 0, n);
+  goto done;
+undo_checked:
+  resubmit_undo(items, 0, checked);
+done:
+  for (i = 0; i < nolds; i++) Py_XDECREF(olds[i]);
+  PyMem_Free(olds);
+  PyMem_Free(keys);
+  PyMem_Free(offsets);
+  Py_XDECREF(offseq);
+  Py_XDECREF(seq);
+  return result;
+}
+
+static PyObject* CompletionPort_post(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"key", "context", "nbytes"};
+  static PyObject* interned[3];
+  PyObject* a[3];
+  PyObject *key, *ctx;
+  Py_ssize_t nbytes = 0;
+  CompletionObject* c;
+  fiocp_op_t* rec;
+  int rc;
+  if (parse_args("post", args, nargs, kwnames, names, interned, 3, 0, a) < 0) return NULL;
+  key = OR_NONE(a[0]);
+  ctx = OR_NONE(a[1]);
+  if (a[2] != NULL) {
+    if (!PyLong_Check(a[2])) {
+      PyErr_Format(PyExc_TypeError, "nbytes must be an int, not %.100s",
+                   Py_TYPE(a[2])->tp_name);
+      return NULL;
+    }
+    nbytes = PyLong_AsSsize_t(a[2]);
+    if (nbytes == -1 && PyErr_Occurred()) return NULL;
+  }
+  if (fb_port_check_open(self) < 0) return NULL;
+  if (nbytes < 0 || (uint64_t)nbytes > 0xffffffffu) {
+    PyErr_SetString(PyExc_ValueError, "nbytes must be between 0 and 2**32-1");
+    return NULL;
+  }
+  c = fb_Completion_create(FIOCP_OP_POST, key, ctx);
+  if (c == NULL) return NULL;
+  /* Allocating the Completion may run a finalizer that closes the port. */
+  if (fb_port_check_open(self) < 0) {
+    Py_DECREF(c);
+    return NULL;
+  }
+  rec = fiocp__op_alloc(self->port);
+  if (rec == NULL) {
+    Py_DECREF(c);
+    return PyErr_NoMemory();
+  }
+  rec->kind = FIOCP_OP_POST;
+  rec->res = (int64_t)nbytes;
+  rec->user = (uintptr_t)c;
+  rec->state = FIOCP_ST_INFLIGHT;
+  c->rec = rec;
+  c->port = self;
+  /* The port's reference; the caller gets none: posts are fire and forget
+   * (get() returns the object). */
+  self->pending++;
+  rc = self->backend->post(self->port, rec);
+  if (rc < 0) {
+    take_back(self, c, rec);
+    return fb_set_code_error(rc);
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* fb_port_cancel_completion(CompletionPortObject* self,
+                                    CompletionObject* c) {
+  int rc;
+  if (c->done || c->rec == NULL || c->port != self) Py_RETURN_FALSE;
+  if (fb_port_check_open(self) < 0) return NULL;
+  if (c->kind == FIOCP_OP_POST) Py_RETURN_FALSE;
+  rc = self->backend->cancel(self->port, c->rec);
+  if (rc < 0) return fb_set_code_error(rc);
+  return PyBool_FromLong(rc);
+}
+
+static PyObject* CompletionPort_cancel(CompletionPortObject* self,
+                                       PyObject* op) {
+  if (!PyObject_TypeCheck(op, &fb_CompletionType)) {
+    PyErr_Format(PyExc_TypeError, "cancel() takes a Completion, not %.100s",
+                 Py_TYPE(op)->tp_name);
+    return NULL;
+  }
+  if (((CompletionObject*)op)->port != NULL &&
+      ((CompletionObject*)op)->port != self) {
+    PyErr_SetString(PyExc_ValueError,
+                    "that operation was submitted to another port");
+    return NULL;
+  }
+  return fb_port_cancel_completion(self, (CompletionObject*)op);
+}
+
+PyObject* fb_CompletionPort_flush(CompletionPortObject* self,
+                                  PyObject* Py_UNUSED(ignored)) {
+  int rc;
+  if (fb_port_check_open(self) < 0) return NULL;
+  self->inside++;
+  Py_BEGIN_ALLOW_THREADS
+  rc = self->backend->flush(self->port);
+  Py_END_ALLOW_THREADS
+  self->inside--;
+  port_maybe_destroy(self);
+  if (rc < 0) return fb_set_code_error(rc);
+  Py_RETURN_NONE;
+}
+
+/* ======================================================================
+ * CompletionPort: dequeue
+ * ====================================================================== */
+
+/* Converts a timeout in seconds (None: forever) to milliseconds (-1). */
+static int parse_timeout(PyObject* obj, int64_t* ms) {
+  double t;
+  if (obj == NULL || obj == Py_None) {
+    *ms = -1;
+    return 0;
+  }
+  t = PyFloat_AsDouble(obj);
+  if (t == -1.0 && PyErr_Occurred()) return -1;
+  if (isnan(t) || t < 0) {
+    PyErr_SetString(PyExc_ValueError, "timeout must be >= 0 or None");
+    return -1;
+  }
+  if (t > 9.0e12) {
+    *ms = -1;
+    return 0;
+  }
+  *ms = (int64_t)ceil(t * 1000.0);
+  return 0;
+}
+
+/* Dequeues up to max completions into out. Returns the count (0 on
+ * timeout), or -1 with an exception. The GIL is released only if there is
+ * nothing ready. On return, successful or not, the caller counts as inside
+ * the port until it calls port_leave() after finishing the records: close()
+ * on another thread must not free the slabs those records live in. */
+static int port_dequeue(CompletionPortObject* self, fiocp_op_t** out, int max,
+                        int64_t timeout_ms) {
+  int64_t deadline;
+  int n;
+  self->inside++;
+  if (fb_port_check_open(self) < 0) return -1;
+  if (self->emulate_slots) fb_slot_release(self);
+  n = self->backend->try_get(self->port, out, max);
+  if (n != 0 || timeout_ms == 0) goto done;
+  deadline = timeout_ms < 0 ? -1 : fiocp__now_ms() + timeout_ms;
+  for (;;) {
+    int64_t left = fiocp__remaining_ms(deadline);
+    Py_BEGIN_ALLOW_THREADS
+    n = self->backend->wait(self->port, out, max, left);
+    Py_END_ALLOW_THREADS
+    if (n != FIOCP_EINTR) break;
+    if (PyErr_CheckSignals() < 0) return -1;
+    if (self->closed) {
+      fb_set_closed_error();
+      return -1;
+    }
+    if (deadline >= 0 && fiocp__remaining_ms(deadline) == 0) return 0;
+  }
+done:
+  if (n < 0) {
+    fb_set_code_error(n);
+    return -1;
+  }
+  if (n > 0 && self->emulate_slots) fb_slot_hold(self);
+  return n;
+}
+
+static void port_leave(CompletionPortObject* self) {
+  self->inside--;
+  port_maybe_destroy(self);
+}
+
+static PyObject* CompletionPort_get(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"timeout"};
+  static PyObject* interned[1];
+  PyObject* a[1];
+  int64_t ms;
+  fiocp_op_t* rec;
+  int n;
+  if (parse_args("get", args, nargs, kwnames, names, interned, 1, 0, a) < 0 ||
+      parse_timeout(a[0], &ms) < 0)
+    return NULL;
+  CompletionObject* c = NULL;
+  n = port_dequeue(self, &rec, 1, ms);
+  if (n > 0) c = fb_finish_op(self, rec);
+  port_leave(self);
+  if (n < 0) return NULL;
+  if (n == 0) Py_RETURN_NONE;
+  return (PyObject*)c;
+}
+
+#define GET_MANY_STACK 256
+
+static PyObject* CompletionPort_get_many(CompletionPortObject* self,
+                                         FASTARGS) {
+  static const char* const names[] = {"max", "timeout"};
+  static PyObject* interned[2];
+  PyObject* a[2];
+  Py_ssize_t max = 64;
+  int64_t ms;
+  fiocp_op_t* stack[GET_MANY_STACK];
+  fiocp_op_t** out = stack;
+  PyObject* list;
+  int n, i;
+  if (parse_args("get_many", args, nargs, kwnames, names, interned, 2, 0, a) < 0 ||
+      parse_timeout(a[1], &ms) < 0)
+    return NULL;
+  if (a[0] != NULL) {
+    max = PyLong_AsSsize_t(a[0]);
+    if (max == -1 && PyErr_Occurred()) return NULL;
+  }
+  if (max < 1) {
+    PyErr_SetString(PyExc_ValueError, "max must be >= 1");
+    return NULL;
+  }
+  if (max > 65536) max = 65536;
+  if (max > GET_MANY_STACK) {
+    out = (fiocp_op_t**)PyMem_Malloc(sizeof(fiocp_op_t*) * (size_t)max);
+    if (out == NULL) return PyErr_NoMemory();
+  }
+  n = port_dequeue(self, out, (int)max, ms);
+  if (n < 0) {
+    port_leave(self);
+    if (out != stack) PyMem_Free(out);
+    return NULL;
+  }
+  list = PyList_New(n);
+  for (i = 0; i < n; i++) {
+    CompletionObject* c = fb_finish_op(self, out[i]);
+    /* The records are already dequeued: finish them all even if the list
+     * could not be made, so nothing is lost or leaked. */
+    if (list != NULL) PyList_SET_ITEM(list, i, (PyObject*)c);
+    else Py_DECREF(c);
+  }
+  port_leave(self);
+  if (out != stack) PyMem_Free(out);
+  return list;
+}
+
+static PyObject* CompletionPort_iternext(CompletionPortObject* self) {
+  fiocp_op_t* rec;
+  int n;
+  CompletionObject* c = NULL;
+  if (self->closed) return NULL; /* StopIteration */
+  n = port_dequeue(self, &rec, 1, -1);
+  if (n > 0) c = fb_finish_op(self, rec);
+  port_leave(self);
+  if (n < 0) {
+    if (PyErr_ExceptionMatches(fb_PortClosedError)) PyErr_Clear();
+    return NULL;
+  }
+  return (PyObject*)c; /* NULL (StopIteration) only if n == 0 */
+}
+
+static PyObject* CompletionPort_close(CompletionPortObject* self,
+                                      PyObject* Py_UNUSED(ignored)) {
+  if (port_close_impl(self) < 0) return NULL;
+  Py_RETURN_NONE;
+}
+
+static PyObject* CompletionPort_enter(CompletionPortObject* self,
+                                      PyObject* Py_UNUSED(ignored)) {
+  if (fb_port_check_open(self) < 0) return NULL;
+  Py_INCREF(self);
+  return (PyObject*)self;
+}
+
+static PyObject* CompletionPort_exit(CompletionPortObject* self,
+                                     PyObject* args) {
+  (void)args;
+  if (port_close_impl(self) < 0) return NULL;
+  Py_RETURN_FALSE;
+}
+
+static PyObject* CompletionPort_get_backend(CompletionPortObject* self,
+                                            void* c) {
+  (void)c;
+  if (self->backend == NULL) Py_RETURN_NONE;
+  return PyUnicode_FromString(self->backend->name);
+}
+
+static PyObject* CompletionPort_get_closed(CompletionPortObject* self,
+                                           void* c) {
+  (void)c;
+  return PyBool_FromLong(self->closed || !self->initialized);
+}
+
+static PyObject* CompletionPort_get_pending(CompletionPortObject* self,
+                                            void* c) {
+  (void)c;
+  return PyLong_FromSsize_t(self->pending);
+}
+
+static PyObject* CompletionPort_get_concurrency(CompletionPortObject* self,
+                                                void* c) {
+  (void)c;
+  return PyLong_FromUnsignedLong(self->concurrency);
+}
+
+static PyGetSetDef CompletionPort_getset[] = {
+    {"backend", (getter)CompletionPort_get_backend, NULL,
+     "The backend in use: 'iocp', 'io_uring' or 'epoll'.", NULL},
+    {"closed", (getter)CompletionPort_get_closed, NULL,
+     "True once close() has been called.", NULL},
+    {"pending", (getter)CompletionPort_get_pending, NULL,
+     "Operations and posts whose completion has not been dequeued yet.",
+     NULL},
+    {"concurrency", (getter)CompletionPort_get_concurrency, NULL,
+     "The concurrency value the port was created with (0: number of CPUs).",
+     NULL},
+    {NULL}};
+
+#define KW (METH_VARARGS | METH_KEYWORDS)
+#define FASTKW (METH_FASTCALL | METH_KEYWORDS)
+static PyMethodDef CompletionPort_methods[] = {
+    {"register", (PyCFunction)(void (*)(void))CompletionPort_register, KW,
+     "register($self, fileobj, key=None)\n--\n\nAssociate a file, socket or fd with "
+     "the port. key (any object) comes back on every completion of "
+     "operations on it."},
+    {"unregister", (PyCFunction)CompletionPort_unregister, METH_O,
+     "unregister($self, fileobj)\n--\n\nForget a registration (call before closing "
+     "and reusing a descriptor)."},
+    {"resubmit", (PyCFunction)(void (*)(void))CompletionPort_resubmit, FASTKW,
+     "resubmit($self, completions, offsets=None)\n--\n\nStart dequeued read, write, "
+     "recv, send, recvfrom and accept completions again, in one call: each "
+     "on its handle, with its buffer and context (and, for a read or write, "
+     "the offset at the same place in offsets; None there for a socket). "
+     "The Completion objects are reused: each is pending again, and get() "
+     "returns it when its new operation ends. Nothing is submitted if an "
+     "argument is wrong. The way to keep a queue of reads full, or to "
+     "re-arm a batch of receives or accepts, without a Python call per "
+     "operation."},
+    {"read", (PyCFunction)(void (*)(void))CompletionPort_read, FASTKW,
+     "read($self, file, buffer, offset=0, context=None)\n--\n\nRead into buffer (a "
+     "writable buffer, or an int size to allocate a bytearray) at offset "
+     "(None: the current position, for pipes). Returns the pending "
+     "Completion."},
+    {"write", (PyCFunction)(void (*)(void))CompletionPort_write, FASTKW,
+     "write($self, file, data, offset=0, context=None)\n--\n\nWrite data at offset "
+     "(None: the current position). Returns the pending Completion."},
+    {"recv", (PyCFunction)(void (*)(void))CompletionPort_recv, FASTKW,
+     "recv($self, sock, buffer, context=None)\n--\n\nReceive into buffer (or an int "
+     "size). nbytes == 0 means the peer closed."},
+    {"send", (PyCFunction)(void (*)(void))CompletionPort_send, FASTKW,
+     "send($self, sock, data, context=None)\n--\n\nSend data; nbytes may be short."},
+    {"recvfrom", (PyCFunction)(void (*)(void))CompletionPort_recvfrom, FASTKW,
+     "recvfrom($self, sock, buffer, context=None)\n--\n\nReceive a datagram; "
+     "result() is (nbytes, address)."},
+    {"sendto", (PyCFunction)(void (*)(void))CompletionPort_sendto, FASTKW,
+     "sendto($self, sock, data, address, context=None)\n--\n\nSend a datagram to "
+     "address."},
+    {"accept", (PyCFunction)(void (*)(void))CompletionPort_accept, FASTKW,
+     "accept($self, sock, context=None)\n--\n\nAccept a connection on a listening "
+     "socket; result() is (socket.socket, address)."},
+    {"connect", (PyCFunction)(void (*)(void))CompletionPort_connect, FASTKW,
+     "connect($self, sock, address, context=None)\n--\n\nConnect a stream socket "
+     "(TCP v4/v6, Unix)."},
+    {"post", (PyCFunction)(void (*)(void))CompletionPort_post, FASTKW,
+     "post($self, key=None, context=None, nbytes=0)\n--\n\nQueue a packet of your "
+     "own; get() returns it as a Completion with op 'post'."},
+    {"get", (PyCFunction)(void (*)(void))CompletionPort_get, FASTKW,
+     "get($self, timeout=None)\n--\n\nDequeue one Completion, waiting up to timeout "
+     "seconds (None: forever) with the GIL released. Returns None on "
+     "timeout; raises PortClosedError once the port is closed."},
+    {"get_many", (PyCFunction)(void (*)(void))CompletionPort_get_many, FASTKW,
+     "get_many($self, max=64, timeout=None)\n--\n\nDequeue up to max completions in "
+     "one wait. Returns a list, empty on timeout."},
+    {"cancel", (PyCFunction)CompletionPort_cancel, METH_O,
+     "cancel($self, op)\n--\n\nAsk the OS to cancel op; see Completion.cancel()."},
+    {"flush", (PyCFunction)fb_CompletionPort_flush, METH_NOARGS,
+     "flush($self)\n--\n\nSubmit operations deferred by batch() now."},
+    {"batch", (PyCFunction)fb_CompletionPort_batch, METH_NOARGS,
+     "batch($self)\n--\n\nDefer the submissions made inside `with port.batch():` "
+     "and submit them together when the block ends (io_uring: one system "
+     "call; other backends submit at once and the block is harmless). A "
+     "thread waiting in get() also submits what is deferred. A batch "
+     "belongs to the thread that opened it: other threads' submissions are "
+     "not deferred."},
+    {"close", (PyCFunction)CompletionPort_close, METH_NOARGS,
+     "close($self)\n--\n\nCancel pending operations, wait for them (bounded), "
+     "release their buffers and wake every waiting thread. Idempotent."},
+    {"__enter__", (PyCFunction)CompletionPort_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)CompletionPort_exit, METH_VARARGS, NULL},
+    {NULL}};
+
+PyTypeObject fb_CompletionPortType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastiocp.CompletionPort",
+    .tp_basicsize = sizeof(CompletionPortObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "CompletionPort(concurrency=0, backend='auto', entries=0)\n--\n\n"
+              "An I/O completion port: submit operations, dequeue their "
+              "completions from any number of threads.\n\n"
+              "concurrency: on Windows the IOCP concurrency value (0: number "
+              "of CPUs); elsewhere recorded, see the README.\n"
+              "backend: 'auto' (FASTIOCP_BACKEND, else the best that works "
+              "here), 'iocp', 'io_uring' or 'epoll'.\n"
+              "entries: io_uring queue size hint (0: 1024).",
+    .tp_traverse = (traverseproc)CompletionPort_traverse,
+    .tp_clear = (inquiry)CompletionPort_clear,
+    .tp_dealloc = (destructor)CompletionPort_dealloc,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)CompletionPort_iternext,
+    .tp_methods = CompletionPort_methods,
+    .tp_getset = CompletionPort_getset,
+    .tp_init = (initproc)CompletionPort_init,
+    .tp_new = PyType_GenericNew,
+    .tp_weaklistoffset = offsetof(CompletionPortObject, weakreflist),
+};
