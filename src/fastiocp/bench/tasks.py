@@ -10,6 +10,7 @@ same N items handed from one thread to another.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -107,25 +108,23 @@ def file_fastiocp(path: str, direct: bool, duration: float, depth: int) -> Dict[
     return out
 
 
-def file_pread(path: str, direct: bool, duration: float, depth: int) -> Dict[str, Any]:
+def _read_offsets(path: str, direct: bool, duration: float, chunk: int,
+                  read_part: Callable[[int, List[int]], None]) -> Dict[str, Any]:
+    """The loop of the contenders that read through a descriptor: opens
+    path (O_DIRECT if direct), and times read_part(fd, part) over the
+    shared offsets, chunk at a time, from where the warm-up stopped and
+    round again from the first."""
     offs = offsets(path)
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-    pread, preadv, clock = os.pread, os.preadv, time.perf_counter
-    buf = aligned_buffers(1)
-
+    clock = time.perf_counter
     state = {"k": 0}
 
     def run(deadline: float) -> int:
         done, k = 0, state["k"]
         while True:
-            part = offs[k:k + 512]
-            k = (k + 512) % NOFFSETS
-            if direct:
-                for off in part:
-                    preadv(fd, buf, off)
-            else:
-                for off in part:
-                    pread(fd, BLOCK, off)
+            part = offs[k:k + chunk]
+            k = (k + chunk) % NOFFSETS
+            read_part(fd, part)
             done += len(part)
             if clock() >= deadline:
                 state["k"] = k
@@ -137,44 +136,43 @@ def file_pread(path: str, direct: bool, duration: float, depth: int) -> Dict[str
         os.close(fd)
 
 
+def file_pread(path: str, direct: bool, duration: float, depth: int) -> Dict[str, Any]:
+    pread, preadv = os.pread, os.preadv
+    buf = aligned_buffers(1)
+
+    def read_part(fd: int, part: List[int]) -> None:
+        if direct:
+            for off in part:
+                preadv(fd, buf, off)
+        else:
+            for off in part:
+                pread(fd, BLOCK, off)
+
+    return _read_offsets(path, direct, duration, 512, read_part)
+
+
 def file_threadpool(path: str, direct: bool, duration: float, depth: int) -> Dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
-    offs = offsets(path)
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     local = threading.local()
-    clock = time.perf_counter
 
-    def read_direct(off: int) -> int:
+    def read_direct(fd: int, off: int) -> int:
         b = getattr(local, "buf", None)
         if b is None:
             b = local.buf = aligned_buffers(1)
         return os.preadv(fd, b, off)
 
-    def read_cached(off: int) -> bytes:
+    def read_cached(fd: int, off: int) -> bytes:
         return os.pread(fd, BLOCK, off)
 
     fn = read_direct if direct else read_cached
-    chunk = 1024
+
     with ThreadPoolExecutor(8) as ex:
-        state = {"k": 0}
+        def read_part(fd: int, part: List[int]) -> None:
+            for _ in ex.map(fn, itertools.repeat(fd, len(part)), part):
+                pass
 
-        def run(deadline: float) -> int:
-            done = 0
-            k = state["k"]
-            while clock() < deadline:
-                part = offs[k:k + chunk]
-                k = (k + chunk) % NOFFSETS
-                for _ in ex.map(fn, part):
-                    pass
-                done += len(part)
-            state["k"] = k
-            return done
-
-        try:
-            return _timed(run, duration)
-        finally:
-            os.close(fd)
+        return _read_offsets(path, direct, duration, 1024, read_part)
 
 
 FILE_KINDS = {"fastiocp": file_fastiocp, "pread": file_pread, "threadpool": file_threadpool}
