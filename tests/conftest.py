@@ -76,6 +76,22 @@ def tcp_pair():
     server.close()
 
 
+def loopback_udp_pair(family: int = socket.AF_INET) -> tuple[socket.socket, socket.socket]:
+    """Two UDP sockets bound to the loopback address of family, each on a
+    port of its own: (a, b)."""
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    a = socket.socket(family, socket.SOCK_DGRAM)
+    b = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        a.bind((host, 0))
+        b.bind((host, 0))
+    except BaseException:
+        a.close()
+        b.close()
+        raise
+    return a, b
+
+
 def collect(port: fastiocp.CompletionPort, n: int, timeout: float = 10.0) -> list:
     """Dequeue exactly n completions or fail after timeout seconds."""
     out: list = []

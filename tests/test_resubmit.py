@@ -6,7 +6,7 @@ import socket
 import pytest
 
 import fastiocp
-from conftest import ON_LINUX, ON_WINDOWS, assert_no_growth, collect
+from conftest import ON_LINUX, ON_WINDOWS, assert_no_growth, collect, loopback_udp_pair
 
 BLOCK = 512
 
@@ -109,11 +109,8 @@ def test_accepts_rearmed(port):
 
 
 def test_recvfrom_rearmed(port):
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        rx.bind(("127.0.0.1", 0))
-        tx.bind(("127.0.0.1", 0))
+    rx, tx = loopback_udp_pair()
+    with rx, tx:
         port.register(rx)
         port.recvfrom(rx, bytearray(32), context="dgram")
         for i in range(3):
@@ -124,9 +121,6 @@ def test_recvfrom_rearmed(port):
             port.resubmit([c], [None])
         c.cancel()
         assert collect(port, 1)[0].cancelled
-    finally:
-        rx.close()
-        tx.close()
 
 
 def test_sendto_and_connect_are_refused(port):

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import fastiocp
-from conftest import ON_WINDOWS, UNDER_WINE, collect
+from conftest import ON_WINDOWS, UNDER_WINE, collect, loopback_udp_pair
 
 HAS_IPV6 = socket.has_ipv6
 try:
@@ -147,11 +147,8 @@ def test_connect_by_hostname(port):
 
 
 def test_udp_v4(port):
-    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    a, b = loopback_udp_pair()
     with a, b:
-        a.bind(("127.0.0.1", 0))
-        b.bind(("127.0.0.1", 0))
         port.register(a)
         port.register(b)
         r = port.recvfrom(b, bytearray(100))
@@ -165,11 +162,8 @@ def test_udp_v4(port):
 
 @pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 on this machine")
 def test_udp_v6(port):
-    a = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    a, b = loopback_udp_pair(socket.AF_INET6)
     with a, b:
-        a.bind(("::1", 0))
-        b.bind(("::1", 0))
         port.register(a)
         port.register(b)
         r = port.recvfrom(b, 100)

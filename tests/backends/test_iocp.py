@@ -14,7 +14,7 @@ import time
 import pytest
 
 import fastiocp
-from conftest import collect, ctrl_c_child_script, open_fd_count
+from conftest import collect, ctrl_c_child_script, loopback_udp_pair, open_fd_count
 
 pytestmark = pytest.mark.skipif(sys.platform != "win32", reason="Windows only: IOCP")
 
@@ -307,11 +307,8 @@ def _from_exiting_threads(submit, n: int) -> list:
 
 def test_receives_from_exited_threads(port):
     a, b = socket.socketpair()
-    u1 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    u2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u1, u2 = loopback_udp_pair()
     with a, b, u1, u2:
-        u1.bind(("127.0.0.1", 0))
-        u2.bind(("127.0.0.1", 0))
         port.register(b)
         port.register(u2)
         for _ in range(30):
