@@ -62,13 +62,19 @@ def sockpair():
     b.close()
 
 
-@pytest.fixture
-def tcp_pair():
+def loopback_tcp_pair() -> tuple[socket.socket, socket.socket]:
     """A connected TCP pair over IPv4 loopback: (client, server_side)."""
     lsock = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(lsock.getsockname())
     server, _ = lsock.accept()
     lsock.close()
+    return client, server
+
+
+@pytest.fixture
+def tcp_pair():
+    """loopback_tcp_pair() with TCP_NODELAY on both ends, closed after the test."""
+    client, server = loopback_tcp_pair()
     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     yield client, server

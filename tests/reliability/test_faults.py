@@ -19,21 +19,13 @@ import time
 import pytest
 
 import fastiocp
-from conftest import collect
+from conftest import collect, loopback_tcp_pair
 from relutil import (ON_LINUX, ON_WINDOWS, UNDER_WINE, assert_clean_exit, env_int, hard_watchdog,
                      is_cancel_error, join_all, record, run_child)
 
 pytestmark = pytest.mark.reliability
 
 RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
-
-
-def tcp_pair():
-    lsock = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(lsock.getsockname())
-    server, _ = lsock.accept()
-    lsock.close()
-    return client, server
 
 
 def abort(sock: socket.socket) -> None:
@@ -54,7 +46,7 @@ def test_peer_reset_fails_pending_recv_and_send(port):
     submitted afterwards on the dead socket complete with errors too, never
     raise at submission."""
     n = 4 if UNDER_WINE else 24
-    pairs = [tcp_pair() for _ in range(n)]
+    pairs = [loopback_tcp_pair() for _ in range(n)]
     big = bytes(8 << 20)
     try:
         ops = []
@@ -96,7 +88,7 @@ def test_half_closed_connection_both_ways(port):
     sending the other way still works. Then this side shuts down its own
     sending side: the peer sees EOF, and a send through the port completes
     with an error instead of raising."""
-    client, server = tcp_pair()
+    client, server = loopback_tcp_pair()
     with client, server:
         port.register(server, key="server")
         first = port.recv(server, bytearray(64))
@@ -122,7 +114,7 @@ def test_shutdown_own_socket_with_recv_pending(port):
     """shutdown(SHUT_RDWR) on this side while a receive waits: the receive
     completes, by itself (Linux: EOF) or once cancelled (Wine leaves it
     pending), and the port goes on."""
-    client, server = tcp_pair()
+    client, server = loopback_tcp_pair()
     with client, server:
         port.register(server)
         op = port.recv(server, bytearray(64))
@@ -165,7 +157,7 @@ def test_close_socket_with_operation_in_flight(port, kind):
         port.register(sock)
         op = port.accept(sock)
     else:
-        sock, peer = tcp_pair()
+        sock, peer = loopback_tcp_pair()
         extra.append(peer)
         port.register(sock)
         op = port.recv(sock, bytearray(64)) if kind == "recv" else port.send(sock, bytes(16 << 20))
