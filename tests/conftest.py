@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import textwrap
+import threading
 import time
 from typing import Callable
 
@@ -108,6 +109,33 @@ def collect(port: fastiocp.CompletionPort, n: int, timeout: float = 10.0) -> lis
             raise AssertionError(f"only {len(out)} of {n} completions within {timeout}s; last: {out[-3:]!r}")
         out.extend(port.get_many(n - len(out), timeout=left))
     return out
+
+
+def contexts_got_by_waiters(port: fastiocp.CompletionPort, threads: int, each: int,
+                            settle: float = 0.0) -> list:
+    """`threads` threads each dequeue `each` packets with get(timeout=10);
+    after settle seconds (time to block in get()), threads * each posts
+    carry the contexts 0, 1, ... Returns the contexts the threads got,
+    sorted: range(threads * each) when every packet went to one waiter."""
+    got: list = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(each):
+            c = port.get(timeout=10)
+            with lock:
+                got.append(c.context)
+
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    if settle:
+        time.sleep(settle)
+    for i in range(threads * each):
+        port.post(context=i)
+    for t in workers:
+        t.join(20)
+    return sorted(got)
 
 
 def ctrl_c_child_script(backend: str, other_waiter: bool, raise_after: float | None = None) -> str:

@@ -18,7 +18,8 @@ import time
 import pytest
 
 import fastiocp
-from conftest import ON_LINUX, ON_WINDOWS, UNDER_WINE, assert_no_growth, collect, ctrl_c_child_script, open_fd_count
+from conftest import (ON_LINUX, ON_WINDOWS, UNDER_WINE, assert_no_growth, collect, contexts_got_by_waiters,
+                      ctrl_c_child_script, open_fd_count)
 
 # ---------------------------------------------------------------------------
 # 1. Exactly once
@@ -82,23 +83,7 @@ def test_exactly_once_8_threads_100k_packets(port):
 
 def test_each_waiter_gets_distinct_packets(port):
     """Eight threads blocked in get(); eight posts wake each exactly once."""
-    got = []
-    lock = threading.Lock()
-
-    def wait_one() -> None:
-        c = port.get(timeout=10)
-        with lock:
-            got.append(c.context)
-
-    threads = [threading.Thread(target=wait_one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    time.sleep(0.1)
-    for i in range(8):
-        port.post(context=i)
-    for t in threads:
-        t.join(15)
-    assert sorted(got) == list(range(8))
+    assert contexts_got_by_waiters(port, threads=8, each=1, settle=0.1) == list(range(8))
 
 
 def test_submission_from_exiting_thread_completes(port, sockpair):

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import fastiocp
-from conftest import collect, ctrl_c_child_script, loopback_udp_pair, open_fd_count
+from conftest import collect, contexts_got_by_waiters, ctrl_c_child_script, loopback_udp_pair, open_fd_count
 
 pytestmark = pytest.mark.skipif(sys.platform != "win32", reason="Windows only: IOCP")
 
@@ -607,22 +607,7 @@ def test_concurrency_value_accepted(concurrency):
     number of threads (the kernel only limits how many run at once)."""
     with fastiocp.CompletionPort(concurrency=concurrency, backend="iocp") as port:
         assert port.concurrency == concurrency
-        got, lock = [], threading.Lock()
-
-        def worker() -> None:
-            for _ in range(25):
-                c = port.get(timeout=10)
-                with lock:
-                    got.append(c.context)
-
-        threads = [threading.Thread(target=worker) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for i in range(100):
-            port.post(context=i)
-        for t in threads:
-            t.join(20)
-        assert sorted(got) == list(range(100))
+        assert contexts_got_by_waiters(port, threads=4, each=25) == list(range(100))
 
 
 @pytest.mark.skipif(WINE is not None,
