@@ -243,14 +243,21 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def assert_no_growth(cycles: Callable[[int], None], warm_up: int, n: int) -> None:
-    """Runs cycles(warm_up) (slabs, pymalloc arenas), then cycles(n), and
-    fails if the handle count changed or RSS grew by 2 MiB or more."""
+def growth(cycles: Callable[[int], None], warm_up: int, n: int, *counters: Callable[[], int]) -> list[int]:
+    """Runs cycles(warm_up) (slabs, pymalloc arenas, pools made on first
+    use), then cycles(n), each followed by gc.collect(); returns how much
+    each counter (open_fd_count, rss_bytes) grew over cycles(n)."""
     cycles(warm_up)
     gc.collect()
-    fds0, rss0 = open_fd_count(), rss_bytes()
+    before = [count() for count in counters]
     cycles(n)
     gc.collect()
-    fds1, rss1 = open_fd_count(), rss_bytes()
-    assert fds1 == fds0
-    assert rss1 - rss0 < 2 * 1024 * 1024, f"RSS grew by {(rss1 - rss0) / 1024:.0f} KiB"
+    return [count() - b for count, b in zip(counters, before)]
+
+
+def assert_no_growth(cycles: Callable[[int], None], warm_up: int, n: int) -> None:
+    """Fails if cycles(n), after cycles(warm_up), changed the handle count
+    or grew RSS by 2 MiB or more."""
+    fds, rss = growth(cycles, warm_up, n, open_fd_count, rss_bytes)
+    assert fds == 0
+    assert rss < 2 * 1024 * 1024, f"RSS grew by {rss / 1024:.0f} KiB"

@@ -2,7 +2,6 @@
 rule for immediate results, EOF mapping, handles, files, concurrency."""
 from __future__ import annotations
 
-import gc
 import os
 import socket
 import subprocess
@@ -14,7 +13,7 @@ import time
 import pytest
 
 import fastiocp
-from conftest import collect, contexts_got_by_waiters, ctrl_c_child_script, loopback_udp_pair, open_fd_count
+from conftest import collect, contexts_got_by_waiters, ctrl_c_child_script, growth, loopback_udp_pair, open_fd_count
 
 pytestmark = pytest.mark.skipif(sys.platform != "win32", reason="Windows only: IOCP")
 
@@ -130,20 +129,14 @@ def test_cancelled_accept_closes_its_socket(port):
     with lsock:
         port.register(lsock)
 
-        def cycle() -> None:
-            op = port.accept(lsock)
-            assert op.cancel() is True
-            (c,) = collect(port, 1)
-            assert c.cancelled and c.error.winerror == ERROR_OPERATION_ABORTED
+        def cycles(n: int) -> None:
+            for _ in range(n):
+                op = port.accept(lsock)
+                assert op.cancel() is True
+                (c,) = collect(port, 1)
+                assert c.cancelled and c.error.winerror == ERROR_OPERATION_ABORTED
 
-        for _ in range(5):
-            cycle()
-        gc.collect()
-        before = open_fd_count()
-        for _ in range(50):
-            cycle()
-        gc.collect()
-        assert open_fd_count() == before
+        assert growth(cycles, 5, 50, open_fd_count) == [0]
         # The listener still works afterwards.
         op = port.accept(lsock)
         client = socket.create_connection(lsock.getsockname())

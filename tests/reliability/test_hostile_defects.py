@@ -19,7 +19,7 @@ import weakref
 import pytest
 
 import fastiocp
-from conftest import ON_LINUX, UNDER_ASAN, open_fd_count
+from conftest import ON_LINUX, UNDER_ASAN, growth, open_fd_count
 from relutil import REPO, assert_clean_exit, env_int, run_child
 
 pytestmark = pytest.mark.reliability
@@ -144,25 +144,21 @@ def test_closed_port_with_concurrency_is_freed(backend):
 def test_ports_with_concurrency_dropped_unclosed_release_their_descriptors(backend):
     """100 ports with concurrency=1 dropped without close() kept 100
     (io_uring) or 200 (epoll) descriptors open."""
-    def cycle() -> None:
-        p = fastiocp.CompletionPort(concurrency=1, backend=backend)
-        got = []
-        p.post()
-        # a thread takes a slot and exits holding it
-        t = threading.Thread(target=lambda: got.append(p.get(timeout=5)))
-        t.start()
-        t.join()
-        p.post()
-        got.append(p.get(timeout=5))          # this thread holds the slot now
-        assert all(c is not None for c in got)
+    def cycles(n: int) -> None:
+        for _ in range(n):
+            p = fastiocp.CompletionPort(concurrency=1, backend=backend)
+            got = []
+            p.post()
+            # a thread takes a slot and exits holding it
+            t = threading.Thread(target=lambda: got.append(p.get(timeout=5)))
+            t.start()
+            t.join()
+            p.post()
+            got.append(p.get(timeout=5))          # this thread holds the slot now
+            assert all(c is not None for c in got)
 
-    cycle()
-    gc.collect()
-    before = open_fd_count()
-    for _ in range(100):
-        cycle()
-    gc.collect()
-    assert open_fd_count() - before <= 2
+    (fds,) = growth(cycles, 1, 100, open_fd_count)
+    assert fds <= 2
 
 
 def test_get_close_cycles_with_concurrency_keep_memory_flat(backend):
