@@ -54,10 +54,7 @@ def port(backend: str):
 
 @pytest.fixture
 def sockpair():
-    if hasattr(socket, "AF_UNIX"):
-        a, b = socket.socketpair()
-    else:  # Windows: socketpair() is emulated over TCP loopback
-        a, b = socket.socketpair()
+    a, b = socket.socketpair()  # Windows: emulated over TCP loopback
     yield a, b
     a.close()
     b.close()
