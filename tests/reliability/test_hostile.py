@@ -149,6 +149,16 @@ def offset_taken(offset) -> bool:
     return offset is None or (type(offset) is int and 0 <= offset <= 2**62)
 
 
+def check_registration_raised(m: PortModel, obj, exc: BaseException) -> None:
+    """What register() or unregister() may raise besides an ordinary
+    refusal: PortClosedError on a closed port, and the RuntimeError a
+    Weird target's own fileno() raised."""
+    if isinstance(exc, fastiocp.PortClosedError):
+        assert m.closed
+    else:
+        assert isinstance(obj, Weird) and obj.raises is exc
+
+
 def make_buffer(kind: str, size: int):
     """(object, writable, length or None when the call must fail)."""
     if kind == "bytearray":
@@ -314,11 +324,8 @@ class PortMachine(RuleBasedStateMachine):
         key = data.draw(st.sampled_from([Key(self.keyn), None, self.keyn, "k%d" % self.keyn]))
         try:
             ret = m.port.register(obj, key=key)
-        except fastiocp.PortClosedError:
-            assert m.closed
-            return
-        except RuntimeError as exc:
-            assert isinstance(obj, Weird) and obj.raises is exc
+        except (fastiocp.PortClosedError, RuntimeError) as exc:
+            check_registration_raised(m, obj, exc)
             return
         except ORDINARY as exc:
             assert not (m.initialized and not m.closed and fd is not None and fd not in m.registered
@@ -336,19 +343,15 @@ class PortMachine(RuleBasedStateMachine):
     def unregister(self, data):
         m = self.port(data)
         obj, r, fd = self.draw_target(data)
+        number = obj if isinstance(obj, int) else fd
         try:
             m.port.unregister(obj)
-        except fastiocp.PortClosedError:
-            assert m.closed
-            return
-        except RuntimeError as exc:
-            assert isinstance(obj, Weird) and obj.raises is exc
+        except (fastiocp.PortClosedError, RuntimeError) as exc:
+            check_registration_raised(m, obj, exc)
             return
         except ORDINARY as exc:
-            number = obj if isinstance(obj, int) else fd
             assert not (not m.closed and number in m.registered), f"unregister refused: {exc!r}"
             return
-        number = obj if isinstance(obj, int) else fd
         assert number in m.registered and not m.closed
         del m.registered[number]
 
