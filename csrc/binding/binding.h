@@ -27,6 +27,27 @@
  * What one file uses from another is declared here, prefixed fb_ (fastiocp
  * binding); everything else is static to its file. GIL everywhere unless
  * said otherwise.
+ *
+ * Free-threaded CPython (3.13t, Py_GIL_DISABLED). The module declares that
+ * it runs without the GIL; what the GIL made atomic, these make atomic:
+ * - Each port has a mutex (FB_LOCK/FB_UNLOCK; nothing on GIL builds) for
+ *   its bookkeeping: the record allocator and the records' states,
+ *   `pending`, `inside`, `closed` and the destroy decision, the batch table,
+ *   a registration's check-then-act, and the in-flight fields of its
+ *   Completions (rec, port). It is never held while Python code can run
+ *   (a fileno(), a buffer exporter, a repr, a finalizer: references to user
+ *   objects are dropped after unlocking) nor while a thread waits: a
+ *   backend call that may block runs with `inside` counted instead, which
+ *   keeps the backend from being destroyed under it.
+ * - A Completion's `done` changes by atomic compare-and-swap (resubmit()
+ *   from two threads takes it once).
+ * - Completion.cancel() follows a Completion's borrowed `port` only under
+ *   fb_detach_mu, which a port's deallocation also takes to detach its
+ *   Completions first: cancel() never reaches a freed port.
+ * - The Completion free list and the last-nbytes cache, process-wide, are
+ *   off; a FileHandle's handle is read and cleared atomically.
+ * A Completion returned by get() belongs to the thread it was returned to:
+ * other threads may cancel it, not read it while it is being finished.
  */
 #ifndef FASTIOCP_BINDING_H
 #define FASTIOCP_BINDING_H
@@ -124,13 +145,63 @@ typedef struct CompletionPortObject {
   uint8_t emulate_slots;    /* concurrency > 0 on a backend with release() */
   unsigned long fork_gen;   /* fb_fork_generation when created */
   PyObject* weakreflist;
+#ifdef Py_GIL_DISABLED
+  PyMutex mu;               /* see the head comment */
+#endif
 } CompletionPortObject;
+
+#ifdef Py_GIL_DISABLED
+# define FB_LOCK(p) PyMutex_Lock(&(p)->mu)
+# define FB_UNLOCK(p) PyMutex_Unlock(&(p)->mu)
+# define FB_LOAD_PTR(pp) ((PyObject*)_Py_atomic_load_ptr_acquire(pp))
+# define FB_STORE_PTR(pp, v) _Py_atomic_store_ptr_release((pp), (v))
+extern PyMutex fb_detach_mu;
+#else
+# define FB_LOCK(p) ((void)0)
+# define FB_UNLOCK(p) ((void)0)
+# define FB_LOAD_PTR(pp) (*(pp))
+# define FB_STORE_PTR(pp, v) (*(pp) = (v))
+#endif
+/* Per-object critical sections (3.13+; nothing before, and nothing on GIL
+ * builds). */
+#ifndef Py_BEGIN_CRITICAL_SECTION
+# define Py_BEGIN_CRITICAL_SECTION(op) {
+# define Py_END_CRITICAL_SECTION() }
+#endif
 
 /* ======================================================================
  * Completion (completion.c)
  * ====================================================================== */
 
 extern PyTypeObject fb_CompletionType;
+
+/* Completion.done: 0 in flight, 1 dequeued, or a resubmit() mark. Atomic
+ * on free-threaded builds (binding.h head comment). fb_done_take() sets it
+ * to mark if it was 1 and says whether it did. */
+static inline uint8_t fb_done_load(CompletionObject* c) {
+#ifdef Py_GIL_DISABLED
+  return _Py_atomic_load_uint8(&c->done);
+#else
+  return c->done;
+#endif
+}
+static inline void fb_done_store(CompletionObject* c, uint8_t v) {
+#ifdef Py_GIL_DISABLED
+  _Py_atomic_store_uint8(&c->done, v);
+#else
+  c->done = v;
+#endif
+}
+static inline int fb_done_take(CompletionObject* c, uint8_t mark) {
+#ifdef Py_GIL_DISABLED
+  uint8_t expected = 1;
+  return _Py_atomic_compare_exchange_uint8(&c->done, &expected, mark);
+#else
+  if (c->done != 1) return 0;
+  c->done = mark;
+  return 1;
+#endif
+}
 
 /* Tracks c by the cyclic GC once ref could refer back to it. */
 void fb_track_if_needed(CompletionObject* c, PyObject* ref);
@@ -146,6 +217,20 @@ CompletionObject* fb_finish_op(CompletionPortObject* self, fiocp_op_t* rec);
  * ====================================================================== */
 
 extern PyTypeObject fb_CompletionPortType;
+
+/* d[k] as a new reference in *out: 1 found, 0 not (no exception), -1
+ * error. PyDict_GetItemRef() where it exists (3.13: a borrowed item could
+ * be freed by another thread). */
+static inline int fb_dict_get_ref(PyObject* d, PyObject* k, PyObject** out) {
+#if PY_VERSION_HEX >= 0x030D0000
+  return PyDict_GetItemRef(d, k, out);
+#else
+  *out = PyDict_GetItemWithError(d, k);
+  if (*out == NULL) return PyErr_Occurred() ? -1 : 0;
+  Py_INCREF(*out);
+  return 1;
+#endif
+}
 
 /* 0 if the port may be used, else -1 with an exception. */
 int fb_port_check_open(CompletionPortObject* self);

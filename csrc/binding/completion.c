@@ -45,8 +45,13 @@ static int Completion_clear(CompletionObject* self) {
  * of its consumer for a GIL switch interval: ~25,000 posts), the page faults
  * of pymalloc arenas unmapped and mapped again: the two-thread hand-off went
  * from 0.46x to 0.62x the speed of queue.SimpleQueue. At most 32,768 are
- * kept (about 6 MiB). Guarded by the GIL. */
-#define COMPLETION_FREELIST_MAX 32768
+ * kept (about 6 MiB). Guarded by the GIL: off on free-threaded builds,
+ * where mimalloc's per-thread pages serve the same purpose. */
+#ifdef Py_GIL_DISABLED
+# define COMPLETION_FREELIST_MAX 0
+#else
+# define COMPLETION_FREELIST_MAX 32768
+#endif
 static CompletionObject* completion_freelist;
 static int completion_freelist_len;
 
@@ -87,7 +92,7 @@ void fb_track_if_needed(CompletionObject* c, PyObject* ref) {
 
 CompletionObject* fb_Completion_create(uint8_t kind, PyObject* key,
                                        PyObject* context) {
-  CompletionObject* c = completion_freelist;
+  CompletionObject* c = COMPLETION_FREELIST_MAX ? completion_freelist : NULL;
   if (c != NULL) {
     completion_freelist = (CompletionObject*)c->key;
     completion_freelist_len--;
@@ -123,7 +128,7 @@ CompletionObject* fb_Completion_create(uint8_t kind, PyObject* key,
 
 static PyObject* Completion_result(CompletionObject* self,
                                    PyObject* Py_UNUSED(ignored)) {
-  if (!self->done) {
+  if (!fb_done_load(self)) {
     PyErr_SetString(fb_InvalidStateError,
                     "the operation has not completed yet: its completion "
                     "has not been dequeued with get()");
@@ -150,13 +155,24 @@ static PyObject* Completion_result(CompletionObject* self,
 
 static PyObject* Completion_cancel(CompletionObject* self,
                                    PyObject* Py_UNUSED(ignored)) {
+  PyObject* r;
+#ifdef Py_GIL_DISABLED
+  /* self->port is borrowed: follow it only where the port's deallocation
+   * cannot free it meanwhile (binding.h). */
+  PyMutex_Lock(&fb_detach_mu);
+  r = self->port == NULL ? Py_NewRef(Py_False)
+                         : fb_port_cancel_completion(self->port, self);
+  PyMutex_Unlock(&fb_detach_mu);
+#else
   if (self->done || self->port == NULL) Py_RETURN_FALSE;
-  return fb_port_cancel_completion(self->port, self);
+  r = fb_port_cancel_completion(self->port, self);
+#endif
+  return r;
 }
 
 static PyObject* Completion_get_done(CompletionObject* self, void* c) {
   (void)c;
-  return PyBool_FromLong(self->done);
+  return PyBool_FromLong(fb_done_load(self));
 }
 
 static PyObject* Completion_get_cancelled(CompletionObject* self, void* c) {
@@ -283,12 +299,23 @@ static PyObject* make_accepted(fiocp_op_t* rec, int64_t res) {
 
 /* c->nbytes as an int object. Consecutive completions mostly carry the same
  * count (a block, a message size), so the last int made is reused: no
- * allocation for counts above the small-int cache. Guarded by the GIL. */
+ * allocation for counts above the small-int cache. Guarded by the GIL (off
+ * on free-threaded builds). */
 static PyObject* last_nbytes_obj;
 static Py_ssize_t last_nbytes;
 
 static void set_nbytes_obj(CompletionObject* c) {
   PyObject* o;
+#ifdef Py_GIL_DISABLED
+  o = PyLong_FromSsize_t(c->nbytes);
+  if (o == NULL) {
+    PyErr_Clear();
+    Py_CLEAR(c->nbytes_obj);
+    return;
+  }
+  Py_XSETREF(c->nbytes_obj, o);
+  return;
+#endif
   if (last_nbytes_obj != NULL && last_nbytes == c->nbytes) {
     Py_INCREF(last_nbytes_obj);
     o = last_nbytes_obj;
@@ -362,11 +389,15 @@ CompletionObject* fb_finish_op(CompletionPortObject* self,
   }
   fb_track_if_needed(c, c->error);
   fb_track_if_needed(c, c->extra);
+  /* The record until here was this thread's alone (dequeued); giving it
+   * back, and c's in-flight fields, are the port's bookkeeping. */
+  FB_LOCK(self);
   c->rec = NULL;
   c->port = NULL;
-  c->done = 1;
   rec->state = FIOCP_ST_FREE;
   fiocp__op_free(self->port, rec);
   self->pending--;
+  FB_UNLOCK(self);
+  fb_done_store(c, 1);
   return c;
 }

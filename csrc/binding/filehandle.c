@@ -15,8 +15,28 @@
  * field, so that submitting on a File reads it directly. -1: closed. */
 struct FileHandleObject {
   PyObject_HEAD
-  long long handle;
+  int64_t handle;
 };
+
+/* The handle, read and closed atomically on free-threaded builds: a File
+ * closed by one thread while another submits on it. */
+static inline int64_t handle_load(struct FileHandleObject* f) {
+#ifdef Py_GIL_DISABLED
+  return _Py_atomic_load_int64(&f->handle);
+#else
+  return f->handle;
+#endif
+}
+
+static inline int64_t handle_detach(struct FileHandleObject* f) {
+#ifdef Py_GIL_DISABLED
+  return _Py_atomic_exchange_int64(&f->handle, -1);
+#else
+  int64_t h = f->handle;
+  f->handle = -1;
+  return h;
+#endif
+}
 
 /* The OS handle a Python int names, range-checked where it enters C: a
  * descriptor on POSIX (0 to INT_MAX, the kernel's int), a HANDLE or SOCKET
@@ -79,30 +99,29 @@ static int FileHandle_init(struct FileHandleObject* self, PyObject* args,
   if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:_FileHandle", kwlist, &num) ||
       handle_from_int(num, &h) < 0)
     return -1;
-  self->handle = (long long)h;
+  self->handle = (int64_t)h;
   return 0;
 }
 
 static PyObject* FileHandle_fileno(struct FileHandleObject* self,
                                    PyObject* Py_UNUSED(ignored)) {
-  if (self->handle < 0) {
+  int64_t h = handle_load(self);
+  if (h < 0) {
     PyErr_SetString(PyExc_ValueError, "I/O operation on closed file");
     return NULL;
   }
-  return PyLong_FromLongLong(self->handle);
+  return PyLong_FromLongLong((long long)h);
 }
 
 static PyObject* FileHandle_detach(struct FileHandleObject* self,
                                    PyObject* Py_UNUSED(ignored)) {
-  long long h = self->handle;
-  self->handle = -1;
-  return PyLong_FromLongLong(h);
+  return PyLong_FromLongLong((long long)handle_detach(self));
 }
 
 static PyObject* FileHandle_get_closed(struct FileHandleObject* self,
                                        void* c) {
   (void)c;
-  return PyBool_FromLong(self->handle < 0);
+  return PyBool_FromLong(handle_load(self) < 0);
 }
 
 static PyMethodDef FileHandle_methods[] = {
@@ -136,7 +155,7 @@ int fb_get_handle(PyObject* obj, fiocp_handle_t* out) {
   if (PyObject_TypeCheck(obj, &fb_FileHandleType)) {
     /* fastiocp.File: no Python-level fileno() call per operation. Its
      * handle was range-checked when it was set. */
-    long long v = ((struct FileHandleObject*)obj)->handle;
+    int64_t v = handle_load((struct FileHandleObject*)obj);
     if (v < 0) {
       PyErr_SetString(PyExc_ValueError, "I/O operation on closed file");
       return -1;

@@ -26,6 +26,9 @@ PyObject* fb_kind_names[FIOCP_OP__COUNT];
 
 /* Bumped in the child after fork() (binding.h). */
 volatile unsigned long fb_fork_generation;
+#ifdef Py_GIL_DISABLED
+PyMutex fb_detach_mu;
+#endif
 
 #ifndef _WIN32
 static void on_fork_child(void) { fb_fork_generation++; }
@@ -206,6 +209,10 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
 
   m = PyModule_Create(&module_def);
   if (m == NULL) return NULL;
+#ifdef Py_GIL_DISABLED
+  /* Safe without the GIL: see binding.h's head comment. */
+  if (PyUnstable_Module_SetGIL(m, Py_MOD_GIL_NOT_USED) < 0) goto fail;
+#endif
   fb_FastIOCPError = new_exception(m, "fastiocp.FastIOCPError", NULL,
                                    "Base class of fastiocp's own exceptions.");
   if (fb_FastIOCPError == NULL) goto fail;

@@ -44,7 +44,8 @@ int fb_port_owns_backend(CompletionPortObject* p) {
          p->fork_gen == fb_fork_generation;
 }
 
-/* Runs backend->destroy once no thread is inside a GIL-free call. GIL. */
+/* Runs backend->destroy once no thread is inside a GIL-free call. Port
+ * lock held. */
 static void port_maybe_destroy(CompletionPortObject* self) {
   if (!self->destroy_pending || self->inside > 0) return;
   self->destroy_pending = 0;
@@ -70,26 +71,39 @@ static void detach_completion(fiocp_port_t* port, fiocp_op_t* rec, void* arg) {
 static int port_close_impl(CompletionPortObject* self) {
   int64_t owed;
   fiocp_op_t* batch[64];
-  int n, i;
-  if (!self->initialized || self->closed) return 0;
+  int n, i, waited = 0;
+  PyObject* handles;
+  FB_LOCK(self);
+  if (!self->initialized || self->closed) {
+    FB_UNLOCK(self);
+    return 0;
+  }
   self->closed = 1;
-  if (self->emulate_slots) fb_slot_release(self); /* forget this thread's */
+  handles = self->handles; /* dropped after unlocking: keys are user objects */
+  self->handles = NULL;
   if (self->fork_gen != fb_fork_generation) {
     /* A forked child: the kernel objects and threads are the parent's.
      * Touch nothing; the child's copies of the records and buffers are
      * simply left behind, and its completions no longer name the port. */
     self->leaked = 1;
     fiocp__foreach_owned(self->port, detach_completion, NULL);
-    Py_CLEAR(self->handles);
+    FB_UNLOCK(self);
+    if (self->emulate_slots) fb_slot_release(self); /* forget this thread's */
+    Py_XDECREF(handles);
     return 0;
   }
+  /* The first call scans the record slabs: the lock keeps them still. */
   owed = self->backend->shutdown(self->port, 0);
   if (owed > 0) {
     self->inside++;
+    waited = 1;
+  }
+  FB_UNLOCK(self);
+  if (self->emulate_slots) fb_slot_release(self); /* forget this thread's */
+  if (waited) {
     Py_BEGIN_ALLOW_THREADS
     owed = self->backend->shutdown(self->port, CLOSE_TIMEOUT_MS);
     Py_END_ALLOW_THREADS
-    self->inside--;
   }
   while ((n = self->backend->drain(self->port, batch, 64)) > 0) {
     for (i = 0; i < n; i++) {
@@ -97,13 +111,16 @@ static int port_close_impl(CompletionPortObject* self) {
       Py_DECREF(c);
     }
   }
-  Py_CLEAR(self->handles);
+  Py_XDECREF(handles);
+  FB_LOCK(self);
+  if (waited) self->inside--;
   if (owed > 0) {
     /* The kernel still owns buffers of these operations: keep them, their
      * records and the backend alive forever rather than risk it writing
      * into freed memory. */
     self->leaked = 1;
     fiocp__foreach_owned(self->port, detach_completion, NULL);
+    FB_UNLOCK(self);
     PyErr_WarnFormat(PyExc_ResourceWarning, 1,
                      "CompletionPort.close(): %lld operations did not come "
                      "back within %d ms of being cancelled; their buffers "
@@ -113,6 +130,7 @@ static int port_close_impl(CompletionPortObject* self) {
   }
   self->destroy_pending = 1;
   port_maybe_destroy(self);
+  FB_UNLOCK(self);
   return 0;
 }
 
@@ -121,12 +139,22 @@ static void CompletionPort_dealloc(CompletionPortObject* self) {
   PyObject_GC_UnTrack(self);
   PyErr_Fetch(&type, &value, &tb);
   if (self->weakreflist != NULL) PyObject_ClearWeakRefs((PyObject*)self);
+#ifdef Py_GIL_DISABLED
+  /* A Completion.cancel() on another thread may be following one of our
+   * Completions' borrowed port pointers: wait for it, and detach them all
+   * so that no later one does (binding.h). */
+  if (self->port != NULL) {
+    PyMutex_Lock(&fb_detach_mu);
+    fiocp__foreach_owned(self->port, detach_completion, NULL);
+    PyMutex_Unlock(&fb_detach_mu);
+  }
+#endif
   if (self->initialized && !self->closed) {
     if (port_close_impl(self) < 0) PyErr_WriteUnraisable((PyObject*)self);
   }
   PyErr_Restore(type, value, tb);
   Py_CLEAR(self->handles);
-  PyMem_Free(self->batches);
+  PyMem_RawFree(self->batches);
   Py_TYPE(self)->tp_free((PyObject*)self);
 }
 
@@ -292,28 +320,26 @@ static PyObject* CompletionPort_register(CompletionPortObject* self,
                                    &fileobj, &key))
     return NULL;
   /* fileno() may run Python code that closes the port: check after it. */
-  if (fb_get_handle(fileobj, &h) < 0 || fb_port_check_open(self) < 0) return NULL;
+  if (fb_get_handle(fileobj, &h) < 0) return NULL;
   hkey = PyLong_FromLongLong((long long)h);
   if (hkey == NULL) return NULL;
-  rc = PyDict_Contains(self->handles, hkey);
-  if (rc != 0) {
+  FB_LOCK(self);
+  if (fb_port_check_open(self) < 0) {
+    rc = -1;
+  } else if ((rc = PyDict_Contains(self->handles, hkey)) != 0) {
     if (rc > 0)
       PyErr_Format(PyExc_ValueError,
                    "handle %R is already registered with this port",
                    hkey);
-    Py_DECREF(hkey);
-    return NULL;
+    rc = -1;
+  } else if ((rc = self->backend->associate(self->port, h)) < 0) {
+    fb_set_code_error(rc);
+  } else {
+    rc = PyDict_SetItem(self->handles, hkey, key);
   }
-  rc = self->backend->associate(self->port, h);
-  if (rc < 0) {
-    Py_DECREF(hkey);
-    return fb_set_code_error(rc);
-  }
-  if (PyDict_SetItem(self->handles, hkey, key) < 0) {
-    Py_DECREF(hkey);
-    return NULL;
-  }
+  FB_UNLOCK(self);
   Py_DECREF(hkey);
+  if (rc < 0) return NULL;
   Py_RETURN_NONE;
 }
 
@@ -322,27 +348,33 @@ static PyObject* CompletionPort_unregister(CompletionPortObject* self,
   fiocp_handle_t h;
   PyObject* hkey;
   int rc;
-  if (fb_get_handle(fileobj, &h) < 0 || fb_port_check_open(self) < 0) return NULL;
+  PyObject* key = NULL;
+  if (fb_get_handle(fileobj, &h) < 0) return NULL;
   hkey = PyLong_FromLongLong((long long)h);
   if (hkey == NULL) return NULL;
-  rc = PyDict_DelItem(self->handles, hkey);
-  if (rc < 0 && PyErr_ExceptionMatches(PyExc_KeyError)) {
-    PyErr_Clear();
+  FB_LOCK(self);
+  rc = fb_port_check_open(self);
+  /* The key is dropped after unlocking: it is a user object. */
+  if (rc == 0 && (rc = fb_dict_get_ref(self->handles, hkey, &key)) == 0) {
     PyErr_Format(PyExc_KeyError, "handle %R is not registered with this port",
                  hkey);
+    rc = -1;
   }
+  if (rc > 0) rc = PyDict_DelItem(self->handles, hkey);
+  FB_UNLOCK(self);
+  Py_XDECREF(key);
   Py_DECREF(hkey);
   if (rc < 0) return NULL;
   Py_RETURN_NONE;
 }
 
-/* The key registered for h (borrowed), or NULL with ValueError. */
+/* The key registered for h (a new reference), or NULL with ValueError.
+ * Port lock held. */
 static PyObject* lookup_key(CompletionPortObject* self, fiocp_handle_t h) {
   PyObject* hkey = PyLong_FromLongLong((long long)h);
-  PyObject* key;
+  PyObject* key = NULL;
   if (hkey == NULL) return NULL;
-  key = PyDict_GetItemWithError(self->handles, hkey);
-  if (key == NULL && !PyErr_Occurred())
+  if (fb_dict_get_ref(self->handles, hkey, &key) == 0)
     PyErr_Format(PyExc_ValueError,
                  "handle %R is not registered with this port: call "
                  "register() first",
@@ -358,8 +390,9 @@ static PyObject* lookup_key(CompletionPortObject* self, fiocp_handle_t h) {
 enum { BUF_NONE, BUF_READ, BUF_WRITE };
 
 /* Undoes the hand-over of c and its record to the port after the backend
- * refused it at once (no completion will come), dropping the port's
- * reference to c (for post(), the only one). GIL. */
+ * refused it at once (no completion will come). The port's reference to c
+ * is the caller's to drop: for post() it is the only one, and its
+ * finalizers must not run under the port lock. Port lock held. */
 static void take_back(CompletionPortObject* self, CompletionObject* c,
                       fiocp_op_t* rec) {
   self->pending--;
@@ -367,13 +400,13 @@ static void take_back(CompletionPortObject* self, CompletionObject* c,
   c->port = NULL;
   rec->state = FIOCP_ST_FREE;
   fiocp__op_free(self->port, rec);
-  Py_DECREF(c); /* the port's reference */
 }
 
 /* Takes a record for c (buffer pinned, key set, port open) and submits it
  * on h. Returns 0: c is in flight and the port holds a reference to it.
  * Returns -1 with an exception: nothing was submitted, c's buffer is still
- * pinned (the caller releases it). Runs no Python code. GIL. */
+ * pinned (the caller releases it, and holds a reference to c). Runs no
+ * Python code. Port lock held. */
 static int start_op(CompletionPortObject* self, CompletionObject* c,
                     fiocp_handle_t h, int64_t offset, int needs_addr,
                     const struct sockaddr_storage* ss, fiocp_socklen_t sslen,
@@ -417,6 +450,7 @@ static int start_op(CompletionPortObject* self, CompletionObject* c,
   if (rc < 0) {
     /* Failed at once: no completion will come. */
     take_back(self, c, rec);
+    Py_DECREF(c); /* the port's; the caller's keeps c alive */
     fb_set_code_error(rc);
     return -1;
   }
@@ -435,7 +469,7 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
   CompletionObject* c;
   struct sockaddr_storage ss;
   fiocp_socklen_t sslen = 0;
-  int needs_addr;
+  int needs_addr, rc;
   /* Python code may run in the steps that prepare the call (fileno(), a
    * socket's family, __fspath__, a buffer exporter, a finalizer run by the
    * GC when the Completion is allocated, other threads while the resolver
@@ -489,15 +523,17 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
     }
     c->pinned = 1;
   }
-  if (fb_port_check_open(self) < 0) goto error;
-  key = lookup_key(self, h);
-  if (key == NULL) goto error;
-  Py_INCREF(key);
-  Py_SETREF(c->key, key);
-  fb_track_if_needed(c, key);
-  if (start_op(self, c, h, offset, needs_addr, address != NULL ? &ss : NULL,
-               sslen, fb_in_batch(self)) < 0)
+  FB_LOCK(self);
+  if (fb_port_check_open(self) < 0 || (key = lookup_key(self, h)) == NULL) {
+    FB_UNLOCK(self);
     goto error;
+  }
+  Py_SETREF(c->key, key); /* was None */
+  fb_track_if_needed(c, key);
+  rc = start_op(self, c, h, offset, needs_addr, address != NULL ? &ss : NULL,
+                sslen, fb_in_batch(self));
+  FB_UNLOCK(self);
+  if (rc < 0) goto error;
   return (PyObject*)c;
 error:
   if (c->pinned) {
@@ -548,11 +584,14 @@ static int parse_args(const char* fname, PyObject* const* args,
                       int nnames, int required, PyObject** out) {
   Py_ssize_t i, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
   int j;
-  if (nkw > 0 && interned[0] == NULL) {
-    /* Keyword names in calls are interned: compare pointers first. */
+  if (nkw > 0 && FB_LOAD_PTR(&interned[nnames - 1]) == NULL) {
+    /* Keyword names in calls are interned: compare pointers first. Two
+     * threads may fill the table at once: they store the same (immortal)
+     * strings, and a name not stored yet is compared by value below. */
     for (j = 0; j < nnames; j++) {
-      interned[j] = PyUnicode_InternFromString(names[j]);
-      if (interned[j] == NULL) return -1;
+      PyObject* name = PyUnicode_InternFromString(names[j]);
+      if (name == NULL) return -1;
+      FB_STORE_PTR(&interned[j], name);
     }
   }
   for (j = 0; j < nnames; j++) out[j] = NULL;
@@ -565,7 +604,7 @@ static int parse_args(const char* fname, PyObject* const* args,
   for (i = 0; i < nkw; i++) {
     PyObject* kw = PyTuple_GET_ITEM(kwnames, i);
     for (j = 0; j < nnames; j++)
-      if (kw == interned[j]) break;
+      if (kw == FB_LOAD_PTR(&interned[j])) break;
     if (j == nnames)
       for (j = 0; j < nnames; j++)
         if (PyUnicode_CompareWithASCIIString(kw, names[j]) == 0) break;
@@ -690,7 +729,7 @@ static void resubmit_undo(PyObject** items, Py_ssize_t from, Py_ssize_t to) {
       PyBuffer_Release(&c->view);
       c->pinned = 0;
     }
-    c->done = 1;
+    fb_done_store(c, 1);
   }
 }
 
@@ -702,7 +741,8 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
   PyObject *seq = NULL, *offseq = NULL, *result = NULL;
   PyObject **items, **keys = NULL, **olds = NULL;
   int64_t* offsets = NULL;
-  Py_ssize_t n, i, checked = 0, nolds = 0;
+  Py_ssize_t n, i, checked = 0, nolds = 0, nkeys = 0, failed_at = -1;
+  int in_batch;
   if (parse_args("resubmit", args, nargs, kwnames, names, interned, 2, 1, a) <
       0)
     return NULL;
@@ -741,8 +781,8 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
                    Py_TYPE(items[checked])->tp_name);
       goto undo_checked;
     }
-    if (c->done != 1) {
-      if (c->done == RESUBMITTING)
+    if (!fb_done_take(c, RESUBMITTING)) {
+      if (fb_done_load(c) == RESUBMITTING)
         PyErr_SetString(PyExc_ValueError,
                         "the same Completion appears twice in completions (or "
                         "another resubmit() call is starting it)");
@@ -761,29 +801,28 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
                    "resubmit() takes read, write, recv, send, recvfrom and "
                    "accept completions, not %R",
                    fb_kind_names[k]);
-      goto undo_checked;
+      goto undo_checked_taken;
     }
     if (k != FIOCP_OP_ACCEPT && (c->buffer == NULL || c->buffer == Py_None)) {
       PyErr_SetString(PyExc_ValueError, "the completion has no buffer left");
-      goto undo_checked;
+      goto undo_checked_taken;
     }
     offsets[checked] = 0;
     if (k == FIOCP_OP_READ || k == FIOCP_OP_WRITE) {
       if (offseq == NULL) {
         PyErr_SetString(PyExc_TypeError,
                         "offsets is required to resubmit reads and writes");
-        goto undo_checked;
+        goto undo_checked_taken;
       }
       if (parse_offset(PyTuple_GET_ITEM(offseq, checked), &offsets[checked]) <
           0)
-        goto undo_checked;
+        goto undo_checked_taken;
     } else if (offseq != NULL && PyTuple_GET_ITEM(offseq, checked) != Py_None) {
       PyErr_Format(PyExc_TypeError,
                    "offsets[%zd] must be None for a %U completion", checked,
                    fb_kind_names[k]);
-      goto undo_checked;
+      goto undo_checked_taken;
     }
-    c->done = RESUBMITTING;
   }
   /* 2. Pin the buffers: an exporter may run Python code. */
   for (i = 0; i < n; i++) {
@@ -797,16 +836,19 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
   }
   /* 3. The port and the registrations as they are now; from here on no
    * Python code runs until every operation is submitted. */
-  if (fb_port_check_open(self) < 0) goto undo_all;
+  FB_LOCK(self);
+  if (fb_port_check_open(self) < 0) goto undo_all_locked;
   for (i = 0; i < n; i++) {
     fiocp_handle_t h = ((CompletionObject*)items[i])->handle;
     /* A batch of reads is mostly on one handle: one lookup for a run. */
     if (i > 0 && h == ((CompletionObject*)items[i - 1])->handle) {
       keys[i] = keys[i - 1];
-      continue;
+      Py_INCREF(keys[i]);
+    } else {
+      keys[i] = lookup_key(self, h);
+      if (keys[i] == NULL) goto undo_all_locked;
     }
-    keys[i] = lookup_key(self, h);
-    if (keys[i] == NULL) goto undo_all;
+    nkeys++;
   }
   /* 4. Submit. The references the completions drop are released at the
    * end: a finalizer must not run in the middle. */
@@ -815,16 +857,16 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
     int needs_addr = c->kind == FIOCP_OP_RECVFROM || c->kind == FIOCP_OP_ACCEPT;
     if (start_op(self, c, c->handle, offsets[i], needs_addr, NULL, 0, 1) < 0) {
       PyObject *type, *value, *tb;
-      resubmit_undo(items, i, n);
+      failed_at = i;
       PyErr_Fetch(&type, &value, &tb);
       /* The ones already queued go to the kernel all the same. */
       if (!fb_in_batch(self)) (void)self->backend->flush(self->port);
       PyErr_Restore(type, value, tb);
-      goto done;
+      break;
     }
-    Py_INCREF(keys[i]);
     olds[nolds++] = c->key;
-    c->key = keys[i];
+    c->key = keys[i]; /* the reference moves */
+    keys[i] = NULL;
     fb_track_if_needed(c, c->key);
     olds[nolds++] = c->error;
     Py_INCREF(Py_None);
@@ -834,21 +876,32 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
     c->nbytes = 0;
     Py_XSETREF(c->nbytes_obj, PyLong_FromLong(0)); /* small int: no failure */
     c->cancelled = 0;
-    c->done = 0;
+    fb_done_store(c, 0);
   }
-  if (!fb_in_batch(self))
+  in_batch = fb_in_batch(self);
+  FB_UNLOCK(self);
+  if (failed_at >= 0) {
+    resubmit_undo(items, failed_at, n); /* a buffer release may run Python */
+    goto done;
+  }
+  if (!in_batch)
     result = fb_CompletionPort_flush(self, NULL);
   else {
     Py_INCREF(Py_None);
     result = Py_None;
   }
   goto done;
+undo_all_locked:
+  FB_UNLOCK(self);
 undo_all:
   resubmit_undo(items, 0, n);
   goto done;
+undo_checked_taken:
+  checked++; /* the item that failed after it was taken */
 undo_checked:
   resubmit_undo(items, 0, checked);
 done:
+  for (i = 0; i < nkeys; i++) Py_XDECREF(keys[i]);
   for (i = 0; i < nolds; i++) Py_XDECREF(olds[i]);
   PyMem_Free(olds);
   PyMem_Free(keys);
@@ -887,28 +940,32 @@ static PyObject* CompletionPort_post(CompletionPortObject* self, FASTARGS) {
   c = fb_Completion_create(FIOCP_OP_POST, key, ctx);
   if (c == NULL) return NULL;
   /* Allocating the Completion may run a finalizer that closes the port. */
+  FB_LOCK(self);
   if (fb_port_check_open(self) < 0) {
-    Py_DECREF(c);
-    return NULL;
+    rc = -1;
+  } else if ((rec = fiocp__op_alloc(self->port)) == NULL) {
+    PyErr_NoMemory();
+    rc = -1;
+  } else {
+    rec->kind = FIOCP_OP_POST;
+    rec->res = (int64_t)nbytes;
+    rec->user = (uintptr_t)c;
+    rec->state = FIOCP_ST_INFLIGHT;
+    c->rec = rec;
+    c->port = self;
+    /* The port takes the only reference: posts are fire and forget (get()
+     * returns the object). */
+    self->pending++;
+    rc = self->backend->post(self->port, rec);
+    if (rc < 0) {
+      take_back(self, c, rec);
+      fb_set_code_error(rc);
+    }
   }
-  rec = fiocp__op_alloc(self->port);
-  if (rec == NULL) {
-    Py_DECREF(c);
-    return PyErr_NoMemory();
-  }
-  rec->kind = FIOCP_OP_POST;
-  rec->res = (int64_t)nbytes;
-  rec->user = (uintptr_t)c;
-  rec->state = FIOCP_ST_INFLIGHT;
-  c->rec = rec;
-  c->port = self;
-  /* The port's reference; the caller gets none: posts are fire and forget
-   * (get() returns the object). */
-  self->pending++;
-  rc = self->backend->post(self->port, rec);
+  FB_UNLOCK(self);
   if (rc < 0) {
-    take_back(self, c, rec);
-    return fb_set_code_error(rc);
+    Py_DECREF(c); /* its finalizers run unlocked */
+    return NULL;
   }
   Py_RETURN_NONE;
 }
@@ -916,10 +973,12 @@ static PyObject* CompletionPort_post(CompletionPortObject* self, FASTARGS) {
 PyObject* fb_port_cancel_completion(CompletionPortObject* self,
                                     CompletionObject* c) {
   int rc;
-  if (c->done || c->rec == NULL || c->port != self) Py_RETURN_FALSE;
-  if (fb_port_check_open(self) < 0) return NULL;
-  if (c->kind == FIOCP_OP_POST) Py_RETURN_FALSE;
-  rc = self->backend->cancel(self->port, c->rec);
+  FB_LOCK(self);
+  if (c->rec == NULL || c->port != self || c->kind == FIOCP_OP_POST) rc = 0;
+  else if (fb_port_check_open(self) < 0) rc = FIOCP_ECLOSED - 1; /* raised */
+  else rc = self->backend->cancel(self->port, c->rec);
+  FB_UNLOCK(self);
+  if (rc == FIOCP_ECLOSED - 1) return NULL;
   if (rc < 0) return fb_set_code_error(rc);
   return PyBool_FromLong(rc);
 }
@@ -943,13 +1002,20 @@ static PyObject* CompletionPort_cancel(CompletionPortObject* self,
 PyObject* fb_CompletionPort_flush(CompletionPortObject* self,
                                   PyObject* Py_UNUSED(ignored)) {
   int rc;
-  if (fb_port_check_open(self) < 0) return NULL;
+  FB_LOCK(self);
+  if (fb_port_check_open(self) < 0) {
+    FB_UNLOCK(self);
+    return NULL;
+  }
   self->inside++;
+  FB_UNLOCK(self);
   Py_BEGIN_ALLOW_THREADS
   rc = self->backend->flush(self->port);
   Py_END_ALLOW_THREADS
+  FB_LOCK(self);
   self->inside--;
   port_maybe_destroy(self);
+  FB_UNLOCK(self);
   if (rc < 0) return fb_set_code_error(rc);
   Py_RETURN_NONE;
 }
@@ -987,9 +1053,12 @@ static int parse_timeout(PyObject* obj, int64_t* ms) {
 static int port_dequeue(CompletionPortObject* self, fiocp_op_t** out, int max,
                         int64_t timeout_ms) {
   int64_t deadline;
-  int n;
+  int n, closed;
+  FB_LOCK(self);
   self->inside++;
-  if (fb_port_check_open(self) < 0) return -1;
+  n = fb_port_check_open(self);
+  FB_UNLOCK(self);
+  if (n < 0) return -1;
   if (self->emulate_slots) fb_slot_release(self);
   n = self->backend->try_get(self->port, out, max);
   if (n != 0 || timeout_ms == 0) goto done;
@@ -1001,7 +1070,10 @@ static int port_dequeue(CompletionPortObject* self, fiocp_op_t** out, int max,
     Py_END_ALLOW_THREADS
     if (n != FIOCP_EINTR) break;
     if (PyErr_CheckSignals() < 0) return -1;
-    if (self->closed) {
+    FB_LOCK(self);
+    closed = self->closed;
+    FB_UNLOCK(self);
+    if (closed) {
       fb_set_closed_error();
       return -1;
     }
@@ -1017,8 +1089,10 @@ done:
 }
 
 static void port_leave(CompletionPortObject* self) {
+  FB_LOCK(self);
   self->inside--;
   port_maybe_destroy(self);
+  FB_UNLOCK(self);
 }
 
 static PyObject* CompletionPort_get(CompletionPortObject* self, FASTARGS) {

@@ -18,7 +18,8 @@ static int batch_index(CompletionPortObject* self, unsigned long ident) {
 }
 
 /* Whether the calling thread is inside one of its own port.batch() blocks:
- * then its submissions wait for the block's end (io_uring). */
+ * then its submissions wait for the block's end (io_uring). Port lock
+ * held. */
 int fb_in_batch(CompletionPortObject* self) {
   return self->nbatches > 0 &&
          batch_index(self, PyThread_get_thread_ident()) >= 0;
@@ -27,14 +28,20 @@ int fb_in_batch(CompletionPortObject* self) {
 static PyObject* CompletionPort_batch_enter(CompletionPortObject* self,
                                             PyObject* Py_UNUSED(ignored)) {
   unsigned long me = PyThread_get_thread_ident();
-  int i = batch_index(self, me);
-  if (fb_port_check_open(self) < 0) return NULL;
+  int i;
+  FB_LOCK(self);
+  if (fb_port_check_open(self) < 0) goto fail;
+  i = batch_index(self, me);
   if (i < 0) {
     if (self->nbatches == self->batches_cap) {
       int cap = self->batches_cap ? self->batches_cap * 2 : 4;
+      /* PyMem_Raw: no GIL-dependent allocator under the port lock */
       struct batch_thread_s* grown =
-          PyMem_Realloc(self->batches, (size_t)cap * sizeof(*grown));
-      if (grown == NULL) return PyErr_NoMemory();
+          PyMem_RawRealloc(self->batches, (size_t)cap * sizeof(*grown));
+      if (grown == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+      }
       self->batches = grown;
       self->batches_cap = cap;
     }
@@ -43,16 +50,23 @@ static PyObject* CompletionPort_batch_enter(CompletionPortObject* self,
     self->batches[i].depth = 0;
   }
   self->batches[i].depth++;
+  FB_UNLOCK(self);
   Py_RETURN_NONE;
+fail:
+  FB_UNLOCK(self);
+  return NULL;
 }
 
 static PyObject* CompletionPort_batch_exit(CompletionPortObject* self,
                                            PyObject* Py_UNUSED(ignored)) {
-  int i = batch_index(self, PyThread_get_thread_ident());
+  int i, flush;
+  FB_LOCK(self);
+  i = batch_index(self, PyThread_get_thread_ident());
   if (i >= 0 && --self->batches[i].depth == 0)
     self->batches[i] = self->batches[--self->nbatches];
-  if (!fb_in_batch(self) && self->initialized && !self->closed)
-    return fb_CompletionPort_flush(self, NULL);
+  flush = !fb_in_batch(self) && self->initialized && !self->closed;
+  FB_UNLOCK(self);
+  if (flush) return fb_CompletionPort_flush(self, NULL);
   Py_RETURN_NONE;
 }
 
@@ -163,7 +177,9 @@ static void thread_slots_remove(ThreadSlotsObject* ts, Py_ssize_t i,
   CompletionPortObject* p = give_back ? slot_port(ref) : NULL;
   ts->ports[i] = ts->ports[--ts->n];
   if (p != NULL) {
+    FB_LOCK(p); /* a close() on another thread must not destroy it meanwhile */
     if (fb_port_owns_backend(p)) p->backend->release(p->port);
+    FB_UNLOCK(p);
     Py_DECREF(p); /* the last reference only if the port is being dropped
                      anyway: its dealloc runs no code of this list */
   }
