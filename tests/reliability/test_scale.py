@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Callable, Iterator
 
 import pytest
 
@@ -63,6 +64,18 @@ def nofile_limit(needed: int):
 def payload(i: int, m: int) -> bytes:
     head = b"%d:%d:" % (i, m)
     return head + bytes((i * 31 + m * 7 + k) & 0xFF for k in range(96 - len(head)))
+
+
+def batches(port: fastiocp.CompletionPort, more: Callable[[], bool], deadline: float, side: str,
+            progress: Callable[[], str]) -> Iterator[list]:
+    """The batches of up to 512 completions one side handles while more():
+    fails at the deadline or after 30 s without a completion, saying
+    progress()."""
+    while more():
+        assert time.monotonic() < deadline, f"{side}: time limit ({progress()})"
+        batch = port.get_many(512, timeout=30)
+        assert batch, f"{side}: no completion for 30 s ({progress()})"
+        yield batch
 
 
 def test_ten_thousand_connections_one_port(backend, request):
@@ -127,10 +140,8 @@ class EchoServer:
             while accepting < min(ACCEPTS, n):
                 port.accept(self.lsock, context=("accept",))
                 accepting += 1
-            while accepted < n or open_now > 0:
-                assert time.monotonic() < deadline, f"time limit: {accepted}/{n} accepted, {open_now} open"
-                batch = port.get_many(512, timeout=30)
-                assert batch, f"server: no completion for 30 s ({accepted}/{n} accepted, {open_now} open)"
+            for batch in batches(port, lambda: accepted < n or open_now > 0, deadline, "server",
+                                 lambda: f"{accepted}/{n} accepted, {open_now} open"):
                 completions += len(batch)
                 with port.batch():
                     for c in batch:
@@ -205,10 +216,8 @@ def client_main(backend: str, addr, n: int) -> int:
         try:
             while next_conn < n and connecting < WINDOW:
                 start_connect()
-            while finished < n:
-                assert time.monotonic() < deadline, f"time limit: {finished}/{n} finished"
-                batch = port.get_many(512, timeout=30)
-                assert batch, f"client: no completion for 30 s ({finished}/{n} finished, {connecting} connecting)"
+            for batch in batches(port, lambda: finished < n, deadline, "client",
+                                 lambda: f"{finished}/{n} finished, {connecting} connecting"):
                 completions += len(batch)
                 with port.batch():
                     for c in batch:
