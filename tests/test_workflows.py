@@ -27,6 +27,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
 PYTHONS = ["cp310", "cp311", "cp312", "cp313", "cp314"]
+LINUX_FREE_THREADED = ["cp314t"]  # no free-threaded Windows wheel yet
 # wheels.yml's runners: (cibuildwheel platform, arch) -> identifier suffix
 SUFFIX = {("linux", "x86_64"): "manylinux_x86_64", ("linux", "aarch64"): "manylinux_aarch64",
           ("windows", "AMD64"): "win_amd64", ("windows", "ARM64"): "win_arm64"}
@@ -109,7 +110,8 @@ def test_build_identifiers(platform: str, arch: str) -> None:
     r = _run([sys.executable, "-m", "cibuildwheel", "--print-build-identifiers", "--platform", platform,
               "--archs", arch], cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.split() == [f"{py}-{SUFFIX[platform, arch]}" for py in PYTHONS]
+    pythons = PYTHONS + (LINUX_FREE_THREADED if platform == "linux" else [])
+    assert r.stdout.split() == [f"{py}-{SUFFIX[platform, arch]}" for py in pythons]
 
 
 def test_release_pipeline_shape() -> None:
@@ -117,6 +119,7 @@ def test_release_pipeline_shape() -> None:
     jobs = doc["jobs"]
     # The expected set checked before publishing is the same list of Pythons.
     assert doc["env"]["PYTHONS"].split() == PYTHONS
+    assert doc["env"]["PYTHONS_LINUX_FREE_THREADED"].split() == LINUX_FREE_THREADED
     # Wheels are built from the sdist job's artifact, never from the checkout.
     assert jobs["wheels"]["needs"] == "sdist"
     cibw = [s for s in jobs["wheels"]["steps"] if str(s.get("uses", "")).startswith("pypa/cibuildwheel@")]

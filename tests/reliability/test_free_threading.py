@@ -1,0 +1,201 @@
+"""Many threads on one port at once: the contract under free-threaded
+CPython (3.13t, PYTHON_GIL=0), where the threads really run in parallel
+(issue 17). The same tests run on GIL builds, where they check the same
+contract with the threads taking turns.
+
+More threads than cores (the machines have 2): submissions, posts,
+cancellations, batches, resubmissions and dequeues from 8 threads, every
+post counted exactly once; close() racing with all of them; Completion.cancel()
+racing with its port's deallocation.
+"""
+from __future__ import annotations
+
+import queue
+import random
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+
+import pytest
+
+import fastiocp
+from relutil import child_env, env_float, env_int
+
+pytestmark = pytest.mark.reliability
+
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+
+@pytest.mark.skipif(not FREE_THREADED, reason="a free-threaded CPython (3.13t) build")
+def test_import_keeps_the_gil_off():
+    """The extension declares Py_MOD_GIL_NOT_USED: importing it leaves the
+    GIL off, with no RuntimeWarning (PYTHON_GIL unset, warnings as errors)."""
+    env = child_env()
+    env.pop("PYTHON_GIL", None)
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c",
+                        "import sys, fastiocp; print(sys._is_gil_enabled())"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+def test_eight_threads_mixing_every_call_lose_and_duplicate_nothing(backend):
+    """8 threads at random: post (counted), recv then maybe cancel, send to
+    feed them, batch() blocks, get_many, resubmit of dequeued receives.
+    Every post is dequeued exactly once; nothing crashes or hangs."""
+    seconds = env_float("FASTIOCP_FT_SECONDS", 2.0, wine=1.0)
+    nthreads = 8
+    for concurrency in (0, 3):
+        port = fastiocp.CompletionPort(concurrency=concurrency, backend=backend)
+        pairs = [socket.socketpair() for _ in range(8)]
+        for a, _b in pairs:
+            port.register(a, key=a)
+        posted = [0] * nthreads
+        seen: dict = {}
+        seen_lock = threading.Lock()
+        failures: list[BaseException] = []
+        stop = threading.Event()
+
+        def count(c: fastiocp.Completion) -> None:
+            with seen_lock:
+                assert c.context not in seen, f"post {c.context} dequeued twice"
+                seen[c.context] = True
+
+        def worker(i: int) -> None:
+            rnd = random.Random(i)
+            n = 0
+            try:
+                while not stop.is_set():
+                    r = rnd.random()
+                    if r < 0.3:
+                        port.post(key=i, context=(i, n))
+                        posted[i] += 1
+                        n += 1
+                    elif r < 0.5:
+                        a, b = pairs[rnd.randrange(len(pairs))]
+                        c = port.recv(a, 64, context="recv")
+                        if rnd.random() < 0.5:
+                            c.cancel()
+                        b.send(b"x" * rnd.randrange(1, 64))
+                    elif r < 0.6:
+                        with port.batch():
+                            port.post(key=i, context=(i, n))
+                            posted[i] += 1
+                            n += 1
+                    else:
+                        again = []
+                        for c in port.get_many(32, timeout=0.01):
+                            if c.op == "post":
+                                count(c)
+                            elif c.op == "recv" and c.error is None and rnd.random() < 0.3:
+                                again.append(c)
+                        if again:
+                            port.resubmit(again)
+            except BaseException as exc:  # reported to the test thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(nthreads)]
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), "a worker hung"
+        assert not failures, failures
+        while True:
+            batch = port.get_many(256, timeout=0.5)
+            if not batch:
+                break
+            for c in batch:
+                if c.op == "post":
+                    count(c)
+        port.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+        assert len(seen) == sum(posted) > 0
+
+
+def test_close_racing_with_getters_and_submitters(backend):
+    """close() while 3 threads dequeue and 3 submit, cancel and post: each
+    call either works or raises PortClosedError; nothing crashes, hangs or
+    leaks a thread."""
+    rounds = env_int("FASTIOCP_FT_CLOSE_ROUNDS", 40, wine=10)
+    for k in range(rounds):
+        port = fastiocp.CompletionPort(backend=backend, concurrency=k % 3)
+        a, b = socket.socketpair()
+        port.register(a)
+        unexpected: list[BaseException] = []
+
+        def getter() -> None:
+            try:
+                while True:
+                    port.get_many(8, timeout=0.05)
+            except fastiocp.PortClosedError:
+                pass
+            except BaseException as exc:
+                unexpected.append(exc)
+
+        def submitter() -> None:
+            try:
+                while True:
+                    c = port.recv(a, 16)
+                    c.cancel()
+                    port.post()
+            except fastiocp.PortClosedError:
+                pass
+            except BaseException as exc:
+                unexpected.append(exc)
+
+        threads = [threading.Thread(target=getter) for _ in range(3)]
+        threads += [threading.Thread(target=submitter) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.02)
+        port.close()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), "a thread hung after close()"
+        assert not unexpected, unexpected
+        a.close()
+        b.close()
+
+
+def test_cancel_racing_with_the_ports_deallocation(backend):
+    """One thread drops ports that each have a receive pending; another
+    cancels those receives meanwhile. Completion.port is borrowed: a cancel()
+    must never follow it into a port being freed (it returns True or False)."""
+    n = env_int("FASTIOCP_FT_PORTS", 2000, wine=200)
+    handed: queue.SimpleQueue = queue.SimpleQueue()
+    done = threading.Event()
+    results: list = []
+
+    def canceller() -> None:
+        while not done.is_set() or not handed.empty():
+            try:
+                c = handed.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            for _ in range(3):
+                results.append(c.cancel())
+
+    t = threading.Thread(target=canceller)
+    t.start()
+    a, b = socket.socketpair()
+    try:
+        for _ in range(n):
+            port = fastiocp.CompletionPort(backend=backend)
+            port.register(a)
+            handed.put(port.recv(a, 16))
+            del port  # deallocated here: closed, its receive cancelled
+    finally:
+        done.set()
+        t.join(60)
+        a.close()
+        b.close()
+    assert not t.is_alive()
+    assert set(results) <= {True, False}
