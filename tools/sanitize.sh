@@ -72,6 +72,13 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || die "cannot cd to $REPO"
 PY=${PYTHON:-python3}
 CC=${CC:-gcc}
+# A free-threaded CPython (3.13t) has no pymalloc: its objects come from
+# mimalloc, which ASan does not see into (the extension's own malloc()s it
+# does).
+if [[ $PYMALLOC == pymalloc ]] &&
+   [[ $("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("Py_GIL_DISABLED") or 0)' 2>/dev/null) == 1 ]]; then
+    PYMALLOC=mimalloc
+fi
 [[ $(uname -s) == Linux ]] || die "the sanitizer build is for Linux"
 
 OUT=${FASTIOCP_SANITIZE_DIR:-$(mktemp -d /tmp/fastiocp-sanitize.XXXXXX)}
