@@ -972,13 +972,13 @@ static PyObject* CompletionPort_post(CompletionPortObject* self, FASTARGS) {
 
 PyObject* fb_port_cancel_completion(CompletionPortObject* self,
                                     CompletionObject* c) {
-  int rc;
+  int rc = 0, raised = 0;
   FB_LOCK(self);
   if (c->rec == NULL || c->port != self || c->kind == FIOCP_OP_POST) rc = 0;
-  else if (fb_port_check_open(self) < 0) rc = FIOCP_ECLOSED - 1; /* raised */
+  else if (fb_port_check_open(self) < 0) raised = 1;
   else rc = self->backend->cancel(self->port, c->rec);
   FB_UNLOCK(self);
-  if (rc == FIOCP_ECLOSED - 1) return NULL;
+  if (raised) return NULL;
   if (rc < 0) return fb_set_code_error(rc);
   return PyBool_FromLong(rc);
 }
