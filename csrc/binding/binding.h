@@ -211,6 +211,10 @@ CompletionObject* fb_Completion_create(uint8_t kind, PyObject* key,
 /* Finishes a dequeued record: its Completion, filled in, and the port's
  * reference to it, now the caller's. */
 CompletionObject* fb_finish_op(CompletionPortObject* self, fiocp_op_t* rec);
+/* The same for n records, their Completions into out[] (the port's
+ * references, now the caller's), taking the port lock once. */
+void fb_finish_ops(CompletionPortObject* self, fiocp_op_t** recs, int n,
+                   PyObject** out);
 
 /* ======================================================================
  * CompletionPort (port.c)

@@ -335,10 +335,10 @@ static void set_nbytes_obj(CompletionObject* c) {
   Py_XSETREF(c->nbytes_obj, o);
 }
 
-/* Fills c from its record, releases the buffer, frees the record. Returns
- * the completion (the port's reference, now the caller's). GIL. */
-CompletionObject* fb_finish_op(CompletionPortObject* self,
-                               fiocp_op_t* rec) {
+/* Fills the record's Completion from it (result, error, address, accepted
+ * socket) and releases its buffer; the record itself is given back by
+ * fb_finish_ops(). */
+static void finish_fill(fiocp_op_t* rec) {
   CompletionObject* c = (CompletionObject*)rec->user;
   int64_t res = rec->res;
   if (res < 0) {
@@ -389,15 +389,47 @@ CompletionObject* fb_finish_op(CompletionPortObject* self,
   }
   fb_track_if_needed(c, c->error);
   fb_track_if_needed(c, c->extra);
-  /* The record until here was this thread's alone (dequeued); giving it
-   * back, and c's in-flight fields, are the port's bookkeeping. */
-  FB_LOCK(self);
+}
+
+/* Gives rec back to the port's allocator and marks its Completion no longer
+ * in flight. Port lock held. */
+static CompletionObject* finish_release(CompletionPortObject* self,
+                                        fiocp_op_t* rec) {
+  CompletionObject* c = (CompletionObject*)rec->user;
   c->rec = NULL;
   c->port = NULL;
   rec->state = FIOCP_ST_FREE;
   fiocp__op_free(self->port, rec);
-  self->pending--;
-  FB_UNLOCK(self);
-  fb_done_store(c, 1);
   return c;
+}
+
+void fb_finish_ops(CompletionPortObject* self, fiocp_op_t** recs, int n,
+                   PyObject** out) {
+  int i;
+#ifdef Py_GIL_DISABLED
+  /* Until the lock below the records are this thread's alone (dequeued):
+   * the results are built without it (they may run Python code: accept
+   * makes a socket object). Giving the records back, and the Completions'
+   * in-flight fields, are the port's bookkeeping: one lock for the batch. */
+  for (i = 0; i < n; i++) finish_fill(recs[i]);
+  FB_LOCK(self);
+  for (i = 0; i < n; i++) out[i] = (PyObject*)finish_release(self, recs[i]);
+  self->pending -= n;
+  FB_UNLOCK(self);
+  for (i = 0; i < n; i++) fb_done_store((CompletionObject*)out[i], 1);
+#else
+  /* The GIL covers both steps: one pass over the records. */
+  for (i = 0; i < n; i++) {
+    finish_fill(recs[i]);
+    out[i] = (PyObject*)finish_release(self, recs[i]);
+    ((CompletionObject*)out[i])->done = 1;
+  }
+  self->pending -= n;
+#endif
+}
+
+CompletionObject* fb_finish_op(CompletionPortObject* self, fiocp_op_t* rec) {
+  PyObject* c;
+  fb_finish_ops(self, &rec, 1, &c);
+  return (CompletionObject*)c;
 }

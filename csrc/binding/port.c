@@ -106,10 +106,9 @@ static int port_close_impl(CompletionPortObject* self) {
     Py_END_ALLOW_THREADS
   }
   while ((n = self->backend->drain(self->port, batch, 64)) > 0) {
-    for (i = 0; i < n; i++) {
-      CompletionObject* c = fb_finish_op(self, batch[i]);
-      Py_DECREF(c);
-    }
+    PyObject* done[64];
+    fb_finish_ops(self, batch, n, done);
+    for (i = 0; i < n; i++) Py_DECREF(done[i]);
   }
   Py_XDECREF(handles);
   FB_LOCK(self);
@@ -402,27 +401,25 @@ static void take_back(CompletionPortObject* self, CompletionObject* c,
   fiocp__op_free(self->port, rec);
 }
 
-/* Takes a record for c (buffer pinned, key set, port open) and submits it
- * on h. Returns 0: c is in flight and the port holds a reference to it.
- * Returns -1 with an exception: nothing was submitted, c's buffer is still
- * pinned (the caller releases it, and holds a reference to c). Runs no
- * Python code. Port lock held. */
-static int start_op(CompletionPortObject* self, CompletionObject* c,
-                    fiocp_handle_t h, int64_t offset, int needs_addr,
-                    const struct sockaddr_storage* ss, fiocp_socklen_t sslen,
-                    int defer) {
+/* Takes a record for c (buffer pinned, key set, port open) and hands it
+ * and a reference to c to the port: the record is in flight from here on.
+ * Returns it, or NULL with MemoryError (nothing changed). Runs no Python
+ * code. Port lock held. */
+static fiocp_op_t* prepare_op(CompletionPortObject* self, CompletionObject* c,
+                              fiocp_handle_t h, int64_t offset, int needs_addr,
+                              const struct sockaddr_storage* ss,
+                              fiocp_socklen_t sslen) {
   fiocp_op_t* rec = fiocp__op_alloc(self->port);
-  int rc;
   if (rec == NULL) {
     PyErr_NoMemory();
-    return -1;
+    return NULL;
   }
   if (needs_addr) {
     rec->addr = fiocp__addr_alloc(self->port);
     if (rec->addr == NULL) {
       fiocp__op_free(self->port, rec);
       PyErr_NoMemory();
-      return -1;
+      return NULL;
     }
     if (ss != NULL) {
       memcpy(&rec->addr->ss, ss, sizeof(*ss));
@@ -446,12 +443,58 @@ static int start_op(CompletionPortObject* self, CompletionObject* c,
   c->handle = h;
   Py_INCREF(c); /* the port's reference, given back by get() */
   self->pending++;
+  return rec;
+}
+
+/* Around a backend call that makes a system call (submit, post) with the
+ * port lock held before and after: on free-threaded builds the lock is let
+ * go meanwhile, with the caller counted in inside so that a close() cannot
+ * destroy the backend under it (threads submitting at once must not queue
+ * behind each other's system calls). After call_end() the caller finishes
+ * its bookkeeping, then calls port_maybe_destroy(). GIL builds: nothing
+ * (the GIL keeps close() out). */
+static inline void call_begin(CompletionPortObject* self) {
+#ifdef Py_GIL_DISABLED
+  self->inside++;
+  FB_UNLOCK(self);
+#else
+  (void)self;
+#endif
+}
+
+static inline void call_end(CompletionPortObject* self) {
+#ifdef Py_GIL_DISABLED
+  FB_LOCK(self);
+  self->inside--;
+#else
+  (void)self;
+#endif
+}
+
+/* After the backend refused rec at once (code rc < 0: no completion will
+ * come): takes it back and raises. The caller holds a reference to c.
+ * Port lock held. */
+static void refused(CompletionPortObject* self, CompletionObject* c,
+                    fiocp_op_t* rec, int rc) {
+  take_back(self, c, rec);
+  Py_DECREF(c); /* the port's; the caller's keeps c alive */
+  fb_set_code_error(rc);
+}
+
+/* prepare_op(), then submits the record with the port lock still held: for
+ * resubmit()'s batches, which defer (io_uring queues an SQE, no system
+ * call). Returns 0, or -1 with an exception (nothing submitted; c's buffer
+ * still pinned). Port lock held. */
+static int start_op(CompletionPortObject* self, CompletionObject* c,
+                    fiocp_handle_t h, int64_t offset, int needs_addr,
+                    const struct sockaddr_storage* ss, fiocp_socklen_t sslen,
+                    int defer) {
+  fiocp_op_t* rec = prepare_op(self, c, h, offset, needs_addr, ss, sslen);
+  int rc;
+  if (rec == NULL) return -1;
   rc = self->backend->submit(self->port, rec, defer);
   if (rc < 0) {
-    /* Failed at once: no completion will come. */
-    take_back(self, c, rec);
-    Py_DECREF(c); /* the port's; the caller's keeps c alive */
-    fb_set_code_error(rc);
+    refused(self, c, rec, rc);
     return -1;
   }
   return 0;
@@ -469,7 +512,8 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
   CompletionObject* c;
   struct sockaddr_storage ss;
   fiocp_socklen_t sslen = 0;
-  int needs_addr, rc;
+  fiocp_op_t* rec;
+  int needs_addr, defer, rc;
   /* Python code may run in the steps that prepare the call (fileno(), a
    * socket's family, __fspath__, a buffer exporter, a finalizer run by the
    * GC when the Completion is allocated, other threads while the resolver
@@ -530,8 +574,23 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
   }
   Py_SETREF(c->key, key); /* was None */
   fb_track_if_needed(c, key);
-  rc = start_op(self, c, h, offset, needs_addr, address != NULL ? &ss : NULL,
-                sslen, fb_in_batch(self));
+  rec = prepare_op(self, c, h, offset, needs_addr, address != NULL ? &ss : NULL,
+                   sslen);
+  if (rec == NULL) {
+    FB_UNLOCK(self);
+    goto error;
+  }
+  /* The system call that submits (io_uring_enter; the I/O itself on
+   * epoll) runs outside the lock on 3.13t. A close() that comes meanwhile
+   * makes the backend refuse it (port closed). */
+  defer = fb_in_batch(self);
+  call_begin(self);
+  rc = self->backend->submit(self->port, rec, defer);
+  call_end(self);
+  if (rc < 0) refused(self, c, rec, rc);
+#ifdef Py_GIL_DISABLED
+  port_maybe_destroy(self);
+#endif
   FB_UNLOCK(self);
   if (rc < 0) goto error;
   return (PyObject*)c;
@@ -956,11 +1015,16 @@ static PyObject* CompletionPort_post(CompletionPortObject* self, FASTARGS) {
     /* The port takes the only reference: posts are fire and forget (get()
      * returns the object). */
     self->pending++;
+    call_begin(self); /* the wake-up of a waiter happens unlocked */
     rc = self->backend->post(self->port, rec);
+    call_end(self);
     if (rc < 0) {
       take_back(self, c, rec);
       fb_set_code_error(rc);
     }
+#ifdef Py_GIL_DISABLED
+    port_maybe_destroy(self);
+#endif
   }
   FB_UNLOCK(self);
   if (rc < 0) {
@@ -1150,12 +1214,12 @@ static PyObject* CompletionPort_get_many(CompletionPortObject* self,
     return NULL;
   }
   list = PyList_New(n);
-  for (i = 0; i < n; i++) {
-    CompletionObject* c = fb_finish_op(self, out[i]);
+  if (list != NULL) {
+    if (n > 0) fb_finish_ops(self, out, n, &PyList_GET_ITEM(list, 0));
+  } else {
     /* The records are already dequeued: finish them all even if the list
      * could not be made, so nothing is lost or leaked. */
-    if (list != NULL) PyList_SET_ITEM(list, i, (PyObject*)c);
-    else Py_DECREF(c);
+    for (i = 0; i < n; i++) Py_DECREF(fb_finish_op(self, out[i]));
   }
   port_leave(self);
   if (out != stack) PyMem_Free(out);
