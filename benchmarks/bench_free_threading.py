@@ -252,64 +252,22 @@ def _announce(lsock: socket.socket) -> None:
     print(f"echo server on {HOST}:{lsock.getsockname()[1]}", flush=True)
 
 
-def _get_many_loop(cp: fastiocp.CompletionPort, lsock: socket.socket, spin_n: int) -> None:
-    """get_many(256), spin(spin_n) per received message, the echo sent back;
-    the submissions of one batch reach the kernel in one system call and the
-    receives are re-armed by one resubmit() (fastiocp.bench.servers' fastest
-    echo server, with the work)."""
-    get_many, recv, send, resubmit, batch = cp.get_many, cp.recv, cp.send, cp.resubmit, cp.batch
-    rearm: List[fastiocp.Completion] = []
-    while True:
-        try:
-            completions = get_many(256)
-        except fastiocp.PortClosedError:
-            return
-        with batch():
-            for c in completions:
-                op = c.op
-                if op == "send":
-                    conn = c.key
-                    n = c.nbytes
-                    if c.error is not None:
-                        cp.unregister(conn)
-                        conn.close()
-                    elif n < len(c.buffer):
-                        send(conn, c.buffer[n:], c.context)
-                    else:
-                        rearm.append(c.context)
-                elif op == "recv":
-                    n = c.nbytes
-                    conn = c.key
-                    if n and c.error is None:
-                        spin(spin_n)
-                        send(conn, memoryview(c.buffer)[:n], c)
-                    else:
-                        cp.unregister(conn)
-                        conn.close()
-                else:
-                    if c.error is None:
-                        conn, _ = c.result()
-                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                        cp.register(conn, key=conn)
-                        recv(conn, bytearray(65536))
-                    cp.accept(lsock)
-            if rearm:
-                resubmit(rearm)
-                rearm.clear()
-
-
 def serve_single(spin_n: int, threads: int = 1) -> None:
     """`threads` threads (1: the single-threaded server) each running
-    _get_many_loop() on one port."""
+    fastiocp.bench.servers' fastest echo loop (get_many(256), one batch()
+    and one resubmit() per batch) on one port, spin(spin_n) per message."""
+    from fastiocp.bench.servers import echo_batch_loop
+
     lsock = socket.create_server((HOST, 0), backlog=1024)
     cp = fastiocp.CompletionPort()
     cp.register(lsock, key=object())
     cp.accept(lsock)
     _announce(lsock)
+    work = lambda: spin(spin_n)  # noqa: E731
     if threads == 1:
-        _get_many_loop(cp, lsock, spin_n)
+        echo_batch_loop(cp, lsock, work)
         return
-    ts = [threading.Thread(target=_get_many_loop, args=(cp, lsock, spin_n), daemon=True)
+    ts = [threading.Thread(target=echo_batch_loop, args=(cp, lsock, work), daemon=True)
           for _ in range(threads)]
     for t in ts:
         t.start()
@@ -318,44 +276,14 @@ def serve_single(spin_n: int, threads: int = 1) -> None:
 
 
 def serve_pool(spin_n: int, threads: int = 2, max_batch: int = 64) -> None:
-    """fastiocp.WorkerPool(threads): the handler of fastiocp.bench.servers'
-    WorkerPool echo server, with spin(spin_n) per received message."""
+    """fastiocp.WorkerPool(threads) with fastiocp.bench.servers' WorkerPool
+    echo handler, spin(spin_n) per received message."""
+    from fastiocp.bench.servers import echo_pool_handler
+
     lsock = socket.create_server((HOST, 0), backlog=1024)
-    listener = object()
     cp = fastiocp.CompletionPort()
-    cp.register(lsock, key=listener)
-    recv, send = cp.recv, cp.send
-
-    def handle(c: fastiocp.Completion) -> None:
-        op = c.op
-        if op == "send":
-            conn = c.key
-            n = c.nbytes
-            if c.error is not None:
-                cp.unregister(conn)
-                conn.close()
-            elif n < len(c.buffer):
-                send(conn, c.buffer[n:], c.context)
-            else:
-                recv(conn, c.context)
-        elif op == "recv":
-            n = c.nbytes
-            conn = c.key
-            if n and c.error is None:
-                spin(spin_n)
-                buf = c.buffer
-                send(conn, memoryview(buf)[:n], buf)
-            else:
-                cp.unregister(conn)
-                conn.close()
-        else:
-            if c.error is None:
-                conn, _ = c.result()
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                cp.register(conn, key=conn)
-                recv(conn, bytearray(65536))
-            cp.accept(lsock)
-
+    cp.register(lsock, key=object())
+    handle = echo_pool_handler(cp, lsock, lambda: spin(spin_n))
     with fastiocp.WorkerPool(cp, handle, threads=threads, max_batch=max_batch):
         cp.accept(lsock)
         _announce(lsock)

@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 import threading
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 HOST = "127.0.0.1"
 
@@ -34,71 +34,70 @@ def _announce(what: str, lsock_or_port: Any) -> None:
 
 # ---- TCP echo --------------------------------------------------------------
 
-def echo_fastiocp(port: int) -> None:
-    """Single thread on one completion port: one receive in flight per
-    connection; the echo is sent, and the receive started again (the same
-    Completion, by one resubmit() for the whole batch) when the send
-    completed. Every submission made while handling one batch of completions
-    reaches the kernel in one system call (port.batch())."""
+def echo_batch_loop(cp: Any, lsock: socket.socket,
+                    work: Optional[Callable[[], None]] = None) -> None:
+    """The fastest echo loop on a completion port (cp has lsock registered
+    and an accept pending): one receive in flight per connection; the echo
+    is sent, and the receive started again (the same Completion, by one
+    resubmit() for the whole batch) when the send completed. Every
+    submission made while handling one batch of completions reaches the
+    kernel in one system call (port.batch()). work(), if given, runs once
+    per received message (benchmarks/bench_free_threading.py). Returns when
+    the port is closed; several threads may run it on one port."""
     import fastiocp
 
-    lsock = _listen(port)
-    listener = object()
     nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    with fastiocp.CompletionPort() as cp:
-        cp.register(lsock, key=listener)
-        cp.accept(lsock)
-        _announce("echo server", lsock)
-        get_many, recv, send, resubmit, batch = cp.get_many, cp.recv, cp.send, cp.resubmit, cp.batch
-        rearm: list[fastiocp.Completion] = []  # receives whose echo went out: started again together
-        while True:
+    get_many, recv, send, resubmit, batch = cp.get_many, cp.recv, cp.send, cp.resubmit, cp.batch
+    rearm: list = []  # receives whose echo went out: started again together
+    while True:
+        try:
             completions = get_many(256)
-            with batch():
-                for c in completions:
-                    op = c.op
-                    if op == "send":
-                        conn = c.key
-                        received = c.context  # the receive's Completion
-                        n = c.nbytes
-                        if c.error is not None:
-                            cp.unregister(conn)
-                            conn.close()
-                        elif n < len(c.buffer):  # short send: the rest first
-                            send(conn, c.buffer[n:], received)
-                        else:
-                            rearm.append(received)
-                    elif op == "recv":
-                        n = c.nbytes
-                        conn = c.key
-                        if n and c.error is None:
-                            send(conn, memoryview(c.buffer)[:n], c)
-                        else:
-                            cp.unregister(conn)
-                            conn.close()
-                    else:  # accept
-                        if c.error is None:
-                            conn, _ = c.result()
-                            conn.setsockopt(*nodelay)
-                            cp.register(conn, key=conn)
-                            recv(conn, bytearray(65536))
-                        cp.accept(lsock)
-                if rearm:
-                    resubmit(rearm)
-                    rearm.clear()
+        except fastiocp.PortClosedError:
+            return
+        with batch():
+            for c in completions:
+                op = c.op
+                if op == "send":
+                    conn = c.key
+                    received = c.context  # the receive's Completion
+                    n = c.nbytes
+                    if c.error is not None:
+                        cp.unregister(conn)
+                        conn.close()
+                    elif n < len(c.buffer):  # short send: the rest first
+                        send(conn, c.buffer[n:], received)
+                    else:
+                        rearm.append(received)
+                elif op == "recv":
+                    n = c.nbytes
+                    conn = c.key
+                    if n and c.error is None:
+                        if work is not None:
+                            work()
+                        send(conn, memoryview(c.buffer)[:n], c)
+                    else:
+                        cp.unregister(conn)
+                        conn.close()
+                else:  # accept
+                    if c.error is None:
+                        conn, _ = c.result()
+                        conn.setsockopt(*nodelay)
+                        cp.register(conn, key=conn)
+                        recv(conn, bytearray(65536))
+                    cp.accept(lsock)
+            if rearm:
+                resubmit(rearm)
+                rearm.clear()
 
 
-def echo_fastiocp_pool(port: int, threads: int = 2) -> None:
-    """The same server on fastiocp.WorkerPool: `threads` threads dequeue
-    completions and run the handler."""
-    import fastiocp
-
-    lsock = _listen(port)
-    listener = object()
-    cp = fastiocp.CompletionPort()
-    cp.register(lsock, key=listener)
+def echo_pool_handler(cp: Any, lsock: socket.socket,
+                      work: Optional[Callable[[], None]] = None) -> Callable[[Any], None]:
+    """The handler of the echo server on fastiocp.WorkerPool: one
+    completion per call, each submission on its own. work(), if given, runs
+    once per received message."""
     recv, send = cp.recv, cp.send
 
-    def handle(c: fastiocp.Completion) -> None:
+    def handle(c: Any) -> None:
         op = c.op
         if op == "send":
             conn = c.key
@@ -114,6 +113,8 @@ def echo_fastiocp_pool(port: int, threads: int = 2) -> None:
             n = c.nbytes
             conn = c.key
             if n and c.error is None:
+                if work is not None:
+                    work()
                 buf = c.buffer
                 send(conn, memoryview(buf)[:n], buf)
             else:
@@ -127,7 +128,30 @@ def echo_fastiocp_pool(port: int, threads: int = 2) -> None:
                 recv(conn, bytearray(65536))
             cp.accept(lsock)
 
-    with fastiocp.WorkerPool(cp, handle, threads=threads, max_batch=64):
+    return handle
+
+
+def echo_fastiocp(port: int) -> None:
+    """Single thread on one completion port: echo_batch_loop()."""
+    import fastiocp
+
+    lsock = _listen(port)
+    with fastiocp.CompletionPort() as cp:
+        cp.register(lsock, key=object())
+        cp.accept(lsock)
+        _announce("echo server", lsock)
+        echo_batch_loop(cp, lsock)
+
+
+def echo_fastiocp_pool(port: int, threads: int = 2) -> None:
+    """The same server on fastiocp.WorkerPool: `threads` threads dequeue
+    completions and run echo_pool_handler()."""
+    import fastiocp
+
+    lsock = _listen(port)
+    cp = fastiocp.CompletionPort()
+    cp.register(lsock, key=object())
+    with fastiocp.WorkerPool(cp, echo_pool_handler(cp, lsock), threads=threads, max_batch=64):
         cp.accept(lsock)
         _announce("echo server", lsock)
         threading.Event().wait()
