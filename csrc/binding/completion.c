@@ -306,32 +306,26 @@ static Py_ssize_t last_nbytes;
 
 static void set_nbytes_obj(CompletionObject* c) {
   PyObject* o;
-#ifdef Py_GIL_DISABLED
+#ifndef Py_GIL_DISABLED
+  if (last_nbytes_obj != NULL && last_nbytes == c->nbytes) {
+    Py_INCREF(last_nbytes_obj);
+    Py_XSETREF(c->nbytes_obj, last_nbytes_obj);
+    return;
+  }
+#endif
   o = PyLong_FromSsize_t(c->nbytes);
   if (o == NULL) {
+    /* Out of memory: reading nbytes then raises AttributeError rather
+     * than giving a wrong count; result() still has it. */
     PyErr_Clear();
     Py_CLEAR(c->nbytes_obj);
     return;
   }
-  Py_XSETREF(c->nbytes_obj, o);
-  return;
+#ifndef Py_GIL_DISABLED
+  Py_INCREF(o);
+  Py_XSETREF(last_nbytes_obj, o);
+  last_nbytes = c->nbytes;
 #endif
-  if (last_nbytes_obj != NULL && last_nbytes == c->nbytes) {
-    Py_INCREF(last_nbytes_obj);
-    o = last_nbytes_obj;
-  } else {
-    o = PyLong_FromSsize_t(c->nbytes);
-    if (o == NULL) {
-      /* Out of memory: reading nbytes then raises AttributeError rather
-       * than giving a wrong count; result() still has it. */
-      PyErr_Clear();
-      Py_CLEAR(c->nbytes_obj);
-      return;
-    }
-    Py_INCREF(o);
-    Py_XSETREF(last_nbytes_obj, o);
-    last_nbytes = c->nbytes;
-  }
   Py_XSETREF(c->nbytes_obj, o);
 }
 

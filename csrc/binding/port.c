@@ -451,8 +451,9 @@ static fiocp_op_t* prepare_op(CompletionPortObject* self, CompletionObject* c,
  * go meanwhile, with the caller counted in inside so that a close() cannot
  * destroy the backend under it (threads submitting at once must not queue
  * behind each other's system calls). After call_end() the caller finishes
- * its bookkeeping, then calls port_maybe_destroy(). GIL builds: nothing
- * (the GIL keeps close() out). */
+ * its bookkeeping, then calls port_maybe_destroy() (on GIL builds a test
+ * that finds nothing to do). GIL builds: nothing (the GIL keeps close()
+ * out). */
 static inline void call_begin(CompletionPortObject* self) {
 #ifdef Py_GIL_DISABLED
   self->inside++;
@@ -588,9 +589,7 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
   rc = self->backend->submit(self->port, rec, defer);
   call_end(self);
   if (rc < 0) refused(self, c, rec, rc);
-#ifdef Py_GIL_DISABLED
   port_maybe_destroy(self);
-#endif
   FB_UNLOCK(self);
   if (rc < 0) goto error;
   return (PyObject*)c;
@@ -1022,9 +1021,7 @@ static PyObject* CompletionPort_post(CompletionPortObject* self, FASTARGS) {
       take_back(self, c, rec);
       fb_set_code_error(rc);
     }
-#ifdef Py_GIL_DISABLED
     port_maybe_destroy(self);
-#endif
   }
   FB_UNLOCK(self);
   if (rc < 0) {
