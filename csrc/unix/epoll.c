@@ -532,10 +532,8 @@ static int fdst_get(ep_t* e, int fd, fdst_t** out) {
   fdtab_t* t;
   void* mem;
   int rc = FIOCP_ENOMEM;
-  if (st != NULL) {
-    *out = st;
-    return 0;
-  }
+  *out = st; /* NULL unless found: set on every path */
+  if (st != NULL) return 0;
   pthread_mutex_lock(&e->tab_mu);
   t = e->tab;
   st = tab_find(t, fd);
