@@ -301,8 +301,10 @@ static PyObject* make_accepted(fiocp_op_t* rec, int64_t res) {
  * count (a block, a message size), so the last int made is reused: no
  * allocation for counts above the small-int cache. Guarded by the GIL (off
  * on free-threaded builds). */
+#ifndef Py_GIL_DISABLED
 static PyObject* last_nbytes_obj;
 static Py_ssize_t last_nbytes;
+#endif
 
 static void set_nbytes_obj(CompletionObject* c) {
   PyObject* o;

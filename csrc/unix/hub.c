@@ -104,16 +104,19 @@ static int need_kick_locked(fiocp_hub_t* hub) {
   return 0;
 }
 
-int fiocp__hub_begin(fiocp_hub_t* hub) {
-  pthread_mutex_lock(&hub->mu);
-  if (hub->closed) {
-    pthread_mutex_unlock(&hub->mu);
-    return FIOCP_ECLOSED;
-  }
+int fiocp__hub_begin_locked(fiocp_hub_t* hub) {
+  if (hub->closed) return FIOCP_ECLOSED;
   hub->inflight++;
   if (!hub->poller_active) wake_one_locked(hub);
-  pthread_mutex_unlock(&hub->mu);
   return 0;
+}
+
+int fiocp__hub_begin(fiocp_hub_t* hub) {
+  int rc;
+  pthread_mutex_lock(&hub->mu);
+  rc = fiocp__hub_begin_locked(hub);
+  pthread_mutex_unlock(&hub->mu);
+  return rc;
 }
 
 void fiocp__hub_abort(fiocp_hub_t* hub) {

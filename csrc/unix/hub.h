@@ -64,6 +64,9 @@ void fiocp__hub_destroy(fiocp_hub_t* hub);
  * the poller if nobody polls. Call before the OS can complete it. Returns
  * FIOCP_ECLOSED if the port is closed (then nothing was accounted). */
 int fiocp__hub_begin(fiocp_hub_t* hub);
+/* The same with mu held: for a backend whose hand-over to the OS must not
+ * interleave with close()'s cancellation sweep (io_uring). */
+int fiocp__hub_begin_locked(fiocp_hub_t* hub);
 /* Undoes fiocp__hub_begin() for an operation that failed at once. */
 void fiocp__hub_abort(fiocp_hub_t* hub);
 

@@ -413,13 +413,21 @@ static int push_op(uring_t* u, int hub_locked, fiocp_op_t* op,
 
 static int uring_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
   uring_t* u = (uring_t*)port->impl;
-  int rc = fiocp__hub_begin(&u->hub);
-  if (rc < 0) return rc;
-  rc = push_op(u, 0, op, 0, 0, 0);
-  if (rc < 0) {
-    fiocp__hub_abort(&u->hub);
-    return rc;
+  int rc;
+  /* Accounted and queued under one hold of the hub's mutex: shutdown()'s
+   * sweep (and cancel()) take it too, so their ASYNC_CANCEL always follows
+   * this SQE in the ring. With the two steps apart, a close() on another
+   * thread (3.13t, where submit runs outside the port lock) could cancel
+   * the record before its SQE existed, and the operation would stay owed
+   * forever. */
+  pthread_mutex_lock(&u->hub.mu);
+  rc = fiocp__hub_begin_locked(&u->hub);
+  if (rc == 0) {
+    rc = push_op(u, 1, op, 0, 0, 0);
+    if (rc < 0) u->hub.inflight--;
   }
+  pthread_mutex_unlock(&u->hub.mu);
+  if (rc < 0) return rc;
   if (!defer) {
     /* The SQE is published: from here on the kernel owes a CQE (a failed
      * enter still leaves it queued for the next one). */

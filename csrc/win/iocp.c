@@ -1206,6 +1206,12 @@ static int iocp_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
     if (!queued && (op->flags & OPF_TAKEN)) queued = 1;
     op->flags &= (uint8_t)~OPF_STARTING;
     op->flags |= queued ? OPF_ISSUED : OPF_EARLY;
+    /* cancel() or shutdown()'s sweep came while the OS call ran, before
+     * the OVERLAPPED existed for CancelIoEx: reach it now (still under mu,
+     * so the record cannot have been handed back). Free-threaded builds
+     * run submit() outside the port lock; with the GIL this never fires. */
+    if (queued && (op->flags & FIOCP_OPF_CANCELLED))
+      (void)CancelIoEx((HANDLE)op->handle, &op->ov);
   }
   if (!queued && is_argument_error(err)) ip->owed--;
   LeaveCriticalSection(&ip->mu);
@@ -1245,7 +1251,8 @@ static int iocp_cancel(fiocp_port_t* port, fiocp_op_t* op) {
   }
   op->flags |= FIOCP_OPF_CANCELLED;
   /* Under mu the record cannot be handed back (and reused) meanwhile. */
-  ok = CancelIoEx((HANDLE)op->handle, &op->ov);
+  /* A record still STARTING is cancelled by its submit() once issued. */
+  ok = (op->flags & OPF_STARTING) || CancelIoEx((HANDLE)op->handle, &op->ov);
   if (!ok) err = GetLastError();
   LeaveCriticalSection(&ip->mu);
   if (ok) return 1;
