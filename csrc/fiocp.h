@@ -49,6 +49,10 @@ typedef socklen_t fiocp_socklen_t;
                                                      is one of the port's own
                                                      (its ring, epoll set,
                                                      eventfd, IOCP handle) */
+#define FIOCP_ETIMEDOUT   (FIOCP__ECODE_BASE - 6) /* the operation's own
+                                                     timeout (timeout_ns)
+                                                     expired first: it was
+                                                     cancelled by the port */
 
 /* Operation kinds. The binding maps them to the strings of Completion.op. */
 enum {
@@ -61,8 +65,56 @@ enum {
   FIOCP_OP_ACCEPT,
   FIOCP_OP_CONNECT,
   FIOCP_OP_POST,
+  /* The operations of issue 14. Per kind, what the record's fields mean
+   * (fields not named are unused; addr is the record's extension):
+   * POLL:         handle; len = the events wanted (FIOCP_POLL*); res = the
+   *               events that fired (> 0; ERR and HUP always reported).
+   * SENDMSG,
+   * RECVMSG:      handle (a socket); addr->iovs/niov (the buffers),
+   *               addr->control/controllen (SENDMSG: packed cmsgs; RECVMSG:
+   *               room for them, out: the length received), addr->msgflags
+   *               (in: flags; out for RECVMSG: msg_flags), addr->ss/sslen
+   *               (SENDMSG: destination, sslen 0 for none; RECVMSG out: the
+   *               sender, sslen 0 if none); res = bytes.
+   * SENDFILE:     handle (socket), addr->src (the file), offset (>= 0),
+   *               len = count (> 0); res = bytes sent (short at end of
+   *               file or when the peer stops; the kernel copies, never
+   *               user space).
+   * WAIT_PROCESS: handle = a pid (POSIX) or a process HANDLE (Windows);
+   *               res = POSIX: the wait status as waitpid() would give it
+   *               (the child is not reaped: WNOWAIT); Windows: the exit
+   *               code (GetExitCodeProcess).
+   * TIMER:        offset = the delay in nanoseconds (>= 0); res = 0 when
+   *               it fires (a cancel gives the cancellation error).
+   * FSYNC:        handle (a file); len = 1 for data only (fdatasync);
+   *               res = 0.
+   * CONNECT_PIPE: Windows: handle = a named pipe server HANDLE opened with
+   *               FILE_FLAG_OVERLAPPED; res = 0 once a client connected
+   *               (ERROR_PIPE_CONNECTED is success). Elsewhere
+   *               FIOCP_EUNSUPPORTED. */
+  FIOCP_OP_POLL,
+  FIOCP_OP_SENDMSG,
+  FIOCP_OP_RECVMSG,
+  FIOCP_OP_SENDFILE,
+  FIOCP_OP_WAIT_PROCESS,
+  FIOCP_OP_TIMER,
+  FIOCP_OP_FSYNC,
+  FIOCP_OP_CONNECT_PIPE,
   FIOCP_OP__COUNT
 };
+
+/* Readiness events of FIOCP_OP_POLL: Linux's poll() values on every
+ * platform (the Python constants fastiocp.POLLIN etc. are these). */
+#define FIOCP_POLLIN 0x001
+#define FIOCP_POLLPRI 0x002
+#define FIOCP_POLLOUT 0x004
+#define FIOCP_POLLERR 0x008
+#define FIOCP_POLLHUP 0x010
+
+/* fiocp_backend_t.support[kind]: how a backend does an operation kind.
+ * Index FIOCP_SUPPORT_TIMEOUT (0, no kind) is the per-operation timeout. */
+enum { FIOCP_SUP_NO = 0, FIOCP_SUP_NATIVE = 1, FIOCP_SUP_EMULATED = 2 };
+#define FIOCP_SUPPORT_TIMEOUT 0
 
 /* Operation record states. */
 enum {
@@ -74,14 +126,34 @@ enum {
 /* Flag bits of fiocp_op_t.flags. */
 #define FIOCP_OPF_CANCELLED 0x1  /* the user or close() asked to cancel it */
 
-/* Socket address and per-backend scratch for the operations that carry an
- * address (recvfrom, sendto, accept, connect). Allocated from the port's
- * free list only for those kinds, so that plain reads and receives stay
- * small (100,000 pending receives must cost little beyond their buffers). */
+/* The record's extension: the socket address and per-backend scratch of
+ * the operations that carry an address (recvfrom, sendto, accept, connect),
+ * the arguments of the issue-14 kinds that need more than the record
+ * (sendmsg, recvmsg, sendfile, wait_process, timer), and of every
+ * operation submitted with a timeout (timeout_ns > 0). Allocated from the
+ * port's free list only then, so that plain reads and receives stay small
+ * (100,000 pending receives must cost little beyond their buffers). The
+ * binding fills the argument fields and owns the arrays they point to; it
+ * zeroes scratch before submit() and frees nothing until the record is
+ * dequeued. */
 typedef struct fiocp_addr_s {
   struct sockaddr_storage ss;
   fiocp_socklen_t sslen;           /* in: size of ss or of the address to
                                       send to; out: the peer's length */
+  void* iovs;                      /* sendmsg/recvmsg: struct iovec[niov]
+                                      (POSIX) or WSABUF[niov] (Windows) */
+  uint32_t niov;
+  uint32_t controllen;             /* see FIOCP_OP_SENDMSG/RECVMSG */
+  char* control;
+  int msgflags;
+  fiocp_handle_t src;              /* sendfile: the file */
+  /* The backend's own per-operation state (timespecs the kernel reads,
+   * splice pipes, wait or timer handles, counters). */
+  union {
+    int64_t i64[8];
+    intptr_t ip[8];
+    void* ptr[8];
+  } scratch;
 #ifdef _WIN32
   WSABUF wsabuf;
   DWORD wsaflags;
@@ -119,6 +191,12 @@ typedef struct fiocp_op_s {
   fiocp_addr_t* addr;    /* NULL unless the kind carries an address */
   struct fiocp_op_s* next;  /* free list, completion queue or backend list */
   uintptr_t bk;          /* backend scratch (epoll: interest bookkeeping) */
+  int64_t timeout_ns;    /* 0: none (records start zeroed; a timeout of
+                            0 s is stored as 1 ns). Otherwise the port
+                            cancels the operation if it is still pending
+                            this long after submit(); it then completes
+                            with FIOCP_ETIMEDOUT, unless data had arrived
+                            (a result >= 0 always wins). addr is set then. */
 } fiocp_op_t;
 
 typedef struct fiocp_port_s fiocp_port_t;
@@ -201,6 +279,11 @@ typedef struct fiocp_backend_s {
    * binding calls it when the thread calls get again or exits). GIL or no
    * GIL. */
   void (*release)(fiocp_port_t* port);
+
+  /* support[k] for k < FIOCP_OP__COUNT: FIOCP_SUP_* for operation kind k
+   * (index FIOCP_SUPPORT_TIMEOUT: per-operation timeouts). submit() returns
+   * FIOCP_EUNSUPPORTED for a kind marked FIOCP_SUP_NO. */
+  const uint8_t* support;
 } fiocp_backend_t;
 
 /* Slab allocator for operation and address records: records never move and
