@@ -17,6 +17,7 @@ BINDING = [
     "csrc/binding/port.c",
     "csrc/binding/thread_state.c",
     "csrc/binding/completion.c",
+    "csrc/binding/message.c",
     "csrc/binding/sockaddr.c",
     "csrc/binding/filehandle.c",
 ]

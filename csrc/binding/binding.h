@@ -21,6 +21,8 @@
  *                   concurrency slots a thread holds
  *   completion.c    the Completion type, its free list, finishing an
  *                   operation into it
+ *   message.c       sendmsg/recvmsg: the pinned buffer vector and the
+ *                   ancillary data, packed and parsed
  *   sockaddr.c      Python addresses <-> sockaddr
  *   filehandle.c    the _FileHandle type, handle conversion, the Windows
  *                   file helpers
@@ -99,6 +101,35 @@ int fb_is_cancel_code(int64_t code);
 
 struct CompletionPortObject;
 
+/* sendmsg/recvmsg: the buffers pinned for the kernel and the arrays the
+ * record's extension points to. Owned by the Completion while in flight,
+ * freed when it is finished (or if submission fails). */
+typedef struct fb_msgbufs_s {
+  Py_ssize_t nviews;  /* views[0..nviews) are exported */
+  void* iovs;         /* struct iovec (POSIX) or WSABUF (Windows) [nviews] */
+  char* control;      /* packed ancillary data, or room for it; or NULL */
+  Py_ssize_t controllen;
+  Py_buffer views[1]; /* allocated for as many as there are buffers */
+} fb_msgbufs_t;
+
+/* message.c. Pins every buffer of the sequence `buffers` (writable ones
+ * for a receive) and points the I/O vector at them. Returns the new
+ * msgbufs, with the sequence in *seq_out (a new reference: the list or
+ * tuple the Completion keeps as its buffer), or NULL with an exception. */
+fb_msgbufs_t* fb_msgbufs_pin(const char* fname, PyObject* buffers,
+                             int writable, PyObject** seq_out);
+/* Packs sendmsg's ancdata (an iterable of (level, type, data)) into
+ * m->control as the kernel reads it. Returns 0 or -1 with an exception. */
+int fb_msgbufs_pack_ancdata(fb_msgbufs_t* m, PyObject* ancdata);
+/* Gives m a zeroed control buffer of size bytes for recvmsg. Returns 0 or
+ * -1 with an exception. */
+int fb_msgbufs_alloc_control(fb_msgbufs_t* m, Py_ssize_t size);
+/* Releases m's views and frees it (NULL: nothing). */
+void fb_msgbufs_free(fb_msgbufs_t* m);
+/* recvmsg's ancillary data as socket.recvmsg() gives it: a list of
+ * (level, type, data) from the control bytes the kernel filled. */
+PyObject* fb_parse_ancdata(const char* control, size_t len);
+
 typedef struct {
   PyObject_HEAD
   struct CompletionPortObject* port; /* borrowed, set only while in flight */
@@ -112,10 +143,13 @@ typedef struct {
   PyObject* error;    /* None or the OSError */
   PyObject* op;       /* fb_kind_names[kind] */
   PyObject* nbytes_obj; /* nbytes as an int */
-  PyObject* extra;    /* recvfrom: address; accept: (socket, address) */
+  PyObject* extra;    /* recvfrom: address; accept: (socket, address);
+                         recvmsg: (ancdata, msg_flags, address);
+                         wait_process: the return code */
   Py_ssize_t nbytes;
   fiocp_handle_t handle; /* the handle of its last submission (resubmit) */
   Py_buffer view;     /* exported while in flight */
+  fb_msgbufs_t* msg;  /* sendmsg/recvmsg while in flight, else NULL */
   uint8_t kind;
   uint8_t pinned;
   uint8_t done;

@@ -9,6 +9,8 @@
 #include <string.h>
 
 #ifndef _WIN32
+# include <errno.h>
+# include <sys/wait.h>
 # include <unistd.h>
 #endif
 
@@ -67,6 +69,8 @@ static void Completion_dealloc(CompletionObject* self) {
     PyBuffer_Release(&self->view);
     self->pinned = 0;
   }
+  fb_msgbufs_free(self->msg);
+  self->msg = NULL;
   Completion_clear(self);
   Py_CLEAR(self->buffer);
   if (completion_freelist_len < COMPLETION_FREELIST_MAX) {
@@ -117,6 +121,7 @@ CompletionObject* fb_Completion_create(uint8_t kind, PyObject* key,
   c->extra = NULL;
   c->nbytes = 0;
   memset(&c->view, 0, sizeof(c->view));
+  c->msg = NULL;
   c->kind = kind;
   c->pinned = 0;
   c->done = 0;
@@ -146,7 +151,19 @@ static PyObject* Completion_result(CompletionObject* self,
       if (self->extra == NULL) Py_RETURN_NONE;
       Py_INCREF(self->extra);
       return self->extra;
+    case FIOCP_OP_RECVMSG:
+      if (self->extra == NULL) return Py_BuildValue("(n[]iO)", self->nbytes, 0, Py_None);
+      return Py_BuildValue("(nOOO)", self->nbytes,
+                           PyTuple_GET_ITEM(self->extra, 0),
+                           PyTuple_GET_ITEM(self->extra, 1),
+                           PyTuple_GET_ITEM(self->extra, 2));
+    case FIOCP_OP_WAIT_PROCESS:
+      if (self->extra == NULL) Py_RETURN_NONE;
+      return Py_NewRef(self->extra);
     case FIOCP_OP_CONNECT:
+    case FIOCP_OP_TIMER:
+    case FIOCP_OP_FSYNC:
+    case FIOCP_OP_CONNECT_PIPE:
       Py_RETURN_NONE;
     default:
       return PyLong_FromSsize_t(self->nbytes);
@@ -297,6 +314,38 @@ static PyObject* make_accepted(fiocp_op_t* rec, int64_t res) {
   return Py_BuildValue("(NN)", sock, addr);
 }
 
+/* (ancdata, msg_flags, address) of a finished recvmsg. */
+static PyObject* make_recvmsg_extra(fiocp_op_t* rec) {
+  fiocp_addr_t* a = rec->addr;
+  PyObject* anc = fb_parse_ancdata(a->control, a->controllen);
+  PyObject* addr;
+  if (anc == NULL) return NULL;
+  if (a->sslen > 0) {
+    addr = fb_make_sockaddr(&a->ss, a->sslen);
+    if (addr == NULL) {
+      PyErr_Clear();
+      addr = Py_NewRef(Py_None);
+    }
+  } else {
+    addr = Py_NewRef(Py_None);
+  }
+  return Py_BuildValue("(NiN)", anc, a->msgflags, addr);
+}
+
+/* Popen.returncode for wait_process's result: on POSIX res is a wait
+ * status (exit code, or minus the signal that ended the child); on Windows
+ * the exit code. */
+static PyObject* make_returncode(int64_t res) {
+#ifndef _WIN32
+  int st = (int)res;
+  if (WIFEXITED(st)) return PyLong_FromLong(WEXITSTATUS(st));
+  if (WIFSIGNALED(st)) return PyLong_FromLong(-WTERMSIG(st));
+  return PyLong_FromLongLong((long long)res);
+#else
+  return PyLong_FromUnsignedLong((unsigned long)res);
+#endif
+}
+
 /* c->nbytes as an int object. Consecutive completions mostly carry the same
  * count (a block, a message size), so the last int made is reused: no
  * allocation for counts above the small-int cache. Guarded by the GIL (off
@@ -347,6 +396,21 @@ static void finish_fill(fiocp_op_t* rec) {
     }
     c->cancelled = (uint8_t)fb_is_cancel_code(res);
     c->nbytes = 0;
+#ifndef _WIN32
+    if (c->kind == FIOCP_OP_WAIT_PROCESS && res == -ECHILD &&
+        c->buffer != Py_None) {
+      /* Reaped by its Popen (poll(), wait(), the module's cleanup) before
+       * the port looked: its returncode is the answer. */
+      PyObject* rc = PyObject_GetAttrString(c->buffer, "returncode");
+      if (rc != NULL && rc != Py_None) {
+        Py_SETREF(c->error, Py_NewRef(Py_None));
+        c->extra = rc;
+        rc = NULL;
+      }
+      Py_XDECREF(rc);
+      PyErr_Clear();
+    }
+#endif
   } else {
     switch (c->kind) {
       case FIOCP_OP_RECVFROM:
@@ -372,12 +436,37 @@ static void finish_fill(fiocp_op_t* rec) {
         }
         break;
       case FIOCP_OP_CONNECT:
+      case FIOCP_OP_TIMER:
+      case FIOCP_OP_FSYNC:
+      case FIOCP_OP_CONNECT_PIPE:
         c->nbytes = 0;
+        break;
+      case FIOCP_OP_RECVMSG:
+        c->nbytes = (Py_ssize_t)res;
+        c->extra = make_recvmsg_extra(rec);
+        if (c->extra == NULL) {
+          PyObject *type, *value, *tb;
+          PyErr_Fetch(&type, &value, &tb);
+          PyErr_NormalizeException(&type, &value, &tb);
+          Py_XDECREF(type);
+          Py_XDECREF(tb);
+          Py_SETREF(c->error, value);
+        }
+        break;
+      case FIOCP_OP_WAIT_PROCESS:
+        c->nbytes = (Py_ssize_t)res; /* the raw status / exit code */
+        c->extra = make_returncode(res);
+        if (c->extra == NULL) {
+          PyErr_Clear();
+          c->extra = Py_NewRef(Py_None);
+        }
         break;
       default:
         c->nbytes = (Py_ssize_t)res;
     }
   }
+  fb_msgbufs_free(c->msg);
+  c->msg = NULL;
   if (c->nbytes != 0) set_nbytes_obj(c);
   if (c->pinned) {
     PyBuffer_Release(&c->view);

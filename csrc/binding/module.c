@@ -42,6 +42,9 @@ void fb_set_closed_error(void) {
   PyErr_SetString(fb_PortClosedError, "I/O operation on closed CompletionPort");
 }
 
+#define TIMEOUT_MESSAGE \
+  "the operation timed out (its timeout expired and the port cancelled it)"
+
 /* Raises the exception for a negative fiocp code. Returns NULL. */
 PyObject* fb_set_code_error(int64_t code) {
   if (code == FIOCP_ECLOSED) {
@@ -51,6 +54,17 @@ PyObject* fb_set_code_error(int64_t code) {
   } else if (code == FIOCP_EUNSUPPORTED) {
     PyErr_SetString(PyExc_NotImplementedError,
                     "operation not supported by this backend");
+  } else if (code == FIOCP_ETIMEDOUT) {
+    /* errno.ETIMEDOUT as Python spells it on each platform. */
+#ifdef _WIN32
+    PyObject* args = Py_BuildValue("(is)", WSAETIMEDOUT, TIMEOUT_MESSAGE);
+#else
+    PyObject* args = Py_BuildValue("(is)", ETIMEDOUT, TIMEOUT_MESSAGE);
+#endif
+    if (args != NULL) {
+      PyErr_SetObject(PyExc_TimeoutError, args);
+      Py_DECREF(args);
+    }
   } else if (code == FIOCP_EOWNHANDLE) {
     PyErr_SetString(PyExc_ValueError,
                     "that handle belongs to this CompletionPort itself (its "
@@ -117,7 +131,50 @@ static PyObject* mod_backend_status(PyObject* m, PyObject* Py_UNUSED(ignored)) {
   return list;
 }
 
+/* backend_operations(name): how that backend does each operation. */
+static PyObject* mod_backend_operations(PyObject* m, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+  const fiocp_backend_t* b;
+  PyObject* d;
+  int k;
+  static const char* const how[] = {"unsupported", "native", "emulated"};
+  (void)m;
+  if (name == NULL) {
+    if (!PyErr_Occurred())
+      PyErr_Format(PyExc_TypeError, "backend name must be a str, not %.100s",
+                   Py_TYPE(arg)->tp_name);
+    return NULL;
+  }
+  b = fiocp__backend_by_name(name);
+  if (b == NULL) {
+    PyErr_Format(PyExc_ValueError, "no backend %R in this build", arg);
+    return NULL;
+  }
+  d = PyDict_New();
+  if (d == NULL) return NULL;
+  for (k = 0; k < FIOCP_OP__COUNT; k++) {
+    /* A backend without a table does the seed's operations natively. */
+    int v = b->support != NULL ? b->support[k]
+                               : (k >= FIOCP_OP_READ && k <= FIOCP_OP_POST);
+    PyObject* key = k == FIOCP_SUPPORT_TIMEOUT ? PyUnicode_FromString("timeout")
+                                               : Py_NewRef(fb_kind_names[k]);
+    PyObject* val = PyUnicode_FromString(how[v <= 2 ? v : 0]);
+    int rc = key && val ? PyDict_SetItem(d, key, val) : -1;
+    Py_XDECREF(key);
+    Py_XDECREF(val);
+    if (rc < 0) {
+      Py_DECREF(d);
+      return NULL;
+    }
+  }
+  return d;
+}
+
 static PyMethodDef module_methods[] = {
+    {"backend_operations", (PyCFunction)mod_backend_operations, METH_O,
+     "backend_operations($module, name, /)\n--\n\nHow backend `name` does "
+     "each operation: {op: 'native' | 'emulated' | 'unsupported'}, plus "
+     "'timeout' for per-operation timeouts."},
     {"backend_status", (PyCFunction)mod_backend_status, METH_NOARGS,
      "backend_status($module)\n--\n\nFor each backend compiled in, best first: "
      "(name, works_here, reason_if_not)."},
@@ -154,7 +211,8 @@ static PyObject* new_exception(PyObject* m, const char* name, PyObject* bases,
 PyMODINIT_FUNC PyInit__fastiocp(void) {
   static const char* names[FIOCP_OP__COUNT] = {
       "", "read", "write", "recv", "send", "recvfrom", "sendto",
-      "accept", "connect", "post"};
+      "accept", "connect", "post", "poll", "sendmsg", "recvmsg",
+      "sendfile", "wait_process", "timer", "fsync", "connect_pipe"};
   PyObject *m, *sockmod, *bases;
   int i;
 #ifdef _WIN32
@@ -239,6 +297,12 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
   Py_XDECREF(bases);
   if (fb_InvalidStateError == NULL) goto fail;
 
+  if (PyModule_AddIntConstant(m, "POLLIN", FIOCP_POLLIN) < 0 ||
+      PyModule_AddIntConstant(m, "POLLPRI", FIOCP_POLLPRI) < 0 ||
+      PyModule_AddIntConstant(m, "POLLOUT", FIOCP_POLLOUT) < 0 ||
+      PyModule_AddIntConstant(m, "POLLERR", FIOCP_POLLERR) < 0 ||
+      PyModule_AddIntConstant(m, "POLLHUP", FIOCP_POLLHUP) < 0)
+    goto fail;
   Py_INCREF(&fb_CompletionType);
   if (PyModule_AddObject(m, "Completion", (PyObject*)&fb_CompletionType) < 0) {
     Py_DECREF(&fb_CompletionType);

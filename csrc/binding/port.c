@@ -5,6 +5,7 @@
  */
 #include "binding.h"
 
+#include <limits.h>
 #include <math.h>
 #include <string.h>
 
@@ -501,13 +502,49 @@ static int start_op(CompletionPortObject* self, CompletionObject* c,
   return 0;
 }
 
+/* What a submission may carry besides one buffer and an address: the
+ * per-operation timeout and the arguments of the issue-14 operations. The
+ * seed's operations without a timeout pass none (NULL). */
+typedef struct {
+  int64_t timeout_ns;   /* 0: none */
+  uint32_t len;         /* rec->len when there is no buffer: poll's events,
+                           sendfile's count, fsync's datasync */
+  uint8_t ext;          /* the record needs its extension */
+  uint8_t no_key;       /* not a registered handle: the key is None */
+  fiocp_handle_t src;   /* sendfile: the file */
+  int msgflags;         /* sendmsg/recvmsg */
+  fb_msgbufs_t* msg;    /* sendmsg/recvmsg: owned by submit_op() */
+  PyObject* keep;       /* kept as Completion.buffer (borrowed) */
+} op_extra_t;
+
+/* Raises NotImplementedError if the port's backend cannot do kind (or
+ * per-operation timeouts, when asked for one). Returns 0 or -1. */
+static int check_supported(CompletionPortObject* self, uint8_t kind,
+                           int64_t timeout_ns) {
+  const uint8_t* sup = self->backend->support;
+  if (sup == NULL) return 0; /* the backend's submit() decides */
+  if (sup[kind] == FIOCP_SUP_NO) {
+    PyErr_Format(PyExc_NotImplementedError,
+                 "%U is not supported by the %s backend", fb_kind_names[kind],
+                 self->backend->name);
+    return -1;
+  }
+  if (timeout_ns != 0 && sup[FIOCP_SUPPORT_TIMEOUT] == FIOCP_SUP_NO) {
+    PyErr_Format(PyExc_NotImplementedError,
+                 "the %s backend does not support per-operation timeouts",
+                 self->backend->name);
+    return -1;
+  }
+  return 0;
+}
+
 /* Validates, pins the buffer, fills a record and submits it. Everything
  * that can fail because of the arguments fails before anything is
- * submitted. GIL. */
+ * submitted. ex may be NULL; its msg is ours from the call on. GIL. */
 static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
                            PyObject* fileobj, PyObject* bufarg, int bufmode,
                            int64_t offset, PyObject* address,
-                           PyObject* context) {
+                           PyObject* context, op_extra_t* ex) {
   fiocp_handle_t h;
   PyObject* key;
   CompletionObject* c;
@@ -521,18 +558,32 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
    * runs without the GIL), and that code may close the port or unregister
    * the handle. So the port is checked and the key looked up only once all
    * of them are done; nothing after that runs Python code. */
-  if (fb_port_check_open(self) < 0 || fb_get_handle(fileobj, &h) < 0) return NULL;
+  fb_msgbufs_t* msg = ex != NULL ? ex->msg : NULL;
+  if (fb_port_check_open(self) < 0 ||
+      check_supported(self, kind, ex != NULL ? ex->timeout_ns : 0) < 0)
+    goto fail_early;
+  if (fileobj == NULL)
+    h = (fiocp_handle_t)-1; /* timer: no handle */
+  else if (fb_get_handle(fileobj, &h) < 0)
+    goto fail_early;
   needs_addr = kind == FIOCP_OP_RECVFROM || kind == FIOCP_OP_SENDTO ||
-               kind == FIOCP_OP_ACCEPT || kind == FIOCP_OP_CONNECT;
+               kind == FIOCP_OP_ACCEPT || kind == FIOCP_OP_CONNECT ||
+               (ex != NULL && (ex->ext || ex->timeout_ns != 0));
   if (address != NULL) {
     int family = fb_get_family(fileobj, h);
-    if (family < 0) return NULL;
+    if (family < 0) goto fail_early;
     if (fb_parse_sockaddr(PyUnicode_AsUTF8(fb_kind_names[kind]), address, family,
                           &ss, &sslen) < 0)
-      return NULL;
+      goto fail_early;
   }
   c = fb_Completion_create(kind, Py_None, context);
-  if (c == NULL) return NULL;
+  if (c == NULL) goto fail_early;
+  c->msg = msg; /* freed with c from here on */
+  msg = NULL;
+  if (ex != NULL && ex->keep != NULL) {
+    Py_SETREF(c->buffer, Py_NewRef(ex->keep));
+    fb_track_if_needed(c, ex->keep);
+  }
   if (bufmode != BUF_NONE) {
     PyObject* obj = bufarg;
     if (bufmode == BUF_READ && PyLong_Check(bufarg)) {
@@ -569,17 +620,39 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
     c->pinned = 1;
   }
   FB_LOCK(self);
-  if (fb_port_check_open(self) < 0 || (key = lookup_key(self, h)) == NULL) {
+  if (fb_port_check_open(self) < 0) {
     FB_UNLOCK(self);
     goto error;
   }
-  Py_SETREF(c->key, key); /* was None */
-  fb_track_if_needed(c, key);
+  if (ex == NULL || !ex->no_key) {
+    if ((key = lookup_key(self, h)) == NULL) {
+      FB_UNLOCK(self);
+      goto error;
+    }
+    Py_SETREF(c->key, key); /* was None */
+    fb_track_if_needed(c, key);
+  }
   rec = prepare_op(self, c, h, offset, needs_addr, address != NULL ? &ss : NULL,
                    sslen);
   if (rec == NULL) {
     FB_UNLOCK(self);
     goto error;
+  }
+  if (ex != NULL) {
+    if (!c->pinned) rec->len = ex->len;
+    rec->timeout_ns = ex->timeout_ns;
+    if (rec->addr != NULL) {
+      fiocp_addr_t* a = rec->addr;
+      a->src = ex->src;
+      a->msgflags = ex->msgflags;
+      if (c->msg != NULL) {
+        a->iovs = c->msg->iovs;
+        a->niov = (uint32_t)c->msg->nviews;
+        a->control = c->msg->control;
+        a->controllen = (uint32_t)c->msg->controllen;
+      }
+      if (kind == FIOCP_OP_SENDMSG && address == NULL) a->sslen = 0;
+    }
   }
   /* The system call that submits (io_uring_enter; the I/O itself on
    * epoll) runs outside the lock on 3.13t. A close() that comes meanwhile
@@ -598,7 +671,10 @@ error:
     PyBuffer_Release(&c->view);
     c->pinned = 0;
   }
-  Py_DECREF(c);
+  Py_DECREF(c); /* and its msg */
+  return NULL;
+fail_early:
+  fb_msgbufs_free(msg);
   return NULL;
 }
 
@@ -690,87 +766,375 @@ static int parse_args(const char* fname, PyObject* const* args,
 
 #define OR_NONE(o) ((o) != NULL ? (o) : Py_None)
 
+/* Seconds (an int or a float, >= 0; None: none) as nanoseconds: 0 for
+ * None, at least 1 otherwise (0 is "no timeout" in the record). what names
+ * the argument in errors. Returns 0 or -1 with an exception. */
+static int parse_seconds_ns(const char* what, PyObject* obj, int64_t* ns) {
+  double t;
+  *ns = 0;
+  if (obj == NULL || obj == Py_None) return 0;
+  if (!PyLong_Check(obj) && !PyFloat_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "%s must be a number of seconds or None, not %.100s",
+                 what, Py_TYPE(obj)->tp_name);
+    return -1;
+  }
+  t = PyFloat_AsDouble(obj);
+  if (t == -1.0 && PyErr_Occurred()) return -1;
+  if (isnan(t) || t < 0) {
+    PyErr_Format(PyExc_ValueError, "%s must be >= 0 or None", what);
+    return -1;
+  }
+  /* About 146 years: far enough to mean "never" without overflowing the
+   * kernels' timespecs and FILETIMEs. */
+  *ns = t >= 4.6e9 ? (int64_t)4.6e18 : (int64_t)(t * 1e9);
+  if (*ns == 0) *ns = 1;
+  return 0;
+}
+
+/* The op_extra_t of a seed operation: NULL (the fast path) unless a
+ * timeout was given. Returns 0 or -1 with an exception. */
+static int timeout_extra(PyObject* timeout, op_extra_t* ex, op_extra_t** out) {
+  *out = NULL;
+  if (timeout == NULL || timeout == Py_None) return 0;
+  memset(ex, 0, sizeof(*ex));
+  if (parse_seconds_ns("timeout", timeout, &ex->timeout_ns) < 0) return -1;
+  *out = ex;
+  return 0;
+}
+
+/* An int argument of fname within [lo, hi]. */
+static int parse_int_arg(const char* fname, const char* what, PyObject* obj,
+                         long long lo, long long hi, long long* out) {
+  long long v;
+  if (!PyLong_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "%s() %s must be an int, not %.100s", fname,
+                 what, Py_TYPE(obj)->tp_name);
+    return -1;
+  }
+  v = PyLong_AsLongLong(obj);
+  if (v == -1 && PyErr_Occurred()) {
+    if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+    PyErr_Clear();
+    v = hi == LLONG_MAX ? lo - 1 : hi + 1; /* out of range either way */
+  }
+  if (v < lo || v > hi) {
+    PyErr_Format(PyExc_ValueError, "%s() %s must be between %lld and %lld",
+                 fname, what, lo, hi);
+    return -1;
+  }
+  *out = v;
+  return 0;
+}
+
 static PyObject* CompletionPort_read(CompletionPortObject* self, FASTARGS) {
-  static const char* const names[] = {"file", "buffer", "offset", "context"};
-  static PyObject* interned[4];
-  PyObject* a[4];
+  static const char* const names[] = {"file", "buffer", "offset", "context",
+                                      "timeout"};
+  static PyObject* interned[5];
+  PyObject* a[5];
   int64_t offset;
-  if (parse_args("read", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
-      parse_offset(a[2], &offset) < 0)
+  op_extra_t ex, *exp;
+  if (parse_args("read", args, nargs, kwnames, names, interned, 5, 2, a) < 0 ||
+      parse_offset(a[2], &offset) < 0 || timeout_extra(a[4], &ex, &exp) < 0)
     return NULL;
   return submit_op(self, FIOCP_OP_READ, a[0], a[1], BUF_READ, offset, NULL,
-                   OR_NONE(a[3]));
+                   OR_NONE(a[3]), exp);
 }
 
 static PyObject* CompletionPort_write(CompletionPortObject* self, FASTARGS) {
-  static const char* const names[] = {"file", "data", "offset", "context"};
-  static PyObject* interned[4];
-  PyObject* a[4];
+  static const char* const names[] = {"file", "data", "offset", "context",
+                                      "timeout"};
+  static PyObject* interned[5];
+  PyObject* a[5];
   int64_t offset;
-  if (parse_args("write", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
-      parse_offset(a[2], &offset) < 0)
+  op_extra_t ex, *exp;
+  if (parse_args("write", args, nargs, kwnames, names, interned, 5, 2, a) < 0 ||
+      parse_offset(a[2], &offset) < 0 || timeout_extra(a[4], &ex, &exp) < 0)
     return NULL;
   return submit_op(self, FIOCP_OP_WRITE, a[0], a[1], BUF_WRITE, offset, NULL,
-                   OR_NONE(a[3]));
+                   OR_NONE(a[3]), exp);
 }
 
 static PyObject* CompletionPort_recv(CompletionPortObject* self, FASTARGS) {
-  static const char* const names[] = {"sock", "buffer", "context"};
-  static PyObject* interned[3];
-  PyObject* a[3];
-  if (parse_args("recv", args, nargs, kwnames, names, interned, 3, 2, a) < 0) return NULL;
+  static const char* const names[] = {"sock", "buffer", "context", "timeout"};
+  static PyObject* interned[4];
+  PyObject* a[4];
+  op_extra_t ex, *exp;
+  if (parse_args("recv", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
+      timeout_extra(a[3], &ex, &exp) < 0)
+    return NULL;
   return submit_op(self, FIOCP_OP_RECV, a[0], a[1], BUF_READ, 0, NULL,
-                   OR_NONE(a[2]));
+                   OR_NONE(a[2]), exp);
 }
 
 static PyObject* CompletionPort_send(CompletionPortObject* self, FASTARGS) {
-  static const char* const names[] = {"sock", "data", "context"};
-  static PyObject* interned[3];
-  PyObject* a[3];
-  if (parse_args("send", args, nargs, kwnames, names, interned, 3, 2, a) < 0) return NULL;
+  static const char* const names[] = {"sock", "data", "context", "timeout"};
+  static PyObject* interned[4];
+  PyObject* a[4];
+  op_extra_t ex, *exp;
+  if (parse_args("send", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
+      timeout_extra(a[3], &ex, &exp) < 0)
+    return NULL;
   return submit_op(self, FIOCP_OP_SEND, a[0], a[1], BUF_WRITE, 0, NULL,
-                   OR_NONE(a[2]));
+                   OR_NONE(a[2]), exp);
 }
 
 static PyObject* CompletionPort_recvfrom(CompletionPortObject* self,
                                          FASTARGS) {
-  static const char* const names[] = {"sock", "buffer", "context"};
-  static PyObject* interned[3];
-  PyObject* a[3];
-  if (parse_args("recvfrom", args, nargs, kwnames, names, interned, 3, 2, a) < 0)
+  static const char* const names[] = {"sock", "buffer", "context", "timeout"};
+  static PyObject* interned[4];
+  PyObject* a[4];
+  op_extra_t ex, *exp;
+  if (parse_args("recvfrom", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
+      timeout_extra(a[3], &ex, &exp) < 0)
     return NULL;
   return submit_op(self, FIOCP_OP_RECVFROM, a[0], a[1], BUF_READ, 0, NULL,
-                   OR_NONE(a[2]));
+                   OR_NONE(a[2]), exp);
 }
 
 static PyObject* CompletionPort_sendto(CompletionPortObject* self, FASTARGS) {
-  static const char* const names[] = {"sock", "data", "address", "context"};
-  static PyObject* interned[4];
-  PyObject* a[4];
-  if (parse_args("sendto", args, nargs, kwnames, names, interned, 4, 3, a) < 0)
+  static const char* const names[] = {"sock", "data", "address", "context",
+                                      "timeout"};
+  static PyObject* interned[5];
+  PyObject* a[5];
+  op_extra_t ex, *exp;
+  if (parse_args("sendto", args, nargs, kwnames, names, interned, 5, 3, a) < 0 ||
+      timeout_extra(a[4], &ex, &exp) < 0)
     return NULL;
   return submit_op(self, FIOCP_OP_SENDTO, a[0], a[1], BUF_WRITE, 0, a[2],
-                   OR_NONE(a[3]));
+                   OR_NONE(a[3]), exp);
 }
 
 static PyObject* CompletionPort_accept(CompletionPortObject* self, FASTARGS) {
-  static const char* const names[] = {"sock", "context"};
-  static PyObject* interned[2];
-  PyObject* a[2];
-  if (parse_args("accept", args, nargs, kwnames, names, interned, 2, 1, a) < 0)
+  static const char* const names[] = {"sock", "context", "timeout"};
+  static PyObject* interned[3];
+  PyObject* a[3];
+  op_extra_t ex, *exp;
+  if (parse_args("accept", args, nargs, kwnames, names, interned, 3, 1, a) < 0 ||
+      timeout_extra(a[2], &ex, &exp) < 0)
     return NULL;
   return submit_op(self, FIOCP_OP_ACCEPT, a[0], NULL, BUF_NONE, 0, NULL,
-                   OR_NONE(a[1]));
+                   OR_NONE(a[1]), exp);
 }
 
 static PyObject* CompletionPort_connect(CompletionPortObject* self, FASTARGS) {
-  static const char* const names[] = {"sock", "address", "context"};
-  static PyObject* interned[3];
-  PyObject* a[3];
-  if (parse_args("connect", args, nargs, kwnames, names, interned, 3, 2, a) < 0)
+  static const char* const names[] = {"sock", "address", "context", "timeout"};
+  static PyObject* interned[4];
+  PyObject* a[4];
+  op_extra_t ex, *exp;
+  if (parse_args("connect", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
+      timeout_extra(a[3], &ex, &exp) < 0)
     return NULL;
   return submit_op(self, FIOCP_OP_CONNECT, a[0], NULL, BUF_NONE, 0, a[1],
-                   OR_NONE(a[2]));
+                   OR_NONE(a[2]), exp);
+}
+
+static PyObject* CompletionPort_poll(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"fileobj", "events", "context", "timeout"};
+  static PyObject* interned[4];
+  PyObject* a[4];
+  op_extra_t ex;
+  long long events;
+  memset(&ex, 0, sizeof(ex));
+  if (parse_args("poll", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
+      parse_int_arg("poll", "events", a[1], 0, 0x7fffffff, &events) < 0 ||
+      parse_seconds_ns("timeout", a[3], &ex.timeout_ns) < 0)
+    return NULL;
+  if (events & ~(long long)(FIOCP_POLLIN | FIOCP_POLLPRI | FIOCP_POLLOUT |
+                            FIOCP_POLLERR | FIOCP_POLLHUP)) {
+    PyErr_SetString(PyExc_ValueError,
+                    "poll() events must combine POLLIN, POLLPRI, POLLOUT, "
+                    "POLLERR and POLLHUP");
+    return NULL;
+  }
+  ex.len = (uint32_t)events;
+  return submit_op(self, FIOCP_OP_POLL, a[0], NULL, BUF_NONE, 0, NULL,
+                   OR_NONE(a[2]), &ex);
+}
+
+static PyObject* CompletionPort_sendmsg(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"sock", "buffers", "ancdata", "flags",
+                                      "address", "context", "timeout"};
+  static PyObject* interned[7];
+  PyObject *a[7], *seq = NULL, *r;
+  op_extra_t ex;
+  long long flags = 0;
+  memset(&ex, 0, sizeof(ex));
+  if (parse_args("sendmsg", args, nargs, kwnames, names, interned, 7, 2, a) < 0 ||
+      (a[3] != NULL &&
+       parse_int_arg("sendmsg", "flags", a[3], INT_MIN, INT_MAX, &flags) < 0) ||
+      parse_seconds_ns("timeout", a[6], &ex.timeout_ns) < 0)
+    return NULL;
+  ex.msg = fb_msgbufs_pin("sendmsg", a[1], 0, &seq);
+  if (ex.msg == NULL) return NULL;
+  if (a[2] != NULL && fb_msgbufs_pack_ancdata(ex.msg, a[2]) < 0) {
+    fb_msgbufs_free(ex.msg);
+    Py_DECREF(seq);
+    return NULL;
+  }
+  ex.ext = 1;
+  ex.msgflags = (int)flags;
+  ex.keep = seq;
+  r = submit_op(self, FIOCP_OP_SENDMSG, a[0], NULL, BUF_NONE, 0,
+                a[4] == Py_None ? NULL : a[4], OR_NONE(a[5]), &ex);
+  Py_DECREF(seq);
+  return r;
+}
+
+static PyObject* CompletionPort_recvmsg(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"sock", "buffers", "ancbufsize", "flags",
+                                      "context", "timeout"};
+  static PyObject* interned[6];
+  PyObject *a[6], *seq = NULL, *r;
+  op_extra_t ex;
+  long long flags = 0, ancbufsize = 0;
+  memset(&ex, 0, sizeof(ex));
+  if (parse_args("recvmsg", args, nargs, kwnames, names, interned, 6, 2, a) < 0 ||
+      (a[2] != NULL && parse_int_arg("recvmsg", "ancbufsize", a[2], 0, LLONG_MAX,
+                                     &ancbufsize) < 0) ||
+      (a[3] != NULL &&
+       parse_int_arg("recvmsg", "flags", a[3], INT_MIN, INT_MAX, &flags) < 0) ||
+      parse_seconds_ns("timeout", a[5], &ex.timeout_ns) < 0)
+    return NULL;
+  ex.msg = fb_msgbufs_pin("recvmsg", a[1], 1, &seq);
+  if (ex.msg == NULL) return NULL;
+  if (fb_msgbufs_alloc_control(ex.msg, ancbufsize > PY_SSIZE_T_MAX
+                                           ? PY_SSIZE_T_MAX
+                                           : (Py_ssize_t)ancbufsize) < 0) {
+    fb_msgbufs_free(ex.msg);
+    Py_DECREF(seq);
+    return NULL;
+  }
+  ex.ext = 1;
+  ex.msgflags = (int)flags;
+  ex.keep = seq;
+  r = submit_op(self, FIOCP_OP_RECVMSG, a[0], NULL, BUF_NONE, 0, NULL,
+                OR_NONE(a[4]), &ex);
+  Py_DECREF(seq);
+  return r;
+}
+
+static PyObject* CompletionPort_sendfile(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"sock", "file", "offset", "count",
+                                      "context", "timeout"};
+  static PyObject* interned[6];
+  PyObject* a[6];
+  op_extra_t ex;
+  long long offset, count;
+  memset(&ex, 0, sizeof(ex));
+  if (parse_args("sendfile", args, nargs, kwnames, names, interned, 6, 4, a) < 0 ||
+      parse_int_arg("sendfile", "offset", a[2], 0, INT64_MAX / 2, &offset) < 0 ||
+      parse_int_arg("sendfile", "count", a[3], 1, MAX_TRANSFER, &count) < 0 ||
+      parse_seconds_ns("timeout", a[5], &ex.timeout_ns) < 0 ||
+      fb_get_handle(a[1], &ex.src) < 0)
+    return NULL;
+  ex.ext = 1;
+  ex.len = (uint32_t)count;
+  ex.keep = a[1];
+  return submit_op(self, FIOCP_OP_SENDFILE, a[0], NULL, BUF_NONE,
+                   (int64_t)offset, NULL, OR_NONE(a[4]), &ex);
+}
+
+static PyObject* CompletionPort_wait_process(CompletionPortObject* self,
+                                             FASTARGS) {
+  static const char* const names[] = {"process", "context", "timeout"};
+  static PyObject* interned[3];
+  PyObject *a[3], *id, *r;
+  op_extra_t ex;
+  memset(&ex, 0, sizeof(ex));
+  if (parse_args("wait_process", args, nargs, kwnames, names, interned, 3, 1,
+                 a) < 0 ||
+      parse_seconds_ns("timeout", a[2], &ex.timeout_ns) < 0)
+    return NULL;
+  if (PyLong_Check(a[0])) {
+    id = Py_NewRef(a[0]);
+  } else {
+    /* A subprocess.Popen: its pid, or on Windows its process handle. */
+#ifdef _WIN32
+    id = PyObject_GetAttrString(a[0], "_handle");
+#else
+    id = PyObject_GetAttrString(a[0], "pid");
+#endif
+    if (id == NULL || !PyLong_Check(id)) {
+      Py_XDECREF(id);
+      PyErr_Clear();
+      PyErr_Format(PyExc_TypeError,
+                   "wait_process() takes a subprocess.Popen or %s, not %.100s",
+#ifdef _WIN32
+                   "a process handle (int)",
+#else
+                   "a pid (int)",
+#endif
+                   Py_TYPE(a[0])->tp_name);
+      return NULL;
+    }
+  }
+#ifndef _WIN32
+  {
+    long long pid;
+    if (parse_int_arg("wait_process", "pid", id, 1, INT_MAX, &pid) < 0) {
+      Py_DECREF(id);
+      return NULL;
+    }
+  }
+#endif
+  ex.ext = 1;
+  ex.no_key = 1;
+  ex.keep = a[0];
+  r = submit_op(self, FIOCP_OP_WAIT_PROCESS, id, NULL, BUF_NONE, 0, NULL,
+                OR_NONE(a[1]), &ex);
+  Py_DECREF(id);
+  return r;
+}
+
+static PyObject* CompletionPort_timer(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"delay", "context"};
+  static PyObject* interned[2];
+  PyObject* a[2];
+  op_extra_t ex;
+  int64_t ns;
+  memset(&ex, 0, sizeof(ex));
+  if (parse_args("timer", args, nargs, kwnames, names, interned, 2, 1, a) < 0)
+    return NULL;
+  if (a[0] == Py_None) {
+    PyErr_SetString(PyExc_TypeError, "timer() delay must be a number of seconds");
+    return NULL;
+  }
+  if (parse_seconds_ns("delay", a[0], &ns) < 0) return NULL;
+  ex.ext = 1;
+  ex.no_key = 1;
+  return submit_op(self, FIOCP_OP_TIMER, NULL, NULL, BUF_NONE, ns, NULL,
+                   OR_NONE(a[1]), &ex);
+}
+
+static PyObject* CompletionPort_fsync(CompletionPortObject* self, FASTARGS) {
+  static const char* const names[] = {"file", "datasync", "context", "timeout"};
+  static PyObject* interned[4];
+  PyObject* a[4];
+  op_extra_t ex;
+  int datasync = 0;
+  memset(&ex, 0, sizeof(ex));
+  if (parse_args("fsync", args, nargs, kwnames, names, interned, 4, 1, a) < 0 ||
+      parse_seconds_ns("timeout", a[3], &ex.timeout_ns) < 0)
+    return NULL;
+  if (a[1] != NULL && (datasync = PyObject_IsTrue(a[1])) < 0) return NULL;
+  ex.len = (uint32_t)datasync;
+  return submit_op(self, FIOCP_OP_FSYNC, a[0], NULL, BUF_NONE, 0, NULL,
+                   OR_NONE(a[2]), &ex);
+}
+
+static PyObject* CompletionPort_connect_pipe(CompletionPortObject* self,
+                                             FASTARGS) {
+  static const char* const names[] = {"pipe", "context", "timeout"};
+  static PyObject* interned[3];
+  PyObject* a[3];
+  op_extra_t ex;
+  memset(&ex, 0, sizeof(ex));
+  if (parse_args("connect_pipe", args, nargs, kwnames, names, interned, 3, 1,
+                 a) < 0 ||
+      parse_seconds_ns("timeout", a[2], &ex.timeout_ns) < 0)
+    return NULL;
+  return submit_op(self, FIOCP_OP_CONNECT_PIPE, a[0], NULL, BUF_NONE, 0, NULL,
+                   OR_NONE(a[1]), &ex);
 }
 
 /* done == RESUBMITTING marks a completion taken by a resubmit() call that is
@@ -1316,31 +1680,80 @@ static PyMethodDef CompletionPort_methods[] = {
      "argument is wrong. The way to keep a queue of reads full, or to "
      "re-arm a batch of receives or accepts, without a Python call per "
      "operation."},
+#define TIMEOUT_DOC                                                       \
+  " timeout: seconds after which the port cancels the operation if it is " \
+  "still pending; it then completes with TimeoutError (data that arrived " \
+  "first always wins)."
     {"read", (PyCFunction)(void (*)(void))CompletionPort_read, FASTKW,
-     "read($self, file, buffer, offset=0, context=None)\n--\n\nRead into buffer (a "
-     "writable buffer, or an int size to allocate a bytearray) at offset "
-     "(None: the current position, for pipes). Returns the pending "
-     "Completion."},
+     "read($self, file, buffer, offset=0, context=None, timeout=None)\n--\n\n"
+     "Read into buffer (a writable buffer, or an int size to allocate a "
+     "bytearray) at offset (None: the current position, for pipes). Returns "
+     "the pending Completion." TIMEOUT_DOC},
     {"write", (PyCFunction)(void (*)(void))CompletionPort_write, FASTKW,
-     "write($self, file, data, offset=0, context=None)\n--\n\nWrite data at offset "
-     "(None: the current position). Returns the pending Completion."},
+     "write($self, file, data, offset=0, context=None, timeout=None)\n--\n\n"
+     "Write data at offset (None: the current position). Returns the "
+     "pending Completion." TIMEOUT_DOC},
     {"recv", (PyCFunction)(void (*)(void))CompletionPort_recv, FASTKW,
-     "recv($self, sock, buffer, context=None)\n--\n\nReceive into buffer (or an int "
-     "size). nbytes == 0 means the peer closed."},
+     "recv($self, sock, buffer, context=None, timeout=None)\n--\n\nReceive into "
+     "buffer (or an int size). nbytes == 0 means the peer closed." TIMEOUT_DOC},
     {"send", (PyCFunction)(void (*)(void))CompletionPort_send, FASTKW,
-     "send($self, sock, data, context=None)\n--\n\nSend data; nbytes may be short."},
+     "send($self, sock, data, context=None, timeout=None)\n--\n\nSend data; "
+     "nbytes may be short." TIMEOUT_DOC},
     {"recvfrom", (PyCFunction)(void (*)(void))CompletionPort_recvfrom, FASTKW,
-     "recvfrom($self, sock, buffer, context=None)\n--\n\nReceive a datagram; "
-     "result() is (nbytes, address)."},
+     "recvfrom($self, sock, buffer, context=None, timeout=None)\n--\n\nReceive a "
+     "datagram; result() is (nbytes, address)." TIMEOUT_DOC},
     {"sendto", (PyCFunction)(void (*)(void))CompletionPort_sendto, FASTKW,
-     "sendto($self, sock, data, address, context=None)\n--\n\nSend a datagram to "
-     "address."},
+     "sendto($self, sock, data, address, context=None, timeout=None)\n--\n\n"
+     "Send a datagram to address." TIMEOUT_DOC},
     {"accept", (PyCFunction)(void (*)(void))CompletionPort_accept, FASTKW,
-     "accept($self, sock, context=None)\n--\n\nAccept a connection on a listening "
-     "socket; result() is (socket.socket, address)."},
+     "accept($self, sock, context=None, timeout=None)\n--\n\nAccept a connection "
+     "on a listening socket; result() is (socket.socket, address)." TIMEOUT_DOC},
     {"connect", (PyCFunction)(void (*)(void))CompletionPort_connect, FASTKW,
-     "connect($self, sock, address, context=None)\n--\n\nConnect a stream socket "
-     "(TCP v4/v6, Unix)."},
+     "connect($self, sock, address, context=None, timeout=None)\n--\n\nConnect a "
+     "stream socket (TCP v4/v6, Unix)." TIMEOUT_DOC},
+    {"poll", (PyCFunction)(void (*)(void))CompletionPort_poll, FASTKW,
+     "poll($self, fileobj, events, context=None, timeout=None)\n--\n\nOne-shot "
+     "readiness: completes when any of events (POLLIN, POLLPRI, POLLOUT) holds; "
+     "POLLERR and POLLHUP are always reported. nbytes and result() are the "
+     "events that fired." TIMEOUT_DOC},
+    {"sendmsg", (PyCFunction)(void (*)(void))CompletionPort_sendmsg, FASTKW,
+     "sendmsg($self, sock, buffers, ancdata=(), flags=0, address=None, "
+     "context=None, timeout=None)\n--\n\nGathering send of a sequence of buffers, "
+     "with ancillary data ((level, type, data) items, e.g. SCM_RIGHTS; "
+     "not on Windows) as socket.sendmsg() takes them. nbytes may be short."
+     TIMEOUT_DOC},
+    {"recvmsg", (PyCFunction)(void (*)(void))CompletionPort_recvmsg, FASTKW,
+     "recvmsg($self, sock, buffers, ancbufsize=0, flags=0, context=None, "
+     "timeout=None)\n--\n\nScattering receive into a sequence of writable "
+     "buffers; result() is (nbytes, ancdata, msg_flags, address), as "
+     "socket.recvmsg_into() returns (ancillary data: not on Windows)."
+     TIMEOUT_DOC},
+    {"sendfile", (PyCFunction)(void (*)(void))CompletionPort_sendfile, FASTKW,
+     "sendfile($self, sock, file, offset, count, context=None, timeout=None)\n"
+     "--\n\nSend count bytes of file from offset to sock, copied by the kernel "
+     "(splice or sendfile on Linux, TransmitFile on Windows). nbytes is what "
+     "was sent: short at the end of the file." TIMEOUT_DOC},
+    {"wait_process", (PyCFunction)(void (*)(void))CompletionPort_wait_process,
+     FASTKW,
+     "wait_process($self, process, context=None, timeout=None)\n--\n\nCompletes "
+     "when a child process exits. process: a subprocess.Popen, or a pid "
+     "(POSIX) / process handle (Windows). result() is the return code as "
+     "Popen.returncode gives it (minus the signal number if a signal ended "
+     "it). The child is not reaped: Popen.wait() or os.waitpid() then "
+     "returns at once." TIMEOUT_DOC},
+    {"timer", (PyCFunction)(void (*)(void))CompletionPort_timer, FASTKW,
+     "timer($self, delay, context=None)\n--\n\nCompletes after delay seconds "
+     "(result() is None). cancel() ends it early, as cancelled."},
+    {"fsync", (PyCFunction)(void (*)(void))CompletionPort_fsync, FASTKW,
+     "fsync($self, file, datasync=False, context=None, timeout=None)\n--\n\n"
+     "Flush the file's data (and, unless datasync, its metadata) to storage."
+     TIMEOUT_DOC},
+    {"connect_pipe", (PyCFunction)(void (*)(void))CompletionPort_connect_pipe,
+     FASTKW,
+     "connect_pipe($self, pipe, context=None, timeout=None)\n--\n\nWindows: wait "
+     "for a client to connect to a named pipe server handle (opened with "
+     "FILE_FLAG_OVERLAPPED and registered). NotImplementedError elsewhere."
+     TIMEOUT_DOC},
     {"post", (PyCFunction)(void (*)(void))CompletionPort_post, FASTKW,
      "post($self, key=None, context=None, nbytes=0)\n--\n\nQueue a packet of your "
      "own; get() returns it as a Completion with op 'post'."},

@@ -15,12 +15,18 @@ io_uring on Linux (epoll where io_uring is blocked).
 from __future__ import annotations
 
 from ._fastiocp import (
+    POLLERR,
+    POLLHUP,
+    POLLIN,
+    POLLOUT,
+    POLLPRI,
     BackendUnavailableError,
     Completion,
     CompletionPort,
     FastIOCPError,
     InvalidStateError,
     PortClosedError,
+    backend_operations,
     backend_status,
 )
 from ._files import File, open
@@ -28,6 +34,11 @@ from ._version import __version__
 from ._workers import EXIT, WorkerPool
 
 __all__ = [
+    "POLLERR",
+    "POLLHUP",
+    "POLLIN",
+    "POLLOUT",
+    "POLLPRI",
     "BackendUnavailableError",
     "Completion",
     "CompletionPort",
@@ -39,6 +50,7 @@ __all__ = [
     "WorkerPool",
     "__version__",
     "available_backends",
+    "backend_operations",
     "backend_status",
     "open",
 ]

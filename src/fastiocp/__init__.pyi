@@ -3,12 +3,18 @@ import os
 from typing import Any, Union
 
 from ._fastiocp import (
+    POLLERR as POLLERR,
+    POLLHUP as POLLHUP,
+    POLLIN as POLLIN,
+    POLLOUT as POLLOUT,
+    POLLPRI as POLLPRI,
     BackendUnavailableError as BackendUnavailableError,
     Completion as Completion,
     CompletionPort as CompletionPort,
     FastIOCPError as FastIOCPError,
     InvalidStateError as InvalidStateError,
     PortClosedError as PortClosedError,
+    backend_operations as backend_operations,
     backend_status as backend_status,
 )
 from ._files import File as File, open as open
@@ -16,6 +22,11 @@ from ._version import __version__ as __version__
 from ._workers import EXIT as EXIT, WorkerPool as WorkerPool
 
 __all__ = [
+    "POLLERR",
+    "POLLHUP",
+    "POLLIN",
+    "POLLOUT",
+    "POLLPRI",
     "BackendUnavailableError",
     "Completion",
     "CompletionPort",
@@ -27,6 +38,7 @@ __all__ = [
     "WorkerPool",
     "__version__",
     "available_backends",
+    "backend_operations",
     "backend_status",
     "open",
 ]

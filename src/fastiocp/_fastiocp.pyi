@@ -15,7 +15,25 @@ class _HasFileno(Protocol):
     def fileno(self) -> int: ...
 
 _Handle: TypeAlias = Union[int, _HasFileno]
-_OpKind: TypeAlias = Literal["read", "write", "recv", "send", "recvfrom", "sendto", "accept", "connect", "post"]
+_OpKind: TypeAlias = Literal[
+    "read",
+    "write",
+    "recv",
+    "send",
+    "recvfrom",
+    "sendto",
+    "accept",
+    "connect",
+    "post",
+    "poll",
+    "sendmsg",
+    "recvmsg",
+    "sendfile",
+    "wait_process",
+    "timer",
+    "fsync",
+    "connect_pipe",
+]
 _BackendName: TypeAlias = Literal["iocp", "io_uring", "epoll"]
 
 # Buffers (PEP 688). The data of a write, send or sendto is any object with
@@ -30,6 +48,16 @@ _BackendName: TypeAlias = Literal["iocp", "io_uring", "epoll"]
 _ReadableBuffer: TypeAlias = Buffer
 _WritableBuffer: TypeAlias = Buffer
 _Address: TypeAlias = Union[tuple[Any, ...], str, bytes]
+# A subprocess.Popen (anything with a pid, and on Windows a _handle), or a
+# pid (POSIX) / process handle (Windows).
+_Process: TypeAlias = Any
+_Ancdata: TypeAlias = Iterable[tuple[int, int, _ReadableBuffer]]
+
+POLLIN: int
+POLLPRI: int
+POLLOUT: int
+POLLERR: int
+POLLHUP: int
 
 class FastIOCPError(Exception):
     """Base class of fastiocp's own exceptions."""
@@ -68,9 +96,12 @@ class Completion:
     def cancelled(self) -> bool: ...
     @property
     def address(self) -> Any: ...
-    # result() depends on op: nbytes (read, write, recv, send, sendto, post),
-    # (nbytes, address) for recvfrom, (socket.socket, address) for accept,
-    # None for connect; it raises the operation's error.
+    # result() depends on op: nbytes (read, write, recv, send, sendto, post,
+    # sendmsg, sendfile; the events that fired for poll), (nbytes, address)
+    # for recvfrom, (socket.socket, address) for accept, (nbytes, ancdata,
+    # msg_flags, address) for recvmsg, the return code for wait_process,
+    # None for connect, timer, fsync and connect_pipe; it raises the
+    # operation's error (TimeoutError when its timeout expired).
     def result(self) -> Any: ...
     def cancel(self) -> bool: ...
 
@@ -94,15 +125,60 @@ class CompletionPort:
     def register(self, fileobj: _Handle, key: Any = None) -> None: ...
     def unregister(self, fileobj: _Handle) -> None: ...
     def read(
-        self, file: _Handle, buffer: Union[_WritableBuffer, int], offset: Optional[int] = 0, context: Any = None
+        self,
+        file: _Handle,
+        buffer: Union[_WritableBuffer, int],
+        offset: Optional[int] = 0,
+        context: Any = None,
+        timeout: Optional[float] = None,
     ) -> Completion: ...
-    def write(self, file: _Handle, data: _ReadableBuffer, offset: Optional[int] = 0, context: Any = None) -> Completion: ...
-    def recv(self, sock: _Handle, buffer: Union[_WritableBuffer, int], context: Any = None) -> Completion: ...
-    def send(self, sock: _Handle, data: _ReadableBuffer, context: Any = None) -> Completion: ...
-    def recvfrom(self, sock: _Handle, buffer: Union[_WritableBuffer, int], context: Any = None) -> Completion: ...
-    def sendto(self, sock: _Handle, data: _ReadableBuffer, address: _Address, context: Any = None) -> Completion: ...
-    def accept(self, sock: _Handle, context: Any = None) -> Completion: ...
-    def connect(self, sock: _Handle, address: _Address, context: Any = None) -> Completion: ...
+    def write(
+        self,
+        file: _Handle,
+        data: _ReadableBuffer,
+        offset: Optional[int] = 0,
+        context: Any = None,
+        timeout: Optional[float] = None,
+    ) -> Completion: ...
+    def recv(
+        self, sock: _Handle, buffer: Union[_WritableBuffer, int], context: Any = None, timeout: Optional[float] = None
+    ) -> Completion: ...
+    def send(self, sock: _Handle, data: _ReadableBuffer, context: Any = None, timeout: Optional[float] = None) -> Completion: ...
+    def recvfrom(
+        self, sock: _Handle, buffer: Union[_WritableBuffer, int], context: Any = None, timeout: Optional[float] = None
+    ) -> Completion: ...
+    def sendto(
+        self, sock: _Handle, data: _ReadableBuffer, address: _Address, context: Any = None, timeout: Optional[float] = None
+    ) -> Completion: ...
+    def accept(self, sock: _Handle, context: Any = None, timeout: Optional[float] = None) -> Completion: ...
+    def connect(self, sock: _Handle, address: _Address, context: Any = None, timeout: Optional[float] = None) -> Completion: ...
+    def poll(self, fileobj: _Handle, events: int, context: Any = None, timeout: Optional[float] = None) -> Completion: ...
+    def sendmsg(
+        self,
+        sock: _Handle,
+        buffers: Iterable[_ReadableBuffer],
+        ancdata: _Ancdata = (),
+        flags: int = 0,
+        address: Optional[_Address] = None,
+        context: Any = None,
+        timeout: Optional[float] = None,
+    ) -> Completion: ...
+    def recvmsg(
+        self,
+        sock: _Handle,
+        buffers: Iterable[_WritableBuffer],
+        ancbufsize: int = 0,
+        flags: int = 0,
+        context: Any = None,
+        timeout: Optional[float] = None,
+    ) -> Completion: ...
+    def sendfile(
+        self, sock: _Handle, file: _Handle, offset: int, count: int, context: Any = None, timeout: Optional[float] = None
+    ) -> Completion: ...
+    def wait_process(self, process: _Process, context: Any = None, timeout: Optional[float] = None) -> Completion: ...
+    def timer(self, delay: float, context: Any = None) -> Completion: ...
+    def fsync(self, file: _Handle, datasync: bool = False, context: Any = None, timeout: Optional[float] = None) -> Completion: ...
+    def connect_pipe(self, pipe: _Handle, context: Any = None, timeout: Optional[float] = None) -> Completion: ...
     def post(self, key: Any = None, context: Any = None, nbytes: int = 0) -> None: ...
     def get(self, timeout: Optional[float] = None) -> Optional[Completion]: ...
     def get_many(self, max: int = 64, timeout: Optional[float] = None) -> list[Completion]: ...
@@ -119,6 +195,7 @@ class CompletionPort:
     def __next__(self) -> Completion: ...
 
 def backend_status() -> list[tuple[str, bool, str]]: ...
+def backend_operations(name: str, /) -> dict[str, Literal["native", "emulated", "unsupported"]]: ...
 
 @disjoint_base
 class _FileHandle:
