@@ -26,6 +26,20 @@ def test_info_names_backend_and_others():
         assert name in r.stdout
 
 
+def test_info_lists_how_each_backend_does_each_operation():
+    r = _run("info")
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.split("operations (native / emulated / unsupported):\n", 1)[1].splitlines()
+    names = [name for name, _works, _why in fastiocp.backend_status()]
+    assert table[0].split() == names
+    rows = {line.split()[0]: line.split()[1:] for line in table[1:]}
+    for i, name in enumerate(names):
+        expected = fastiocp.backend_operations(name)
+        for op, how in expected.items():
+            assert rows["timeout=" if op == "timeout" else op][i] == how, (name, op)
+    assert set(rows) >= {"poll", "sendmsg", "recvmsg", "sendfile", "wait_process", "timer", "fsync", "connect_pipe"}
+
+
 def test_info_with_forced_backend(backend):
     env = dict(os.environ, FASTIOCP_BACKEND=backend)
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(fastiocp.__file__))

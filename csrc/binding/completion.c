@@ -329,7 +329,13 @@ static PyObject* make_recvmsg_extra(fiocp_op_t* rec) {
   } else {
     addr = Py_NewRef(Py_None);
   }
+#ifdef MSG_CMSG_CLOEXEC
+  /* The backends receive descriptors close-on-exec; Linux echoes that
+   * request flag in msg_flags, where socket.recvmsg() shows none. */
+  return Py_BuildValue("(NiN)", anc, a->msgflags & ~MSG_CMSG_CLOEXEC, addr);
+#else
   return Py_BuildValue("(NiN)", anc, a->msgflags, addr);
+#endif
 }
 
 /* Popen.returncode for wait_process's result: on POSIX res is a wait
@@ -397,10 +403,11 @@ static void finish_fill(fiocp_op_t* rec) {
     c->cancelled = (uint8_t)fb_is_cancel_code(res);
     c->nbytes = 0;
 #ifndef _WIN32
-    if (c->kind == FIOCP_OP_WAIT_PROCESS && res == -ECHILD &&
+    if (c->kind == FIOCP_OP_WAIT_PROCESS && (res == -ECHILD || res == -ESRCH) &&
         c->buffer != Py_None) {
       /* Reaped by its Popen (poll(), wait(), the module's cleanup) before
-       * the port looked: its returncode is the answer. */
+       * the port looked (ECHILD), or even before it was submitted (ESRCH
+       * from pidfd_open): its returncode is the answer. */
       PyObject* rc = PyObject_GetAttrString(c->buffer, "returncode");
       if (rc != NULL && rc != Py_None) {
         Py_SETREF(c->error, Py_NewRef(Py_None));

@@ -55,7 +55,23 @@ def cmd_info(args: argparse.Namespace) -> int:
         else:
             state = f"works here, not chosen (FASTIOCP_BACKEND={name} or backend={name!r} selects it)"
         print(f"  {name}: {state}")
+    print_operations([name for name, _w, _y in status])
     return 0 if chosen is not None else 1
+
+
+def print_operations(backends: Sequence[str]) -> None:
+    """A table: how each backend of this build does each operation (native:
+    one OS call does it; emulated: readiness plus a non-blocking call, or a
+    helper thread)."""
+    tables = {name: fastiocp.backend_operations(name) for name in backends}
+    ops = list(next(iter(tables.values())))
+    ops.append(ops.pop(ops.index("timeout")))  # per-operation timeouts last
+    print("operations (native / emulated / unsupported):")
+    width = max(len(op) for op in ops)
+    print("  " + " " * width + "".join(f"  {name:<11}" for name in backends))
+    for op in ops:
+        label = "timeout=" if op == "timeout" else op
+        print(f"  {label:<{width}}" + "".join(f"  {tables[name][op]:<11}" for name in backends))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
