@@ -71,8 +71,42 @@
  * error queue. The backend never reads the error queue itself: it is the
  * user's data.
  *
+ * The operations of issue 14 ride on the same machinery:
+ * - poll: a third per-descriptor list beside the two direction queues, in
+ *   no order (a poll consumes nothing, so it never waits behind a read).
+ *   Tried with poll(2) at submit; then the descriptor's interest is the
+ *   union of its queues' directions and its polls' masks, and each event
+ *   completes every poll whose mask it meets, whatever the queues do with
+ *   it. A poll for POLLIN beside a pending recv both complete.
+ * - sendmsg and recvmsg join the write and read queues (MSG_DONTWAIT);
+ *   sendfile joins the write queue and, like accept, toggles O_NONBLOCK
+ *   for its calls; its progress survives EAGAIN in the record's scratch.
+ * - wait_process opens a pidfd (the backend's own descriptor, never the
+ *   user's) and queues a non-reaping waitid(P_PIDFD, WNOWAIT) on it as a
+ *   read; the pidfd is closed when the operation leaves the backend
+ *   (finish_op()), under its descriptor state's lock, so the number's
+ *   next owner starts with a clean registration.
+ * - fsync runs on the file pool.
+ * - Timers and per-operation timeouts share one min-heap of deadlines
+ *   (CLOCK_MONOTONIC ns) under tm_mu and one timerfd in the epoll set,
+ *   armed to the earliest deadline only when a new entry goes first (the
+ *   timerfd is created the first time a port needs it). Each entry's heap
+ *   index lives in the record's scratch, so removing an entry when its
+ *   operation finishes first costs O(log n). When the timerfd fires, the
+ *   poller pops what expired: a timer completes with 0; an operation whose
+ *   timeout expired is cancelled exactly as cancel() does it and completes
+ *   with FIOCP_ETIMEDOUT, unless it had already left its place (its result
+ *   wins). An operation whose timeout fires before it was placed in a queue
+ *   (submit in progress) sees the TM_EXPIRED mark under its queue's lock
+ *   right after queueing, as it sees e->closing, and takes itself out.
+ *
  * Locks. hub.mu (the hub's) comes before every lock here, and is never held
- * while one of these is taken, except done_mu in harvest(). Each descriptor
+ * while one of these is taken, except done_mu in harvest(). tm_mu comes
+ * before the descriptor and pool mutexes (an expiry cancels under it), and
+ * is taken with none of them held: every completion path first lets go of
+ * its place's lock, then calls finish_op(), which removes the heap entry.
+ * An expiry holds tm_mu while it looks at an operation, so that operation
+ * cannot complete and be recycled meanwhile. Each descriptor
  * state has its own mutex, held while its queues change and while its
  * non-blocking calls run (so a submit and the poller never interleave on one
  * queue); tab_mu guards growth of the descriptor table; the pool has its own
@@ -82,7 +116,7 @@
  * fiocp_op_t.bk says where an operation is (a descriptor queue, the pool's
  * queue, a pool thread, or nowhere) plus a few per-operation facts; it is
  * only changed under the lock of the place it names, which is what cancel()
- * relies on.
+ * relies on. A timer's place is the heap (its scratch index, under tm_mu).
  */
 #define _GNU_SOURCE
 #include "../fiocp.h"
@@ -91,16 +125,36 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/timerfd.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
+
+#ifndef SYS_pidfd_open
+# define SYS_pidfd_open 434   /* the same on every architecture */
+#endif
+#ifndef P_PIDFD
+# define P_PIDFD 3
+#endif
+
+/* fastiocp's POLL* values are Linux's, so revents pass through as they are. */
+typedef char fiocp__poll_values_match[
+    (FIOCP_POLLIN == EPOLLIN && FIOCP_POLLPRI == EPOLLPRI &&
+     FIOCP_POLLOUT == EPOLLOUT && FIOCP_POLLERR == EPOLLERR &&
+     FIOCP_POLLHUP == EPOLLHUP && POLLIN == EPOLLIN && POLLPRI == EPOLLPRI &&
+     POLLOUT == EPOLLOUT && POLLERR == EPOLLERR && POLLHUP == EPOLLHUP)
+        ? 1 : -1];
 
 #ifndef RWF_NOWAIT
 # define RWF_NOWAIT 0x00000008
@@ -126,6 +180,7 @@
 #define POOL_THREADS 4        /* file pool size, started lazily */
 #define KICK_DATA UINT64_MAX  /* epoll data of the eventfd; a descriptor's
                                  data (gen << 32 | fd) never reaches it */
+#define TIMER_DATA (UINT64_MAX - 1) /* the timerfd's, likewise */
 #define PENDING INT64_MIN     /* try_io(): would block, wait for readiness */
 
 /* fiocp_op_t.bk: where the operation is (low two bits), facts about it,
@@ -142,7 +197,19 @@
 #define BK_MASK 0x3fu
 #define FDST_ALIGN 64
 
-enum { DIR_IN = 0, DIR_OUT = 1 };
+/* A descriptor's queues: reads and writes run in order, each direction on
+ * its own; polls wait unordered on the third. */
+enum { DIR_IN = 0, DIR_OUT = 1, DIR_POLL = 2, NQ = 3 };
+
+/* fiocp_addr_t.scratch slots of this backend (records that carry an
+ * extension; ep_submit() sets them before anything can see the record). */
+#define S_HIDX 0     /* timer heap index + 1; 0: not in the heap (tm_mu) */
+#define S_TMST 1     /* TM_* bits, atomic */
+#define S_SENT 2     /* sendfile: bytes sent so far */
+#define S_PIDFD 3    /* wait_process: the pidfd, or -1 */
+#define TM_EXPIRED 0x1   /* the operation's timeout fired */
+#define TM_ISTIMEOUT 0x2 /* timer: its heap entry is its timeout (shorter
+                            than its delay), so it ends in FIOCP_ETIMEDOUT */
 
 typedef struct opq_s {
   fiocp_op_t* head;
@@ -159,7 +226,7 @@ typedef struct fdst_s {
                             then; epoll may have dropped it since) */
   uint32_t gen;          /* in the epoll data; bumped when the queued
                             operations are found to belong to a closed file */
-  opq_t q[2];            /* DIR_IN, DIR_OUT */
+  opq_t q[NQ];           /* DIR_IN, DIR_OUT, DIR_POLL */
 } fdst_t;
 
 /* Descriptor table: a hash of descriptor states keyed by descriptor number
@@ -191,6 +258,27 @@ typedef struct pool_s {
   pthread_t th[POOL_THREADS];
 } pool_t;
 
+/* One pending deadline. when and seq sit in the heap array itself, so
+ * sifting compares without touching the records. */
+typedef struct tment_s {
+  int64_t when;          /* CLOCK_MONOTONIC ns */
+  uint64_t seq;          /* submission order among equal deadlines */
+  fiocp_op_t* op;
+} tment_t;
+
+/* Timers and timeouts: a binary min-heap under mu, and a timerfd armed to
+ * its earliest deadline (see the head comment). */
+typedef struct timers_s {
+  pthread_mutex_t mu;
+  tment_t* heap;
+  size_t n, cap;
+  uint64_t seq;
+  int64_t armed;         /* the deadline the timerfd is set to; INT64_MAX:
+                            none pending */
+  int fd;                /* timerfd, -1 until first needed (atomic reads
+                            outside mu) */
+} timers_t;
+
 typedef struct ep_s {
   fiocp_hub_t hub; /* first: see FIOCP__HUB() */
   fiocp_port_t* port;
@@ -202,6 +290,7 @@ typedef struct ep_s {
   pthread_mutex_t done_mu;
   opq_t done;            /* finished by poll(), taken by harvest() */
   pool_t pool;
+  timers_t tm;
 } ep_t;
 
 /* Serializes O_NONBLOCK toggles across ports and threads, so that two
@@ -232,10 +321,27 @@ static int op_dir(int kind) {
     case FIOCP_OP_SEND:
     case FIOCP_OP_SENDTO:
     case FIOCP_OP_CONNECT:
+    case FIOCP_OP_SENDMSG:
+    case FIOCP_OP_SENDFILE:
       return DIR_OUT;
+    case FIOCP_OP_POLL:
+      return DIR_POLL;
     default:
       return DIR_IN;
   }
+}
+
+/* The descriptor an operation waits on: a wait_process waits on its pidfd,
+ * every other kind on its handle. */
+static int op_fd(const fiocp_op_t* op) {
+  if (op->kind == FIOCP_OP_WAIT_PROCESS)
+    return (int)op->addr->scratch.i64[S_PIDFD];
+  return (int)op->handle;
+}
+
+/* The readiness events a poll asks for (ERR and HUP come unasked). */
+static uint32_t poll_wanted(const fiocp_op_t* op) {
+  return op->len & (uint32_t)(FIOCP_POLLIN | FIOCP_POLLPRI | FIOCP_POLLOUT);
 }
 
 static void q_push(opq_t* q, fiocp_op_t* op) {
@@ -279,10 +385,14 @@ static void q_splice(opq_t* dst, opq_t* src) {
   src->head = src->tail = NULL;
 }
 
+static void finish_op(ep_t* e, fiocp_op_t* op);
+static int tm_expired(const fiocp_op_t* op);
+
 /* Completes op with res from outside poll(): no lock of ours may be held. */
 static void complete(ep_t* e, fiocp_op_t* op, int64_t res) {
   op->res = res;
   bk_move(op, BK_NONE, NULL);
+  finish_op(e, op);
   fiocp__hub_complete(&e->hub, op, 1);
 }
 
@@ -291,6 +401,7 @@ static void complete_all(ep_t* e, opq_t* q) {
   fiocp_op_t* op;
   while ((op = q_pop(q)) != NULL) {
     bk_move(op, BK_NONE, NULL);
+    finish_op(e, op);
     fiocp__hub_complete(&e->hub, op, 1);
   }
 }
@@ -452,6 +563,131 @@ static int64_t do_connect(fiocp_op_t* op) {
   }
 }
 
+/* sendmsg/recvmsg with the binding's iovec array, control buffer and
+ * address (fiocp.h, FIOCP_OP_SENDMSG). The msghdr lives on the stack: the
+ * call never outlasts it. A receive writes back what the kernel reported,
+ * only on success, so an EAGAIN leaves the inputs for the next try. */
+static int64_t do_msg(fiocp_op_t* op, int recv) {
+  int fd = (int)op->handle;
+  fiocp_addr_t* a = op->addr;
+  struct msghdr m;
+  ssize_t r;
+  memset(&m, 0, sizeof(m));
+  m.msg_iov = (struct iovec*)a->iovs;
+  m.msg_iovlen = a->niov;
+  m.msg_control = a->controllen > 0 ? a->control : NULL;
+  m.msg_controllen = a->controllen;
+  if (recv) {
+    m.msg_name = &a->ss;
+    m.msg_namelen = (socklen_t)sizeof(a->ss);
+  } else if (a->sslen > 0) {
+    m.msg_name = &a->ss;
+    m.msg_namelen = a->sslen;
+  }
+  do {
+    /* MSG_CMSG_CLOEXEC: received descriptors must not leak into children
+     * spawned before the user could set the flag. */
+    r = recv ? recvmsg(fd, &m, a->msgflags | MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+             : sendmsg(fd, &m, a->msgflags | MSG_DONTWAIT | MSG_NOSIGNAL);
+  } while (r < 0 && errno == EINTR);
+  if (r >= 0 && recv) {
+    int own = MSG_CMSG_CLOEXEC & ~a->msgflags;
+    a->controllen = (uint32_t)m.msg_controllen;
+    /* Linux echoes MSG_CMSG_CLOEXEC into msg_flags: the user did not ask
+     * for it, so it is not news to them. */
+    a->msgflags = m.msg_flags & ~own;
+    a->sslen = m.msg_namelen;
+  }
+  return sys_result(r);
+}
+
+/* sendfile(2) from addr->src at offset + what was sent before, until the
+ * count is sent, end of file, or the socket is full (PENDING, progress
+ * kept in scratch). The offset pointer form never moves the file's
+ * position. An error after some bytes reports the bytes. */
+static int64_t do_sendfile(fiocp_op_t* op) {
+  int fd = (int)op->handle;
+  fiocp_addr_t* a = op->addr;
+  int64_t sent = a->scratch.i64[S_SENT], res;
+  int saved, rc;
+  if (op->offset < 0) return -EINVAL;
+  /* sendfile has no per-call non-blocking flag. */
+  rc = nb_enter(fd, &saved);
+  if (rc < 0) return sent > 0 ? sent : rc;
+  for (;;) {
+    int64_t pos = op->offset + sent;
+    off_t off = (off_t)pos;
+    ssize_t r;
+    if ((int64_t)off != pos) { /* a 32-bit off_t */
+      res = sent > 0 ? sent : -EOVERFLOW;
+      break;
+    }
+    r = sendfile(fd, (int)a->src, &off, (size_t)((int64_t)op->len - sent));
+    if (r > 0) {
+      sent += r;
+      if (sent >= (int64_t)op->len) {
+        res = sent;
+        break;
+      }
+    } else if (r == 0) {
+      res = sent; /* end of file */
+      break;
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      res = PENDING; /* wait for writability, keep the progress */
+      break;
+    } else if (errno != EINTR) {
+      res = sent > 0 ? sent : -(int64_t)errno;
+      break;
+    }
+  }
+  nb_leave(fd, saved);
+  a->scratch.i64[S_SENT] = sent;
+  return res;
+}
+
+/* A non-reaping waitid() on the pidfd: PENDING while the process runs,
+ * else its status as waitpid() would give it, or -errno (ECHILD: not a
+ * child of ours, or already reaped). */
+static int64_t do_wait_process(fiocp_op_t* op) {
+  siginfo_t si;
+  int r;
+  memset(&si, 0, sizeof(si)); /* si_pid stays 0 if nothing exited */
+  do {
+    r = waitid((idtype_t)P_PIDFD, (id_t)op_fd(op), &si,
+               WEXITED | WNOHANG | WNOWAIT);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) return -(int64_t)errno;
+  if (si.si_pid == 0) return PENDING;
+  switch (si.si_code) {
+    case CLD_EXITED:
+      return (int64_t)((si.si_status & 0xff) << 8);
+    case CLD_KILLED:
+      return (int64_t)(si.si_status & 0x7f);
+    case CLD_DUMPED:
+      return (int64_t)((si.si_status & 0x7f) | 0x80);
+    default: /* WEXITED reports nothing else */
+      return -EINVAL;
+  }
+}
+
+/* A poll's try: poll(2) without waiting. The events that fired, or
+ * PENDING. */
+static int64_t do_poll(fiocp_op_t* op) {
+  struct pollfd p;
+  int r;
+  uint32_t m;
+  p.fd = (int)op->handle;
+  p.events = (short)poll_wanted(op);
+  p.revents = 0;
+  do {
+    r = poll(&p, 1, 0);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) return -(int64_t)errno;
+  if (p.revents & POLLNVAL) return -EBADF;
+  m = (uint32_t)p.revents & (poll_wanted(op) | POLLERR | POLLHUP);
+  return m != 0 ? (int64_t)m : PENDING;
+}
+
 /* Runs op without blocking. Returns bytes (or the new descriptor, or 0),
  * -errno, or PENDING if it would block. */
 static int64_t try_io(fiocp_op_t* op) {
@@ -491,6 +727,16 @@ static int64_t try_io(fiocp_op_t* op) {
       return do_accept(op);
     case FIOCP_OP_CONNECT:
       return do_connect(op);
+    case FIOCP_OP_SENDMSG:
+      return do_msg(op, 0);
+    case FIOCP_OP_RECVMSG:
+      return do_msg(op, 1);
+    case FIOCP_OP_SENDFILE:
+      return do_sendfile(op);
+    case FIOCP_OP_WAIT_PROCESS:
+      return do_wait_process(op);
+    case FIOCP_OP_POLL:
+      return do_poll(op);
     default:
       return -EINVAL;
   }
@@ -575,8 +821,14 @@ fail:
 }
 
 static uint32_t interest(const fdst_t* st) {
-  return (st->q[DIR_IN].head ? (uint32_t)EPOLLIN : 0u) |
-         (st->q[DIR_OUT].head ? (uint32_t)EPOLLOUT : 0u);
+  uint32_t ev = (st->q[DIR_IN].head ? (uint32_t)EPOLLIN : 0u) |
+                (st->q[DIR_OUT].head ? (uint32_t)EPOLLOUT : 0u);
+  const fiocp_op_t* op;
+  /* EPOLLERR is reported unasked; asking for it keeps the interest
+   * non-zero (armed) for a poll that wants only ERR and HUP. */
+  for (op = st->q[DIR_POLL].head; op != NULL; op = op->next)
+    ev |= poll_wanted(op) | (uint32_t)EPOLLERR;
+  return ev;
 }
 
 static int ctl(ep_t* e, fdst_t* st, int opcode, uint32_t events) {
@@ -592,7 +844,7 @@ static int ctl(ep_t* e, fdst_t* st, int opcode, uint32_t events) {
  * -EBADF, and forgets the registration. st->mu held. */
 static void orphan_locked(fdst_t* st, fiocp_op_t* keep, opq_t* out) {
   int d;
-  for (d = 0; d < 2; d++) {
+  for (d = 0; d < NQ; d++) {
     fiocp_op_t* op;
     opq_t rest = {NULL, NULL};
     while ((op = q_pop(&st->q[d])) != NULL) {
@@ -680,6 +932,13 @@ static int64_t cached_read(fiocp_op_t* op, const struct stat* sb) {
 static int64_t file_io(fiocp_op_t* op) {
   int fd = (int)op->handle;
   ssize_t r;
+  if (op->kind == FIOCP_OP_FSYNC) {
+    int rc;
+    do {
+      rc = op->len == 1 ? fdatasync(fd) : fsync(fd);
+    } while (rc < 0 && errno == EINTR);
+    return rc < 0 ? -(int64_t)errno : 0;
+  }
   do {
     if (op->kind == FIOCP_OP_READ)
       r = op->offset < 0 ? read(fd, op->buf, op->len)
@@ -714,8 +973,7 @@ static void* pool_main(void* arg) {
      * "done", never a half-way state. */
     bk_move(op, BK_NONE, NULL);
     pthread_mutex_unlock(&p->mu);
-    op->res = res;
-    fiocp__hub_complete(&e->hub, op, 1);
+    complete(e, op, res);
     pthread_mutex_lock(&p->mu);
   }
   pthread_mutex_unlock(&p->mu);
@@ -750,6 +1008,10 @@ static void pool_submit(ep_t* e, fiocp_op_t* op) {
      * would not see this one. */
     op->flags |= FIOCP_OPF_CANCELLED;
     fail = -ECANCELED;
+  } else if (tm_expired(op)) {
+    /* Its timeout fired before it got here (see fd_submit()). */
+    op->flags |= FIOCP_OPF_CANCELLED;
+    fail = FIOCP_ETIMEDOUT;
   } else {
     q_push(&p->q, op);
     p->qlen++;
@@ -769,6 +1031,265 @@ static void pool_submit(ep_t* e, fiocp_op_t* op) {
   if (fail != 0) complete(e, op, fail);
 }
 
+/* ---- Timers and timeouts ------------------------------------------------ */
+
+static int64_t now_ns(void) {
+  struct timespec ts;
+  /* CLOCK_MONOTONIC with a valid pointer cannot fail. */
+  (void)clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* now + ns, saturating (a delay of years must not wrap into the past). */
+static int64_t deadline_after(int64_t ns) {
+  int64_t now = now_ns();
+  if (ns < 0) ns = 0;
+  return ns > INT64_MAX - now ? INT64_MAX : now + ns;
+}
+
+/* Whether op's timeout has fired (op carries an extension). */
+static int tm_expired(const fiocp_op_t* op) {
+  return op->timeout_ns > 0 &&
+         (__atomic_load_n(&op->addr->scratch.i64[S_TMST], __ATOMIC_SEQ_CST) &
+          TM_EXPIRED);
+}
+
+static int tm_less(const tment_t* a, const tment_t* b) {
+  return a->when < b->when || (a->when == b->when && a->seq < b->seq);
+}
+
+/* Heap primitives; tm_mu held. Every move records the new index in the
+ * record, which is what makes removal by record O(log n). */
+static void tm_place(timers_t* t, size_t i, tment_t ent) {
+  t->heap[i] = ent;
+  ent.op->addr->scratch.i64[S_HIDX] = (int64_t)i + 1;
+}
+
+static void tm_up(timers_t* t, size_t i) {
+  tment_t ent = t->heap[i];
+  while (i > 0) {
+    size_t parent = (i - 1) / 2;
+    if (!tm_less(&ent, &t->heap[parent])) break;
+    tm_place(t, i, t->heap[parent]);
+    i = parent;
+  }
+  tm_place(t, i, ent);
+}
+
+static void tm_down(timers_t* t, size_t i) {
+  tment_t ent = t->heap[i];
+  for (;;) {
+    size_t c = 2 * i + 1;
+    if (c >= t->n) break;
+    if (c + 1 < t->n && tm_less(&t->heap[c + 1], &t->heap[c])) c++;
+    if (!tm_less(&t->heap[c], &ent)) break;
+    tm_place(t, i, t->heap[c]);
+    i = c;
+  }
+  tm_place(t, i, ent);
+}
+
+static void tm_remove_at(timers_t* t, size_t i) {
+  t->heap[i].op->addr->scratch.i64[S_HIDX] = 0;
+  t->n--;
+  if (i < t->n) {
+    t->heap[i] = t->heap[t->n];
+    if (i > 0 && tm_less(&t->heap[i], &t->heap[(i - 1) / 2])) tm_up(t, i);
+    else tm_down(t, i);
+  }
+}
+
+/* Sets the timerfd to fire at when (absolute). tm_mu held. */
+static int tm_arm_locked(timers_t* t, int64_t when) {
+  struct itimerspec its;
+  memset(&its, 0, sizeof(its));
+  if (when < 1) when = 1; /* an all-zero it_value would disarm it */
+  its.it_value.tv_sec = (time_t)(when / 1000000000);
+  its.it_value.tv_nsec = (long)(when % 1000000000);
+  if (timerfd_settime(t->fd, TFD_TIMER_ABSTIME, &its, NULL) < 0)
+    return -errno;
+  t->armed = when;
+  return 0;
+}
+
+/* Creates the timerfd and adds it to the epoll set (level-triggered: the
+ * poller reads it back to zero). tm_mu held. */
+static int tm_open_locked(ep_t* e) {
+  struct epoll_event ev;
+  int fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+  if (fd < 0) return -errno;
+  memset(&ev, 0, sizeof(ev));
+  ev.events = EPOLLIN;
+  ev.data.u64 = TIMER_DATA;
+  if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+    int rc = -errno;
+    (void)close(fd); /* never failed to open: nothing to report */
+    return rc;
+  }
+  __atomic_store_n(&e->tm.fd, fd, __ATOMIC_RELEASE);
+  return 0;
+}
+
+/* Adds op's deadline to the heap. For a timer (its only place), refuses
+ * with -ECANCELED once shutdown() began: the sweep may have passed. Returns
+ * 0, -ECANCELED, FIOCP_ENOMEM or -errno (timerfd). */
+static int tm_add(ep_t* e, fiocp_op_t* op, int64_t when) {
+  timers_t* t = &e->tm;
+  int rc = 0;
+  pthread_mutex_lock(&t->mu);
+  if (op->kind == FIOCP_OP_TIMER &&
+      __atomic_load_n(&e->closing, __ATOMIC_SEQ_CST)) {
+    rc = -ECANCELED;
+    goto out;
+  }
+  if (t->fd < 0 && (rc = tm_open_locked(e)) < 0) goto out;
+  if (t->n == t->cap) {
+    size_t cap = t->cap ? t->cap * 2 : 64;
+    tment_t* h = (tment_t*)realloc(t->heap, cap * sizeof(*h));
+    if (h == NULL) {
+      rc = FIOCP_ENOMEM;
+      goto out;
+    }
+    t->heap = h;
+    t->cap = cap;
+  }
+  t->heap[t->n].when = when;
+  t->heap[t->n].seq = t->seq++;
+  t->heap[t->n].op = op;
+  t->n++;
+  tm_up(t, t->n - 1);
+  /* Arm only for a new earliest deadline: the timerfd is already set to
+   * fire no later than every other entry. */
+  if (when < t->armed && (rc = tm_arm_locked(t, when)) < 0)
+    tm_remove_at(t, (size_t)op->addr->scratch.i64[S_HIDX] - 1);
+out:
+  pthread_mutex_unlock(&t->mu);
+  return rc;
+}
+
+/* Removes op's entry if it still has one. The timerfd stays armed: an
+ * early wake finds nothing due and re-arms (cheaper than a settime per
+ * removal). Returns 1 if removed. No lock of ours held. */
+static int tm_del(ep_t* e, fiocp_op_t* op) {
+  timers_t* t = &e->tm;
+  int found = 0;
+  pthread_mutex_lock(&t->mu);
+  if (op->addr->scratch.i64[S_HIDX] > 0) {
+    tm_remove_at(t, (size_t)op->addr->scratch.i64[S_HIDX] - 1);
+    found = 1;
+  }
+  pthread_mutex_unlock(&t->mu);
+  return found;
+}
+
+enum { CC_NONE = 0, CC_TAKEN, CC_RUNNING };
+static int cancel_core(ep_t* e, fiocp_op_t* op);
+
+/* The poller's part when the timerfd fired: pops every due entry; timers
+ * and timed-out operations go to done (res set). No lock of ours held. */
+static void tm_expire(ep_t* e, opq_t* done) {
+  timers_t* t = &e->tm;
+  uint64_t ticks;
+  ssize_t r;
+  int64_t now;
+  do {
+    r = read(t->fd, &ticks, sizeof(ticks));
+  } while (r < 0 && errno == EINTR);
+  /* EAGAIN: a submit re-armed it meanwhile (settime clears the count). */
+  now = now_ns();
+  pthread_mutex_lock(&t->mu);
+  while (t->n > 0 && t->heap[0].when <= now) {
+    fiocp_op_t* op = t->heap[0].op;
+    tm_remove_at(t, 0);
+    if (op->kind == FIOCP_OP_TIMER) {
+      if (__atomic_load_n(&op->addr->scratch.i64[S_TMST], __ATOMIC_RELAXED) &
+          TM_ISTIMEOUT) {
+        op->flags |= FIOCP_OPF_CANCELLED;
+        op->res = FIOCP_ETIMEDOUT;
+      } else {
+        op->res = 0;
+      }
+      q_push(done, op);
+      continue;
+    }
+    /* Marked first, so that a submit still on its way to a queue sees it
+     * there; then cancelled as cancel() would. tm_mu keeps the record from
+     * completing and being reused under our feet. */
+    __atomic_fetch_or(&op->addr->scratch.i64[S_TMST], TM_EXPIRED,
+                      __ATOMIC_SEQ_CST);
+    if (cancel_core(e, op) == CC_TAKEN) {
+      op->res = FIOCP_ETIMEDOUT;
+      q_push(done, op);
+    }
+  }
+  /* Fired or early: the timerfd is disarmed, unless a submit set it to a
+   * deadline still ahead. */
+  if (t->n > 0 && (t->armed <= now || t->heap[0].when < t->armed)) {
+    /* Cannot fail: a valid timerfd and a valid absolute time. */
+    (void)tm_arm_locked(t, t->heap[0].when);
+  } else if (t->n == 0 && t->armed <= now) {
+    t->armed = INT64_MAX;
+  }
+  pthread_mutex_unlock(&t->mu);
+}
+
+/* Takes every pending timer out of the heap (shutdown): they go to out,
+ * -ECANCELED. Entries of other operations stay: those complete through
+ * their own places, which remove them. No lock of ours held. */
+static void tm_cancel_timers(ep_t* e, opq_t* out) {
+  timers_t* t = &e->tm;
+  size_t i, k = 0;
+  pthread_mutex_lock(&t->mu);
+  for (i = 0; i < t->n; i++) {
+    tment_t ent = t->heap[i];
+    if (ent.op->kind == FIOCP_OP_TIMER) {
+      ent.op->addr->scratch.i64[S_HIDX] = 0;
+      ent.op->flags |= FIOCP_OPF_CANCELLED;
+      ent.op->res = -ECANCELED;
+      q_push(out, ent.op);
+    } else {
+      t->heap[k++] = ent;
+    }
+  }
+  t->n = k;
+  for (i = 0; i < k; i++) t->heap[i].op->addr->scratch.i64[S_HIDX] =
+      (int64_t)i + 1;
+  for (i = k / 2; i-- > 0;) tm_down(t, i); /* heapify what is left */
+  pthread_mutex_unlock(&t->mu);
+}
+
+/* ---- Leaving the backend ------------------------------------------------ */
+
+/* Closes a wait_process's pidfd. Under its descriptor state's lock, with
+ * the registration forgotten first (its epoll entry goes with the file), so
+ * that whoever gets the number next starts clean and a late event for the
+ * pidfd is ignored. No lock of ours held. */
+static void pidfd_release(ep_t* e, fiocp_op_t* op) {
+  int fd = (int)op->addr->scratch.i64[S_PIDFD];
+  fdst_t* st;
+  opq_t stray = {NULL, NULL};
+  if (fd < 0) return;
+  op->addr->scratch.i64[S_PIDFD] = -1;
+  st = fdst_find(e, fd);
+  if (st != NULL) pthread_mutex_lock(&st->mu);
+  /* Only operations of a user who guessed the number could be left. */
+  if (st != NULL) orphan_locked(st, NULL, &stray);
+  /* A pidfd's close cannot fail but with EINTR, after which Linux has
+   * released it anyway. */
+  (void)close(fd);
+  if (st != NULL) pthread_mutex_unlock(&st->mu);
+  complete_all(e, &stray);
+}
+
+/* What an operation leaves behind when it completes (or when submit()
+ * hands it back): its heap entry and its pidfd. Its place's lock must not
+ * be held (tm_mu comes first). */
+static void finish_op(ep_t* e, fiocp_op_t* op) {
+  if (op->addr == NULL) return; /* plain operations: nothing */
+  if (op->kind == FIOCP_OP_TIMER || op->timeout_ns > 0) (void)tm_del(e, op);
+  if (op->kind == FIOCP_OP_WAIT_PROCESS) pidfd_release(e, op);
+}
+
 /* ---- Submission --------------------------------------------------------- */
 
 /* Submits a readiness-driven operation (socket, pipe, other streams). */
@@ -777,8 +1298,9 @@ static int fd_submit(ep_t* e, fiocp_op_t* op) {
   fdst_t* st;
   opq_t orphans = {NULL, NULL};
   int64_t res = 0;
-  int rc = fdst_get(e, (int)op->handle, &st), to_pool = 0, failed = 0;
+  int rc = fdst_get(e, op_fd(op), &st), to_pool = 0, failed = 0;
   if (rc == FIOCP_ENOMEM) {
+    finish_op(e, op); /* its heap entry, its pidfd */
     fiocp__hub_abort(&e->hub);
     return rc;
   }
@@ -787,8 +1309,9 @@ static int fd_submit(ep_t* e, fiocp_op_t* op) {
     return 0;
   }
   pthread_mutex_lock(&st->mu);
-  if (st->q[dir].head == NULL) {
-    /* Nothing ahead of it in this direction: try it now. */
+  if (dir == DIR_POLL || st->q[dir].head == NULL) {
+    /* Nothing ahead of it in this direction (polls have no order): try it
+     * now. */
     res = try_io(op);
     if (res != PENDING) {
       pthread_mutex_unlock(&st->mu);
@@ -813,6 +1336,13 @@ static int fd_submit(ep_t* e, fiocp_op_t* op) {
     op->flags |= FIOCP_OPF_CANCELLED;
     failed = 1;
     res = -ECANCELED;
+  } else if (tm_expired(op)) {
+    /* Its timeout fired while it was on its way here; the expiry found it
+     * nowhere (see tm_expire()). */
+    q_remove(&st->q[dir], op);
+    op->flags |= FIOCP_OPF_CANCELLED;
+    failed = 1;
+    res = FIOCP_ETIMEDOUT;
   }
   pthread_mutex_unlock(&st->mu);
   complete_all(e, &orphans);
@@ -821,23 +1351,90 @@ static int fd_submit(ep_t* e, fiocp_op_t* op) {
   return 0;
 }
 
+static const uint8_t ep_support[FIOCP_OP__COUNT];
+
+/* A timer's submit: its place is the heap. */
+static int timer_submit(ep_t* e, fiocp_op_t* op) {
+  int64_t delay = op->offset < 0 ? 0 : op->offset;
+  int rc;
+  if (op->timeout_ns > 0 && op->timeout_ns < delay) {
+    /* Its own timeout comes first: it ends in FIOCP_ETIMEDOUT. */
+    op->addr->scratch.i64[S_TMST] = TM_ISTIMEOUT;
+    delay = op->timeout_ns;
+  }
+  rc = tm_add(e, op, deadline_after(delay));
+  if (rc == -ECANCELED) {
+    op->flags |= FIOCP_OPF_CANCELLED;
+    complete(e, op, rc);
+  } else if (rc < 0) {
+    fiocp__hub_abort(&e->hub);
+    return rc;
+  }
+  return 0;
+}
+
 static int ep_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
   ep_t* e = (ep_t*)port->impl;
   int fd = (int)op->handle;
+  int kind = op->kind;
   int rc;
   (void)defer; /* nothing to batch: each operation is tried at once */
-  if (op->kind < FIOCP_OP_READ || op->kind > FIOCP_OP_CONNECT)
+  if (kind < FIOCP_OP_READ || kind >= FIOCP_OP__COUNT ||
+      kind == FIOCP_OP_POST || ep_support[kind] == FIOCP_SUP_NO)
     return FIOCP_EUNSUPPORTED;
-  if (op->handle < 0 || op->handle > INT_MAX) return -EBADF;
+  /* A wait_process's handle is a pid; a timer has none. */
+  if (kind != FIOCP_OP_TIMER && kind != FIOCP_OP_WAIT_PROCESS &&
+      (op->handle < 0 || op->handle > INT_MAX))
+    return -EBADF;
   if (op->addr == NULL &&
-      (op->kind == FIOCP_OP_RECVFROM || op->kind == FIOCP_OP_SENDTO ||
-       op->kind == FIOCP_OP_ACCEPT || op->kind == FIOCP_OP_CONNECT))
+      (op->timeout_ns > 0 || kind == FIOCP_OP_RECVFROM ||
+       kind == FIOCP_OP_SENDTO || kind == FIOCP_OP_ACCEPT ||
+       kind == FIOCP_OP_CONNECT || kind == FIOCP_OP_SENDMSG ||
+       kind == FIOCP_OP_RECVMSG || kind == FIOCP_OP_SENDFILE ||
+       kind == FIOCP_OP_WAIT_PROCESS || kind == FIOCP_OP_TIMER))
     return -EINVAL;
   rc = fiocp__hub_begin(&e->hub);
   if (rc < 0) return rc;
   op->next = NULL;
   bk_set(op, 0);
-  if (op->kind == FIOCP_OP_READ || op->kind == FIOCP_OP_WRITE) {
+  if (op->addr != NULL) {
+    /* Before anything can see the record (the binding zeroes scratch, but
+     * the pidfd slot needs -1 and nothing here should rely on it). */
+    op->addr->scratch.i64[S_HIDX] = 0;
+    op->addr->scratch.i64[S_TMST] = 0;
+    op->addr->scratch.i64[S_SENT] = 0;
+    op->addr->scratch.i64[S_PIDFD] = -1;
+  }
+  if (kind == FIOCP_OP_TIMER) return timer_submit(e, op);
+  if (op->timeout_ns > 0) {
+    /* In the heap before the operation can complete: completion removes
+     * the entry (finish_op()), and an entry added after it would outlive
+     * the record. */
+    rc = tm_add(e, op, deadline_after(op->timeout_ns));
+    if (rc < 0) {
+      fiocp__hub_abort(&e->hub);
+      return rc;
+    }
+  }
+  if (kind == FIOCP_OP_FSYNC) {
+    pool_submit(e, op);
+    return 0;
+  }
+  if (kind == FIOCP_OP_WAIT_PROCESS) {
+    long pfd;
+    if (op->handle <= 0 || op->handle > INT_MAX) {
+      complete(e, op, -EINVAL);
+      return 0;
+    }
+    pfd = syscall(SYS_pidfd_open, (pid_t)op->handle, 0);
+    if (pfd < 0) {
+      complete(e, op, -(int64_t)errno);
+      return 0;
+    }
+    op->addr->scratch.i64[S_PIDFD] = pfd;
+    return fd_submit(e, op);
+  }
+  if (kind == FIOCP_OP_READ || kind == FIOCP_OP_WRITE) {
     struct stat sb;
     if (fstat(fd, &sb) < 0) {
       complete(e, op, -(int64_t)errno);
@@ -868,8 +1465,11 @@ static int ep_flush(fiocp_port_t* port) {
 
 /* ---- Cancellation ------------------------------------------------------- */
 
-static int ep_cancel(fiocp_port_t* port, fiocp_op_t* op) {
-  ep_t* e = (ep_t*)port->impl;
+/* Takes op out of the place bk names. Returns CC_TAKEN (op is the
+ * caller's to complete, flagged cancelled), CC_RUNNING (in a pool thread:
+ * flagged, it completes with its real result) or CC_NONE (finished, or
+ * finishing elsewhere right now). No lock of ours held but tm_mu. */
+static int cancel_core(ep_t* e, fiocp_op_t* op) {
   int attempt;
   /* bk only changes under the lock of the place it names: read it, lock
    * that place, and check again. An operation leaves a descriptor queue for
@@ -892,10 +1492,7 @@ static int ep_cancel(fiocp_port_t* port, fiocp_op_t* op) {
       /* The interest stays armed; an event for an empty queue is ignored
        * and not re-armed. */
       pthread_mutex_unlock(&st->mu);
-      if (found) {
-        complete(e, op, -ECANCELED);
-        return 1;
-      }
+      if (found) return CC_TAKEN;
     } else if (where == BK_POOLQ || where == BK_POOLRUN) {
       pool_t* p = &e->pool;
       int found = 0;
@@ -909,18 +1506,30 @@ static int ep_cancel(fiocp_port_t* port, fiocp_op_t* op) {
       if (where == BK_POOLQ || where == BK_POOLRUN)
         op->flags |= FIOCP_OPF_CANCELLED;
       pthread_mutex_unlock(&p->mu);
-      if (found) {
-        complete(e, op, -ECANCELED);
-        return 1;
-      }
+      if (found) return CC_TAKEN;
       /* Running: a pread cannot be stopped; it completes with its real
        * result. */
-      if (where == BK_POOLRUN) return 1;
+      if (where == BK_POOLRUN) return CC_RUNNING;
     } else {
-      return 0; /* finished, or finishing in the poller right now */
+      return CC_NONE; /* finished, or finishing in the poller right now */
     }
   }
-  return 0;
+  return CC_NONE;
+}
+
+static int ep_cancel(fiocp_port_t* port, fiocp_op_t* op) {
+  ep_t* e = (ep_t*)port->impl;
+  int rc;
+  if (op->kind == FIOCP_OP_TIMER) {
+    /* Its place is the heap: whoever takes the entry completes it. */
+    if (op->addr == NULL || !tm_del(e, op)) return 0;
+    op->flags |= FIOCP_OPF_CANCELLED;
+    complete(e, op, -ECANCELED);
+    return 1;
+  }
+  rc = cancel_core(e, op);
+  if (rc == CC_TAKEN) complete(e, op, -ECANCELED);
+  return rc != CC_NONE;
 }
 
 /* ---- Polling ------------------------------------------------------------ */
@@ -939,6 +1548,29 @@ static void run_queue_locked(fdst_t* st, int dir, opq_t* done) {
   }
 }
 
+/* Completes every poll of st whose events are among revents. st->mu
+ * held. */
+static void run_polls_locked(fdst_t* st, uint32_t revents, opq_t* done) {
+  opq_t* q = &st->q[DIR_POLL];
+  fiocp_op_t *prev = NULL, *op, *next;
+  uint32_t fired = revents & (uint32_t)(EPOLLIN | EPOLLPRI | EPOLLOUT |
+                                        EPOLLERR | EPOLLHUP);
+  for (op = q->head; op != NULL; op = next) {
+    uint32_t m = fired & (poll_wanted(op) | (uint32_t)(EPOLLERR | EPOLLHUP));
+    next = op->next;
+    if (m == 0) {
+      prev = op;
+      continue;
+    }
+    if (prev) prev->next = next;
+    else q->head = next;
+    if (q->tail == op) q->tail = prev;
+    op->res = (int64_t)m;
+    bk_move(op, BK_NONE, NULL);
+    q_push(done, op);
+  }
+}
+
 static void handle_event(ep_t* e, uint64_t data, uint32_t revents,
                          opq_t* done) {
   int fd = (int)(uint32_t)data;
@@ -947,6 +1579,8 @@ static void handle_event(ep_t* e, uint64_t data, uint32_t revents,
   if (st == NULL) return;
   pthread_mutex_lock(&st->mu);
   if (st->gen == gen && st->registered) {
+    /* Polls first: they report what fired, before a read consumes it. */
+    if (st->q[DIR_POLL].head != NULL) run_polls_locked(st, revents, done);
     if (revents & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP))
       run_queue_locked(st, DIR_IN, done);
     if (revents & (EPOLLOUT | EPOLLERR | EPOLLHUP))
@@ -960,7 +1594,7 @@ static void handle_event(ep_t* e, uint64_t data, uint32_t revents,
         /* Cannot wait any longer (out of memory): fail what is queued
          * rather than leave it waiting for an event that cannot come. */
         int d;
-        for (d = 0; d < 2; d++) {
+        for (d = 0; d < NQ; d++) {
           fiocp_op_t* op;
           while ((op = q_pop(&st->q[d])) != NULL) {
             op->res = rc;
@@ -997,9 +1631,14 @@ static int ep_poll(void* ctx, int64_t timeout_ms) {
   if (n < 0) return errno == EINTR ? FIOCP_EINTR : -errno;
   for (i = 0; i < n; i++) {
     if (evs[i].data.u64 == KICK_DATA) drain_eventfd(e);
+    else if (evs[i].data.u64 == TIMER_DATA) tm_expire(e, &done);
     else handle_event(e, evs[i].data.u64, evs[i].events, &done);
   }
   if (done.head != NULL) {
+    fiocp_op_t* op;
+    /* Heap entries and pidfds, with no descriptor lock held (tm_mu comes
+     * first), before harvest() lets the records go. */
+    for (op = done.head; op != NULL; op = op->next) finish_op(e, op);
     pthread_mutex_lock(&e->done_mu);
     q_splice(&e->done, &done);
     pthread_mutex_unlock(&e->done_mu);
@@ -1094,6 +1733,10 @@ static int ep_init(fiocp_port_t* port, unsigned entries, unsigned concurrency,
   if ((rc = pthread_mutex_init(&e->pool.mu, NULL)) != 0) goto fail_errno;
   stage = 4;
   if ((rc = pthread_cond_init(&e->pool.cv, NULL)) != 0) goto fail_errno;
+  stage = 5;
+  if ((rc = pthread_mutex_init(&e->tm.mu, NULL)) != 0) goto fail_errno;
+  e->tm.fd = -1;
+  e->tm.armed = INT64_MAX;
   e->hub.ctx = e;
   e->hub.concurrency = concurrency; /* emulated by the hub (fiocp.h) */
   e->hub.poll = ep_poll;
@@ -1106,6 +1749,7 @@ fail_errno:
   rc = -rc;
 fail_mutex:
   snprintf(why, whylen, "pthread initialization failed: %s", strerror(-rc));
+  if (stage >= 5) pthread_cond_destroy(&e->pool.cv);
   if (stage >= 4) pthread_mutex_destroy(&e->pool.mu);
   if (stage >= 3) pthread_mutex_destroy(&e->done_mu);
   if (stage >= 2) pthread_mutex_destroy(&e->tab_mu);
@@ -1122,7 +1766,10 @@ static int ep_associate(fiocp_port_t* port, fiocp_handle_t h) {
   /* Interest is registered lazily, when an operation has to wait; only the
    * port's own descriptors are refused (an operation on the eventfd would
    * replace its wake-up registration with a one-shot one). */
-  return h == e->epfd || h == e->evfd ? FIOCP_EOWNHANDLE : 0;
+  return h == e->epfd || h == e->evfd ||
+                 h == __atomic_load_n(&e->tm.fd, __ATOMIC_ACQUIRE)
+             ? FIOCP_EOWNHANDLE
+             : 0;
 }
 
 static int ep_try_get(fiocp_port_t* port, fiocp_op_t** out, int max) {
@@ -1161,7 +1808,7 @@ static void cancel_all(ep_t* e) {
     int d;
     if (st == NULL) continue;
     pthread_mutex_lock(&st->mu);
-    for (d = 0; d < 2; d++) {
+    for (d = 0; d < NQ; d++) {
       while ((op = q_pop(&st->q[d])) != NULL) {
         op->flags |= FIOCP_OPF_CANCELLED;
         op->res = -ECANCELED;
@@ -1180,6 +1827,9 @@ static void cancel_all(ep_t* e) {
   }
   e->pool.qlen = 0;
   pthread_mutex_unlock(&e->pool.mu);
+  /* Timers (a submit that adds one after this sees e->closing under
+   * tm_mu). Timeouts of what was swept above go with their operations. */
+  tm_cancel_timers(e, &out);
   complete_all(e, &out);
 }
 
@@ -1212,7 +1862,10 @@ static void ep_destroy(fiocp_port_t* port) {
    * even then Linux has released the descriptor: nothing to retry. The
    * same holds in probe() and init()'s failure path. */
   (void)close(e->evfd);
+  if (e->tm.fd >= 0) (void)close(e->tm.fd); /* likewise for a timerfd */
   (void)close(e->epfd);
+  free(e->tm.heap); /* empty: shutdown() returned 0 */
+  pthread_mutex_destroy(&e->tm.mu);
   t = e->tab;
   if (t != NULL) {
     size_t k;
@@ -1237,6 +1890,30 @@ static void ep_destroy(fiocp_port_t* port) {
   port->impl = NULL;
 }
 
+/* How each kind is done (fiocp.h): the readiness-driven and pooled kinds
+ * are emulated; a poll is epoll's own business; post() is the hub's queue;
+ * named pipes are Windows'. */
+static const uint8_t ep_support[FIOCP_OP__COUNT] = {
+    [FIOCP_SUPPORT_TIMEOUT] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_READ] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_WRITE] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_RECV] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_SEND] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_RECVFROM] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_SENDTO] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_ACCEPT] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_CONNECT] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_POST] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_POLL] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_SENDMSG] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_RECVMSG] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_SENDFILE] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_WAIT_PROCESS] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_TIMER] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_FSYNC] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_CONNECT_PIPE] = FIOCP_SUP_NO,
+};
+
 const fiocp_backend_t fiocp__epoll_backend = {
     "epoll",
     ep_probe,
@@ -1252,4 +1929,5 @@ const fiocp_backend_t fiocp__epoll_backend = {
     fiocp__hub_port_drain,
     ep_destroy,
     fiocp__hub_port_release,
+    ep_support,
 };

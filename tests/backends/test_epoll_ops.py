@@ -1,0 +1,512 @@
+"""epoll backend: the operations of issue 14 where the epoll backend does
+them its own way (csrc/unix/epoll.c): the timer heap behind timer() and
+per-operation timeouts, polls beside the per-descriptor queues, sendfile on a
+blocking socket, process waits on a pidfd of the backend's own, and the
+descriptors those need (no pidfd or timerfd may leak).
+
+The shared behaviour of these operations on every backend lives in
+tests/test_operations.py; these tests reach into what only epoll has."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import fastiocp
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux backends")
+
+BACKEND = "epoll"
+
+
+@pytest.fixture
+def port():
+    p = fastiocp.CompletionPort(backend=BACKEND)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def pair(port):
+    """A socket pair registered with port."""
+    a, b = socket.socketpair()
+    port.register(a)
+    port.register(b)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def nfds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def collect(port, n: int, timeout: float = 10.0) -> list:
+    """Exactly n completions, in dequeue order (fails if they do not come)."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(out)} of {n} completions came"
+        out += port.get_many(max(1, min(4096, n - len(out))), timeout=left)
+    return out
+
+
+def errno_of(c) -> int | None:
+    return None if c.error is None else c.error.errno
+
+
+def fill(sock: socket.socket) -> int:
+    """Fills sock's send buffer (and the peer's receive buffer); returns the
+    bytes it took."""
+    sock.setblocking(False)
+    total = 0
+    try:
+        while True:
+            total += sock.send(b"\0" * 65536)
+    except BlockingIOError:
+        pass
+    sock.setblocking(True)
+    return total
+
+
+# ---- The timer heap ---------------------------------------------------------
+
+def test_ten_thousand_timers_with_random_delays_fire_in_deadline_order(port):
+    rng = random.Random(14)
+    n = 10_000
+    bounds = []  # per timer: (earliest, latest) absolute deadline
+    for i in range(n):
+        delay = rng.uniform(0.0, 0.4)
+        before = time.monotonic()
+        port.timer(delay, context=i)
+        bounds.append((before + delay, time.monotonic() + delay))
+    seen = []
+    deadline = time.monotonic() + 20
+    while len(seen) < n:
+        assert time.monotonic() < deadline, f"{len(seen)} of {n} fired"
+        cs = port.get_many(4096, timeout=5)
+        now = time.monotonic()
+        for c in cs:
+            assert c.op == "timer" and c.error is None and c.result() is None
+            # Never early: it was dequeued after its earliest deadline.
+            assert now >= bounds[c.context][0]
+            seen.append(c.context)
+    assert sorted(seen) == list(range(n))  # each exactly once
+    # In order: a timer that fired later never had a deadline proven earlier
+    # than one that fired before it (submit-time clock reads bound each
+    # deadline; an inversion beyond those bounds is a heap bug).
+    latest_lo = float("-inf")
+    for i in seen:
+        lo, hi = bounds[i]
+        assert hi >= latest_lo, f"timer {i} fired after a later deadline"
+        latest_lo = max(latest_lo, lo)
+    assert port.pending == 0
+
+
+def test_cancel_in_the_middle_of_the_heap(port):
+    rng = random.Random(3)
+    delays = [rng.uniform(0.05, 0.3) for _ in range(3000)]
+    ops = [port.timer(d, context=i) for i, d in enumerate(delays)]
+    # Cancel entries scattered through the heap, not just its root.
+    cancelled = set(range(1, len(ops), 3))
+    for i in cancelled:
+        ops[i].cancel()
+    cs = collect(port, len(ops))
+    assert sorted(c.context for c in cs) == list(range(len(ops)))
+    for c in cs:
+        if c.context in cancelled:
+            assert c.cancelled and errno_of(c) == errno.ECANCELED
+        else:
+            assert c.error is None, c.error
+    fired = [c.context for c in cs if c.context not in cancelled]
+    # Those left fire in delay order (their delays differ by far more than
+    # the submit loop took, except within a few ms).
+    for x, y in zip(fired, fired[1:]):
+        assert delays[y] >= delays[x] - 0.02
+
+
+def test_cancelling_a_fired_timer_is_a_no_op(port):
+    op = port.timer(0)
+    c = port.get(timeout=5)
+    assert c is op and c.error is None
+    op.cancel()  # already done: nothing happens, nothing more comes
+    assert port.get_many(4, timeout=0.05) == []
+
+
+def test_timeouts_fire_for_thousands_of_queued_polls(port, pair):
+    _, b = pair
+    rng = random.Random(7)
+    n = 2000
+    for i in range(n):
+        port.poll(b, fastiocp.POLLIN, context=i, timeout=rng.uniform(0.01, 0.2))
+    cs = collect(port, n)
+    assert sorted(c.context for c in cs) == list(range(n))
+    assert all(errno_of(c) == errno.ETIMEDOUT for c in cs)
+    # The descriptor still works: its interest was left consistent.
+    port.poll(b, fastiocp.POLLOUT)
+    assert port.get(timeout=5).result() & fastiocp.POLLOUT
+
+
+# ---- Per-operation timeouts against data ------------------------------------
+
+def test_timeout_with_data_already_there_returns_the_data(port, pair):
+    a, b = pair
+    a.send(b"early")
+    c = port.recv(b, 16, timeout=0)
+    c = port.get(timeout=5)
+    assert c.error is None and bytes(c.buffer[:c.nbytes]) == b"early"
+
+
+def test_timeout_zero_on_an_empty_socket_times_out(port, pair):
+    _, b = pair
+    port.recv(b, 16, timeout=0)
+    c = port.get(timeout=5)
+    assert errno_of(c) == errno.ETIMEDOUT
+    assert isinstance(c.error, TimeoutError)
+
+
+def test_timeouts_racing_with_data_never_lose_a_byte(port, pair):
+    """Each round a receive with a ~1 ms timeout races a send timed to land
+    around its expiry. Whatever wins, every byte sent is received exactly
+    once: either by the receive, or (when it timed out) by the next one."""
+    a, b = pair
+    rng = random.Random(5)
+    sent = bytearray()
+    got = bytearray()
+    outcomes = {"data": 0, "timeout": 0}
+    for i in range(400):
+        payload = i.to_bytes(4, "big")
+        port.recv(b, 64, timeout=0.001)
+        time.sleep(rng.choice((0, 0.0005, 0.001, 0.0015)))
+        a.send(payload)
+        sent += payload
+        c = port.get(timeout=5)
+        if c.error is None:
+            outcomes["data"] += 1
+            got += c.buffer[:c.nbytes]
+        else:
+            assert errno_of(c) == errno.ETIMEDOUT, c.error
+            outcomes["timeout"] += 1
+    # What a timed-out receive left behind is still in the socket.
+    b.setblocking(False)
+    try:
+        while len(got) < len(sent):
+            got += b.recv(65536)
+    except BlockingIOError:
+        pass
+    assert bytes(got) == bytes(sent)
+    assert outcomes["data"] > 0, outcomes
+
+
+def test_cancel_and_timeout_race_gives_one_completion_each(port, pair):
+    _, b = pair
+    ops = [port.recv(b, 8, timeout=0.002, context=i) for i in range(500)]
+    for op in ops[::2]:
+        op.cancel()
+    cs = collect(port, len(ops))
+    assert sorted(c.context for c in cs) == list(range(len(ops)))
+    for c in cs:
+        assert errno_of(c) in (errno.ECANCELED, errno.ETIMEDOUT)
+        if c.context % 2:
+            assert errno_of(c) == errno.ETIMEDOUT
+
+
+# ---- Polls beside the read and write queues --------------------------------
+
+def test_poll_and_recv_pending_on_one_fd_both_complete(port, pair):
+    a, b = pair
+    poll = port.poll(b, fastiocp.POLLIN, context="poll")
+    recv = port.recv(b, 16, context="recv")
+    assert port.get_many(4, timeout=0.05) == []  # both wait
+    a.send(b"both")
+    cs = {c.context: c for c in collect(port, 2)}
+    assert cs["poll"].result() & fastiocp.POLLIN
+    assert bytes(cs["recv"].buffer[:cs["recv"].nbytes]) == b"both"
+    assert poll.done and recv.done
+
+
+def test_pollin_and_pollout_on_one_fd_complete_separately(port, pair):
+    a, b = pair
+    fill(b)  # b cannot write now, and has nothing to read
+    port.poll(b, fastiocp.POLLOUT, context="out")
+    port.poll(b, fastiocp.POLLIN, context="in")
+    assert port.get_many(4, timeout=0.05) == []
+    a.send(b"x")
+    c = port.get(timeout=5)
+    assert c.context == "in" and c.result() == fastiocp.POLLIN
+    # Drain what b wrote: b becomes writable.
+    a.setblocking(False)
+    try:
+        while True:
+            a.recv(1 << 20)
+    except BlockingIOError:
+        pass
+    c = port.get(timeout=5)
+    assert c.context == "out" and c.result() == fastiocp.POLLOUT
+
+
+def test_poll_for_both_directions_reports_what_fired(port, pair):
+    """Ported from CPython's test_epoll.test_control_and_wait: a connected
+    socket polled for IN|OUT is writable only, then readable too once the
+    peer sent."""
+    a, b = pair
+    port.poll(b, fastiocp.POLLIN | fastiocp.POLLOUT)
+    assert port.get(timeout=5).result() == fastiocp.POLLOUT
+    a.send(b"y")
+    port.poll(b, fastiocp.POLLIN | fastiocp.POLLOUT)
+    assert port.get(timeout=5).result() == fastiocp.POLLIN | fastiocp.POLLOUT
+
+
+def test_poll_on_a_pipe_written_later(port):
+    """Ported from liburing's test/poll.c: a POLLIN on a pipe's read end
+    completes once another thread writes to it."""
+    r, w = os.pipe()
+    try:
+        port.register(r)
+        port.poll(r, fastiocp.POLLIN)
+        threading.Timer(0.05, os.write, (w, b"z")).start()
+        c = port.get(timeout=5)
+        assert c.result() == fastiocp.POLLIN
+        assert os.read(r, 1) == b"z"
+        # Then the writer goes away: HUP comes unasked.
+        os.close(w)
+        w = -1
+        port.poll(r, fastiocp.POLLOUT)  # never true for a read end
+        assert port.get(timeout=5).result() & fastiocp.POLLHUP
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_poll_and_recv_with_many_rounds_keep_the_recv_order(port, pair):
+    a, b = pair
+    for i in range(200):
+        port.poll(b, fastiocp.POLLIN, context=("poll", i))
+        port.recv(b, 4, context=("recv", i))
+        a.send(i.to_bytes(4, "big"))
+        cs = {c.context[0]: c for c in collect(port, 2)}
+        assert cs["poll"].result() & fastiocp.POLLIN
+        assert int.from_bytes(cs["recv"].buffer[:cs["recv"].nbytes], "big") == i
+
+
+def test_cancelling_a_poll_leaves_the_recv_waiting(port, pair):
+    a, b = pair
+    poll = port.poll(b, fastiocp.POLLIN)
+    port.recv(b, 8, context="recv")
+    poll.cancel()
+    c = port.get(timeout=5)
+    assert c is poll and c.cancelled
+    a.send(b"after")
+    c = port.get(timeout=5)
+    assert c.context == "recv" and bytes(c.buffer[:c.nbytes]) == b"after"
+
+
+# ---- sendfile on a blocking socket -----------------------------------------
+
+def test_sendfile_on_a_blocking_socket_with_a_slow_reader(port, tmp_path):
+    size = 4 << 20
+    data = os.urandom(1 << 16) * (size >> 16)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+    received = bytearray()
+
+    def slow_reader():
+        # Small reads with pauses: the sender sees EAGAIN again and again.
+        while len(received) < size - 1000:
+            chunk = b.recv(65536)
+            if not chunk:
+                break
+            received.extend(chunk)
+            time.sleep(0.0005)
+
+    assert a.getblocking()
+    th = threading.Thread(target=slow_reader)
+    th.start()
+    with open(path, "rb") as f:
+        port.register(a)
+        port.register(f)
+        op = port.sendfile(a, f, 1000, size)  # past the end: short at EOF
+        c = port.get(timeout=60)
+        assert f.tell() == 0  # the file position never moves
+    th.join(60)
+    assert c is op and c.error is None
+    assert c.result() == size - 1000
+    assert bytes(received) == data[1000:]
+    # The socket is still the user's blocking socket.
+    assert a.getblocking()
+    assert not fcntl.fcntl(a.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    a.close()
+    b.close()
+
+
+def test_sendfile_reports_the_bytes_sent_before_the_peer_left(port, tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"q" * (8 << 20))
+    a, b = socket.socketpair()
+    with open(path, "rb") as f:
+        port.register(a)
+        port.register(f)
+        port.sendfile(a, f, 0, 8 << 20)
+        b.recv(100_000)
+        time.sleep(0.05)
+        b.close()  # unread data: the sender gets EPIPE or ECONNRESET
+        c = port.get(timeout=10)
+    assert c.error is None, c.error
+    assert 0 < c.result() < 8 << 20
+    a.close()
+
+
+# ---- Process waits on a pidfd ------------------------------------------------
+
+def test_wait_process_does_not_reap(port):
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"])
+    port.wait_process(child.pid)
+    c = port.get(timeout=30)
+    assert c.result() == 7
+    # Still a zombie for its owner to reap (WNOWAIT).
+    info = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    assert info is not None and info.si_status == 7
+    assert child.wait() == 7
+
+
+def test_wait_process_reports_a_signal(port):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    port.wait_process(child)
+    time.sleep(0.05)
+    assert port.get_many(4, timeout=0) == []
+    child.send_signal(signal.SIGTERM)
+    c = port.get(timeout=30)
+    assert c.result() == -signal.SIGTERM
+    child.wait()
+
+
+def test_wait_process_of_a_stranger_is_echild(port):
+    port.wait_process(os.getppid())  # alive, not ours
+    c = port.get(timeout=5)
+    assert errno_of(c) == errno.ECHILD
+
+
+def test_wait_process_timeout_then_the_child_is_still_waitable(port):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    port.timer(0)  # the port's timerfd is made the first time it is needed
+    port.get(timeout=5)
+    before = nfds()
+    port.wait_process(child, timeout=0.05)
+    c = port.get(timeout=5)
+    assert errno_of(c) == errno.ETIMEDOUT
+    assert nfds() == before  # its pidfd is gone
+    port.wait_process(child)
+    child.kill()
+    assert port.get(timeout=30).result() == -signal.SIGKILL
+    child.wait()
+
+
+# ---- No descriptor leaks -------------------------------------------------------
+
+def test_no_pidfd_leak_over_2000_cycles(port):
+    zombie = subprocess.Popen(["true"])
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        while os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            time.sleep(0.01)
+        # Warm up (the timerfd, the descriptor table), then count.
+        port.wait_process(live, timeout=0.001)
+        collect(port, 1)
+        before = nfds()
+        for i in range(2000):
+            which = i % 4
+            if which == 0:  # completes at submit: already exited
+                port.wait_process(zombie)
+                assert port.get(timeout=5).result() == 0
+            elif which == 1:  # waits, then cancelled
+                op = port.wait_process(live)
+                op.cancel()
+                assert port.get(timeout=5).cancelled
+            elif which == 2:  # waits, then times out
+                port.wait_process(live, timeout=0.0001)
+                assert errno_of(port.get(timeout=5)) == errno.ETIMEDOUT
+            else:  # fails at pidfd_open: a pid that cannot exist
+                port.wait_process(2**22 + 1)
+                assert errno_of(port.get(timeout=5)) in (errno.ESRCH, errno.EINVAL)
+        assert nfds() == before
+    finally:
+        live.kill()
+        live.wait()
+        zombie.wait()
+
+
+def test_no_timerfd_or_pidfd_leak_when_ports_close_with_work_pending():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    a, b = socket.socketpair()
+    try:
+        p = fastiocp.CompletionPort(backend=BACKEND)
+        p.close()
+        before = nfds()
+        for _ in range(2000 // 4):
+            p = fastiocp.CompletionPort(backend=BACKEND)
+            p.register(b)
+            ops = [p.timer(60), p.wait_process(child), p.poll(b, fastiocp.POLLIN),
+                   p.recv(b, 8, timeout=60)]
+            p.close()
+            assert p.pending == 0
+            assert all(op.done and op.cancelled for op in ops)
+        assert nfds() == before
+    finally:
+        child.kill()
+        child.wait()
+        a.close()
+        b.close()
+
+
+# ---- close() against submitters -----------------------------------------------
+
+def test_close_while_threads_submit_timers_and_timeouts():
+    """Submitters keep adding timers and timed receives while close()
+    sweeps; every operation that was accepted completes once, nothing
+    hangs, and the descriptors come back."""
+    a, b = socket.socketpair()
+    before = nfds()
+    for _round in range(20):
+        p = fastiocp.CompletionPort(backend=BACKEND)
+        p.register(b)
+        accepted = []
+        stop = threading.Event()
+
+        def submitter(seed):
+            rng = random.Random(seed)
+            while not stop.is_set():
+                try:
+                    if rng.random() < 0.5:
+                        op = p.timer(rng.uniform(0, 0.01))
+                    else:
+                        op = p.recv(b, 8, timeout=rng.uniform(0, 0.01))
+                except (OSError, ValueError, RuntimeError):
+                    return  # the port closed under us
+                accepted.append(op)
+
+        threads = [threading.Thread(target=submitter, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.02)
+        p.close()
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert p.pending == 0
+        assert all(op.done for op in accepted)
+    assert nfds() == before
+    a.close()
+    b.close()
