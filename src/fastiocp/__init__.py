@@ -48,12 +48,30 @@ __all__ = [
     "InvalidStateError",
     "PortClosedError",
     "WorkerPool",
+    "EventLoop",
+    "EventLoopPolicy",
     "__version__",
     "available_backends",
     "backend_operations",
     "backend_status",
+    "new_event_loop",
     "open",
+    "run",
 ]
+
+# The asyncio loop (fastiocp.loop) is imported on first use: a program that
+# only uses ports does not pay for importing asyncio.
+_LOOP_NAMES = ("EventLoop", "EventLoopPolicy", "new_event_loop", "run")
+
+
+def __getattr__(name: str):
+    if name in _LOOP_NAMES:
+        from . import loop
+
+        value = getattr(loop, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def available_backends() -> list[str]:

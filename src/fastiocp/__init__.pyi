@@ -18,6 +18,7 @@ from ._fastiocp import (
     backend_status as backend_status,
 )
 from ._files import File as File, open as open
+from .loop import EventLoop as EventLoop, EventLoopPolicy as EventLoopPolicy, new_event_loop as new_event_loop, run as run
 from ._version import __version__ as __version__
 from ._workers import EXIT as EXIT, WorkerPool as WorkerPool
 
@@ -36,11 +37,15 @@ __all__ = [
     "InvalidStateError",
     "PortClosedError",
     "WorkerPool",
+    "EventLoop",
+    "EventLoopPolicy",
     "__version__",
     "available_backends",
     "backend_operations",
     "backend_status",
+    "new_event_loop",
     "open",
+    "run",
 ]
 
 def available_backends() -> list[str]: ...

@@ -1,0 +1,382 @@
+"""The proactor the stdlib's BaseProactorEventLoop drives, on a CompletionPort.
+
+asyncio.proactor_events.BaseProactorEventLoop (transports, servers, SSL,
+sock_* methods) is written against a *proactor*: an object whose methods
+start an operation and return a Future, and whose select(timeout) waits and
+finishes the futures of the operations that completed. IocpProactor is the
+stdlib's, on Windows only; this one runs on every fastiocp backend. Each
+operation's Completion carries (future, finish) as its context: select()
+dequeues a batch with one get_many() and resolves each future with
+finish(completion)."""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import sys
+import weakref
+from asyncio import futures
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .._fastiocp import POLLERR, POLLHUP, POLLIN, POLLOUT, Completion, CompletionPort, PortClosedError
+
+WINDOWS = sys.platform == "win32"
+# Largest batch one select() dequeues.
+BATCH = 256
+
+
+class _OpFuture(futures.Future):
+    """A Future whose cancel() also cancels the operation (the completion
+    still comes, and is then dropped)."""
+
+    __slots__ = ("_op",)
+
+    def __init__(self, *, loop: Any) -> None:
+        super().__init__(loop=loop)
+        self._op: Optional[Completion] = None
+
+    def cancel(self, msg: Any = None) -> bool:
+        op = self._op
+        if op is not None and not op.done:
+            try:
+                op.cancel()
+            except (OSError, PortClosedError):
+                pass
+        return super().cancel(msg) if msg is not None else super().cancel()
+
+
+def _nbytes(c: Completion) -> int:
+    return c.nbytes
+
+
+def _data(c: Completion) -> bytes:
+    return bytes(c.buffer[: c.nbytes])
+
+
+def _none(c: Completion) -> None:
+    return None
+
+
+def _is_socket(obj: Any) -> bool:
+    return isinstance(obj, socket.socket)
+
+
+class PortProactor:
+    """Operations on one CompletionPort for one event loop (one thread)."""
+
+    def __init__(self, backend: Optional[str] = None) -> None:
+        self._port = CompletionPort(backend=backend or "auto")
+        self._loop: Any = None
+        # Descriptor number -> the object registered under it. asyncio closes
+        # sockets without unregistering them, and a number comes back for
+        # the next socket: a different object under a known number is
+        # registered again (IOCP associates the kernel object).
+        self._owners: Dict[int, Any] = {}
+        # Operations in flight: cancelled and waited for by close().
+        self._pending: Dict[Completion, futures.Future] = {}
+        self._stopped_serving: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+
+    # ---- plumbing -------------------------------------------------------------
+
+    @property
+    def port(self) -> CompletionPort:
+        return self._port
+
+    def set_loop(self, loop: Any) -> None:
+        self._loop = loop
+
+    def _register(self, obj: Any) -> int:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        if fd < 0:
+            raise OSError(errno.EBADF, "file descriptor closed")
+        known = self._owners.get(fd)
+        if known is not None:
+            owner = known() if isinstance(known, weakref.ref) else known
+            if owner is obj or isinstance(obj, int):
+                return fd
+            try:
+                self._port.unregister(fd)
+            except (ValueError, OSError):
+                pass
+        self._port.register(fd)
+        try:
+            self._owners[fd] = weakref.ref(obj)
+        except TypeError:
+            self._owners[fd] = obj
+        return fd
+
+    def _start(self, submit: Callable[..., Completion], finish: Callable[[Completion], Any],
+               *args: Any, **kwargs: Any) -> futures.Future:
+        fut = _OpFuture(loop=self._loop)
+        op = submit(*args, context=(fut, finish), **kwargs)
+        fut._op = op
+        self._pending[op] = fut
+        return fut
+
+    def _done(self, value: Any) -> futures.Future:
+        fut = self._loop.create_future()
+        fut.set_result(value)
+        return fut
+
+    def _failed(self, exc: BaseException) -> futures.Future:
+        fut = self._loop.create_future()
+        fut.set_exception(exc)
+        return fut
+
+    def select(self, timeout: Optional[float] = None) -> List[futures.Future]:
+        """Waits up to timeout seconds (None: until something completes) and
+        finishes the futures of every completion dequeued."""
+        if timeout is not None and timeout < 0:
+            timeout = 0
+        try:
+            batch = self._port.get_many(BATCH, timeout=timeout)
+        except PortClosedError:
+            return []
+        pending = self._pending
+        done = []
+        for c in batch:
+            ctx = c.context
+            if ctx is None:  # a wake-up post (call_soon_threadsafe)
+                continue
+            pending.pop(c, None)
+            fut, finish = ctx
+            if fut.done():
+                continue  # cancelled by the caller
+            err = c.error
+            if err is not None:
+                if c.cancelled:
+                    fut.cancel()
+                else:
+                    fut.set_exception(err)
+            else:
+                try:
+                    value = finish(c)
+                except BaseException as exc:  # noqa: BLE001
+                    fut.set_exception(exc)
+                else:
+                    if value is not _CONTINUED:
+                        fut.set_result(value)
+            done.append(fut)
+        return done
+
+    def wake(self) -> None:
+        """Makes a select() in progress return (any thread)."""
+        try:
+            self._port.post()
+        except (PortClosedError, ValueError):
+            pass
+
+    # ---- operations the stdlib loop and transports call ------------------------
+
+    def recv(self, conn: Any, nbytes: int, flags: int = 0) -> futures.Future:
+        try:
+            self._register(conn)
+            if _is_socket(conn):
+                return self._start(self._port.recv, _data, conn, nbytes)
+            if _is_write_end(conn):
+                # A write pipe transport "reads" its own end to learn that
+                # the reader went away (Windows). Here: wait for POLLERR.
+                return self._start(self._port.poll, lambda c: b"", conn, 0)
+            return self._start(self._port.read, _data, conn, nbytes, None)
+        except OSError as exc:
+            return self._failed(exc)
+
+    def recv_into(self, conn: Any, buf: Any, flags: int = 0) -> futures.Future:
+        try:
+            self._register(conn)
+            if _is_socket(conn):
+                return self._start(self._port.recv, _nbytes, conn, buf)
+            return self._start(self._port.read, _nbytes, conn, buf, None)
+        except OSError as exc:
+            return self._failed(exc)
+
+    def recvfrom(self, conn: socket.socket, nbytes: int, flags: int = 0) -> futures.Future:
+        try:
+            self._register(conn)
+            return self._start(self._port.recvfrom, lambda c: (bytes(c.buffer[: c.nbytes]), c.result()[1]),
+                               conn, nbytes)
+        except OSError as exc:
+            return self._failed(exc)
+
+    def recvfrom_into(self, conn: socket.socket, buf: Any, nbytes: int = 0, flags: int = 0) -> futures.Future:
+        try:
+            self._register(conn)
+            view = memoryview(buf)
+            if nbytes:
+                view = view[:nbytes]
+            return self._start(self._port.recvfrom, lambda c: c.result(), conn, view)
+        except OSError as exc:
+            return self._failed(exc)
+
+    def send(self, conn: Any, buf: Any, flags: int = 0) -> futures.Future:
+        """Sends all of buf (the transports assume it): a short send goes on
+        with the rest before the future is done."""
+        try:
+            self._register(conn)
+            data = memoryview(buf).cast("B") if not isinstance(buf, (bytes, bytearray)) else buf
+            total = len(data)
+            if _is_socket(conn):
+                submit = self._port.send
+                args: Tuple[Any, ...] = ()
+            else:
+                submit = self._port.write
+                args = (None,)
+            fut = _OpFuture(loop=self._loop)
+
+            def finish(c: Completion, sent: int = 0) -> Any:
+                sent += c.nbytes
+                if sent >= total or c.nbytes == 0:
+                    return sent
+                rest = memoryview(data)[sent:]
+                op = submit(conn, rest, *args, context=(fut, lambda c2: finish(c2, sent)))
+                fut._op = op
+                self._pending[op] = fut
+                return _CONTINUED
+
+            op = submit(conn, data, *args, context=(fut, finish))
+            fut._op = op
+            self._pending[op] = fut
+            return fut
+        except OSError as exc:
+            return self._failed(exc)
+
+    def sendto(self, conn: socket.socket, buf: Any, flags: int = 0, addr: Any = None) -> futures.Future:
+        try:
+            self._register(conn)
+            if addr is None:
+                return self._start(self._port.send, _nbytes, conn, buf)
+            return self._start(self._port.sendto, _nbytes, conn, buf, addr)
+        except OSError as exc:
+            return self._failed(exc)
+
+    def accept(self, listener: socket.socket) -> futures.Future:
+        try:
+            self._register(listener)
+        except OSError as exc:
+            return self._failed(exc)
+
+        def finish(c: Completion) -> Tuple[socket.socket, Any]:
+            conn, addr = c.result()
+            conn.setblocking(False)
+            return conn, addr
+
+        return self._start(self._port.accept, finish, listener)
+
+    def connect(self, conn: socket.socket, address: Any) -> futures.Future:
+        if conn.type == socket.SOCK_DGRAM:
+            # Connecting a datagram socket only records the peer.
+            try:
+                conn.connect(address)
+            except OSError as exc:
+                return self._failed(exc)
+            return self._done(None)
+        try:
+            self._register(conn)
+            return self._start(self._port.connect, _none, conn, address)
+        except OSError as exc:
+            return self._failed(exc)
+
+    def sendfile(self, sock: socket.socket, file: Any, offset: int, count: int) -> futures.Future:
+        """Sends count bytes of file from offset (less at its end), the kernel
+        copying; the loop counts on all of them having been sent."""
+        try:
+            self._register(sock)
+            fut = _OpFuture(loop=self._loop)
+            port = self._port
+
+            def finish(c: Completion, sent: int = 0) -> Any:
+                sent += c.nbytes
+                if sent >= count or c.nbytes == 0:
+                    return sent
+                op = port.sendfile(sock, file, offset + sent, count - sent,
+                                   context=(fut, lambda c2: finish(c2, sent)))
+                fut._op = op
+                self._pending[op] = fut
+                return _CONTINUED
+
+            op = port.sendfile(sock, file, offset, count, context=(fut, finish))
+            fut._op = op
+            self._pending[op] = fut
+            return fut
+        except OSError as exc:
+            return self._failed(exc)
+
+    def poll(self, fileobj: Any, events: int) -> futures.Future:
+        """One-shot readiness; the future's result is the events that fired."""
+        try:
+            self._register(fileobj)
+            return self._start(self._port.poll, _nbytes, fileobj, events)
+        except OSError as exc:
+            return self._failed(exc)
+
+    def wait_process(self, process: Any) -> futures.Future:
+        """Completes with the return code when the child exits (not reaped)."""
+        return self._start(self._port.wait_process, lambda c: c.result(), process)
+
+    # Windows pipe servers and process handles (IocpProactor's names).
+    def connect_pipe(self, pipe: Any) -> futures.Future:
+        self._register(pipe)
+        return self._start(self._port.connect_pipe, lambda c: pipe, pipe)
+
+    def wait_for_handle(self, handle: Any, timeout: Optional[float] = None) -> futures.Future:
+        return self._start(self._port.wait_process, lambda c: True, handle, timeout=timeout)
+
+    def _stop_serving(self, sock: socket.socket) -> None:
+        self._stopped_serving.add(sock)
+
+    def _unregister(self, obj: Any) -> None:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        if self._owners.pop(fd, None) is not None:
+            try:
+                self._port.unregister(fd)
+            except (ValueError, OSError):
+                pass
+
+    def close(self) -> None:
+        """Cancels every operation in flight, finishes their futures as
+        cancelled, closes the port."""
+        port = self._port
+        if port.closed:
+            return
+        for op, fut in list(self._pending.items()):
+            if not fut.done():
+                fut.cancel()
+        # close() waits (bounded) for the cancelled operations and releases
+        # their buffers; their completions are not dequeued any more.
+        port.close()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.cancel()
+        self._pending.clear()
+        self._owners.clear()
+
+    def __repr__(self) -> str:
+        return f"<PortProactor backend={self._port.backend if not self._port.closed else 'closed'}>"
+
+
+class _Continued:
+    """finish() started the rest of the operation: the future stays pending."""
+
+
+_CONTINUED = _Continued()
+
+
+def _is_write_end(obj: Any) -> bool:
+    """Whether obj is a pipe (or FIFO) opened for writing only: the write
+    end handed to a write pipe transport."""
+    if WINDOWS:
+        return False
+    try:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            return False
+        import fcntl
+
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
+    except OSError:
+        return False
+
+
+__all__ = ["PortProactor", "POLLIN", "POLLOUT", "POLLERR", "POLLHUP"]
