@@ -140,6 +140,51 @@
  * and destroy() closes the port, which by then holds at most wake packets,
  * which carry no OVERLAPPED.
  *
+ * The operations of issue 14 (fiocp.h), and which packet completes each:
+ * - poll: readiness through the AFD driver, as wepoll, mio and libuv do it:
+ *   one handle per port to \Device\Afd (NtCreateFile; the name's suffix
+ *   is ignored), associated with KEY_AFD, takes an IOCTL_AFD_POLL per
+ *   operation (NtDeviceIoControlFile) for the socket's base handle
+ *   (SIO_BASE_HANDLE), with the OVERLAPPED as IO_STATUS_BLOCK and a tagged
+ *   APC context as for files (BUG-6). The AFD_POLL_INFO it fills lives in
+ *   op->bk (malloc: polls need no extension record). Wine 8 implements the
+ *   request (its server polls the Unix socket), so no fallback is needed;
+ *   it reports a peer's FIN as readability, not AFD_POLL_DISCONNECT. A
+ *   pending receive on the same socket takes arriving data before AFD
+ *   sees it (Wine certainly; Windows documents nothing), so that poll
+ *   waits for more.
+ * - sendmsg, recvmsg: WSASend/WSASendTo, WSARecv (stream sockets) or
+ *   WSARecvFrom (others) with the binding's WSABUF array. Ancillary data
+ *   needs WSASendMsg/WSARecvMsg, which Windows has for datagram and raw
+ *   sockets only: submit() refuses it on a stream socket with
+ *   WSAEOPNOTSUPP. A datagram longer than the buffers completes with its
+ *   first bytes and MSG_TRUNC, as on POSIX, not WSAEMSGSIZE.
+ * - sendfile: TransmitFile from the OVERLAPPED's offset; connect_pipe:
+ *   FSCTL_PIPE_LISTEN (ConnectNamedPipe) through NtFsControlFile with a
+ *   tagged context; a client already connected (ERROR_PIPE_CONNECTED, no
+ *   packet) succeeds through KEY_EARLY.
+ * - timer, wait_process, fsync are emulated with the thread pool: a
+ *   thread-pool timer, a thread-pool wait on our duplicate of the process
+ *   handle (asyncio's IocpProactor waits with RegisterWaitForSingleObject),
+ *   a work callback running FlushFileBuffers. Their packets (KEY_CB) are
+ *   queued by those callbacks. For a timer or wait, one compare-and-swap of
+ *   SC_STATE out of CB_ARMED decides who queues the one packet: the
+ *   callback (CB_FIRED) or a cancellation (CB_CANCELLED, then
+ *   ERROR_OPERATION_ABORTED). An fsync cannot be interrupted: cancel() and
+ *   close() wait for its real result.
+ * - Per-operation timeouts: a thread-pool timer per operation, armed
+ *   before the OS call, whose callback cancels the operation as cancel()
+ *   does (under mu, with the generation check) and marks it timed out: its
+ *   cancelled completion becomes FIOCP_ETIMEDOUT; any result >= 0 wins.
+ * - No callback outlives its record: finish_record(), on the thread that
+ *   dequeued the packet and before the record goes back, stops the
+ *   record's timers and wait and waits for a callback of theirs already
+ *   running (WaitForThreadpool*Callbacks: never under mu, never in a
+ *   callback). Callbacks run only while their record is owed, and
+ *   destroy() comes only when nothing is owed, so none touches a destroyed
+ *   port. close() cancels every kind (above), then collects their packets
+ *   as any others.
+ *
  * Lock order: mu is a leaf lock; no Win32 call made under it blocks.
  */
 #include "../fiocp.h"
@@ -151,6 +196,9 @@
 
 #ifndef WSA_FLAG_NO_HANDLE_INHERIT
 # define WSA_FLAG_NO_HANDLE_INHERIT 0x80
+#endif
+#ifndef MSG_TRUNC
+# define MSG_TRUNC 0x0100
 #endif
 #ifndef ERROR_HANDLES_CLOSED
 # define ERROR_HANDLES_CLOSED 676L  /* from STATUS_HANDLES_CLOSED */
@@ -165,6 +213,9 @@
 #define KEY_WAKE 3    /* close() waking a waiter: no record */
 #define KEY_ORPHAN 4  /* an operation finished without a packet (sweep) */
 #define KEY_FWD 5     /* another port's KEY_IO packet: a fwd_t envelope */
+#define KEY_AFD 6     /* an AFD poll, from the port's AFD handle (tagged) */
+#define KEY_CB 7      /* a timer, process wait or fsync, queued by our
+                         callback or by its cancellation */
 #define KEY_KIND(k) ((unsigned)((k) & 0xff))
 #define KEY_GEN(k) ((uint8_t)(((k) >> 8) & 0xff))
 #define MAKE_KEY(kind, op) ((ULONG_PTR)(kind) | ((ULONG_PTR)(op)->gen << 8))
@@ -213,16 +264,89 @@ typedef char iocp_record_alignment_check
 #define IOCP_STATUS_ALERTED 0x00000101UL
 #define IOCP_STATUS_PENDING 0x00000103UL
 
-/* NtReadFile/NtWriteFile and RtlNtStatusToDosError, from ntdll (the build
- * links only kernel32, ws2_32 and mswsock). The IO_STATUS_BLOCK is the
- * OVERLAPPED's first two fields, as ReadFile passes it. */
+/* NtReadFile/NtWriteFile, NtDeviceIoControlFile/NtFsControlFile (AFD polls,
+ * pipe connects), NtCreateFile (the AFD handle) and RtlNtStatusToDosError,
+ * from ntdll (the build links only kernel32, ws2_32 and mswsock). The
+ * IO_STATUS_BLOCK is the OVERLAPPED's first two fields, as ReadFile passes
+ * it. Our own names for ntdll's types: winternl.h differs between mingw and
+ * the Windows SDK. */
 typedef LONG(NTAPI* nt_rw_fn)(HANDLE file, HANDLE event, PVOID apc,
                               PVOID apc_context, PVOID iosb, PVOID buf,
                               ULONG len, PLARGE_INTEGER offset, PULONG key);
+typedef LONG(NTAPI* nt_ioctl_fn)(HANDLE file, HANDLE event, PVOID apc,
+                                 PVOID apc_context, PVOID iosb, ULONG code,
+                                 PVOID in, ULONG inlen, PVOID out,
+                                 ULONG outlen);
+typedef struct iocp_ustr_s {
+  USHORT len;
+  USHORT maxlen;
+  PWSTR buf;
+} iocp_ustr_t;
+typedef struct iocp_objattr_s {
+  ULONG len;
+  HANDLE root;
+  iocp_ustr_t* name;
+  ULONG attrs;
+  PVOID sd;
+  PVOID sqos;
+} iocp_objattr_t;
+typedef LONG(NTAPI* nt_create_fn)(PHANDLE h, ACCESS_MASK access,
+                                  iocp_objattr_t* oa, PVOID iosb,
+                                  PLARGE_INTEGER alloc, ULONG attrs,
+                                  ULONG share, ULONG disposition,
+                                  ULONG options, PVOID ea, ULONG ealen);
 typedef ULONG(NTAPI* nt_to_dos_fn)(LONG status);
 static nt_rw_fn nt_read_file;
 static nt_rw_fn nt_write_file;
+static nt_ioctl_fn nt_device_ioctl;
+static nt_ioctl_fn nt_fs_control;
+static nt_create_fn nt_create_file;
 static nt_to_dos_fn nt_to_dos;
+
+#define IOCP_FILE_OPEN 1                    /* NtCreateFile disposition */
+#define IOCP_FSCTL_PIPE_LISTEN 0x00110008UL /* what ConnectNamedPipe sends */
+
+/* The AFD driver's poll request (undocumented; what wepoll, mio and libuv
+ * send): one socket per request here. */
+#define IOCTL_AFD_POLL 0x00012024UL
+#define AFD_POLL_RECEIVE 0x0001
+#define AFD_POLL_RECEIVE_EXPEDITED 0x0002
+#define AFD_POLL_SEND 0x0004
+#define AFD_POLL_DISCONNECT 0x0008
+#define AFD_POLL_ABORT 0x0010
+#define AFD_POLL_LOCAL_CLOSE 0x0020
+#define AFD_POLL_ACCEPT 0x0080
+#define AFD_POLL_CONNECT_FAIL 0x0100
+typedef struct afd_poll_info_s {
+  LARGE_INTEGER timeout;
+  ULONG nhandles;
+  ULONG exclusive;
+  struct {
+    HANDLE handle;
+    ULONG events;
+    LONG status;
+  } h[1];
+} afd_poll_info_t;
+
+/* op->addr->scratch slots of this backend (the binding zeroes them before
+ * submit()). Pointer slots 0-3 and 64-bit slots 4-7 do not overlap on
+ * 32-bit builds either. */
+#define SC_IP 0        /* ptr: the iocp_t, for the timeout's callback */
+#define SC_TIMEOUT 1   /* ptr: the PTP_TIMER of the per-operation timeout */
+#define SC_OBJ 2       /* ptr: TIMER's PTP_TIMER, WAIT_PROCESS's PTP_WAIT */
+#define SC_PROC 3      /* ptr: WAIT_PROCESS: our duplicate of the handle */
+#define SC_STATE 4     /* i64: TIMER, WAIT_PROCESS: CB_* (interlocked) */
+#define SC_TIMEDOUT 5  /* i64: 1 once the timeout cancelled it (mu) */
+#define SC_GEN 6       /* i64: op->gen when the timeout was armed */
+#define SC_SOTYPE 7    /* i64: SENDMSG, RECVMSG: the socket's SO_TYPE */
+
+/* SC_STATE of a timer or process wait: who queues its KEY_CB packet. The
+ * one compare-and-swap out of CB_ARMED decides it, so exactly one does. */
+#define CB_NONE 0      /* not armed (yet) */
+#define CB_ARMED 1
+#define CB_FIRED 2     /* the callback won: the timer fired, the process
+                          ended */
+#define CB_CANCELLED 3 /* cancel() or the timeout won */
 
 typedef struct assoc_s {
   uintptr_t h;
@@ -252,6 +376,8 @@ typedef struct iocp_s {
   int64_t foreign_until; /* fiocp__now_ms() when close() stops waiting for
                             them (their handle's object may be another) */
   int64_t last_sweep;   /* fiocp__now_ms() of the last sweep_locked() */
+  HANDLE afd;           /* \Device\Afd, opened on the first poll (KEY_AFD);
+                           set once, interlocked */
   /* The registry of live ports (reg_lock), for KEY_FWD. */
   fiocp_port_t* owner;
   struct iocp_s* reg_next;
@@ -276,6 +402,9 @@ static volatile LONG64 assoc_clock;  /* orders associations, all ports */
 static LPFN_ACCEPTEX acceptex_fn;
 static LPFN_CONNECTEX connectex_fn;
 static LPFN_GETACCEPTEXSOCKADDRS getsockaddrs_fn;
+static LPFN_TRANSMITFILE transmitfile_fn;
+static LPFN_WSARECVMSG recvmsg_fn;
+static LPFN_WSASENDMSG sendmsg_fn;
 
 static DWORD load_one(SOCKET s, GUID guid, void** slot) {
   void* fn = NULL;
@@ -296,6 +425,21 @@ static DWORD load_extensions(SOCKET s) {
   DWORD err = load_one(s, acceptex_guid, (void**)&acceptex_fn);
   if (err == 0) err = load_one(s, connectex_guid, (void**)&connectex_fn);
   if (err == 0) err = load_one(s, sockaddrs_guid, (void**)&getsockaddrs_fn);
+  return err;
+}
+
+/* The extensions of sendfile, recvmsg and sendmsg, loaded when first used
+ * (WSARecvMsg exists only for datagram and raw sockets' providers). */
+static DWORD load_transmitfile(SOCKET s) {
+  static const GUID guid = WSAID_TRANSMITFILE;
+  return load_one(s, guid, (void**)&transmitfile_fn);
+}
+
+static DWORD load_msg_functions(SOCKET s) {
+  static const GUID recv_guid = WSAID_WSARECVMSG;
+  static const GUID send_guid = WSAID_WSASENDMSG;
+  DWORD err = load_one(s, recv_guid, (void**)&recvmsg_fn);
+  if (err == 0) err = load_one(s, send_guid, (void**)&sendmsg_fn);
   return err;
 }
 
@@ -364,8 +508,52 @@ static void assoc_add(iocp_t* ip, uintptr_t h) {
 
 /* ---- Results ------------------------------------------------------------- */
 
+/* Operations that Winsock runs on op->handle, a socket. */
 static int is_socket_op(uint8_t kind) {
-  return kind != FIOCP_OP_READ && kind != FIOCP_OP_WRITE;
+  switch (kind) {
+    case FIOCP_OP_RECV:
+    case FIOCP_OP_SEND:
+    case FIOCP_OP_RECVFROM:
+    case FIOCP_OP_SENDTO:
+    case FIOCP_OP_ACCEPT:
+    case FIOCP_OP_CONNECT:
+    case FIOCP_OP_SENDMSG:
+    case FIOCP_OP_RECVMSG:
+    case FIOCP_OP_SENDFILE:
+      return 1;
+    default:
+      return 0;
+  }
+}
+
+/* Operations issued through ntdll on op->handle with a tagged APC context
+ * (see the head comment on BUG-6). */
+static int is_tagged_io(uint8_t kind) {
+  return kind == FIOCP_OP_READ || kind == FIOCP_OP_WRITE ||
+         kind == FIOCP_OP_CONNECT_PIPE;
+}
+
+/* Operations completed by our own KEY_CB packet, not by an I/O request. */
+static int is_cb_kind(uint8_t kind) {
+  return kind == FIOCP_OP_TIMER || kind == FIOCP_OP_WAIT_PROCESS ||
+         kind == FIOCP_OP_FSYNC;
+}
+
+/* Operations whose request runs on op->handle, so that their packet goes
+ * where that handle is associated (sweep_locked(), cancel_foreign()). A
+ * poll runs on the port's own AFD handle. */
+static int is_handle_io(uint8_t kind) {
+  return kind != FIOCP_OP_POST && kind != FIOCP_OP_POLL && !is_cb_kind(kind);
+}
+
+/* Frees op's side block (op->bk): a poll's AFD_POLL_INFO, a sendmsg's or
+ * recvmsg's WSAMSG. Other kinds keep something else in bk. */
+static void free_side(fiocp_op_t* op) {
+  if (op->kind == FIOCP_OP_POLL || op->kind == FIOCP_OP_SENDMSG ||
+      op->kind == FIOCP_OP_RECVMSG) {
+    free((void*)op->bk);
+    op->bk = 0;
+  }
 }
 
 /* The Win32 error of a dequeued operation whose NTSTATUS is not zero, or 0
@@ -421,6 +609,75 @@ static int64_t finish_accept(fiocp_op_t* op, int64_t res) {
   return (int64_t)as;
 }
 
+/* A finished poll's events (> 0), in poll()'s values: what AFD reported,
+ * as wepoll and mio read it, kept to what was asked for plus FIOCP_POLLERR
+ * and FIOCP_POLLHUP. A poll that reports nothing asked for ended because
+ * the socket was closed under it (AFD_POLL_LOCAL_CLOSE): cancelled. */
+static int64_t poll_result(fiocp_op_t* op) {
+  const afd_poll_info_t* pi = (const afd_poll_info_t*)op->bk;
+  unsigned want = op->len & (FIOCP_POLLIN | FIOCP_POLLPRI | FIOCP_POLLOUT);
+  unsigned r = 0;
+  ULONG ev;
+  if (pi == NULL || pi->nhandles == 0)
+    return -(int64_t)ERROR_OPERATION_ABORTED;
+  ev = pi->h[0].events;
+  if (ev & (AFD_POLL_RECEIVE | AFD_POLL_ACCEPT)) r |= FIOCP_POLLIN;
+  if (ev & AFD_POLL_RECEIVE_EXPEDITED) r |= FIOCP_POLLPRI;
+  if (ev & AFD_POLL_SEND) r |= FIOCP_POLLOUT;
+  /* The peer closed: readable (EOF) and hung up. */
+  if (ev & AFD_POLL_DISCONNECT) r |= FIOCP_POLLIN | FIOCP_POLLHUP;
+  /* Reset: as Linux reports ECONNRESET. */
+  if (ev & AFD_POLL_ABORT) r |= FIOCP_POLLIN | FIOCP_POLLHUP | FIOCP_POLLERR;
+  if (ev & AFD_POLL_CONNECT_FAIL)
+    r |= FIOCP_POLLIN | FIOCP_POLLOUT | FIOCP_POLLERR | FIOCP_POLLHUP;
+  r &= want | FIOCP_POLLERR | FIOCP_POLLHUP;
+  return r != 0 ? (int64_t)r : -(int64_t)ERROR_OPERATION_ABORTED;
+}
+
+/* The AFD events a poll for want (FIOCP_POLL*) asks for. A disconnect only
+ * when reading: a peer's FIN must not end a poll for POLLOUT. */
+static ULONG afd_events(uint32_t want) {
+  ULONG e = AFD_POLL_ABORT | AFD_POLL_CONNECT_FAIL | AFD_POLL_LOCAL_CLOSE;
+  if (want & FIOCP_POLLIN)
+    e |= AFD_POLL_RECEIVE | AFD_POLL_ACCEPT | AFD_POLL_DISCONNECT;
+  if (want & FIOCP_POLLPRI) e |= AFD_POLL_RECEIVE_EXPEDITED;
+  if (want & FIOCP_POLLOUT) e |= AFD_POLL_SEND;
+  return e;
+}
+
+/* A finished recvmsg's outputs (see fiocp.h): msg_flags, the control data's
+ * length, the sender. A datagram longer than the buffers is not an error
+ * (WSAEMSGSIZE): recvmsg() reports its first bytes and MSG_TRUNC, as on
+ * POSIX. */
+static int64_t finish_recvmsg(fiocp_op_t* op, DWORD err, DWORD bytes,
+                              int64_t res) {
+  fiocp_addr_t* a = op->addr;
+  const WSAMSG* m = (const WSAMSG*)op->bk;
+  int trunc = err == WSAEMSGSIZE || err == ERROR_MORE_DATA;
+  if (res < 0 && !trunc) {
+    a->controllen = 0;
+    a->sslen = 0;
+    return res;
+  }
+  if (m != NULL) {
+    a->msgflags = (int)m->dwFlags;
+    a->controllen = m->Control.len;
+    a->sslen = m->namelen;
+  } else {
+    /* An overlapped receive's flags come back through
+     * WSAGetOverlappedResult (MSG_PARTIAL and the like). */
+    DWORD n = 0, fl = 0;
+    if (err != 0 || !WSAGetOverlappedResult((SOCKET)op->handle, &op->ov, &n,
+                                            FALSE, &fl))
+      fl = 0;
+    a->msgflags = (int)fl;
+    a->controllen = 0;
+    if (a->scratch.i64[SC_SOTYPE] == SOCK_STREAM) a->sslen = 0;
+  }
+  if (trunc) a->msgflags |= MSG_TRUNC;
+  return (int64_t)bytes;
+}
+
 static int64_t finish_connect(fiocp_op_t* op, int64_t res) {
   if (res < 0) return res;
   /* Without this, getpeername(), shutdown() and friends fail on a socket
@@ -454,6 +711,17 @@ static int64_t op_result(fiocp_op_t* op, DWORD err, DWORD bytes) {
     case FIOCP_OP_CONNECT:
       res = finish_connect(op, res);
       break;
+    case FIOCP_OP_RECVMSG:
+      res = finish_recvmsg(op, err, bytes, res);
+      break;
+    case FIOCP_OP_POLL:
+      if (res >= 0) res = poll_result(op);
+      break;
+    case FIOCP_OP_CONNECT_PIPE:
+      /* A client that connected before the call is a success, which
+       * ConnectNamedPipe reports as this error (no packet is queued). */
+      if (err == ERROR_PIPE_CONNECTED) res = 0;
+      break;
     default:
       break;
   }
@@ -461,10 +729,6 @@ static int64_t op_result(fiocp_op_t* op, DWORD err, DWORD bytes) {
 }
 
 /* ---- Records: ownership, forwarding, orphans ----------------------------- */
-
-static int is_file_op(uint8_t kind) {
-  return kind == FIOCP_OP_READ || kind == FIOCP_OP_WRITE;
-}
 
 /* The record a packet's lpOverlapped names (file operations tag it). */
 static fiocp_op_t* untag(void* p) {
@@ -572,7 +836,7 @@ static int64_t cancel_foreign(iocp_t* ip, assoc_t* tab, size_t cap) {
       for (i = 0; i < sl->count; i++) {
         fiocp_op_t* op = &sl->ops[i];
         assoc_t* a;
-        if (op->state != FIOCP_ST_INFLIGHT || op->kind == FIOCP_OP_POST ||
+        if (op->state != FIOCP_ST_INFLIGHT || !is_handle_io(op->kind) ||
             !(op->flags & OPF_ISSUED) || (op->flags & (OPF_TAKEN | OPF_EARLY)))
           continue;
         a = assoc_find(tab, cap, (uintptr_t)op->handle);
@@ -607,7 +871,7 @@ static void sweep_locked(fiocp_port_t* port, iocp_t* ip) {
       fiocp_op_t* op = &s->ops[i];
       uint8_t f = op->flags;
       HANDLE h;
-      if (op->state != FIOCP_ST_INFLIGHT || op->kind == FIOCP_OP_POST ||
+      if (op->state != FIOCP_ST_INFLIGHT || !is_handle_io(op->kind) ||
           !(f & OPF_ISSUED) ||
           (f & (OPF_STARTING | OPF_EARLY | OPF_TAKEN)) ||
           (ULONG)op->ov.Internal == IOCP_STATUS_PENDING)
@@ -649,13 +913,14 @@ static void top_up_wakes_locked(iocp_t* ip) {
 }
 
 static int finish_alerted(iocp_t* ip, fiocp_op_t* op);
+static void finish_record(fiocp_op_t* op);
 
 /* One dequeued entry on its way to becoming a completion. */
 typedef struct cand_s {
   fiocp_op_t* op;
   uintptr_t tag;   /* a file operation's tag, 0 for the others */
-  unsigned kind;   /* KEY_IO (also forwarded), KEY_POST, KEY_EARLY or
-                      KEY_ORPHAN */
+  unsigned kind;   /* KEY_IO (also forwarded), KEY_POST, KEY_EARLY,
+                      KEY_ORPHAN, KEY_AFD or KEY_CB */
   uint8_t gen;     /* KEY_GEN of our own packets */
   ULONG pst;       /* KEY_IO: the packet's NTSTATUS */
   DWORD bytes;
@@ -692,16 +957,30 @@ static int claim_locked(cand_t* c, ULONG n, int ignore_starting) {
           if (op->kind == FIOCP_OP_POST) break;
           if (c[i].tag != 0) {
             /* A file operation's packet: of this life, for this kind. */
-            if (!is_file_op(op->kind) || c[i].tag != FILE_TAG(op->gen))
+            if (!is_tagged_io(op->kind) || c[i].tag != FILE_TAG(op->gen))
               break;
             if ((f & OPF_STARTING) && !ignore_starting) {
               undecided++;  /* a ghost, or a fast completion: wait */
               continue;
             }
-          } else if (is_file_op(op->kind)) {
+          } else if (is_tagged_io(op->kind)) {
             break;  /* file packets are tagged: a stale socket packet */
           }
           ok = !(f & (OPF_EARLY | OPF_TAKEN));
+          break;
+        case KEY_AFD:
+          /* Tagged like a file operation's packet, for the same reasons. */
+          if (op->kind != FIOCP_OP_POLL || c[i].tag != FILE_TAG(op->gen))
+            break;
+          if ((f & OPF_STARTING) && !ignore_starting) {
+            undecided++;
+            continue;
+          }
+          ok = !(f & (OPF_EARLY | OPF_TAKEN));
+          break;
+        case KEY_CB:
+          ok = is_cb_kind(op->kind) && op->gen == c[i].gen &&
+               !(f & (OPF_EARLY | OPF_TAKEN));
           break;
         default:
           break;
@@ -748,7 +1027,8 @@ static int take_entries(fiocp_port_t* port, iocp_t* ip,
           continue;
         }
       }
-    } else if (kind != KEY_POST && kind != KEY_EARLY && kind != KEY_ORPHAN) {
+    } else if (kind != KEY_POST && kind != KEY_EARLY && kind != KEY_ORPHAN &&
+               kind != KEY_AFD && kind != KEY_CB) {
       continue;  /* nobody queues these: a bug */
     }
     c[m].op = untag(e.lpOverlapped);
@@ -775,20 +1055,21 @@ static int take_entries(fiocp_port_t* port, iocp_t* ip,
     if (++spins < 64) SwitchToThread();
     else Sleep(1);
   }
-  /* 3. The per-record work (error mapping, accept and connect contexts),
-   * without the lock: a claimed record is ours until its state changes
-   * below; cancel() only asks the OS, which tolerates a completed
-   * operation. */
+  /* 3. The per-record work (error mapping, accept and connect contexts,
+   * stopping timers and waits), without the lock: a claimed record is ours
+   * until its state changes below; cancel() only asks the OS, which
+   * tolerates a completed operation, or loses a compare-and-swap. */
   for (i = 0; i < m; i++) {
     fiocp_op_t* op = c[i].op;
     ULONG pst;
     DWORD bytes;
     if (c[i].state != 1) continue;
-    if (c[i].kind == KEY_IO) {
+    if (c[i].kind == KEY_IO || c[i].kind == KEY_AFD) {
       pst = c[i].pst;
       bytes = c[i].bytes;
       if (pst == IOCP_STATUS_ALERTED) {
         if (finish_alerted(ip, op)) continue;  /* started again */
+        finish_record(op);
         out[k++] = op;
         continue;
       }
@@ -806,7 +1087,9 @@ static int take_entries(fiocp_port_t* port, iocp_t* ip,
       bytes = (DWORD)op->ov.InternalHigh;
       op->res = op_result(op, pst == 0 ? 0 : packet_error(op), bytes);
     }
-    /* KEY_POST and KEY_EARLY: op->res was set before queueing. */
+    /* KEY_POST and KEY_EARLY: op->res was set before queueing; KEY_CB:
+     * by the fsync worker, or by finish_record(). */
+    finish_record(op);
     out[k++] = op;
   }
   /* 4. Hand the records back. */
@@ -930,7 +1213,480 @@ static DWORD start_connect(fiocp_op_t* op) {
   return 0;
 }
 
-static DWORD start_op(fiocp_op_t* op) {
+/* ---- Operations of issue 14 ----------------------------------------------
+ * See the head comment for how each kind fits the packet rules. */
+
+/* The port's handle to the AFD driver, opened and associated (KEY_AFD) by
+ * the first poll; racing first polls keep one handle. The "\Device\Afd\..."
+ * name opens a handle on which AFD takes poll requests (wepoll's trick; the
+ * suffix is ignored). Returns NULL with the error in *err. Not under mu
+ * unless the handle exists (restart_op()). */
+static HANDLE port_afd(iocp_t* ip, DWORD* err) {
+  static const WCHAR name[] = L"\\Device\\Afd\\Fastiocp";
+  HANDLE h = InterlockedCompareExchangePointer(&ip->afd, NULL, NULL), old;
+  iocp_ustr_t us;
+  iocp_objattr_t oa;
+  ULONG_PTR iosb[2];
+  LONG st;
+  if (h != NULL) return h;
+  us.buf = (PWSTR)name;
+  us.len = us.maxlen = (USHORT)(sizeof(name) - sizeof(WCHAR));
+  memset(&oa, 0, sizeof(oa));
+  oa.len = (ULONG)sizeof(oa);
+  oa.name = &us;
+  st = nt_create_file(&h, SYNCHRONIZE, &oa, iosb, NULL, 0,
+                      FILE_SHARE_READ | FILE_SHARE_WRITE, IOCP_FILE_OPEN, 0,
+                      NULL, 0);
+  if (st < 0) {
+    *err = nt_to_dos(st);
+    return NULL;
+  }
+  if (CreateIoCompletionPort(h, ip->port, KEY_AFD, 0) == NULL) {
+    *err = GetLastError();
+    (void)CloseHandle(h);
+    return NULL;
+  }
+  old = InterlockedCompareExchangePointer(&ip->afd, h, NULL);
+  if (old != NULL) {
+    (void)CloseHandle(h);  /* another poll's handle won */
+    return old;
+  }
+  return h;
+}
+
+/* The return of an NT call that took op's IO_STATUS_BLOCK, as start_op()
+ * returns: pending and warnings queue a packet (see the head comment). */
+static DWORD nt_started(LONG st) {
+  if ((ULONG)st == IOCP_STATUS_PENDING || NT_SEVERITY(st) == 2)
+    return ERROR_IO_PENDING;
+  if (st >= 0) return 0;
+  return nt_to_dos(st);
+}
+
+/* FIOCP_OP_POLL: an IOCTL_AFD_POLL for the socket's base handle (the one
+ * AFD knows, below any layered provider), on the port's AFD handle, with
+ * op's OVERLAPPED as IO_STATUS_BLOCK and a tagged APC context. The
+ * AFD_POLL_INFO, in and out, lives in op->bk until the packet. */
+static DWORD start_poll(iocp_t* ip, fiocp_op_t* op) {
+  SOCKET base = INVALID_SOCKET;
+  DWORD err = 0, n = 0;
+  afd_poll_info_t* pi;
+  HANDLE afd;
+  op->bk = 0;
+  afd = port_afd(ip, &err);
+  if (afd == NULL) return err;
+  if (WSAIoctl((SOCKET)op->handle, SIO_BASE_HANDLE, NULL, 0, &base,
+               (DWORD)sizeof(base), &n, NULL, NULL) != 0)
+    return (DWORD)WSAGetLastError();
+  pi = (afd_poll_info_t*)calloc(1, sizeof(*pi));
+  if (pi == NULL) return ERROR_NOT_ENOUGH_MEMORY;
+  op->bk = (uintptr_t)pi;
+  pi->timeout.QuadPart = INT64_MAX;  /* until an event or a cancel */
+  pi->nhandles = 1;
+  pi->exclusive = FALSE;
+  pi->h[0].handle = (HANDLE)base;
+  pi->h[0].events = afd_events(op->len);
+  return nt_started(nt_device_ioctl(
+      afd, NULL, NULL, (PVOID)((uintptr_t)op | FILE_TAG(op->gen)), &op->ov,
+      IOCTL_AFD_POLL, pi, (ULONG)sizeof(*pi), pi, (ULONG)sizeof(*pi)));
+}
+
+/* FIOCP_OP_SENDMSG: WSASend, or WSASendTo with an address; ancillary data
+ * (datagram sockets only: check_args()) needs WSASendMsg, whose WSAMSG
+ * lives in op->bk until the packet. */
+static DWORD start_sendmsg(fiocp_op_t* op) {
+  fiocp_addr_t* a = op->addr;
+  SOCKET s = (SOCKET)op->handle;
+  int has_addr = a->sslen > 0 && a->ss.ss_family != AF_UNSPEC;
+  int rc;
+  op->bk = 0;
+  if (a->controllen > 0) {
+    WSAMSG* m;
+    DWORD err = load_msg_functions(s);
+    if (err != 0) return err;
+    m = (WSAMSG*)calloc(1, sizeof(*m));
+    if (m == NULL) return ERROR_NOT_ENOUGH_MEMORY;
+    op->bk = (uintptr_t)m;
+    m->name = has_addr ? (LPSOCKADDR)&a->ss : NULL;
+    m->namelen = has_addr ? a->sslen : 0;
+    m->lpBuffers = (LPWSABUF)a->iovs;
+    m->dwBufferCount = a->niov;
+    m->Control.buf = a->control;
+    m->Control.len = a->controllen;
+    rc = sendmsg_fn(s, m, (DWORD)a->msgflags, NULL, &op->ov, NULL);
+  } else if (has_addr) {
+    rc = WSASendTo(s, (LPWSABUF)a->iovs, a->niov, NULL, (DWORD)a->msgflags,
+                   (struct sockaddr*)&a->ss, a->sslen, &op->ov, NULL);
+  } else {
+    rc = WSASend(s, (LPWSABUF)a->iovs, a->niov, NULL, (DWORD)a->msgflags,
+                 &op->ov, NULL);
+  }
+  return rc == 0 ? 0 : (DWORD)WSAGetLastError();
+}
+
+/* FIOCP_OP_RECVMSG: WSARecv on a stream socket, WSARecvFrom (the sender)
+ * on others; WSARecvMsg for ancillary data (its WSAMSG in op->bk). The
+ * flags word and the address length are written at completion: they live
+ * in the extension. */
+static DWORD start_recvmsg(fiocp_op_t* op) {
+  fiocp_addr_t* a = op->addr;
+  SOCKET s = (SOCKET)op->handle;
+  int rc;
+  op->bk = 0;
+  a->wsaflags = (DWORD)a->msgflags;
+  if (a->controllen > 0) {
+    WSAMSG* m;
+    DWORD err = load_msg_functions(s);
+    if (err != 0) return err;
+    m = (WSAMSG*)calloc(1, sizeof(*m));
+    if (m == NULL) return ERROR_NOT_ENOUGH_MEMORY;
+    op->bk = (uintptr_t)m;
+    m->name = (LPSOCKADDR)&a->ss;
+    m->namelen = (INT)sizeof(a->ss);
+    m->lpBuffers = (LPWSABUF)a->iovs;
+    m->dwBufferCount = a->niov;
+    m->Control.buf = a->control;
+    m->Control.len = a->controllen;
+    m->dwFlags = (DWORD)a->msgflags;
+    rc = recvmsg_fn(s, m, NULL, &op->ov, NULL);
+  } else if (a->scratch.i64[SC_SOTYPE] == SOCK_STREAM) {
+    rc = WSARecv(s, (LPWSABUF)a->iovs, a->niov, NULL, &a->wsaflags, &op->ov,
+                 NULL);
+  } else {
+    a->sslen = (fiocp_socklen_t)sizeof(a->ss);
+    rc = WSARecvFrom(s, (LPWSABUF)a->iovs, a->niov, NULL, &a->wsaflags,
+                     (struct sockaddr*)&a->ss, &a->sslen, &op->ov, NULL);
+  }
+  return rc == 0 ? 0 : (DWORD)WSAGetLastError();
+}
+
+/* FIOCP_OP_SENDFILE: TransmitFile from op->offset (the OVERLAPPED's
+ * offset), at most 2^31 - 2 bytes (its limit: a short send). */
+static DWORD start_sendfile(fiocp_op_t* op) {
+  SOCKET s = (SOCKET)op->handle;
+  DWORD n = op->len > 0x7ffffffeu ? 0x7ffffffeu : op->len;
+  DWORD err = load_transmitfile(s);
+  if (err != 0) return err;
+  op->ov.Offset = (DWORD)((uint64_t)op->offset & 0xffffffffu);
+  op->ov.OffsetHigh = (DWORD)((uint64_t)op->offset >> 32);
+  if (!transmitfile_fn(s, (HANDLE)op->addr->src, n, 0, &op->ov, NULL, 0))
+    return (DWORD)WSAGetLastError();
+  return 0;
+}
+
+/* FIOCP_OP_CONNECT_PIPE: what ConnectNamedPipe does (FSCTL_PIPE_LISTEN),
+ * with a tagged APC context. A client already connected fails at once with
+ * ERROR_PIPE_CONNECTED and no packet: submit() queues a KEY_EARLY one and
+ * op_result() makes it a success. */
+static DWORD start_connect_pipe(fiocp_op_t* op) {
+  return nt_started(nt_fs_control(
+      (HANDLE)op->handle, NULL, NULL,
+      (PVOID)((uintptr_t)op | FILE_TAG(op->gen)), &op->ov,
+      IOCP_FSCTL_PIPE_LISTEN, NULL, 0, NULL, 0));
+}
+
+static volatile LONG64* cb_state(fiocp_op_t* op) {
+  return (volatile LONG64*)&op->addr->scratch.i64[SC_STATE];
+}
+
+/* Queues op's KEY_CB packet (ip is in op->bk). PostQueuedCompletionStatus
+ * fails only when the system is out of memory, and the packet is owed all
+ * the same (exactly one party decided to queue it): retried, for about 5 s,
+ * then given up (close() then times out and keeps the port). */
+static VOID CALLBACK post_retry_cb(PTP_CALLBACK_INSTANCE inst, PVOID ctx) {
+  fiocp_op_t* op = (fiocp_op_t*)ctx;
+  iocp_t* ip = (iocp_t*)op->bk;
+  int i;
+  (void)inst;
+  for (i = 0; i < 500; i++) {
+    if (PostQueuedCompletionStatus(ip->port, 0, MAKE_KEY(KEY_CB, op),
+                                   &op->ov))
+      return;
+    Sleep(10);
+  }
+}
+
+/* mu may be held: the retries, which sleep, go to a pool thread. */
+static void post_cb(fiocp_op_t* op) {
+  iocp_t* ip = (iocp_t*)op->bk;
+  if (PostQueuedCompletionStatus(ip->port, 0, MAKE_KEY(KEY_CB, op), &op->ov))
+    return;
+  if (!TrySubmitThreadpoolCallback(post_retry_cb, op, NULL)) {
+    /* Out of memory twice over: the operation stays owed (see above). */
+  }
+}
+
+/* The callback of a TIMER's timer or a WAIT_PROCESS's wait: queues the
+ * packet unless a cancellation did. op stays in flight until then, and
+ * finish_record() waits for this callback before handing op back. */
+static void cb_fired(fiocp_op_t* op) {
+  if (InterlockedCompareExchange64(cb_state(op), CB_FIRED, CB_ARMED) ==
+      CB_ARMED)
+    post_cb(op);
+}
+
+static VOID CALLBACK timer_cb(PTP_CALLBACK_INSTANCE inst, PVOID ctx,
+                              PTP_TIMER t) {
+  (void)inst;
+  (void)t;
+  cb_fired((fiocp_op_t*)ctx);
+}
+
+static VOID CALLBACK wait_cb(PTP_CALLBACK_INSTANCE inst, PVOID ctx,
+                             PTP_WAIT w, TP_WAIT_RESULT result) {
+  (void)inst;
+  (void)w;
+  (void)result;  /* WAIT_OBJECT_0: no timeout is set */
+  cb_fired((fiocp_op_t*)ctx);
+}
+
+/* FIOCP_OP_FSYNC's worker: FlushFileBuffers cannot be interrupted, so it
+ * always runs to its end and queues the packet with its real result. After
+ * the post it touches nothing: the port may be gone. */
+static VOID CALLBACK fsync_cb(PTP_CALLBACK_INSTANCE inst, PVOID ctx) {
+  fiocp_op_t* op = (fiocp_op_t*)ctx;
+  iocp_t* ip = (iocp_t*)op->bk;
+  int i;
+  (void)inst;
+  op->res = FlushFileBuffers((HANDLE)op->handle) ? 0
+                                                 : -(int64_t)GetLastError();
+  for (i = 0; i < 500; i++) {
+    if (PostQueuedCompletionStatus(ip->port, 0, MAKE_KEY(KEY_CB, op),
+                                   &op->ov))
+      return;
+    Sleep(10);
+  }
+}
+
+/* Arms t to fire once, ns nanoseconds from now: a negative due time is
+ * relative, in 100 ns units (64 bits: no limit worth naming). */
+static void set_timer(PTP_TIMER t, int64_t ns) {
+  int64_t ticks = ns / 100 + (ns % 100 != 0);
+  ULARGE_INTEGER due;
+  FILETIME ft;
+  if (ticks < 1) ticks = 1;
+  due.QuadPart = (ULONGLONG)(-ticks);
+  ft.dwLowDateTime = due.LowPart;
+  ft.dwHighDateTime = due.HighPart;
+  SetThreadpoolTimer(t, &ft, 0, 0);
+}
+
+/* Stops t, waits for a callback of it already running (ours take mu or
+ * post: microseconds) and frees it. Never under mu, never in a callback. */
+static void close_timer(PTP_TIMER t) {
+  SetThreadpoolTimer(t, NULL, 0, 0);
+  WaitForThreadpoolTimerCallbacks(t, TRUE);
+  CloseThreadpoolTimer(t);
+}
+
+static void close_wait(PTP_WAIT w) {
+  SetThreadpoolWait(w, NULL, NULL);
+  WaitForThreadpoolWaitCallbacks(w, TRUE);
+  CloseThreadpoolWait(w);
+}
+
+/* FIOCP_OP_TIMER: a thread-pool timer whose callback queues the packet. */
+static DWORD start_timer(iocp_t* ip, fiocp_op_t* op) {
+  fiocp_addr_t* a = op->addr;
+  PTP_TIMER t = CreateThreadpoolTimer(timer_cb, op, NULL);
+  if (t == NULL) return GetLastError();
+  op->bk = (uintptr_t)ip;
+  a->scratch.ptr[SC_OBJ] = t;
+  InterlockedExchange64(cb_state(op), CB_ARMED);
+  set_timer(t, op->offset);
+  return ERROR_IO_PENDING;  /* op may be complete already: touch nothing */
+}
+
+/* FIOCP_OP_WAIT_PROCESS: a thread-pool wait on our own duplicate of the
+ * process handle (the user may close theirs meanwhile, which would make the
+ * wait undefined), as asyncio's IocpProactor.wait_for_handle does with
+ * RegisterWaitForSingleObject. */
+static DWORD start_wait(iocp_t* ip, fiocp_op_t* op) {
+  fiocp_addr_t* a = op->addr;
+  HANDLE self = GetCurrentProcess(), dup;
+  PTP_WAIT w;
+  DWORD err;
+  if (!DuplicateHandle(self, (HANDLE)op->handle, self, &dup, 0, FALSE,
+                       DUPLICATE_SAME_ACCESS))
+    return GetLastError();
+  w = CreateThreadpoolWait(wait_cb, op, NULL);
+  if (w == NULL) {
+    err = GetLastError();
+    (void)CloseHandle(dup);
+    return err;
+  }
+  op->bk = (uintptr_t)ip;
+  a->scratch.ptr[SC_PROC] = dup;
+  a->scratch.ptr[SC_OBJ] = w;
+  InterlockedExchange64(cb_state(op), CB_ARMED);
+  SetThreadpoolWait(w, dup, NULL);
+  return ERROR_IO_PENDING;  /* op may be complete already: touch nothing */
+}
+
+/* FIOCP_OP_FSYNC: FlushFileBuffers (data and metadata: Windows has no
+ * fdatasync) on a pool thread. */
+static DWORD start_fsync(iocp_t* ip, fiocp_op_t* op) {
+  op->bk = (uintptr_t)ip;
+  if (!TrySubmitThreadpoolCallback(fsync_cb, op, NULL)) return GetLastError();
+  return ERROR_IO_PENDING;
+}
+
+/* Asks for op's cancellation, the kind's way: CancelIoEx on the handle
+ * that carries its request, or winning the compare-and-swap of a timer or
+ * process wait and queuing its packet. An fsync cannot be interrupted: its
+ * real result comes (TRUE all the same: the request is noted). mu held, op
+ * in flight and past STARTING. Returns FALSE with GetLastError() set as
+ * CancelIoEx does (ERROR_NOT_FOUND: already complete). */
+static BOOL cancel_locked(iocp_t* ip, fiocp_op_t* op) {
+  switch (op->kind) {
+    case FIOCP_OP_POLL: {
+      HANDLE afd = InterlockedCompareExchangePointer(&ip->afd, NULL, NULL);
+      if (afd == NULL) {
+        SetLastError(ERROR_NOT_FOUND);  /* never issued */
+        return FALSE;
+      }
+      return CancelIoEx(afd, &op->ov);
+    }
+    case FIOCP_OP_TIMER:
+    case FIOCP_OP_WAIT_PROCESS:
+      if (InterlockedCompareExchange64(cb_state(op), CB_CANCELLED,
+                                       CB_ARMED) != CB_ARMED) {
+        SetLastError(ERROR_NOT_FOUND);  /* fired, or never armed */
+        return FALSE;
+      }
+      post_cb(op);
+      return TRUE;
+    case FIOCP_OP_FSYNC:
+      return TRUE;
+    default:
+      return CancelIoEx((HANDLE)op->handle, &op->ov);
+  }
+}
+
+/* The callback of a per-operation timeout: cancels op, as cancel() does
+ * (under mu, with the generation check), and marks it timed out so that
+ * its cancelled completion reads FIOCP_ETIMEDOUT. Not if its packet was
+ * claimed, it failed at once, or a cancellation came first. op cannot be
+ * handed back meanwhile: finish_record() waits for this callback. */
+static VOID CALLBACK timeout_cb(PTP_CALLBACK_INSTANCE inst, PVOID ctx,
+                                PTP_TIMER t) {
+  fiocp_op_t* op = (fiocp_op_t*)ctx;
+  fiocp_addr_t* a = op->addr;
+  iocp_t* ip = (iocp_t*)a->scratch.ptr[SC_IP];
+  (void)inst;
+  (void)t;
+  EnterCriticalSection(&ip->mu);
+  if (op->state == FIOCP_ST_INFLIGHT &&
+      op->gen == (uint8_t)a->scratch.i64[SC_GEN] &&
+      !(op->flags & (OPF_TAKEN | OPF_EARLY | FIOCP_OPF_CANCELLED))) {
+    a->scratch.i64[SC_TIMEDOUT] = 1;
+    op->flags |= FIOCP_OPF_CANCELLED;
+    /* A record still STARTING is cancelled by its submit() once issued. */
+    if (!(op->flags & OPF_STARTING)) (void)cancel_locked(ip, op);
+  }
+  LeaveCriticalSection(&ip->mu);
+}
+
+/* Arms op's timeout (op->timeout_ns > 0, op->addr set: check_args()), before
+ * its OS call, so that it exists whenever a packet can. */
+static DWORD arm_timeout(iocp_t* ip, fiocp_op_t* op) {
+  fiocp_addr_t* a = op->addr;
+  PTP_TIMER t;
+  if (op->timeout_ns <= 0) return 0;
+  a->scratch.ptr[SC_IP] = ip;
+  a->scratch.i64[SC_GEN] = op->gen;
+  a->scratch.i64[SC_TIMEDOUT] = 0;
+  t = CreateThreadpoolTimer(timeout_cb, op, NULL);
+  if (t == NULL) return GetLastError();
+  a->scratch.ptr[SC_TIMEOUT] = t;
+  set_timer(t, op->timeout_ns);
+  return 0;
+}
+
+/* The last work on a finished op, claimed or never issued: stops its
+ * timeout, timer or process wait and waits for their callbacks (none runs
+ * after this), gives a timer or wait its result from SC_STATE, frees the
+ * side block and the process handle, and turns a cancellation by the
+ * timeout into FIOCP_ETIMEDOUT (any result >= 0 wins). Not under mu; never
+ * in a callback (it waits for them). */
+static void finish_record(fiocp_op_t* op) {
+  fiocp_addr_t* a = op->addr;
+  if (a != NULL) {
+    PTP_TIMER to = (PTP_TIMER)a->scratch.ptr[SC_TIMEOUT];
+    LONG64 st;
+    if (to != NULL) {
+      close_timer(to);
+      a->scratch.ptr[SC_TIMEOUT] = NULL;
+    }
+    if (op->kind == FIOCP_OP_TIMER || op->kind == FIOCP_OP_WAIT_PROCESS) {
+      if (a->scratch.ptr[SC_OBJ] != NULL) {
+        if (op->kind == FIOCP_OP_TIMER)
+          close_timer((PTP_TIMER)a->scratch.ptr[SC_OBJ]);
+        else
+          close_wait((PTP_WAIT)a->scratch.ptr[SC_OBJ]);
+        a->scratch.ptr[SC_OBJ] = NULL;
+      }
+      st = *cb_state(op);
+      if (st == CB_CANCELLED) {
+        op->res = -(int64_t)ERROR_OPERATION_ABORTED;
+      } else if (st == CB_FIRED && op->kind == FIOCP_OP_TIMER) {
+        op->res = 0;
+      } else if (st == CB_FIRED) {
+        DWORD code;
+        op->res = GetExitCodeProcess((HANDLE)a->scratch.ptr[SC_PROC], &code)
+                      ? (int64_t)code
+                      : -(int64_t)GetLastError();
+      }
+      /* CB_NONE: it failed at once; op->res says how. */
+      if (a->scratch.ptr[SC_PROC] != NULL) {
+        (void)CloseHandle((HANDLE)a->scratch.ptr[SC_PROC]);
+        a->scratch.ptr[SC_PROC] = NULL;
+      }
+    }
+    if (op->timeout_ns > 0 && a->scratch.i64[SC_TIMEDOUT] &&
+        op->res == -(int64_t)ERROR_OPERATION_ABORTED)
+      op->res = FIOCP_ETIMEDOUT;
+  }
+  free_side(op);
+}
+
+/* Refusals of the arguments, before anything starts (submit() returns
+ * them; the binding raises). Records the socket type of sendmsg and
+ * recvmsg. Ancillary data needs WSASendMsg/WSARecvMsg, which Windows has
+ * for datagram and raw sockets only: WSAEOPNOTSUPP on a stream socket. */
+static DWORD check_args(fiocp_op_t* op) {
+  fiocp_addr_t* a = op->addr;
+  int type = 0, tlen = (int)sizeof(type);
+  if (op->timeout_ns > 0 && a == NULL) return ERROR_INVALID_PARAMETER;
+  switch (op->kind) {
+    case FIOCP_OP_SENDMSG:
+    case FIOCP_OP_RECVMSG:
+      if (a == NULL || (a->niov > 0 && a->iovs == NULL) ||
+          (a->controllen > 0 && a->control == NULL))
+        return ERROR_INVALID_PARAMETER;
+      if (getsockopt((SOCKET)op->handle, SOL_SOCKET, SO_TYPE, (char*)&type,
+                     &tlen) != 0)
+        return (DWORD)WSAGetLastError();
+      a->scratch.i64[SC_SOTYPE] = type;
+      if (a->controllen > 0 && type != SOCK_DGRAM && type != SOCK_RAW)
+        return WSAEOPNOTSUPP;
+      return 0;
+    case FIOCP_OP_SENDFILE:
+      if (a == NULL || op->offset < 0 || op->len == 0)
+        return ERROR_INVALID_PARAMETER;
+      return 0;
+    case FIOCP_OP_TIMER:
+      if (a == NULL || op->offset < 0) return ERROR_INVALID_PARAMETER;
+      return 0;
+    case FIOCP_OP_WAIT_PROCESS:
+      if (a == NULL) return ERROR_INVALID_PARAMETER;
+      return 0;
+    default:
+      return 0;
+  }
+}
+
+static DWORD start_op(iocp_t* ip, fiocp_op_t* op) {
   SOCKET s = (SOCKET)op->handle;
   WSABUF wb;
   int rc;
@@ -967,6 +1723,22 @@ static DWORD start_op(fiocp_op_t* op) {
       return start_accept(op);
     case FIOCP_OP_CONNECT:
       return start_connect(op);
+    case FIOCP_OP_POLL:
+      return start_poll(ip, op);
+    case FIOCP_OP_SENDMSG:
+      return start_sendmsg(op);
+    case FIOCP_OP_RECVMSG:
+      return start_recvmsg(op);
+    case FIOCP_OP_SENDFILE:
+      return start_sendfile(op);
+    case FIOCP_OP_CONNECT_PIPE:
+      return start_connect_pipe(op);
+    case FIOCP_OP_TIMER:
+      return start_timer(ip, op);
+    case FIOCP_OP_WAIT_PROCESS:
+      return start_wait(ip, op);
+    case FIOCP_OP_FSYNC:
+      return start_fsync(ip, op);
     default:
       return ERROR_INVALID_PARAMETER;
   }
@@ -1009,7 +1781,7 @@ static int restart_op(iocp_t* ip, fiocp_op_t* op) {
       op->addr->accept_sock = INVALID_SOCKET;
     }
     prepare_ov_locked(op);
-    err = start_op(op);
+    err = start_op(ip, op);
     started = err == 0 || err == ERROR_IO_PENDING ||
               NT_SEVERITY(op->ov.Internal) == 2;
     if (started)
@@ -1030,6 +1802,10 @@ static int finish_alerted(iocp_t* ip, fiocp_op_t* op) {
   switch (op->kind) {
     case FIOCP_OP_RECV:
     case FIOCP_OP_RECVFROM:
+      return restart_op(ip, op);
+    case FIOCP_OP_RECVMSG:
+    case FIOCP_OP_POLL:
+      free_side(op);  /* the start makes another */
       return restart_op(ip, op);
     case FIOCP_OP_ACCEPT: {
       fiocp_addr_t* a = op->addr;
@@ -1068,19 +1844,27 @@ static int finish_alerted(iocp_t* ip, fiocp_op_t* op) {
 
 /* ---- Contract ------------------------------------------------------------ */
 
-/* Resolves the ntdll functions of file operations (start_read_write()).
+/* Resolves the ntdll functions of file operations, polls and pipe connects.
  * Racing calls store the same values (pointer-sized, aligned stores). */
 static DWORD load_ntdll(void) {
   HMODULE nt = GetModuleHandleW(L"ntdll.dll");
-  FARPROC r, w, e;
+  FARPROC r, w, e, d, f, c;
   if (nt == NULL) return GetLastError();
   r = GetProcAddress(nt, "NtReadFile");
   w = GetProcAddress(nt, "NtWriteFile");
   e = GetProcAddress(nt, "RtlNtStatusToDosError");
-  if (r == NULL || w == NULL || e == NULL) return ERROR_PROC_NOT_FOUND;
+  d = GetProcAddress(nt, "NtDeviceIoControlFile");
+  f = GetProcAddress(nt, "NtFsControlFile");
+  c = GetProcAddress(nt, "NtCreateFile");
+  if (r == NULL || w == NULL || e == NULL || d == NULL || f == NULL ||
+      c == NULL)
+    return ERROR_PROC_NOT_FOUND;
   nt_read_file = (nt_rw_fn)(void (*)(void))r;  /* any function type */
   nt_write_file = (nt_rw_fn)(void (*)(void))w;
   nt_to_dos = (nt_to_dos_fn)(void (*)(void))e;
+  nt_device_ioctl = (nt_ioctl_fn)(void (*)(void))d;
+  nt_fs_control = (nt_ioctl_fn)(void (*)(void))f;
+  nt_create_file = (nt_create_fn)(void (*)(void))c;
   return 0;
 }
 
@@ -1088,7 +1872,7 @@ static int iocp_probe(char* why, size_t whylen) {
   HANDLE p;
   DWORD err = load_ntdll();
   if (err != 0) {
-    snprintf(why, whylen, "NtReadFile/NtWriteFile not found in ntdll "
+    snprintf(why, whylen, "NtReadFile and co. not found in ntdll "
              "(error %lu)", (unsigned long)err);
     return -(int)err;
   }
@@ -1114,7 +1898,7 @@ static int iocp_init(fiocp_port_t* port, unsigned entries,
   DWORD err = load_ntdll();
   (void)entries;  /* an IOCP queue has no fixed size */
   if (err != 0) {
-    snprintf(why, whylen, "NtReadFile/NtWriteFile not found in ntdll "
+    snprintf(why, whylen, "NtReadFile and co. not found in ntdll "
              "(error %lu)", (unsigned long)err);
     return -(int)err;
   }
@@ -1145,7 +1929,9 @@ static int iocp_associate(fiocp_port_t* port, fiocp_handle_t h) {
   iocp_t* ip = (iocp_t*)port->impl;
   DWORD err;
   int known;
-  if ((HANDLE)h == ip->port) return FIOCP_EOWNHANDLE;
+  if ((HANDLE)h == ip->port ||
+      (HANDLE)h == InterlockedCompareExchangePointer(&ip->afd, NULL, NULL))
+    return FIOCP_EOWNHANDLE;
   if (CreateIoCompletionPort((HANDLE)h, ip->port, KEY_IO, 0) != NULL) {
     EnterCriticalSection(&ip->mu);
     assoc_add(ip, (uintptr_t)h);
@@ -1176,6 +1962,7 @@ static int enter_if_open(iocp_t* ip, int64_t* count, fiocp_op_t* op) {
   ++*count;
   if (op != NULL) {
     op->flags = (uint8_t)((op->flags & ~OPF_BACKEND) | OPF_STARTING);
+    op->bk = 0;  /* free_side() must find nothing of a start not made */
     prepare_ov_locked(op);
   }
   LeaveCriticalSection(&ip->mu);
@@ -1188,8 +1975,13 @@ static int iocp_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
   DWORD err;
   int queued;
   (void)defer;  /* every submission is one system call already */
+  err = check_args(op);
+  if (err != 0) return -(int)err;
   if (!enter_if_open(ip, &ip->owed, op)) return FIOCP_ECLOSED;
-  err = start_op(op);
+  /* A timeout exists before the operation can complete: a packet always
+   * finds it (finish_record()). Failing to arm it fails the operation. */
+  err = arm_timeout(ip, op);
+  if (err == 0) err = start_op(ip, op);
   /* Success and ERROR_IO_PENDING both queue a packet, and so does a
    * warning status (see the head comment). */
   queued = err == 0 || err == ERROR_IO_PENDING ||
@@ -1211,7 +2003,7 @@ static int iocp_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
      * so the record cannot have been handed back). Free-threaded builds
      * run submit() outside the port lock; with the GIL this never fires. */
     if (queued && (op->flags & FIOCP_OPF_CANCELLED))
-      (void)CancelIoEx((HANDLE)op->handle, &op->ov);
+      (void)cancel_locked(ip, op);
   }
   if (!queued && is_argument_error(err)) ip->owed--;
   LeaveCriticalSection(&ip->mu);
@@ -1232,6 +2024,7 @@ static int iocp_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
     closesocket(op->addr->accept_sock);
     op->addr->accept_sock = INVALID_SOCKET;
   }
+  finish_record(op);  /* no packet comes: its timeout and side block go */
   return -(int)err;
 }
 
@@ -1252,7 +2045,7 @@ static int iocp_cancel(fiocp_port_t* port, fiocp_op_t* op) {
   op->flags |= FIOCP_OPF_CANCELLED;
   /* Under mu the record cannot be handed back (and reused) meanwhile. */
   /* A record still STARTING is cancelled by its submit() once issued. */
-  ok = (op->flags & OPF_STARTING) || CancelIoEx((HANDLE)op->handle, &op->ov);
+  ok = (op->flags & OPF_STARTING) || cancel_locked(ip, op);
   if (!ok) err = GetLastError();
   LeaveCriticalSection(&ip->mu);
   if (ok) return 1;
@@ -1360,13 +2153,14 @@ static int iocp_post(fiocp_port_t* port, fiocp_op_t* op) {
 }
 
 static void cancel_one(fiocp_port_t* port, fiocp_op_t* op, void* arg) {
-  (void)port;
   (void)arg;
   if (op->kind == FIOCP_OP_POST) return;
   op->flags |= FIOCP_OPF_CANCELLED;
   /* Fails with ERROR_NOT_FOUND for an operation that already completed and
-   * whose packet is queued: nothing to do then. */
-  (void)CancelIoEx((HANDLE)op->handle, &op->ov);
+   * whose packet is queued: nothing to do then. A record still STARTING is
+   * cancelled by its submit() once issued. */
+  if (!(op->flags & OPF_STARTING))
+    (void)cancel_locked((iocp_t*)port->impl, op);
 }
 
 static int64_t iocp_shutdown(fiocp_port_t* port, int64_t timeout_ms) {
@@ -1481,6 +2275,8 @@ static void iocp_destroy(fiocp_port_t* port) {
       }
     }
   }
+  /* Every poll came back (nothing is owed): no request uses it. */
+  if (ip->afd != NULL) (void)CloseHandle(ip->afd);
   (void)CloseHandle(ip->port);  /* nothing useful to do if it fails */
   DeleteCriticalSection(&ip->mu);
   free(ip->assoc);
@@ -1488,13 +2284,36 @@ static void iocp_destroy(fiocp_port_t* port) {
   port->impl = NULL;
 }
 
+/* What each kind is: an overlapped request of the OS (native), or our own
+ * thread-pool callbacks queuing packets (emulated; timeouts too). */
+static const uint8_t iocp_support[FIOCP_OP__COUNT] = {
+    [FIOCP_SUPPORT_TIMEOUT] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_READ] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_WRITE] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_RECV] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_SEND] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_RECVFROM] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_SENDTO] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_ACCEPT] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_CONNECT] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_POST] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_POLL] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_SENDMSG] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_RECVMSG] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_SENDFILE] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_WAIT_PROCESS] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_TIMER] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_FSYNC] = FIOCP_SUP_EMULATED,
+    [FIOCP_OP_CONNECT_PIPE] = FIOCP_SUP_NATIVE,
+};
+
 /* release is NULL: the kernel enforces the concurrency value itself, by
  * counting the threads that dequeued from the port and are running. */
 const fiocp_backend_t fiocp__iocp_backend = {
     "iocp",      iocp_probe,   iocp_init,     iocp_associate,
     iocp_submit, iocp_flush,   iocp_cancel,   iocp_try_get,
     iocp_wait,   iocp_post,    iocp_shutdown, iocp_drain,
-    iocp_destroy, NULL,
+    iocp_destroy, NULL,        iocp_support,
 };
 
 /* ---- Windows file helpers --------------------------------------------------
