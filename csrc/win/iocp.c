@@ -979,8 +979,15 @@ static int claim_locked(cand_t* c, ULONG n, int ignore_starting) {
           ok = !(f & (OPF_EARLY | OPF_TAKEN));
           break;
         case KEY_CB:
-          ok = is_cb_kind(op->kind) && op->gen == c[i].gen &&
-               !(f & (OPF_EARLY | OPF_TAKEN));
+          if (!is_cb_kind(op->kind) || op->gen != c[i].gen) break;
+          /* A timer or wait that fired at once: its submit() may still be
+           * inside SetThreadpoolTimer/Wait, which finish_record() must not
+           * race with CloseThreadpool*. */
+          if ((f & OPF_STARTING) && !ignore_starting) {
+            undecided++;
+            continue;
+          }
+          ok = !(f & (OPF_EARLY | OPF_TAKEN));
           break;
         default:
           break;
