@@ -23,6 +23,30 @@
  * - IORING_FEAT_EXT_ARG (5.11) lets the wait carry a timeout without a
  *   timeout SQE; it is required (older kernels fall back to epoll).
  * - No SQPOLL: it burns a CPU while idle (libuv#4089).
+ *
+ * The operations of issue 14 (fiocp.h):
+ * - POLL, SENDMSG, RECVMSG, TIMER (a TIMEOUT SQE with no count) and FSYNC
+ *   are one SQE each.
+ * - SENDFILE is a small state machine of SPLICE stages through a pipe of
+ *   its own (file -> pipe, then pipe -> socket until the pipe is empty,
+ *   again), plus a POLL stage when a non-blocking end says EAGAIN. Each
+ *   stage is pushed from uring_harvest() (the resubmit list) and carries
+ *   the record's user_data, so an ASYNC_CANCEL of the operation hits
+ *   whichever stage is in flight. The pipe is closed when the operation
+ *   completes, whatever ends it.
+ * - WAIT_PROCESS opens a pidfd at submit, polls it for POLLIN and reads the
+ *   status with waitid(P_PIDFD, WNOWAIT) in the harvest: the child is not
+ *   reaped.
+ * - A per-operation timeout (timeout_ns) is an IORING_OP_LINK_TIMEOUT SQE
+ *   linked to the operation's SQE, pushed in the same sq_mu hold so the
+ *   two are adjacent in the ring. Its timespec is ABSOLUTE (CLOCK_MONOTONIC
+ *   deadline, computed once at submit, kept in the record's scratch), so
+ *   that every later stage of SENDFILE/WAIT_PROCESS and every resubmission
+ *   after a thread's exit is linked again with the same deadline: the whole
+ *   operation is bounded, not each stage. A -ECANCELED (or -EINTR) that
+ *   neither the user nor close() asked for is a timeout exactly when the
+ *   deadline has passed (the kernel's timer fires no earlier); otherwise
+ *   it is the submitting thread's exit, and the stage is pushed again.
  */
 #define _GNU_SOURCE
 #include "../fiocp.h"
@@ -30,16 +54,88 @@
 #include "uring_abi.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define UD_WAKE 1ULL    /* the NOP that kicks the poller */
 #define UD_CANCEL 2ULL  /* an ASYNC_CANCEL's own completion */
+/* The CQEs of an operation's helpers carry its user_data with a tag in
+ * the low bits (records are 8-byte aligned; the constants above are
+ * below 8): */
+#define UD_GUARD 1ULL /* SENDFILE's guard TIMEOUT */
+#define UD_LINK 2ULL  /* a LINK_TIMEOUT behind one of its SQEs */
+#define UD_TAGS 7ULL
+typedef char fu_op_aligned[__alignof__(fiocp_op_t) >= 8 ? 1 : -1];
+
+#ifndef SYS_pidfd_open
+# define SYS_pidfd_open 434 /* the generic syscall table's number (5.3) */
+#endif
+#ifndef P_PIDFD
+# define P_PIDFD 3 /* waitid() on a pidfd (5.4) */
+#endif
+
+/* Slots of op->addr->scratch.i64 (the binding zeroes them before submit).
+ * A timespec takes two slots: {tv_sec, tv_nsec}, the layout of
+ * struct fu_kernel_timespec, which the kernel reads at submission. */
+#define SC_LINK_TS 0  /* [0..1] the timeout's absolute deadline */
+#define SC_TIMER_TS 2 /* [2..3] TIMER: its absolute expiry */
+#define SC_FD0 2      /* SENDFILE: the pipe's read end; WAIT_PROCESS: pidfd */
+#define SC_FD1 3      /* SENDFILE: the pipe's write end */
+#define SC_STATE 4    /* tracked operations (see tracked()): TK_* bits */
+#define SC_SENT 5     /* SENDFILE: bytes that reached the socket */
+#define SC_INPIPE 6   /* SENDFILE: bytes in the pipe, not yet sent */
+#define SC_RESULT 6   /* tracked, once TK_DONE: the result to deliver */
+#define SC_PIPECAP 7  /* SENDFILE: the pipe's capacity */
+
+/* SENDFILE stages (SC_STATE & TK_STAGE). */
+enum { SF_READ = 0, SF_WRITE, SF_WAIT_IN, SF_WAIT_OUT };
+
+/* Tracked operations: those with a timeout, and SENDFILE. Besides the
+ * operation's own CQE, the kernel owes CQEs for its helpers, which carry
+ * the record's address: the record completes only once all of them came
+ * (TK_DONE with no helper owed), so that none outlives it.
+ * - LINK_TIMEOUTs (UD_LINK), one per SQE pushed, counted in TK_LINKS. A
+ *   request whose submitting thread has exited keeps running (io_uring
+ *   runs its task work from a kernel worker), and the linked timeout that
+ *   fires then completes with -ECANCELED WITHOUT cancelling the request:
+ *   a -ECANCELED link CQE past the deadline, with the operation still
+ *   pending, makes the port cancel it itself (TK_PUSH_CANCEL).
+ * - SENDFILE's guard (UD_GUARD): a TIMEOUT SQE of its own instead of
+ *   LINK_TIMEOUTs, because this kernel (6.18) arms a linked timeout only
+ *   when the issue of its request returns, and a splice into a blocking
+ *   socket blocks inside its io-wq issue: the link would never fire. The
+ *   guard, when it fires, cancels the stage in flight (an ASYNC_CANCEL
+ *   interrupts an io-wq worker, as cancel() does); when the stages end
+ *   first, the guard is cancelled. */
+#define TK_STAGE 0xffLL
+#define TK_GUARD 0x100LL     /* the guard is armed: its CQE is owed */
+#define TK_GUARD_OFF 0x200LL /* its cancel was asked for */
+#define TK_DONE 0x400LL      /* the operation is over: SC_RESULT waits for
+                                its helpers' CQEs */
+#define TK_PUSH_STAGE 0x10000LL     /* to push (u->resubmit): the SQE */
+#define TK_PUSH_GUARD 0x20000LL     /* the guard */
+#define TK_PUSH_GUARD_OFF 0x40000LL /* an ASYNC_CANCEL of the guard */
+#define TK_PUSH_CANCEL 0x80000LL    /* an ASYNC_CANCEL of the SQE */
+#define TK_PUSH (TK_PUSH_STAGE | TK_PUSH_GUARD | TK_PUSH_GUARD_OFF | \
+                 TK_PUSH_CANCEL)
+#define TK_LINK_ONE (1LL << 24) /* TK_LINKS: LINK_TIMEOUT CQEs owed */
+#define TK_LINKS (0xffffLL << 24)
+
+#define NS_PER_S 1000000000LL
+#define SENDFILE_PIPE_MAX (1 << 20) /* fs.pipe-max-size's default */
+
+typedef char fu_ts_is_two_slots[sizeof(struct fu_kernel_timespec) ==
+                                2 * sizeof(int64_t) ? 1 : -1];
 
 #define DEFAULT_ENTRIES 1024u
 
@@ -108,6 +204,10 @@ static const struct {
     {FU_OP_RECV, "RECV"},     {FU_OP_SENDMSG, "SENDMSG"},
     {FU_OP_RECVMSG, "RECVMSG"}, {FU_OP_ACCEPT, "ACCEPT"},
     {FU_OP_CONNECT, "CONNECT"}, {FU_OP_ASYNC_CANCEL, "ASYNC_CANCEL"},
+    /* All older than EXT_ARG (5.11), which is required anyway. */
+    {FU_OP_FSYNC, "FSYNC"},   {FU_OP_POLL_ADD, "POLL_ADD"},
+    {FU_OP_TIMEOUT, "TIMEOUT"}, {FU_OP_LINK_TIMEOUT, "LINK_TIMEOUT"},
+    {FU_OP_SPLICE, "SPLICE"},
 };
 
 static const char* errno_name(int e) {
@@ -147,6 +247,9 @@ static int uring_open(uring_t* u, unsigned entries, char* why, size_t whylen) {
    * operations must rarely need the overflow backlog. */
   p.flags = FU_SETUP_CQSIZE | FU_SETUP_CLAMP;
   p.cq_entries = entries * 4;
+  /* An operation with a timeout takes two adjacent SQEs (the operation and
+   * its LINK_TIMEOUT): the SQ must hold two, whatever the hint. */
+  if (entries < 2) entries = 2;
   /* COOP_TASKRUN: a completion for a thread busy in user space waits for
    * that thread's next system call instead of interrupting it with an IPI
    * (about 5% of a loopback HTTP server's CPU went to those). TASKRUN_FLAG tells
@@ -306,7 +409,58 @@ static int uring_enter_submit(uring_t* u, int hub_locked) {
   }
 }
 
-/* Fills the SQE for op. */
+/* poll32_events of a POLL_ADD SQE: the kernel swaps its half-words on
+ * big-endian machines (liburing does the same before it). */
+static uint32_t poll32(uint32_t events) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  events = (events << 16) | (events >> 16);
+#endif
+  return events;
+}
+
+static void prep_poll(struct fu_sqe* sqe, int fd, uint32_t events) {
+  sqe->opcode = FU_OP_POLL_ADD;
+  sqe->fd = fd;
+  sqe->op_flags = poll32(events);
+}
+
+/* The SQE of a SENDFILE's current stage (SC_STAGE). */
+static void prep_sendfile(struct fu_sqe* sqe, fiocp_op_t* op) {
+  fiocp_addr_t* a = op->addr;
+  int64_t sent = a->scratch.i64[SC_SENT];
+  int64_t left, cap;
+  switch (a->scratch.i64[SC_STATE] & TK_STAGE) {
+    case SF_READ:
+      /* File -> pipe (empty now): as much as the pipe holds. */
+      left = (int64_t)op->len - sent;
+      cap = a->scratch.i64[SC_PIPECAP];
+      sqe->opcode = FU_OP_SPLICE;
+      sqe->fd = (int32_t)a->scratch.i64[SC_FD1];
+      sqe->splice_fd_in = (int32_t)a->src;
+      /* splice_off_in; -1: the file's own position (a pipe as source). */
+      sqe->addr = op->offset < 0 ? (uint64_t)-1 : (uint64_t)(op->offset + sent);
+      sqe->off = (uint64_t)-1; /* off_out: a pipe has none */
+      sqe->len = (uint32_t)(left < cap ? left : cap);
+      break;
+    case SF_WRITE:
+      /* Pipe -> socket: what the pipe holds. */
+      sqe->opcode = FU_OP_SPLICE;
+      sqe->fd = (int32_t)op->handle;
+      sqe->splice_fd_in = (int32_t)a->scratch.i64[SC_FD0];
+      sqe->addr = (uint64_t)-1;
+      sqe->off = (uint64_t)-1;
+      sqe->len = (uint32_t)a->scratch.i64[SC_INPIPE];
+      break;
+    case SF_WAIT_IN: /* a non-blocking source said EAGAIN */
+      prep_poll(sqe, (int)a->src, POLLIN);
+      break;
+    default: /* SF_WAIT_OUT: a non-blocking socket said EAGAIN */
+      prep_poll(sqe, (int)op->handle, POLLOUT);
+      break;
+  }
+}
+
+/* Fills the SQE for op (for SENDFILE: its current stage). */
 static void prep_sqe(struct fu_sqe* sqe, fiocp_op_t* op) {
   memset(sqe, 0, sizeof(*sqe));
   sqe->fd = (int32_t)op->handle;
@@ -359,17 +513,72 @@ static void prep_sqe(struct fu_sqe* sqe, fiocp_op_t* op) {
       sqe->addr = (uint64_t)(uintptr_t)&op->addr->ss;
       sqe->off = (uint64_t)op->addr->sslen;
       break;
+    case FIOCP_OP_POLL:
+      /* One-shot. ERR and HUP are always armed by the kernel. */
+      prep_poll(sqe, (int)op->handle, op->len & 0xffffu);
+      break;
+    case FIOCP_OP_SENDMSG:
+    case FIOCP_OP_RECVMSG: {
+      /* Rebuilt at every (re)submission: the kernel copies the header at
+       * submission and, for RECVMSG, writes msg_namelen, msg_controllen
+       * and msg_flags back into it on completion (finish_op). */
+      fiocp_addr_t* a = op->addr;
+      memset(&a->msg, 0, sizeof(a->msg));
+      a->msg.msg_iov = (struct iovec*)a->iovs;
+      a->msg.msg_iovlen = a->niov;
+      a->msg.msg_control = a->controllen > 0 ? a->control : NULL;
+      a->msg.msg_controllen = a->controllen;
+      if (op->kind == FIOCP_OP_RECVMSG) {
+        a->msg.msg_name = &a->ss;
+        a->msg.msg_namelen = sizeof(a->ss);
+        sqe->opcode = FU_OP_RECVMSG;
+        /* Received descriptors (SCM_RIGHTS) must not leak into children,
+         * as CPython's socket.recvmsg() makes sure of. */
+        sqe->op_flags = (uint32_t)a->msgflags | MSG_CMSG_CLOEXEC;
+      } else {
+        if (a->sslen > 0) {
+          a->msg.msg_name = &a->ss;
+          a->msg.msg_namelen = a->sslen;
+        }
+        sqe->opcode = FU_OP_SENDMSG;
+        sqe->op_flags = (uint32_t)a->msgflags | MSG_NOSIGNAL;
+      }
+      sqe->addr = (uint64_t)(uintptr_t)&a->msg;
+      sqe->len = 1;
+      break;
+    }
+    case FIOCP_OP_SENDFILE:
+      prep_sendfile(sqe, op);
+      break;
+    case FIOCP_OP_WAIT_PROCESS:
+      /* The pidfd becomes readable when the process exits. */
+      prep_poll(sqe, (int)op->addr->scratch.i64[SC_FD0], POLLIN);
+      break;
+    case FIOCP_OP_TIMER:
+      /* A TIMEOUT with no completion count is a pure timer; its expiry is
+       * absolute so that a resubmission keeps the original deadline. */
+      sqe->opcode = FU_OP_TIMEOUT;
+      sqe->fd = -1;
+      sqe->addr = (uint64_t)(uintptr_t)&op->addr->scratch.i64[SC_TIMER_TS];
+      sqe->len = 1;
+      sqe->op_flags = FU_TIMEOUT_ABS;
+      break;
+    case FIOCP_OP_FSYNC:
+      sqe->opcode = FU_OP_FSYNC;
+      sqe->op_flags = op->len == 1 ? FU_FSYNC_DATASYNC : 0;
+      break;
   }
 }
 
-/* Reserves an SQE under sq_mu, entering the kernel to make room when the
- * ring is full. Returns the SQE with sq_mu held, or NULL (sq_mu released)
- * and *err set. */
-static struct fu_sqe* get_sqe_locked(uring_t* u, int hub_locked, int* err) {
+/* Reserves need (1 or 2) adjacent SQEs under sq_mu, entering the kernel to
+ * make room when the ring is full. Returns the first with sq_mu held, or
+ * NULL (sq_mu released) and *err set. */
+static struct fu_sqe* get_sqe_locked(uring_t* u, int hub_locked,
+                                     unsigned need, int* err) {
   for (;;) {
     unsigned head = __atomic_load_n(u->sq_khead, __ATOMIC_ACQUIRE);
     int rc;
-    if (u->sq_tail - head < u->sq_entries)
+    if (u->sq_tail - head + need <= u->sq_entries)
       return &u->sqes[u->sq_tail & u->sq_mask];
     /* Full: flush what is there. Release sq_mu first: the flush may need
      * to reap, and the hub lock comes before sq_mu. */
@@ -384,21 +593,49 @@ static struct fu_sqe* get_sqe_locked(uring_t* u, int hub_locked, int* err) {
   }
 }
 
-static void publish_locked(uring_t* u) {
-  u->sq_tail++;
+/* Publishes n SQEs with one store: an enter sees both of a linked pair or
+ * neither, so a chain is never cut between two submissions. */
+static void publish_locked(uring_t* u, unsigned n) {
+  u->sq_tail += n;
   __atomic_store_n(u->sq_ktail, u->sq_tail, __ATOMIC_RELEASE);
 }
 
-/* Queues an SQE for op (or a control SQE when op is NULL). */
+/* Whether op's timeout is a LINK_TIMEOUT behind each of its SQEs (all but
+ * SENDFILE, whose timeout is a guard: see TK_GUARD). */
+static int uses_link(const fiocp_op_t* op) {
+  return op->timeout_ns > 0 && op->kind != FIOCP_OP_SENDFILE;
+}
+
+/* Whether op is tracked (TK_* in its scratch: see there). */
+static int tracked(const fiocp_op_t* op) {
+  return op->timeout_ns > 0 || op->kind == FIOCP_OP_SENDFILE;
+}
+
+/* Queues an SQE for op (or a control SQE when op is NULL). An operation
+ * with a timeout gets IOSQE_IO_LINK and its LINK_TIMEOUT right behind it. */
 static int push_op(uring_t* u, int hub_locked, fiocp_op_t* op,
                    uint8_t ctl_opcode, uint64_t ctl_addr, uint64_t ctl_ud) {
   int err = 0;
+  unsigned need = (op != NULL && uses_link(op)) ? 2 : 1;
   struct fu_sqe* sqe;
   pthread_mutex_lock(&u->sq_mu);
-  sqe = get_sqe_locked(u, hub_locked, &err);
+  sqe = get_sqe_locked(u, hub_locked, need, &err);
   if (sqe == NULL) return err;
   if (op != NULL) {
     prep_sqe(sqe, op);
+    if (need == 2) {
+      struct fu_sqe* lt = &u->sqes[(u->sq_tail + 1) & u->sq_mask];
+      sqe->flags |= FU_SQE_IO_LINK;
+      memset(lt, 0, sizeof(*lt));
+      lt->opcode = FU_OP_LINK_TIMEOUT;
+      lt->fd = -1;
+      lt->addr = (uint64_t)(uintptr_t)&op->addr->scratch.i64[SC_LINK_TS];
+      lt->len = 1;
+      lt->op_flags = FU_TIMEOUT_ABS;
+      lt->user_data = op_user_data(op) | UD_LINK;
+      /* hub.mu is held by every caller that pushes an operation. */
+      op->addr->scratch.i64[SC_STATE] += TK_LINK_ONE;
+    }
   } else {
     memset(sqe, 0, sizeof(*sqe));
     sqe->opcode = ctl_opcode;
@@ -406,14 +643,232 @@ static int push_op(uring_t* u, int hub_locked, fiocp_op_t* op,
     sqe->addr = ctl_addr;
     sqe->user_data = ctl_ud;
   }
-  publish_locked(u);
+  publish_locked(u, need);
   pthread_mutex_unlock(&u->sq_mu);
   return 0;
 }
 
+/* Queues a SENDFILE's guard: a TIMEOUT at its absolute deadline. */
+static int push_guard(uring_t* u, fiocp_op_t* op) {
+  int err = 0;
+  struct fu_sqe* sqe;
+  pthread_mutex_lock(&u->sq_mu);
+  sqe = get_sqe_locked(u, 1, 1, &err);
+  if (sqe == NULL) return err;
+  memset(sqe, 0, sizeof(*sqe));
+  sqe->opcode = FU_OP_TIMEOUT;
+  sqe->fd = -1;
+  sqe->addr = (uint64_t)(uintptr_t)&op->addr->scratch.i64[SC_LINK_TS];
+  sqe->len = 1;
+  sqe->op_flags = FU_TIMEOUT_ABS;
+  sqe->user_data = op_user_data(op) | UD_GUARD;
+  publish_locked(u, 1);
+  pthread_mutex_unlock(&u->sq_mu);
+  return 0;
+}
+
+/* CLOCK_MONOTONIC, the clock of io_uring's timeouts, in nanoseconds. */
+static int64_t mono_ns(void) {
+  struct timespec ts;
+  /* Cannot fail with a valid clock and pointer; should it, the answer
+   * "late" ends timeouts rather than re-arming them forever. */
+  if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) return INT64_MAX;
+  return (int64_t)ts.tv_sec * NS_PER_S + ts.tv_nsec;
+}
+
+/* Stores now + delay_ns (saturated) as a timespec in scratch slots
+ * [slot, slot + 1]. */
+static void put_deadline(fiocp_addr_t* a, int slot, int64_t delay_ns) {
+  int64_t now = mono_ns();
+  int64_t at = delay_ns > INT64_MAX - now ? INT64_MAX : now + delay_ns;
+  a->scratch.i64[slot] = at / NS_PER_S;
+  a->scratch.i64[slot + 1] = at % NS_PER_S;
+}
+
+/* Whether op's own timeout (timeout_ns) has expired. */
+static int deadline_passed(const fiocp_op_t* op) {
+  const int64_t* ts = &op->addr->scratch.i64[SC_LINK_TS];
+  int64_t at = ts[0] >= INT64_MAX / NS_PER_S ? INT64_MAX
+                                             : ts[0] * NS_PER_S + ts[1];
+  return mono_ns() >= at;
+}
+
+static void close_slot(fiocp_addr_t* a, int slot) {
+  int fd = (int)a->scratch.i64[slot];
+  if (fd >= 0) {
+    /* close() releases the descriptor even when it reports an error;
+     * nothing more can be done about one. */
+    (void)close(fd);
+    a->scratch.i64[slot] = -1;
+  }
+}
+
+/* The descriptors a record holds between submit and completion. */
+static void release_fds(fiocp_op_t* op) {
+  if (op->kind == FIOCP_OP_SENDFILE) {
+    close_slot(op->addr, SC_FD0);
+    close_slot(op->addr, SC_FD1);
+  } else if (op->kind == FIOCP_OP_WAIT_PROCESS) {
+    close_slot(op->addr, SC_FD0);
+  }
+}
+
+/* The exit status of the process behind pidfd, as waitpid() encodes it,
+ * without reaping it. Returns 1 (status in *status), 0 (still running) or
+ * a negative errno (ECHILD: not a child of this process). */
+static int pidfd_status(int pidfd, int64_t* status) {
+  siginfo_t si;
+  int rc;
+  memset(&si, 0, sizeof(si));
+  do {
+    rc = waitid((idtype_t)P_PIDFD, (id_t)pidfd, &si,
+                WEXITED | WNOHANG | WNOWAIT);
+  } while (rc < 0 && errno == EINTR);
+  if (rc < 0) return -errno;
+  if (si.si_pid == 0) return 0; /* WNOHANG: not exited yet */
+  switch (si.si_code) {
+    case CLD_EXITED:
+      *status = (int64_t)(si.si_status & 0xff) << 8;
+      return 1;
+    case CLD_KILLED:
+      *status = si.si_status & 0x7f;
+      return 1;
+    case CLD_DUMPED:
+      *status = (si.si_status & 0x7f) | 0x80;
+      return 1;
+    default: /* not an exit: WEXITED alone never reports one */
+      return 0;
+  }
+}
+
+/* The work of submit() done before the record enters the ring: the
+ * deadlines and descriptors the kinds of issue 14 need. Returns < 0 for
+ * an argument error (nothing held), 0 to go on, 1 when the operation
+ * already has its result in op->res (a failure of the operation itself,
+ * or a process that has already exited): it completes without an SQE. */
+static int prepare_op(fiocp_op_t* op) {
+  fiocp_addr_t* a = op->addr;
+  if (op->timeout_ns > 0) {
+    put_deadline(a, SC_LINK_TS, op->timeout_ns);
+    a->scratch.i64[SC_STATE] = 0;
+  }
+  switch (op->kind) {
+    case FIOCP_OP_TIMER:
+      if (op->offset < 0) return -EINVAL;
+      put_deadline(a, SC_TIMER_TS, op->offset);
+      return 0;
+    case FIOCP_OP_SENDFILE: {
+      int p[2];
+      int cap;
+      a->scratch.i64[SC_FD0] = a->scratch.i64[SC_FD1] = -1;
+      a->scratch.i64[SC_STATE] = SF_READ;
+      a->scratch.i64[SC_SENT] = a->scratch.i64[SC_INPIPE] = 0;
+      if (op->len == 0) {
+        op->res = 0;
+        return 1;
+      }
+      /* Non-blocking: a splice must never sleep on the pipe itself (each
+       * stage only reads what is in it or fills an empty one). */
+      if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0) {
+        op->res = -errno;
+        return 1;
+      }
+      a->scratch.i64[SC_FD0] = p[0];
+      a->scratch.i64[SC_FD1] = p[1];
+      /* A larger pipe means fewer stages; refused (fs.pipe-max-size, the
+       * user's pipe-user-pages-soft), the default one does. */
+      cap = -1;
+      if (op->len > 65536u)
+        cap = fcntl(p[1], F_SETPIPE_SZ,
+                    op->len < SENDFILE_PIPE_MAX ? (int)op->len
+                                                : SENDFILE_PIPE_MAX);
+      if (cap < 0) cap = fcntl(p[1], F_GETPIPE_SZ);
+      if (cap <= 0) {
+        op->res = cap < 0 ? -errno : -EINVAL;
+        release_fds(op);
+        return 1;
+      }
+      a->scratch.i64[SC_PIPECAP] = cap;
+      return 0;
+    }
+    case FIOCP_OP_WAIT_PROCESS: {
+      long fd;
+      int rc;
+      int64_t status = 0;
+      a->scratch.i64[SC_FD0] = -1;
+      if (op->handle <= 0 || op->handle > INT32_MAX) return -EINVAL;
+      fd = syscall(SYS_pidfd_open, (pid_t)op->handle, 0u); /* O_CLOEXEC */
+      if (fd < 0) {
+        /* No such process: it was reaped already, and waitpid() would say
+         * ECHILD. ENOSYS (before 5.3) and EMFILE are the operation's. */
+        op->res = errno == ESRCH ? -ECHILD : -errno;
+        return 1;
+      }
+      a->scratch.i64[SC_FD0] = fd;
+      /* Not a child (ECHILD), or exited already: the result is known. */
+      rc = pidfd_status((int)fd, &status);
+      if (rc != 0) {
+        op->res = rc < 0 ? rc : status;
+        release_fds(op);
+        return 1;
+      }
+      return 0;
+    }
+    default:
+      return 0;
+  }
+}
+
+/* Whether kind needs the record's extension (addr). */
+static int kind_needs_addr(unsigned kind) {
+  switch (kind) {
+    case FIOCP_OP_RECVFROM:
+    case FIOCP_OP_SENDTO:
+    case FIOCP_OP_ACCEPT:
+    case FIOCP_OP_CONNECT:
+    case FIOCP_OP_SENDMSG:
+    case FIOCP_OP_RECVMSG:
+    case FIOCP_OP_SENDFILE:
+    case FIOCP_OP_WAIT_PROCESS:
+    case FIOCP_OP_TIMER:
+      return 1;
+    default:
+      return 0;
+  }
+}
+
+static const uint8_t uring_support[FIOCP_OP__COUNT] = {
+    [FIOCP_SUPPORT_TIMEOUT] = FIOCP_SUP_NATIVE, /* LINK_TIMEOUT */
+    [FIOCP_OP_READ] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_WRITE] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_RECV] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_SEND] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_RECVFROM] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_SENDTO] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_ACCEPT] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_CONNECT] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_POST] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_POLL] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_SENDMSG] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_RECVMSG] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_SENDFILE] = FIOCP_SUP_NATIVE,     /* SPLICE through a pipe */
+    [FIOCP_OP_WAIT_PROCESS] = FIOCP_SUP_NATIVE, /* pidfd + POLL_ADD */
+    [FIOCP_OP_TIMER] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_FSYNC] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_CONNECT_PIPE] = FIOCP_SUP_NO, /* Windows named pipes */
+};
+
 static int uring_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
   uring_t* u = (uring_t*)port->impl;
-  int rc;
+  int rc, early;
+  if (op->kind == 0 || op->kind >= FIOCP_OP__COUNT ||
+      uring_support[op->kind] == FIOCP_SUP_NO)
+    return FIOCP_EUNSUPPORTED;
+  if (op->kind == FIOCP_OP_POST) return -EINVAL; /* post() queues those */
+  if (op->addr == NULL && (op->timeout_ns > 0 || kind_needs_addr(op->kind)))
+    return -EINVAL;
+  early = prepare_op(op);
+  if (early < 0) return early;
   /* Accounted and queued under one hold of the hub's mutex: shutdown()'s
    * sweep (and cancel()) take it too, so their ASYNC_CANCEL always follows
    * this SQE in the ring. With the two steps apart, a close() on another
@@ -422,12 +877,30 @@ static int uring_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
    * forever. */
   pthread_mutex_lock(&u->hub.mu);
   rc = fiocp__hub_begin_locked(&u->hub);
-  if (rc == 0) {
+  if (rc == 0 && !early) {
     rc = push_op(u, 1, op, 0, 0, 0);
-    if (rc < 0) u->hub.inflight--;
+    if (rc < 0) {
+      u->hub.inflight--;
+    } else if (op->timeout_ns > 0 && op->kind == FIOCP_OP_SENDFILE) {
+      /* After the stage: a close() sweep cancels the stage, and the guard
+       * is cancelled once the stages are over. Not queued (the kernel
+       * refuses SQEs): the operation runs unbounded rather than fail. */
+      op->addr->scratch.i64[SC_STATE] |= TK_GUARD;
+      if (push_guard(u, op) < 0)
+        op->addr->scratch.i64[SC_STATE] &= ~TK_GUARD;
+    }
   }
   pthread_mutex_unlock(&u->hub.mu);
-  if (rc < 0) return rc;
+  if (rc < 0) {
+    release_fds(op);
+    return rc;
+  }
+  if (early) {
+    /* Its completion is owed like any other: queue it (a cancel or a
+     * close() sweep meanwhile only finds no request: -ENOENT). */
+    fiocp__hub_complete(&u->hub, op, 1);
+    return 0;
+  }
   if (!defer) {
     /* The SQE is published: from here on the kernel owes a CQE (a failed
      * enter still leaves it queued for the next one). */
@@ -460,11 +933,283 @@ static int uring_cancel(fiocp_port_t* port, fiocp_op_t* op) {
 
 /* ---- Completion --------------------------------------------------------- */
 
+static void finish_op(uring_t* u, fiocp_op_t* op, int64_t res);
+
+/* Puts a tracked operation on the resubmit list for what (TK_PUSH_*),
+ * once: several of its CQEs may ask for pushes in one harvest, and
+ * op->next links one list only. */
+static void track_push(uring_t* u, fiocp_op_t* op, int64_t what) {
+  int64_t* sc = op->addr->scratch.i64;
+  int listed = (sc[SC_STATE] & TK_PUSH) != 0;
+  sc[SC_STATE] |= what;
+  if (!listed) {
+    op->next = u->resubmit;
+    u->resubmit = op;
+  }
+}
+
+/* Delivers a tracked operation's completion when it is over, no helper
+ * CQE is owed, and it is not on the resubmit list (whose loop calls this
+ * again when it takes it off). hub.mu held. */
+static void track_settle(uring_t* u, fiocp_op_t* op) {
+  int64_t* sc = op->addr->scratch.i64;
+  if (!(sc[SC_STATE] & TK_DONE) ||
+      (sc[SC_STATE] & (TK_GUARD | TK_PUSH | TK_LINKS)))
+    return;
+  op->res = sc[SC_RESULT];
+  fiocp__hub_complete_locked(&u->hub, op, 1);
+}
+
+/* A SENDFILE guard's CQE. */
+static void guard_cqe(uring_t* u, fiocp_op_t* op, int32_t res) {
+  int64_t* sc = op->addr->scratch.i64;
+  sc[SC_STATE] &= ~(TK_GUARD | TK_GUARD_OFF);
+  if (sc[SC_STATE] & TK_DONE) {
+    track_settle(u, op); /* the last CQE the operation owed */
+  } else if (res == -ETIME) {
+    /* Expired: cancel the stage in flight; its CQE finds the deadline
+     * passed and ends the operation (op_cqe, next_stage). */
+    track_push(u, op, TK_PUSH_CANCEL);
+  } else if (!u->hub.closed && !(op->flags & FIOCP_OPF_CANCELLED)) {
+    /* Cancelled though nobody asked: the exit of the thread that armed
+     * it. Arm it again (same absolute deadline). */
+    sc[SC_STATE] |= TK_GUARD;
+    track_push(u, op, TK_PUSH_GUARD);
+  }
+}
+
+/* A LINK_TIMEOUT's CQE: -ECANCELED when its operation completed first
+ * (disarmed), -ETIME or a cancel's result when it fired, and -ECANCELED
+ * too when it fired for a thread that has exited, without cancelling
+ * anything (see TK_LINKS). */
+static void link_cqe(uring_t* u, fiocp_op_t* op, int32_t res) {
+  int64_t* sc = op->addr->scratch.i64;
+  sc[SC_STATE] -= TK_LINK_ONE;
+  if (sc[SC_STATE] & TK_DONE) {
+    track_settle(u, op);
+  } else if (res == -ECANCELED && !(op->flags & FIOCP_OPF_CANCELLED) &&
+             deadline_passed(op)) {
+    /* Still pending past its deadline. Should the operation's own CQE be
+     * on its way, the cancel finds nothing (-ENOENT). */
+    track_push(u, op, TK_PUSH_CANCEL);
+  }
+}
+
+/* The resubmit loop's work for a tracked operation: the pushes its CQEs
+ * asked for, then its completion if that is all that was left. hub.mu
+ * held. */
+static void track_pushes(uring_t* u, fiocp_op_t* op) {
+  int64_t* sc = op->addr->scratch.i64;
+  int64_t what = sc[SC_STATE] & TK_PUSH;
+  sc[SC_STATE] &= ~TK_PUSH;
+  if (sc[SC_STATE] & TK_DONE) {
+    /* The stages are over: a guard not re-armed yet is simply not. */
+    if (what & TK_PUSH_GUARD) sc[SC_STATE] &= ~(TK_GUARD | TK_GUARD_OFF);
+    what &= TK_PUSH_GUARD_OFF;
+  }
+  if (!(sc[SC_STATE] & TK_GUARD)) what &= ~TK_PUSH_GUARD_OFF;
+  if (what & TK_PUSH_STAGE) {
+    if (push_op(u, 1, op, 0, 0, 0) < 0) {
+      /* Out of SQ room with the kernel refusing to take more: give it its
+       * cancellation rather than lose it (this may list it again for its
+       * guard's cancel). */
+      finish_op(u, op, -ECANCELED);
+      return;
+    }
+  }
+  /* A failed push of a cancel leaves a stage running until it ends, or a
+   * guard until it fires; a failed guard leaves the operation unbounded.
+   * None loses the completion. */
+  if (what & TK_PUSH_CANCEL)
+    (void)push_op(u, 1, NULL, FU_OP_ASYNC_CANCEL, op_user_data(op), UD_CANCEL);
+  if ((what & TK_PUSH_GUARD) && push_guard(u, op) < 0)
+    sc[SC_STATE] &= ~TK_GUARD;
+  if ((what & TK_PUSH_GUARD_OFF) &&
+      push_op(u, 1, NULL, FU_OP_ASYNC_CANCEL, op_user_data(op) | UD_GUARD,
+              UD_CANCEL) < 0)
+    sc[SC_STATE] &= ~TK_GUARD_OFF;
+  track_settle(u, op);
+}
+
+/* Completes op with res: the kind's write-backs and clean-up, then the
+ * hub's queue (a tracked operation: once its helpers are over too).
+ * hub.mu held. */
+static void finish_op(uring_t* u, fiocp_op_t* op, int64_t res) {
+  fiocp_addr_t* a = op->addr;
+  switch (op->kind) {
+    case FIOCP_OP_RECVFROM:
+      a->sslen = a->msg.msg_namelen;
+      break;
+    case FIOCP_OP_RECVMSG:
+      /* The kernel wrote these into the msghdr (____sys_recvmsg); on an
+       * error it may not have: report nothing received then. */
+      if (res >= 0) {
+        int added = MSG_CMSG_CLOEXEC & ~a->msgflags; /* ours, see prep_sqe */
+        a->controllen = (uint32_t)a->msg.msg_controllen;
+        a->msgflags = a->msg.msg_flags & ~added;
+        a->sslen = a->msg.msg_namelen;
+      } else {
+        a->controllen = 0;
+        a->msgflags = 0;
+        a->sslen = 0;
+      }
+      break;
+    case FIOCP_OP_SENDFILE: {
+      int64_t* sc = a->scratch.i64;
+      /* Bytes that reached the socket win over a later error, a cancel or
+       * a timeout, as a short write would. */
+      if (res < 0 && sc[SC_SENT] > 0) res = sc[SC_SENT];
+      release_fds(op);
+      if ((sc[SC_STATE] & (TK_GUARD | TK_GUARD_OFF)) == TK_GUARD) {
+        sc[SC_STATE] |= TK_GUARD_OFF;
+        track_push(u, op, TK_PUSH_GUARD_OFF);
+      }
+      break;
+    }
+    case FIOCP_OP_WAIT_PROCESS:
+      release_fds(op);
+      break;
+  }
+  if (tracked(op)) {
+    op->addr->scratch.i64[SC_RESULT] = res;
+    op->addr->scratch.i64[SC_STATE] |= TK_DONE;
+    track_settle(u, op);
+    return;
+  }
+  op->res = res;
+  fiocp__hub_complete_locked(&u->hub, op, 1);
+}
+
+/* Queues op for a push of its current SQE (see the end of uring_harvest). */
+static void requeue(uring_t* u, fiocp_op_t* op) {
+  if (tracked(op)) {
+    track_push(u, op, TK_PUSH_STAGE);
+    return;
+  }
+  op->next = u->resubmit;
+  u->resubmit = op;
+}
+
+/* Moves a multi-stage operation to its next SQE, unless it was cancelled
+ * or timed out meanwhile (the cancel found the previous stage done and
+ * nothing to hit; the linked timeout was disarmed with it). */
+static void next_stage(uring_t* u, fiocp_op_t* op) {
+  if ((op->flags & FIOCP_OPF_CANCELLED) || u->hub.closed)
+    finish_op(u, op, -ECANCELED);
+  else if (op->timeout_ns > 0 && deadline_passed(op))
+    finish_op(u, op, FIOCP_ETIMEDOUT);
+  else
+    requeue(u, op);
+}
+
+static void sendfile_step(uring_t* u, fiocp_op_t* op, int32_t res) {
+  int64_t* sc = op->addr->scratch.i64;
+  int64_t stage = sc[SC_STATE] & TK_STAGE;
+  switch (stage) {
+    case SF_READ:
+      if (res == -EAGAIN) {
+        stage = SF_WAIT_IN;
+      } else if (res <= 0) {
+        finish_op(u, op, res == 0 ? sc[SC_SENT] : res); /* 0: end of file */
+        return;
+      } else {
+        sc[SC_INPIPE] = res;
+        stage = SF_WRITE;
+      }
+      break;
+    case SF_WRITE:
+      if (res == -EAGAIN) {
+        stage = SF_WAIT_OUT;
+        break;
+      }
+      if (res <= 0) {
+        /* 0 from a socket that accepted nothing would loop forever. */
+        finish_op(u, op, res == 0 ? sc[SC_SENT] : res);
+        return;
+      }
+      sc[SC_SENT] += res;
+      sc[SC_INPIPE] -= res;
+      if (sc[SC_INPIPE] > 0) break; /* short: send the rest of the pipe */
+      if (sc[SC_SENT] >= (int64_t)op->len) {
+        finish_op(u, op, sc[SC_SENT]);
+        return;
+      }
+      stage = SF_READ;
+      break;
+    default: /* SF_WAIT_IN, SF_WAIT_OUT: whatever fired, splice again */
+      if (res < 0) {
+        finish_op(u, op, res);
+        return;
+      }
+      stage = stage == SF_WAIT_IN ? SF_READ : SF_WRITE;
+      break;
+  }
+  sc[SC_STATE] = (sc[SC_STATE] & ~TK_STAGE) | stage;
+  next_stage(u, op);
+}
+
+static void wait_process_step(uring_t* u, fiocp_op_t* op, int32_t res) {
+  int64_t status = 0;
+  int rc;
+  if (res < 0) {
+    finish_op(u, op, res);
+    return;
+  }
+  rc = pidfd_status((int)op->addr->scratch.i64[SC_FD0], &status);
+  if (rc == 0)
+    next_stage(u, op); /* readable but no exit to report: poll again */
+  else
+    finish_op(u, op, rc < 0 ? rc : status);
+}
+
+/* What one CQE of op means. hub.mu held. */
+static void op_cqe(uring_t* u, fiocp_op_t* op, int32_t res) {
+  /* The kernel's internal restart codes (ERESTARTSYS 512, ERESTARTNOINTR,
+   * ERESTARTNOHAND, ERESTART_RESTARTBLOCK 516) are never meant for user
+   * space, yet a splice interrupted in an io-wq worker by a cancel
+   * returns -ERESTARTSYS in its CQE (6.18): it is an interruption. */
+  if (res <= -512 && res >= -516) res = -EINTR;
+  /* A request that io_uring moved to an io-wq worker (a receive whose
+   * poll kept waking for data another reader took, a splice) is
+   * interrupted, not cancelled, when cancelled or when its task exits:
+   * -EINTR, with nothing transferred (a partial transfer reports its
+   * count). */
+  if (res == -ECANCELED || res == -EINTR) {
+    if (op->flags & FIOCP_OPF_CANCELLED) {
+      finish_op(u, op, -ECANCELED);
+    } else if (op->timeout_ns > 0 && deadline_passed(op)) {
+      /* The linked timeout fired (it cannot before the deadline). */
+      finish_op(u, op, FIOCP_ETIMEDOUT);
+    } else if (!u->hub.closed) {
+      /* Cancelled by the exit of the thread that submitted it (see the
+       * head comment): it never ran, so run it again (with its timeout,
+       * whose deadline is absolute). */
+      requeue(u, op);
+    } else {
+      finish_op(u, op, res);
+    }
+    return;
+  }
+  switch (op->kind) {
+    case FIOCP_OP_TIMER:
+      finish_op(u, op, res == -ETIME ? 0 : res); /* -ETIME: it fired */
+      break;
+    case FIOCP_OP_SENDFILE:
+      sendfile_step(u, op, res);
+      break;
+    case FIOCP_OP_WAIT_PROCESS:
+      wait_process_step(u, op, res);
+      break;
+    default:
+      finish_op(u, op, res);
+      break;
+  }
+}
+
 /* Moves every CQE into the hub's queue. Called with the hub's mutex held,
  * so there is one CQ consumer at a time. */
 static void uring_harvest(void* ctx) {
   uring_t* u = (uring_t*)ctx;
-  fiocp_hub_t* hub = &u->hub;
   int resubmitted = 0;
   for (;;) {
     unsigned head = *u->cq_khead;
@@ -484,42 +1229,34 @@ static void uring_harvest(void* ctx) {
     for (; head != tail; head++) {
       struct fu_cqe* cqe = &u->cqes[head & u->cq_mask];
       uint64_t ud = cqe->user_data;
-      fiocp_op_t* op;
-      int32_t res;
-      if (ud == UD_WAKE || ud == UD_CANCEL) continue;
-      op = user_data_op(ud);
-      res = cqe->res;
-      /* A request that io_uring moved to an io-wq worker (a receive whose
-       * poll kept waking for data another reader took) is interrupted, not
-       * cancelled, when cancelled or when its task exits: -EINTR, with
-       * nothing transferred (a partial transfer reports its count). */
-      if (res == -ECANCELED || res == -EINTR) {
-        if (op->flags & FIOCP_OPF_CANCELLED) {
-          res = -ECANCELED;
-        } else if (!hub->closed) {
-          /* Cancelled by the exit of the thread that submitted it (see the
-           * head comment): it never ran, so run it again. */
-          op->next = u->resubmit;
-          u->resubmit = op;
-          continue;
-        }
+      if (ud <= UD_TAGS) continue; /* UD_WAKE, UD_CANCEL */
+      switch (ud & UD_TAGS) {
+        case UD_GUARD:
+          guard_cqe(u, user_data_op(ud & ~UD_TAGS), cqe->res);
+          break;
+        case UD_LINK:
+          link_cqe(u, user_data_op(ud & ~UD_TAGS), cqe->res);
+          break;
+        default:
+          op_cqe(u, user_data_op(ud), cqe->res);
+          break;
       }
-      op->res = res;
-      if (op->kind == FIOCP_OP_RECVFROM)
-        op->addr->sslen = op->addr->msg.msg_namelen;
-      fiocp__hub_complete_locked(hub, op, 1);
     }
     __atomic_store_n(u->cq_khead, head, __ATOMIC_RELEASE);
   }
+  /* Operations to push again: resubmissions after a thread's exit, and
+   * the next stages of multi-stage operations. */
   while (u->resubmit != NULL) {
     fiocp_op_t* op = u->resubmit;
     u->resubmit = op->next;
     op->next = NULL;
-    if (push_op(u, 1, op, 0, 0, 0) < 0) {
+    if (tracked(op)) {
+      track_pushes(u, op);
+      resubmitted = 1;
+    } else if (push_op(u, 1, op, 0, 0, 0) < 0) {
       /* Out of SQ room with the kernel refusing to take more: give the
        * operation its cancellation rather than lose it. */
-      op->res = -ECANCELED;
-      fiocp__hub_complete_locked(hub, op, 1);
+      finish_op(u, op, -ECANCELED);
     } else {
       resubmitted = 1;
     }
@@ -651,4 +1388,5 @@ const fiocp_backend_t fiocp__uring_backend = {
     fiocp__hub_port_drain,
     uring_destroy,
     fiocp__hub_port_release,
+    uring_support,
 };

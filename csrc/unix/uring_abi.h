@@ -116,15 +116,30 @@ struct fu_probe {
 
 /* Opcodes. */
 #define FU_OP_NOP 0
+#define FU_OP_FSYNC 3
+#define FU_OP_POLL_ADD 6
 #define FU_OP_SENDMSG 9
 #define FU_OP_RECVMSG 10
+#define FU_OP_TIMEOUT 11
 #define FU_OP_ACCEPT 13
 #define FU_OP_ASYNC_CANCEL 14
+#define FU_OP_LINK_TIMEOUT 15
 #define FU_OP_CONNECT 16
 #define FU_OP_READ 22
 #define FU_OP_WRITE 23
 #define FU_OP_SEND 26
 #define FU_OP_RECV 27
+#define FU_OP_SPLICE 30
+
+/* SQE flags (fu_sqe.flags). */
+#define FU_SQE_IO_LINK (1U << 2) /* the next SQE waits for this one */
+
+/* fu_sqe.op_flags of FSYNC (fsync_flags) and TIMEOUT/LINK_TIMEOUT
+ * (timeout_flags). SPLICE puts splice_off_in in addr, off_out in off, the
+ * input fd in splice_fd_in and its flags in op_flags; POLL_ADD puts
+ * poll32_events in op_flags (half-words swapped on big-endian). */
+#define FU_FSYNC_DATASYNC (1U << 0)
+#define FU_TIMEOUT_ABS (1U << 0) /* CLOCK_MONOTONIC unless a clock flag */
 
 /* register opcodes. */
 #define FU_REGISTER_PROBE 8
