@@ -256,5 +256,8 @@ def assert_no_growth(cycles: Callable[[int], None], warm_up: int, n: int) -> Non
     """Fails if cycles(n), after cycles(warm_up), changed the handle count
     or grew RSS by 2 MiB or more."""
     fds, rss = growth(cycles, warm_up, n, open_fd_count, rss_bytes)
-    assert fds == 0
+    # Fewer is no leak: on Windows the thread pool's idle threads (timers,
+    # process waits of earlier tests) exit and close their handles meanwhile.
+    assert fds <= 0, f"{fds} more descriptors or handles"
+
     assert rss < 2 * 1024 * 1024, f"RSS grew by {rss / 1024:.0f} KiB"

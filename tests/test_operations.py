@@ -110,6 +110,8 @@ def test_poll_reports_peer_close(port, tcp_pair):
     assert a.recv(16) == b""
 
 
+@pytest.mark.skipif(ON_WINDOWS, reason="IOCP: a receive pending on the socket takes the data before AFD "
+                    "reports it readable, so the poll does not fire (docs/OPERATIONS.md)")
 def test_poll_and_recv_pending_on_one_socket(port, tcp_pair):
     a, b = tcp_pair
     port.register(a)

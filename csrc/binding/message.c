@@ -127,11 +127,15 @@ int fb_msgbufs_alloc_control(fb_msgbufs_t* m, Py_ssize_t size) {
 #endif
 }
 
-#ifndef _WIN32
 typedef struct {
   int level, type;
   Py_buffer data;
 } anc_item_t;
+
+#ifdef _WIN32
+# define FB_CMSG_SPACE(n) ((n) + 32) /* only for the size check */
+#else
+# define FB_CMSG_SPACE(n) CMSG_SPACE(n)
 #endif
 
 int fb_msgbufs_pack_ancdata(fb_msgbufs_t* m, PyObject* ancdata) {
@@ -151,20 +155,14 @@ int fb_msgbufs_pack_ancdata(fb_msgbufs_t* m, PyObject* ancdata) {
     Py_DECREF(seq);
     return 0;
   }
-#ifdef _WIN32
-  (void)i;
-  Py_DECREF(seq);
-  (void)m;
-  PyErr_SetString(PyExc_NotImplementedError,
-                  "sendmsg(): ancillary data is not supported on Windows");
-  return -1;
-#else
   {
     anc_item_t* items = (anc_item_t*)PyMem_Calloc((size_t)n, sizeof(anc_item_t));
     Py_ssize_t parsed = 0, space = 0;
     int rc = -1;
+#ifndef _WIN32
     struct msghdr mh;
     struct cmsghdr* cm;
+#endif
     if (items == NULL) {
       PyErr_NoMemory();
       goto done;
@@ -182,12 +180,19 @@ int fb_msgbufs_pack_ancdata(fb_msgbufs_t* m, PyObject* ancdata) {
       }
       parsed = i + 1;
       if ((size_t)items[i].data.len > (size_t)MAX_ANCBUFSIZE ||
-          space + (Py_ssize_t)CMSG_SPACE((size_t)items[i].data.len) > MAX_ANCBUFSIZE) {
+          space + (Py_ssize_t)FB_CMSG_SPACE((size_t)items[i].data.len) > MAX_ANCBUFSIZE) {
         PyErr_SetString(PyExc_OSError, "ancillary data too large");
         goto done;
       }
-      space += (Py_ssize_t)CMSG_SPACE((size_t)items[i].data.len);
+      space += (Py_ssize_t)FB_CMSG_SPACE((size_t)items[i].data.len);
     }
+#ifdef _WIN32
+    /* The items are checked as everywhere; Windows then refuses them. */
+    (void)m;
+    PyErr_SetString(PyExc_NotImplementedError,
+                    "sendmsg(): ancillary data is not supported on Windows");
+    goto done;
+#else
     m->control = (char*)PyMem_Calloc(1, (size_t)space);
     if (m->control == NULL) {
       PyErr_NoMemory();
@@ -206,13 +211,13 @@ int fb_msgbufs_pack_ancdata(fb_msgbufs_t* m, PyObject* ancdata) {
       cm = CMSG_NXTHDR(&mh, cm);
     }
     rc = 0;
+#endif
   done:
     for (i = 0; i < parsed; i++) PyBuffer_Release(&items[i].data);
     PyMem_Free(items);
     Py_DECREF(seq);
     return rc;
   }
-#endif
 }
 
 PyObject* fb_parse_ancdata(const char* control, size_t len) {
