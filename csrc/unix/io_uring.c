@@ -41,12 +41,15 @@
  *   linked to the operation's SQE, pushed in the same sq_mu hold so the
  *   two are adjacent in the ring. Its timespec is ABSOLUTE (CLOCK_MONOTONIC
  *   deadline, computed once at submit, kept in the record's scratch), so
- *   that every later stage of SENDFILE/WAIT_PROCESS and every resubmission
- *   after a thread's exit is linked again with the same deadline: the whole
- *   operation is bounded, not each stage. A -ECANCELED (or -EINTR) that
- *   neither the user nor close() asked for is a timeout exactly when the
- *   deadline has passed (the kernel's timer fires no earlier); otherwise
- *   it is the submitting thread's exit, and the stage is pushed again.
+ *   that every later stage of WAIT_PROCESS and every resubmission after a
+ *   thread's exit is linked again with the same deadline: the whole
+ *   operation is bounded, not each stage. SENDFILE is bounded by a guard
+ *   TIMEOUT of its own instead (see TK_GUARD for why). A -ECANCELED (or
+ *   -EINTR) that neither the user nor close() asked for is a timeout
+ *   exactly when the deadline has passed (the kernel's timer fires no
+ *   earlier); otherwise it is the submitting thread's exit, and the SQE is
+ *   pushed again. The record completes only once the CQEs of its linked
+ *   timeouts and guard have come too (TK_* below).
  */
 #define _GNU_SOURCE
 #include "../fiocp.h"

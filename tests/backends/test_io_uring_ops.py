@@ -276,6 +276,33 @@ def test_link_timeouts_never_split_in_a_tiny_ring():
 
 
 @needs_uring
+def test_link_timeouts_of_a_deferred_batch(uport):
+    """liburing test/link-timeout.c, test_single_link_timeout with deferred
+    submission: inside batch() the SQEs (and the timespecs the kernel reads
+    at submission, kept in each record) wait for flush(); timers and
+    timeouts then count from submit(), not from the flush: a timeout of
+    0.1 s submitted 0.15 s before the flush expires at once."""
+    a, b = socket.socketpair()
+    with a, b:
+        uport.register(b)
+        with uport.batch():
+            t0 = time.monotonic()
+            ops = [uport.recv(b, bytearray(1), timeout=0.1, context=i) for i in range(10)]
+            ops.append(uport.timer(0.1, context="timer"))
+            time.sleep(0.15)
+        got = collect(uport, 11)
+        elapsed = time.monotonic() - t0
+        assert sorted(map(str, (c.context for c in got))) == sorted(map(str, list(range(10)) + ["timer"]))
+        for c in got:
+            if c.context == "timer":
+                assert c.error is None
+            else:
+                assert isinstance(c.error, TimeoutError)
+        assert elapsed < 1.0, elapsed
+        assert uport.get(timeout=0.05) is None
+
+
+@needs_uring
 def test_link_timeout_survives_the_exit_of_the_submitting_thread(uport):
     """liburing test/link-timeout.c with DESIGN.md's task-exit rule: a
     receive with a timeout submitted by a thread that then exits is
