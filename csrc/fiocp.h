@@ -79,11 +79,13 @@ enum {
    * SENDFILE:     handle (socket), addr->src (the file), offset (>= 0),
    *               len = count (> 0); res = bytes sent (short at end of
    *               file or when the peer stops; the kernel copies, never
-   *               user space).
+   *               user space). Once some bytes went out, a later error,
+   *               cancel or timeout still reports their count.
    * WAIT_PROCESS: handle = a pid (POSIX) or a process HANDLE (Windows);
    *               res = POSIX: the wait status as waitpid() would give it
    *               (the child is not reaped: WNOWAIT); Windows: the exit
-   *               code (GetExitCodeProcess).
+   *               code (GetExitCodeProcess). A process that is not the
+   *               caller's child completes at once with ECHILD (POSIX).
    * TIMER:        offset = the delay in nanoseconds (>= 0); res = 0 when
    *               it fires (a cancel gives the cancellation error).
    * FSYNC:        handle (a file); len = 1 for data only (fdatasync);
@@ -236,7 +238,9 @@ typedef struct fiocp_backend_s {
 
   /* Asks the OS to cancel op. Its completion still comes (with a
    * cancellation error, or its real result if it raced). Returns 1 if a
-   * cancellation was requested, 0 if op already completed. Thread-safe. */
+   * cancellation was requested, 0 if op already completed. It may return
+   * 1 for an operation whose result is decided but whose completion waits
+   * for a timer of its own to come back (io_uring). Thread-safe. */
   int (*cancel)(fiocp_port_t* port, fiocp_op_t* op);
 
   /* Takes up to max completed operations without blocking: the fast path
