@@ -4,6 +4,7 @@ CompletionPort, completed with what the stdlib has only in its selector loop
 from __future__ import annotations
 
 import errno
+import io
 import os
 import signal
 import socket
@@ -50,6 +51,9 @@ class EventLoop(proactor_events.BaseProactorEventLoop):
         self._watches: Dict[int, _Watch] = {}
         self._signal_handlers: Dict[int, events.Handle] = {}
         super().__init__(PortProactor(backend))
+        # The self-pipe's reader carries signal numbers (set_wakeup_fd);
+        # IocpProactor's loop starts it in run_forever, the base class never.
+        self.call_soon(self._loop_self_reading)
 
     @property
     def backend(self) -> str:
@@ -117,6 +121,36 @@ class EventLoop(proactor_events.BaseProactorEventLoop):
 
     def _make_write_pipe_transport(self, sock, protocol, waiter=None, extra=None):
         return _transports.WritePipeTransport(self, sock, protocol, waiter, extra)
+
+    # ---- sendfile: progress kept when the peer goes away ------------------------
+
+    async def _sock_sendfile_native(self, sock, file, offset, count):
+        # As the stdlib proactor loop, but the file position also counts the
+        # bytes a failed sendfile had sent (the selector loop's behaviour).
+        try:
+            fileno = file.fileno()
+        except (AttributeError, io.UnsupportedOperation):
+            raise base_events.exceptions.SendfileNotAvailableError("not a regular file")
+        try:
+            fsize = os.fstat(fileno).st_size
+        except OSError:
+            raise base_events.exceptions.SendfileNotAvailableError("not a regular file")
+        end = min(offset + count, fsize) if count else fsize
+        offset = min(offset, fsize)
+        sent = 0
+        try:
+            while offset + sent < end:
+                fut = self._proactor.sendfile(sock, file, offset + sent, min(end - offset - sent, 0x7FFF_F000))
+                try:
+                    n = await fut
+                finally:
+                    sent += getattr(fut, "_sent", 0)
+                if not n:
+                    break  # the file ended early
+            return sent
+        finally:
+            if sent > 0:
+                file.seek(offset + sent)
 
     # ---- readiness: add_reader / add_writer through port.poll -----------------
 
@@ -424,6 +458,10 @@ class EventLoop(proactor_events.BaseProactorEventLoop):
     if not WINDOWS:
         async def _make_subprocess_transport(self, protocol, args, shell, stdin, stdout, stderr, bufsize,
                                              extra=None, **kwargs):
+            if sys.version_info < (3, 14):
+                watcher = getattr(events.get_event_loop_policy(), "_watcher", None)
+                if watcher is not None:
+                    self._check_child_watcher(watcher)
             waiter = self.create_future()
             transp = unix_events._UnixSubprocessTransport(
                 self, protocol, args, shell, stdin, stdout, stderr, bufsize, waiter=waiter, extra=extra,
@@ -440,6 +478,21 @@ class EventLoop(proactor_events.BaseProactorEventLoop):
                 await transp._wait()
                 raise
             return transp
+
+        @staticmethod
+        def _check_child_watcher(watcher: Any) -> None:
+            # Children are waited for on the port, not by a child watcher;
+            # but a watcher the program installed and left inactive refuses
+            # subprocesses, as with the stdlib loop (3.8-3.13).
+            msg = "asyncio.get_child_watcher() is not activated, subprocess support is not installed."
+            if sys.version_info < (3, 12):
+                with watcher as entered:
+                    if not entered.is_active():
+                        raise RuntimeError(msg)
+            else:
+                with watcher:
+                    if not watcher.is_active():
+                        raise RuntimeError(msg)
 
         def _child_exited(self, pid: int, transp: Any, fut: Any) -> None:
             if fut.cancelled():

@@ -11,9 +11,7 @@ finish(completion)."""
 from __future__ import annotations
 
 import errno
-import os
 import socket
-import stat
 import sys
 import weakref
 from asyncio import futures
@@ -30,11 +28,12 @@ class _OpFuture(futures.Future):
     """A Future whose cancel() also cancels the operation (the completion
     still comes, and is then dropped)."""
 
-    __slots__ = ("_op",)
+    __slots__ = ("_op", "_sent")
 
     def __init__(self, *, loop: Any) -> None:
         super().__init__(loop=loop)
         self._op: Optional[Completion] = None
+        self._sent = 0  # send/sendfile: bytes the kernel took so far
 
     def cancel(self, msg: Any = None) -> bool:
         op = self._op
@@ -59,7 +58,8 @@ def _none(c: Completion) -> None:
 
 
 def _is_socket(obj: Any) -> bool:
-    return isinstance(obj, socket.socket)
+    # type(), not isinstance(): a Mock(spec=sock) claims to be a socket.
+    return issubclass(type(obj), socket.socket)
 
 
 class PortProactor:
@@ -174,10 +174,6 @@ class PortProactor:
             self._register(conn)
             if _is_socket(conn):
                 return self._start(self._port.recv, _data, conn, nbytes)
-            if _is_write_end(conn):
-                # A write pipe transport "reads" its own end to learn that
-                # the reader went away (Windows). Here: wait for POLLERR.
-                return self._start(self._port.poll, lambda c: b"", conn, 0)
             return self._start(self._port.read, _data, conn, nbytes, None)
         except OSError as exc:
             return self._failed(exc)
@@ -226,6 +222,7 @@ class PortProactor:
 
             def finish(c: Completion, sent: int = 0) -> Any:
                 sent += c.nbytes
+                fut._sent = sent
                 if sent >= total or c.nbytes == 0:
                     return sent
                 rest = memoryview(data)[sent:]
@@ -243,10 +240,12 @@ class PortProactor:
 
     def sendto(self, conn: socket.socket, buf: Any, flags: int = 0, addr: Any = None) -> futures.Future:
         try:
-            self._register(conn)
+            fd = self._register(conn)
+            # A socket-like object (a wrapper, a test's Mock) goes by its number.
+            target = conn if _is_socket(conn) else fd
             if addr is None:
-                return self._start(self._port.send, _nbytes, conn, buf)
-            return self._start(self._port.sendto, _nbytes, conn, buf, addr)
+                return self._start(self._port.send, _nbytes, target, buf)
+            return self._start(self._port.sendto, _nbytes, target, buf, addr)
         except OSError as exc:
             return self._failed(exc)
 
@@ -287,6 +286,7 @@ class PortProactor:
 
             def finish(c: Completion, sent: int = 0) -> Any:
                 sent += c.nbytes
+                fut._sent = sent
                 if sent >= count or c.nbytes == 0:
                     return sent
                 op = port.sendfile(sock, file, offset + sent, count - sent,
@@ -299,6 +299,16 @@ class PortProactor:
             fut._op = op
             self._pending[op] = fut
             return fut
+        except OSError as exc:
+            return self._failed(exc)
+
+    def wait_hangup(self, fileobj: Any) -> futures.Future:
+        """Completes with b"" when the other end of a pipe or pty goes away
+        (POLLERR/POLLHUP): how a write pipe transport learns that its reader
+        closed (on Windows the stdlib reads the write end for that)."""
+        try:
+            self._register(fileobj)
+            return self._start(self._port.poll, lambda c: b"", fileobj, 0)
         except OSError as exc:
             return self._failed(exc)
 
@@ -360,23 +370,6 @@ class _Continued:
 
 
 _CONTINUED = _Continued()
-
-
-def _is_write_end(obj: Any) -> bool:
-    """Whether obj is a pipe (or FIFO) opened for writing only: the write
-    end handed to a write pipe transport."""
-    if WINDOWS:
-        return False
-    try:
-        fd = obj if isinstance(obj, int) else obj.fileno()
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
-            return False
-        import fcntl
-
-        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
-    except OSError:
-        return False
 
 
 __all__ = ["PortProactor", "POLLIN", "POLLOUT", "POLLERR", "POLLHUP"]

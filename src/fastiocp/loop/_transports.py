@@ -7,6 +7,7 @@ it out of connection_lost's cleanup. Here a failing shutdown is ignored;
 the socket is closed all the same."""
 from __future__ import annotations
 
+import os
 import socket
 from asyncio import proactor_events
 from typing import Any
@@ -40,7 +41,50 @@ class _ClosesQuietly:
             self._called_connection_lost = True
 
 
-class SocketTransport(_ClosesQuietly, proactor_events._ProactorSocketTransport):
+class _WritesAtOnce:
+    """write() hands the data to the kernel at once when nothing is queued
+    (as the selector loop does: a peer reading right after write() sees the
+    bytes); only what the kernel does not take goes through the proactor."""
+
+    _buffer: Any
+    _conn_lost: int
+    _eof_written: bool
+    _empty_waiter: Any
+    _write_fut: Any
+    _sock: Any
+
+    def _send_now(self, data: Any) -> int:
+        return self._sock.send(data)
+
+    def write(self, data: Any) -> None:
+        fut = self._write_fut
+        if (data and not self._buffer and not self._conn_lost and not self._eof_written
+                and self._empty_waiter is None and (fut is None or fut.done()) and self._sock is not None
+                and isinstance(data, (bytes, bytearray, memoryview))):
+            try:
+                n = self._send_now(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                n = 0  # the proactor's send reports the error the same way
+            if n:
+                if n >= len(data):
+                    return
+                data = memoryview(data).cast("B")[n:]
+        super().write(data)  # type: ignore[misc]
+
+
+class _ReceivesBytes:
+    """data_received() gets bytes, as documented (the stdlib proactor
+    transports of 3.10 and 3.11 pass bytearray slices: cpython issue 99941)."""
+
+    def _data_received(self, data: Any, length: int) -> None:
+        if type(data) is bytearray:
+            data = bytes(data)
+        super()._data_received(data, length)  # type: ignore[misc]
+
+
+class SocketTransport(_ClosesQuietly, _ReceivesBytes, _WritesAtOnce, proactor_events._ProactorSocketTransport):
     """TCP and Unix stream connections."""
 
 
@@ -48,12 +92,42 @@ class DatagramTransport(_ClosesQuietly, proactor_events._ProactorDatagramTranspo
     """UDP endpoints."""
 
 
-class ReadPipeTransport(_ClosesQuietly, proactor_events._ProactorReadPipeTransport):
+class _PipeRepr:
+    _sock: Any
+    _closing: bool
+
+    def __repr__(self) -> str:
+        # The selector loop's pipe transports say open/closing/closed.
+        text = super().__repr__()
+        if self._sock is not None and not self._closing:
+            name, _, rest = text[1:].partition(" ")
+            text = f"<{name} open {rest}" if rest else f"<{name} open>"
+        return text
+
+
+class ReadPipeTransport(_PipeRepr, _ClosesQuietly, _ReceivesBytes, proactor_events._ProactorReadPipeTransport):
     """connect_read_pipe()."""
 
 
-class WritePipeTransport(_ClosesQuietly, proactor_events._ProactorWritePipeTransport):
-    """connect_write_pipe()."""
+class WritePipeTransport(_PipeRepr, _ClosesQuietly, _WritesAtOnce,
+                         proactor_events._ProactorBaseWritePipeTransport):
+    """connect_write_pipe(). It never reads its descriptor (a pty or a
+    read-write FIFO shares it with a reader): it waits for the reader to go
+    away with a poll for no events (POLLERR/POLLHUP only)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        try:
+            os.set_blocking(self._sock.fileno(), False)  # as the selector loop's pipes
+        except (OSError, AttributeError, ValueError):
+            pass
+        self._read_fut = self._loop._proactor.wait_hangup(self._sock)
+        self._read_fut.add_done_callback(self._pipe_closed)
+
+    def _send_now(self, data: Any) -> int:
+        return os.write(self._sock.fileno(), data)
+
+    _pipe_closed = proactor_events._ProactorWritePipeTransport._pipe_closed
 
 
 class DuplexPipeTransport(_ClosesQuietly, proactor_events._ProactorDuplexPipeTransport):
