@@ -1,0 +1,465 @@
+"""fastiocp.loop.EventLoop on every backend: each test drives a real
+asyncio program through the loop and checks what came out of it."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import gc
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from fastiocp.loop import EventLoop
+
+ON_LINUX = sys.platform.startswith("linux")
+linux_only = pytest.mark.skipif(not ON_LINUX, reason="POSIX-only loop feature, tested on Linux")
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def loop(backend):
+    lp = EventLoop(backend)
+    assert lp.backend == backend
+    yield lp
+    if not lp.is_closed():
+        lp.run_until_complete(lp.shutdown_asyncgens())
+        lp.close()
+
+
+def run(loop: EventLoop, coro, timeout: float = 10.0):
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+def payload(n: int) -> bytes:
+    return bytes((i * 7 + 3) % 251 for i in range(n))
+
+
+# ---- streams, protocols -------------------------------------------------------
+
+def test_streams_echo_returns_every_byte(loop):
+    data = payload(300_000)
+
+    async def handle(reader, writer):
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        host, port = server.sockets[0].getsockname()[:2]
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(data)
+        await writer.drain()
+        writer.write_eof()
+        got = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    assert run(loop, main()) == data
+
+
+class _EchoProtocol(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        assert type(data) is bytes  # cpython issue 99941: bytes, not bytearray slices
+        self.transport.write(data)
+
+    def eof_received(self):
+        self.transport.close()
+
+
+class _BufferedEcho(asyncio.BufferedProtocol):
+    def __init__(self):
+        self.buf = bytearray(4096)
+        self.calls = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        self.calls += 1
+        self.transport.write(bytes(self.buf[:nbytes]))
+
+    def eof_received(self):
+        self.transport.close()
+
+
+@pytest.mark.parametrize("proto", [_EchoProtocol, _BufferedEcho], ids=["Protocol", "BufferedProtocol"])
+def test_protocol_server_echoes_every_byte(loop, proto):
+    data = payload(200_000)
+    made = []
+
+    def factory():
+        p = proto()
+        made.append(p)
+        return p
+
+    async def main():
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        addr = server.sockets[0].getsockname()
+        client = socket.create_connection(addr)
+        client.setblocking(False)
+        await loop.sock_sendall(client, data)
+        client.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while chunk := await loop.sock_recv(client, 65536):
+            got += chunk
+        client.close()
+        server.close()
+        await server.wait_closed()
+        return bytes(got)
+
+    assert run(loop, main()) == data
+    if proto is _BufferedEcho:
+        assert made[0].calls >= len(data) // 4096  # received into the protocol's 4 KiB buffer
+
+
+def test_udp_datagrams_round_trip_with_addresses(loop):
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(data.upper(), addr)
+
+    class Client(asyncio.DatagramProtocol):
+        def __init__(self):
+            self.got = asyncio.Queue()
+
+        def datagram_received(self, data, addr):
+            self.got.put_nowait((data, addr))
+
+    async def main():
+        server, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        saddr = server.get_extra_info("sockname")
+        client, cproto = await loop.create_datagram_endpoint(Client, remote_addr=saddr)
+        replies = []
+        for i in range(20):
+            client.sendto(b"msg %d" % i)
+            replies.append(await cproto.got.get())
+        client.close()
+        server.close()
+        return saddr, replies
+
+    saddr, replies = run(loop, main())
+    assert [d for d, _ in replies] == [b"MSG %d" % i for i in range(20)]
+    assert all(a[:2] == saddr[:2] for _, a in replies)
+
+
+@linux_only
+def test_unix_server_and_connection_echo(loop):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "s.sock")
+
+        async def handle(reader, writer):
+            writer.write((await reader.readline()).upper())
+            await writer.drain()
+            writer.close()
+
+        async def main():
+            server = await asyncio.start_unix_server(handle, path)
+            assert os.path.exists(path)
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(b"hello unix\n")
+            line = await reader.readline()
+            writer.close()
+            await writer.wait_closed()
+            server.close()
+            await server.wait_closed()
+            return line
+
+        assert run(loop, main()) == b"HELLO UNIX\n"
+        assert not os.path.exists(path)  # the server removed its socket file
+
+
+# ---- sendfile -----------------------------------------------------------------
+
+@pytest.fixture
+def datafile(tmp_path):
+    data = payload(1 << 20) + b"tail"
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        yield f, data
+
+
+def test_loop_sendfile_sends_the_file_range_and_moves_position(loop, datafile):
+    f, data = datafile
+
+    async def main():
+        got = bytearray()
+        done = loop.create_future()
+
+        class Sink(asyncio.Protocol):
+            def data_received(self, d):
+                got.extend(d)
+
+            def connection_lost(self, exc):
+                done.set_result(None)
+
+        server = await loop.create_server(Sink, "127.0.0.1", 0)
+        tr, _ = await loop.create_connection(asyncio.Protocol, *server.sockets[0].getsockname()[:2])
+        sent = await loop.sendfile(tr, f, offset=100, count=len(data) - 200)
+        tr.close()
+        await done
+        server.close()
+        await server.wait_closed()
+        return sent, bytes(got)
+
+    sent, got = run(loop, main())
+    assert sent == len(data) - 200
+    assert got == data[100:-100]
+    assert f.tell() == len(data) - 100
+
+
+def test_sock_sendfile_sends_whole_file(loop, datafile):
+    f, data = datafile
+
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        got = bytearray()
+
+        async def drain():
+            while len(got) < len(data):
+                chunk = await loop.sock_recv(b, 65536)
+                if not chunk:
+                    break
+                got.extend(chunk)
+
+        reader = loop.create_task(drain())
+        sent = await loop.sock_sendfile(a, f)
+        await reader
+        a.close()
+        b.close()
+        return sent, bytes(got)
+
+    sent, got = run(loop, main())
+    assert sent == len(data) and got == data
+    assert f.tell() == len(data)
+
+
+# ---- readiness, signals, subprocesses ----------------------------------------
+
+def test_add_reader_and_writer_fire_and_stop_when_removed(loop):
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    reads: list[bytes] = []
+    writable = []
+
+    async def main():
+        got_two = loop.create_future()
+
+        def on_readable():
+            reads.append(b.recv(100))
+            if len(reads) == 2 and not got_two.done():
+                got_two.set_result(None)
+
+        def on_writable():
+            writable.append(1)
+            loop.remove_writer(a)
+
+        loop.add_reader(b, on_readable)
+        loop.add_writer(a.fileno(), on_writable)
+        await asyncio.sleep(0.05)
+        assert writable == [1]  # fired once, then removed
+        a.send(b"one")
+        await asyncio.sleep(0.05)
+        a.send(b"two")
+        await got_two
+        assert loop.remove_reader(b) is True
+        assert loop.remove_reader(b) is False
+        a.send(b"three")  # nobody watches now
+        await asyncio.sleep(0.05)
+
+    try:
+        run(loop, main())
+    finally:
+        a.close()
+        b.close()
+    assert reads == [b"one", b"two"]
+    assert writable == [1]
+
+
+@linux_only
+def test_signal_handler_runs_in_the_loop(loop):
+    got = []
+
+    async def main():
+        fired = loop.create_future()
+
+        def handler(tag):
+            got.append((tag, threading.get_ident()))
+            fired.set_result(None)
+
+        loop.add_signal_handler(signal.SIGUSR1, handler, "usr1")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await fired
+        assert loop.remove_signal_handler(signal.SIGUSR1) is True
+
+    run(loop, main())
+    assert got == [("usr1", threading.get_ident())]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+@linux_only
+def test_subprocess_pipeline_through_cat(loop):
+    data = payload(100_000)
+
+    async def main():
+        proc = await asyncio.create_subprocess_exec(
+            "cat", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate(data)
+        shell = await asyncio.create_subprocess_shell("exit 7")
+        return out, proc.returncode, await shell.wait()
+
+    out, rc, rc_shell = run(loop, main())
+    assert out == data
+    assert rc == 0 and rc_shell == 7
+
+
+# ---- threads ------------------------------------------------------------------
+
+def test_call_soon_threadsafe_wakes_a_loop_blocked_in_select(loop):
+    async def main():
+        woke = loop.create_future()
+        t0 = time.monotonic()
+        timer = threading.Timer(0.2, loop.call_soon_threadsafe, args=(woke.set_result, "woken"))
+        timer.start()
+        # Nothing else is scheduled: the loop sleeps in select() until the post.
+        result = await woke
+        return result, time.monotonic() - t0
+
+    result, elapsed = run(loop, main())
+    assert result == "woken"
+    assert 0.15 < elapsed < 2.0
+
+
+def test_run_in_executor_returns_worker_results(loop):
+    async def main():
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            a = loop.run_in_executor(pool, sum, range(1000))
+            b = loop.run_in_executor(None, threading.get_ident)
+            return await a, await b
+
+    total, ident = run(loop, main())
+    assert total == sum(range(1000))
+    assert ident != threading.get_ident()
+
+
+def test_two_threads_each_run_their_own_loop(backend):
+    results: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            lp = EventLoop(backend)
+            try:
+                async def main():
+                    a, b = socket.socketpair()
+                    a.setblocking(False)
+                    b.setblocking(False)
+                    for i in range(200):
+                        await lp.sock_sendall(a, b"%d:%d;" % (n, i))
+                    a.close()
+                    got = bytearray()
+                    while chunk := await lp.sock_recv(b, 4096):
+                        got += chunk
+                    b.close()
+                    return bytes(got)
+
+                results[n] = lp.run_until_complete(main())
+            finally:
+                lp.close()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors
+    for n in range(2):
+        assert results[n] == b"".join(b"%d:%d;" % (n, i) for i in range(200))
+
+
+# ---- closing ------------------------------------------------------------------
+
+def _open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+@linux_only
+def test_closing_a_loop_with_live_transports_and_operations_leaks_no_descriptor(backend):
+    gc.collect()
+    before = _open_fds()
+    lp = EventLoop(backend)
+
+    async def main():
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        addr = server.sockets[0].getsockname()
+        conns = [await asyncio.open_connection(*addr[:2]) for _ in range(3)]
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        pending_recv = lp.create_task(lp.sock_recv(a, 100))  # never completes
+        udp, _ = await lp.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+        lp.add_reader(b, lambda: None)
+        await asyncio.sleep(0.05)
+        return server, conns, (a, b), pending_recv, udp
+
+    server, conns, (a, b), pending_recv, udp = lp.run_until_complete(main())
+    # Closed with everything still open: only the objects' own close() is left.
+    server.close()
+    for _, w in conns:
+        w.close()
+    udp.close()
+    pending_recv.cancel()
+    lp.run_until_complete(asyncio.sleep(0.05))
+    lp.remove_reader(b)
+    a.close()
+    b.close()
+    lp.close()
+    del server, conns, udp, pending_recv
+    gc.collect()
+    assert _open_fds() - before == set()
+
+
+@linux_only
+def test_closing_a_loop_with_operations_in_flight_closes_its_port(backend):
+    gc.collect()
+    before = _open_fds()
+    lp = EventLoop(backend)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+
+    async def main():
+        lp.create_task(lp.sock_recv(a, 100))
+        lp.add_reader(b, lambda: None)
+        await asyncio.sleep(0.02)
+
+    lp.run_until_complete(main())
+    lp.close()  # a receive and a poll still pending
+    assert lp.is_closed()
+    a.close()
+    b.close()
+    gc.collect()
+    assert _open_fds() - before == set()
