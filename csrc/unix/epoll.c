@@ -89,7 +89,9 @@
  * - fsync runs on the file pool.
  * - Timers and per-operation timeouts share one min-heap of deadlines
  *   (CLOCK_MONOTONIC ns) under tm_mu and one timerfd in the epoll set,
- *   armed to the earliest deadline only when a new entry goes first (the
+ *   armed to the earliest deadline plus the timer slack Linux gives the
+ *   port's creator (50 us by default, so that deadlines that close share
+ *   one wake-up), and set again only when a new entry goes first (the
  *   timerfd is created the first time a port needs it). Each entry's heap
  *   index lives in the record's scratch, so removing an entry when its
  *   operation finishes first costs O(log n). When the timerfd fires, the
@@ -132,6 +134,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -207,6 +210,8 @@ enum { DIR_IN = 0, DIR_OUT = 1, DIR_POLL = 2, NQ = 3 };
 #define S_TMST 1     /* TM_* bits, atomic */
 #define S_SENT 2     /* sendfile: bytes sent so far */
 #define S_PIDFD 3    /* wait_process: the pidfd, or -1 */
+#define TM_SLACK_DEFAULT 50000     /* ns: Linux's default timer slack */
+#define TM_SLACK_MAX 1000000       /* ns: whatever the thread's slack says */
 #define TM_EXPIRED 0x1   /* the operation's timeout fired */
 #define TM_ISTIMEOUT 0x2 /* timer: its heap entry is its timeout (shorter
                             than its delay), so it ends in FIOCP_ETIMEDOUT */
@@ -273,8 +278,11 @@ typedef struct timers_s {
   tment_t* heap;
   size_t n, cap;
   uint64_t seq;
-  int64_t armed;         /* the deadline the timerfd is set to; INT64_MAX:
-                            none pending */
+  int64_t armed;         /* when the timerfd fires (a deadline + slack);
+                            INT64_MAX: disarmed */
+  int64_t slack;         /* ns the timerfd fires after the earliest
+                            deadline, so that deadlines close together
+                            fire in one wake-up (see ep_init()) */
   int fd;                /* timerfd, -1 until first needed (atomic reads
                             outside mu) */
 } timers_t;
@@ -1099,13 +1107,18 @@ static void tm_remove_at(timers_t* t, size_t i) {
   }
 }
 
-/* Sets the timerfd to fire at when (absolute). tm_mu held. */
+/* Sets the timerfd to fire t->slack after when (absolute), or disarms
+ * it (when == INT64_MAX). Either way its expiration count drops to zero,
+ * which is what clears its readiness (no read() needed). tm_mu held. */
 static int tm_arm_locked(timers_t* t, int64_t when) {
   struct itimerspec its;
   memset(&its, 0, sizeof(its));
-  if (when < 1) when = 1; /* an all-zero it_value would disarm it */
-  its.it_value.tv_sec = (time_t)(when / 1000000000);
-  its.it_value.tv_nsec = (long)(when % 1000000000);
+  if (when != INT64_MAX) {
+    when = when > INT64_MAX - t->slack ? INT64_MAX - 1 : when + t->slack;
+    if (when < 1) when = 1; /* an all-zero it_value would disarm it */
+    its.it_value.tv_sec = (time_t)(when / 1000000000);
+    its.it_value.tv_nsec = (long)(when % 1000000000);
+  }
   if (timerfd_settime(t->fd, TFD_TIMER_ABSTIME, &its, NULL) < 0)
     return -errno;
   t->armed = when;
@@ -1113,7 +1126,7 @@ static int tm_arm_locked(timers_t* t, int64_t when) {
 }
 
 /* Creates the timerfd and adds it to the epoll set (level-triggered: the
- * poller reads it back to zero). tm_mu held. */
+ * expiry's timerfd_settime() clears it). tm_mu held. */
 static int tm_open_locked(ep_t* e) {
   struct epoll_event ev;
   int fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
@@ -1160,7 +1173,7 @@ static int tm_add(ep_t* e, fiocp_op_t* op, int64_t when) {
   tm_up(t, t->n - 1);
   /* Arm only for a new earliest deadline: the timerfd is already set to
    * fire no later than every other entry. */
-  if (when < t->armed && (rc = tm_arm_locked(t, when)) < 0)
+  if (when < t->armed - t->slack && (rc = tm_arm_locked(t, when)) < 0)
     tm_remove_at(t, (size_t)op->addr->scratch.i64[S_HIDX] - 1);
 out:
   pthread_mutex_unlock(&t->mu);
@@ -1189,14 +1202,7 @@ static int cancel_core(ep_t* e, fiocp_op_t* op);
  * and timed-out operations go to done (res set). No lock of ours held. */
 static void tm_expire(ep_t* e, opq_t* done) {
   timers_t* t = &e->tm;
-  uint64_t ticks;
-  ssize_t r;
-  int64_t now;
-  do {
-    r = read(t->fd, &ticks, sizeof(ticks));
-  } while (r < 0 && errno == EINTR);
-  /* EAGAIN: a submit re-armed it meanwhile (settime clears the count). */
-  now = now_ns();
+  int64_t now = now_ns();
   pthread_mutex_lock(&t->mu);
   while (t->n > 0 && t->heap[0].when <= now) {
     fiocp_op_t* op = t->heap[0].op;
@@ -1222,14 +1228,12 @@ static void tm_expire(ep_t* e, opq_t* done) {
       q_push(done, op);
     }
   }
-  /* Fired or early: the timerfd is disarmed, unless a submit set it to a
-   * deadline still ahead. */
-  if (t->n > 0 && (t->armed <= now || t->heap[0].when < t->armed)) {
-    /* Cannot fail: a valid timerfd and a valid absolute time. */
-    (void)tm_arm_locked(t, t->heap[0].when);
-  } else if (t->n == 0 && t->armed <= now) {
-    t->armed = INT64_MAX;
-  }
+  /* If it fired, it stays readable until set again: set it to the next
+   * deadline, or disarm it. (If it has not, a submit set it since: the
+   * event was stale, and it is not readable any more.) Cannot fail: a
+   * valid timerfd and a valid absolute time. */
+  if (t->armed <= now)
+    (void)tm_arm_locked(t, t->n > 0 ? t->heap[0].when : INT64_MAX);
   pthread_mutex_unlock(&t->mu);
 }
 
@@ -1737,6 +1741,15 @@ static int ep_init(fiocp_port_t* port, unsigned entries, unsigned concurrency,
   if ((rc = pthread_mutex_init(&e->tm.mu, NULL)) != 0) goto fail_errno;
   e->tm.fd = -1;
   e->tm.armed = INT64_MAX;
+  /* Timers fire as late as the kernel lets this thread's own poll() and
+   * epoll_wait() timeouts fire (its timer slack, 50 us by default, less
+   * for a latency-minded thread): each wake-up of the poller costs some
+   * 10 us of CPU, and deadlines within the slack share one. */
+  {
+    int sl = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
+    e->tm.slack = sl < 0 ? TM_SLACK_DEFAULT
+                         : (sl > TM_SLACK_MAX ? TM_SLACK_MAX : sl);
+  }
   e->hub.ctx = e;
   e->hub.concurrency = concurrency; /* emulated by the hub (fiocp.h) */
   e->hub.poll = ep_poll;
