@@ -312,6 +312,77 @@ def test_cancelling_a_poll_leaves_the_recv_waiting(port, pair):
     assert c.context == "recv" and bytes(c.buffer[:c.nbytes]) == b"after"
 
 
+def test_pollpri_reports_urgent_data(port):
+    """Ported from CPython's test_selectors (the out-of-band data case of
+    test_select/test_poll): TCP urgent data makes a socket POLLPRI."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(lsock.getsockname())
+    server, _ = lsock.accept()
+    lsock.close()
+    try:
+        port.register(server)
+        port.poll(server, fastiocp.POLLPRI, context="pri")
+        assert port.get_many(4, timeout=0.05) == []
+        client.send(b"!", socket.MSG_OOB)
+        c = port.get(timeout=5)
+        assert c.context == "pri" and c.result() & fastiocp.POLLPRI
+    finally:
+        client.close()
+        server.close()
+
+
+# ---- sendmsg and recvmsg through the queues ---------------------------------
+
+def test_queued_recvmsg_receives_descriptors_close_on_exec(port, pair):
+    a, b = pair
+    op = port.recvmsg(b, [bytearray(3), bytearray(5)], ancbufsize=socket.CMSG_SPACE(8))
+    assert port.get_many(4, timeout=0.02) == []  # waits in b's read queue
+    r, w = os.pipe()
+    try:
+        port.sendmsg(a, [b"abc", b"defgh"],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                       r.to_bytes(4, sys.byteorder) + w.to_bytes(4, sys.byteorder))])
+        cs = {c.op: c for c in collect(port, 2)}
+        assert cs["sendmsg"].result() == 8
+        nbytes, ancdata, flags, _addr = cs["recvmsg"].result()
+        assert cs["recvmsg"] is op and nbytes == 8 and flags == 0
+        [(level, kind, data)] = ancdata
+        assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+        fds = [int.from_bytes(data[i:i + 4], sys.byteorder) for i in (0, 4)]
+        try:
+            for fd in fds:  # received close-on-exec (MSG_CMSG_CLOEXEC)
+                assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            os.write(fds[1], b"via")
+            assert os.read(fds[0], 3) == b"via"
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_recvmsg_reports_the_sender_and_truncation(port):
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        tx.bind(("127.0.0.1", 0))
+        port.register(rx)
+        port.register(tx)
+        port.recvmsg(rx, [bytearray(4)], context="rx")
+        port.sendmsg(tx, [b"too long"], address=rx.getsockname(), context="tx")
+        cs = {c.context: c for c in collect(port, 2)}
+        assert cs["tx"].result() == 8
+        nbytes, ancdata, flags, addr = cs["rx"].result()
+        assert nbytes == 4 and ancdata == [] and flags & socket.MSG_TRUNC
+        assert addr == tx.getsockname()
+        assert bytes(cs["rx"].buffer[0]) == b"too "
+    finally:
+        rx.close()
+        tx.close()
+
+
 # ---- sendfile on a blocking socket -----------------------------------------
 
 def test_sendfile_on_a_blocking_socket_with_a_slow_reader(port, tmp_path):
