@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
-from asyncio import proactor_events
+from asyncio import base_events, proactor_events
 from typing import Any
+
+
+# Server._attach/_detach take the transport since 3.13 (the server keeps its
+# clients, for close_clients()).
+_DETACH_TAKES_TRANSPORT = base_events.Server._detach.__code__.co_argcount == 2
 
 
 class _ClosesQuietly:
@@ -36,7 +41,10 @@ class _ClosesQuietly:
             self._sock = None
             server = self._server
             if server is not None:
-                server._detach()
+                if _DETACH_TAKES_TRANSPORT:
+                    server._detach(self)
+                else:
+                    server._detach()
                 self._server = None
             self._called_connection_lost = True
 
