@@ -356,7 +356,8 @@ def describe_python(python: str) -> str:
             "p = l.EventLoop(); print(sys.version.split()[0], p.backend); p.close()")
     r = subprocess.run([python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"{python}: cannot make a fastiocp.loop.EventLoop:\n{r.stdout}")
+        raise SystemExit(f"{python}: cannot make a fastiocp.loop.EventLoop (is fastiocp, with its loop "
+                         f"package, installed for this interpreter?):\n{r.stdout}")
     return r.stdout.strip()
 
 
@@ -374,11 +375,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--baseline", action="store_true", help="with -m/--only: also run the stdlib loop")
     ap.add_argument("-p", "--python", default=sys.executable, help="interpreter to test (fastiocp installed)")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="module subprocesses at once (default 1)")
-    ap.add_argument("--timeout", type=float, default=90.0, help="per-test watchdog, seconds (default 90)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="per-test watchdog, seconds (default 90; 30 with --ci)")
     ap.add_argument("--json", help="write every result here")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each failure's traceback")
     args = ap.parse_args(argv)
 
+    if args.timeout is None:
+        args.timeout = 30.0 if args.ci else 90.0
     if args.worker:
         skip = set(open(args.skip_file).read().split()) if args.skip_file else set()
         only = set(open(args.only_file).read().split()) if args.only_file else None
