@@ -48,3 +48,22 @@ def test_core_modules_never_import_the_bench():
             if name == "fastiocp.bench" or name.startswith("fastiocp.bench."):
                 offenders.append(f"{path.name}:{line} imports {name}")
     assert offenders == []
+
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject.toml lists the packages a wheel holds: a subpackage missing
+    there works in an editable install and is absent from the wheel (as
+    fastiocp.loop once was)."""
+    import re
+
+    pyproject = PKG.parent.parent / "pyproject.toml"
+    if not pyproject.exists():
+        import pytest
+
+        pytest.skip("an installed fastiocp: no pyproject.toml beside it")
+    listed = set(re.findall(r'"([\w.]+)"', re.search(r"^packages = \[(.*)\]$", pyproject.read_text(),
+                                                       re.M).group(1)))
+    found = {".".join(("fastiocp",) + d.relative_to(PKG).parts).rstrip(".")
+             for d in [PKG, *PKG.rglob("*")] if (d / "__init__.py").is_file() and "csrc" not in d.parts}
+    assert found == listed, f"pyproject.toml packages {sorted(listed)} != the tree's {sorted(found)}"

@@ -155,7 +155,8 @@ def test_wheel_from_sdist_in_fresh_venv(sdist: pathlib.Path, tmp_path: pathlib.P
         wnames = set(zf.namelist())
     for required in ("fastiocp/__init__.py", "fastiocp/py.typed", "fastiocp/__init__.pyi",
                      "fastiocp/_fastiocp.pyi", "fastiocp/bench/runner.py",
-                     "fastiocp/bench/csrc/loadgen.c", "fastiocp/bench/csrc/echo_uring.c"):
+                     "fastiocp/bench/csrc/loadgen.c", "fastiocp/bench/csrc/echo_uring.c",
+                     "fastiocp/loop/__init__.py", "fastiocp/loop/_loop.py"):
         assert required in wnames, f"{required} missing from {wheel.name}"
     assert any(n.startswith("fastiocp/_fastiocp.") for n in wnames), "no extension module in the wheel"
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in wnames), "no LICENSE in the wheel"
@@ -172,6 +173,10 @@ def test_wheel_from_sdist_in_fresh_venv(sdist: pathlib.Path, tmp_path: pathlib.P
             c = port.get(timeout=10)
             assert (c.key, c.context, c.nbytes) == ("k", "c", 3), c
             print("backend", port.backend)
+
+        async def main():
+            return 42
+        assert fastiocp.run(main()) == 42  # the asyncio loop is installed too
         """)], cwd=tmp_path, env=env)
     assert str(vdir) in out.splitlines()[0], out
     version = _run([py, "-m", "fastiocp", "--version"], cwd=tmp_path, env=env)
