@@ -9,7 +9,6 @@ tests/test_operations.py; these tests reach into what only epoll has."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import random
 import signal
@@ -22,6 +21,9 @@ import time
 import pytest
 
 import fastiocp
+
+if sys.platform.startswith("linux"):
+    import fcntl  # the module is collected on Windows too (and skipped there)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux backends")
 

@@ -17,7 +17,7 @@ import weakref
 from asyncio import futures
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .._fastiocp import POLLERR, POLLHUP, POLLIN, POLLOUT, Completion, CompletionPort, PortClosedError
+from .._fastiocp import POLLERR, POLLHUP, POLLIN, POLLOUT, Completion, CompletionPort, PortClosedError, _FileHandle
 
 WINDOWS = sys.platform == "win32"
 # Largest batch one select() dequeues.
@@ -60,6 +60,17 @@ def _none(c: Completion) -> None:
 def _is_socket(obj: Any) -> bool:
     # type(), not isinstance(): a Mock(spec=sock) claims to be a socket.
     return issubclass(type(obj), socket.socket)
+
+
+def _os_file(file: Any) -> Any:
+    """What port.sendfile() takes for file: on Windows a Python file's
+    fileno() is a C runtime descriptor, and TransmitFile needs its HANDLE
+    (the stdlib's IocpProactor converts it the same way)."""
+    if not WINDOWS or isinstance(file, (int, _FileHandle)):
+        return file
+    import msvcrt
+
+    return msvcrt.get_osfhandle(file.fileno())
 
 
 class PortProactor:
@@ -283,6 +294,7 @@ class PortProactor:
             self._register(sock)
             fut = _OpFuture(loop=self._loop)
             port = self._port
+            file = _os_file(file)
 
             def finish(c: Completion, sent: int = 0) -> Any:
                 sent += c.nbytes
