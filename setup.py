@@ -24,7 +24,8 @@ BINDING = [
 COMMON = ["csrc/common.c"] + BINDING
 SOURCES = {
     "linux": COMMON
-    + ["csrc/unix/hub.c", "csrc/unix/io_uring.c", "csrc/unix/epoll.c"],
+    + ["csrc/unix/hub.c", "csrc/unix/timerheap.c", "csrc/unix/io_uring.c",
+       "csrc/unix/epoll.c"],
     "win32": COMMON + ["csrc/win/iocp.c"],
 }
 INCLUDE_DIRS = {"linux": ["csrc"], "win32": ["csrc"]}

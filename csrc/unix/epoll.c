@@ -88,7 +88,8 @@
  *   next owner starts with a clean registration.
  * - fsync runs on the file pool.
  * - Timers and per-operation timeouts share one min-heap of deadlines
- *   (CLOCK_MONOTONIC ns) under tm_mu and one timerfd in the epoll set,
+ *   (CLOCK_MONOTONIC ns; timerheap.h, shared with io_uring) under tm_mu
+ *   and one timerfd in the epoll set,
  *   armed to the earliest deadline plus the timer slack Linux gives the
  *   port's creator (50 us by default, so that deadlines that close share
  *   one wake-up), and set again only when a new entry goes first (the
@@ -123,6 +124,7 @@
 #define _GNU_SOURCE
 #include "../fiocp.h"
 #include "hub.h"
+#include "timerheap.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -134,7 +136,6 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
-#include <sys/prctl.h>
 #include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -210,8 +211,6 @@ enum { DIR_IN = 0, DIR_OUT = 1, DIR_POLL = 2, NQ = 3 };
 #define S_TMST 1     /* TM_* bits, atomic */
 #define S_SENT 2     /* sendfile: bytes sent so far */
 #define S_PIDFD 3    /* wait_process: the pidfd, or -1 */
-#define TM_SLACK_DEFAULT 50000     /* ns: Linux's default timer slack */
-#define TM_SLACK_MAX 1000000       /* ns: whatever the thread's slack says */
 #define TM_EXPIRED 0x1   /* the operation's timeout fired */
 #define TM_ISTIMEOUT 0x2 /* timer: its heap entry is its timeout (shorter
                             than its delay), so it ends in FIOCP_ETIMEDOUT */
@@ -263,26 +262,12 @@ typedef struct pool_s {
   pthread_t th[POOL_THREADS];
 } pool_t;
 
-/* One pending deadline. when and seq sit in the heap array itself, so
- * sifting compares without touching the records. */
-typedef struct tment_s {
-  int64_t when;          /* CLOCK_MONOTONIC ns */
-  uint64_t seq;          /* submission order among equal deadlines */
-  fiocp_op_t* op;
-} tment_t;
-
-/* Timers and timeouts: a binary min-heap under mu, and a timerfd armed to
- * its earliest deadline (see the head comment). */
+/* Timers and timeouts: the min-heap (timerheap.h) under mu, and a timerfd
+ * armed to its earliest deadline (see the head comment); h.armed is when
+ * the timerfd fires (INT64_MAX: disarmed). */
 typedef struct timers_s {
   pthread_mutex_t mu;
-  tment_t* heap;
-  size_t n, cap;
-  uint64_t seq;
-  int64_t armed;         /* when the timerfd fires (a deadline + slack);
-                            INT64_MAX: disarmed */
-  int64_t slack;         /* ns the timerfd fires after the earliest
-                            deadline, so that deadlines close together
-                            fire in one wake-up (see ep_init()) */
+  fiocp_theap_t h;
   int fd;                /* timerfd, -1 until first needed (atomic reads
                             outside mu) */
 } timers_t;
@@ -1062,66 +1047,21 @@ static int tm_expired(const fiocp_op_t* op) {
           TM_EXPIRED);
 }
 
-static int tm_less(const tment_t* a, const tment_t* b) {
-  return a->when < b->when || (a->when == b->when && a->seq < b->seq);
-}
-
-/* Heap primitives; tm_mu held. Every move records the new index in the
- * record, which is what makes removal by record O(log n). */
-static void tm_place(timers_t* t, size_t i, tment_t ent) {
-  t->heap[i] = ent;
-  ent.op->addr->scratch.i64[S_HIDX] = (int64_t)i + 1;
-}
-
-static void tm_up(timers_t* t, size_t i) {
-  tment_t ent = t->heap[i];
-  while (i > 0) {
-    size_t parent = (i - 1) / 2;
-    if (!tm_less(&ent, &t->heap[parent])) break;
-    tm_place(t, i, t->heap[parent]);
-    i = parent;
-  }
-  tm_place(t, i, ent);
-}
-
-static void tm_down(timers_t* t, size_t i) {
-  tment_t ent = t->heap[i];
-  for (;;) {
-    size_t c = 2 * i + 1;
-    if (c >= t->n) break;
-    if (c + 1 < t->n && tm_less(&t->heap[c + 1], &t->heap[c])) c++;
-    if (!tm_less(&t->heap[c], &ent)) break;
-    tm_place(t, i, t->heap[c]);
-    i = c;
-  }
-  tm_place(t, i, ent);
-}
-
-static void tm_remove_at(timers_t* t, size_t i) {
-  t->heap[i].op->addr->scratch.i64[S_HIDX] = 0;
-  t->n--;
-  if (i < t->n) {
-    t->heap[i] = t->heap[t->n];
-    if (i > 0 && tm_less(&t->heap[i], &t->heap[(i - 1) / 2])) tm_up(t, i);
-    else tm_down(t, i);
-  }
-}
-
-/* Sets the timerfd to fire t->slack after when (absolute), or disarms
- * it (when == INT64_MAX). Either way its expiration count drops to zero,
- * which is what clears its readiness (no read() needed). tm_mu held. */
+/* Sets the timerfd to fire the heap's slack after when (absolute), or
+ * disarms it (when == INT64_MAX). Either way its expiration count drops to
+ * zero, which is what clears its readiness (no read() needed). tm_mu
+ * held. */
 static int tm_arm_locked(timers_t* t, int64_t when) {
   struct itimerspec its;
   memset(&its, 0, sizeof(its));
   if (when != INT64_MAX) {
-    when = when > INT64_MAX - t->slack ? INT64_MAX - 1 : when + t->slack;
-    if (when < 1) when = 1; /* an all-zero it_value would disarm it */
+    when = fiocp__th_fire_at(&t->h, when);
     its.it_value.tv_sec = (time_t)(when / 1000000000);
     its.it_value.tv_nsec = (long)(when % 1000000000);
   }
   if (timerfd_settime(t->fd, TFD_TIMER_ABSTIME, &its, NULL) < 0)
     return -errno;
-  t->armed = when;
+  t->h.armed = when;
   return 0;
 }
 
@@ -1156,25 +1096,11 @@ static int tm_add(ep_t* e, fiocp_op_t* op, int64_t when) {
     goto out;
   }
   if (t->fd < 0 && (rc = tm_open_locked(e)) < 0) goto out;
-  if (t->n == t->cap) {
-    size_t cap = t->cap ? t->cap * 2 : 64;
-    tment_t* h = (tment_t*)realloc(t->heap, cap * sizeof(*h));
-    if (h == NULL) {
-      rc = FIOCP_ENOMEM;
-      goto out;
-    }
-    t->heap = h;
-    t->cap = cap;
-  }
-  t->heap[t->n].when = when;
-  t->heap[t->n].seq = t->seq++;
-  t->heap[t->n].op = op;
-  t->n++;
-  tm_up(t, t->n - 1);
+  if ((rc = fiocp__th_push(&t->h, op, when)) < 0) goto out;
   /* Arm only for a new earliest deadline: the timerfd is already set to
    * fire no later than every other entry. */
-  if (when < t->armed - t->slack && (rc = tm_arm_locked(t, when)) < 0)
-    tm_remove_at(t, (size_t)op->addr->scratch.i64[S_HIDX] - 1);
+  if (fiocp__th_needs_arm(&t->h, when) && (rc = tm_arm_locked(t, when)) < 0)
+    (void)fiocp__th_remove(&t->h, op);
 out:
   pthread_mutex_unlock(&t->mu);
   return rc;
@@ -1185,12 +1111,9 @@ out:
  * removal). Returns 1 if removed. No lock of ours held. */
 static int tm_del(ep_t* e, fiocp_op_t* op) {
   timers_t* t = &e->tm;
-  int found = 0;
+  int found;
   pthread_mutex_lock(&t->mu);
-  if (op->addr->scratch.i64[S_HIDX] > 0) {
-    tm_remove_at(t, (size_t)op->addr->scratch.i64[S_HIDX] - 1);
-    found = 1;
-  }
+  found = fiocp__th_remove(&t->h, op);
   pthread_mutex_unlock(&t->mu);
   return found;
 }
@@ -1203,10 +1126,9 @@ static int cancel_core(ep_t* e, fiocp_op_t* op);
 static void tm_expire(ep_t* e, opq_t* done) {
   timers_t* t = &e->tm;
   int64_t now = now_ns();
+  fiocp_op_t* op;
   pthread_mutex_lock(&t->mu);
-  while (t->n > 0 && t->heap[0].when <= now) {
-    fiocp_op_t* op = t->heap[0].op;
-    tm_remove_at(t, 0);
+  while ((op = fiocp__th_pop_due(&t->h, now)) != NULL) {
     if (op->kind == FIOCP_OP_TIMER) {
       if (__atomic_load_n(&op->addr->scratch.i64[S_TMST], __ATOMIC_RELAXED) &
           TM_ISTIMEOUT) {
@@ -1232,8 +1154,7 @@ static void tm_expire(ep_t* e, opq_t* done) {
    * deadline, or disarm it. (If it has not, a submit set it since: the
    * event was stale, and it is not readable any more.) Cannot fail: a
    * valid timerfd and a valid absolute time. */
-  if (t->armed <= now)
-    (void)tm_arm_locked(t, t->n > 0 ? t->heap[0].when : INT64_MAX);
+  if (t->h.armed <= now) (void)tm_arm_locked(t, fiocp__th_earliest(&t->h));
   pthread_mutex_unlock(&t->mu);
 }
 
@@ -1242,23 +1163,15 @@ static void tm_expire(ep_t* e, opq_t* done) {
  * their own places, which remove them. No lock of ours held. */
 static void tm_cancel_timers(ep_t* e, opq_t* out) {
   timers_t* t = &e->tm;
-  size_t i, k = 0;
+  fiocp_op_t *op, *next;
   pthread_mutex_lock(&t->mu);
-  for (i = 0; i < t->n; i++) {
-    tment_t ent = t->heap[i];
-    if (ent.op->kind == FIOCP_OP_TIMER) {
-      ent.op->addr->scratch.i64[S_HIDX] = 0;
-      ent.op->flags |= FIOCP_OPF_CANCELLED;
-      ent.op->res = -ECANCELED;
-      q_push(out, ent.op);
-    } else {
-      t->heap[k++] = ent;
-    }
+  for (op = fiocp__th_take_kind(&t->h, FIOCP_OP_TIMER); op != NULL;
+       op = next) {
+    next = op->next;
+    op->flags |= FIOCP_OPF_CANCELLED;
+    op->res = -ECANCELED;
+    q_push(out, op);
   }
-  t->n = k;
-  for (i = 0; i < k; i++) t->heap[i].op->addr->scratch.i64[S_HIDX] =
-      (int64_t)i + 1;
-  for (i = k / 2; i-- > 0;) tm_down(t, i); /* heapify what is left */
   pthread_mutex_unlock(&t->mu);
 }
 
@@ -1740,16 +1653,11 @@ static int ep_init(fiocp_port_t* port, unsigned entries, unsigned concurrency,
   stage = 5;
   if ((rc = pthread_mutex_init(&e->tm.mu, NULL)) != 0) goto fail_errno;
   e->tm.fd = -1;
-  e->tm.armed = INT64_MAX;
   /* Timers fire as late as the kernel lets this thread's own poll() and
-   * epoll_wait() timeouts fire (its timer slack, 50 us by default, less
-   * for a latency-minded thread): each wake-up of the poller costs some
-   * 10 us of CPU, and deadlines within the slack share one. */
-  {
-    int sl = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
-    e->tm.slack = sl < 0 ? TM_SLACK_DEFAULT
-                         : (sl > TM_SLACK_MAX ? TM_SLACK_MAX : sl);
-  }
+   * epoll_wait() timeouts fire (its timer slack, fiocp__th_slack()): each
+   * wake-up of the poller costs some 10 us of CPU, and deadlines within
+   * the slack share one. */
+  fiocp__th_init(&e->tm.h, S_HIDX);
   e->hub.ctx = e;
   e->hub.concurrency = concurrency; /* emulated by the hub (fiocp.h) */
   e->hub.poll = ep_poll;
@@ -1877,7 +1785,7 @@ static void ep_destroy(fiocp_port_t* port) {
   (void)close(e->evfd);
   if (e->tm.fd >= 0) (void)close(e->tm.fd); /* likewise for a timerfd */
   (void)close(e->epfd);
-  free(e->tm.heap); /* empty: shutdown() returned 0 */
+  fiocp__th_free(&e->tm.h); /* no timer left: shutdown() returned 0 */
   pthread_mutex_destroy(&e->tm.mu);
   t = e->tab;
   if (t != NULL) {
