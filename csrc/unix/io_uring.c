@@ -25,8 +25,36 @@
  * - No SQPOLL: it burns a CPU while idle (libuv#4089).
  *
  * The operations of issue 14 (fiocp.h):
- * - POLL, SENDMSG, RECVMSG, TIMER (a TIMEOUT SQE with no count) and FSYNC
- *   are one SQE each.
+ * - POLL, SENDMSG, RECVMSG and FSYNC are one SQE each.
+ * - TIMER lives in user space: a min-heap of deadlines (timerheap.h, the
+ *   one epoll uses) under the hub's mutex, and ONE kernel TIMEOUT (an SQE
+ *   of its own, user_data = its ktimer_t | UD_KTIMER, never an operation)
+ *   armed to the earliest deadline plus the port creator's timer slack.
+ *   Every io_uring TIMEOUT is a kernel hrtimer, and each that fires is an
+ *   interrupt (a VM exit under a hypervisor): one per timer cost 6 us of
+ *   CPU each, while deadlines within the slack of each other now share one
+ *   wake-up. When the kernel TIMEOUT's CQE comes (uring_harvest, hub.mu
+ *   held), every due timer completes with 0 and the next one is armed. A
+ *   new timer that goes first pushes a new TIMEOUT and cancels the ones it
+ *   supersedes (a cancelled TIMEOUT costs no interrupt). A timer due at
+ *   submit (timer(0)) completes straight into the hub, as a post does, after
+ *   whatever in the heap is due too (deadline order). Whatever ends a
+ *   kernel TIMEOUT (expiry, our cancel, the exit of the thread that
+ *   submitted it), its CQE fires what is due and re-arms: no timer is left
+ *   without a kernel timer behind it. Each kernel TIMEOUT's CQE is owed:
+ *   it counts in hub.inflight until it comes, and its ktimer_t (whose
+ *   timespec the kernel reads at submission) lives until then, so that
+ *   shutdown() (which takes every timer out of the heap, completes them
+ *   with -ECANCELED and cancels the kernel TIMEOUTs) waits for those CQEs
+ *   and destroy() never frees what the kernel still uses. A timer's
+ *   timeout_ns shorter than its delay becomes its deadline and its result
+ *   FIOCP_ETIMEDOUT (no LINK_TIMEOUT: it has no SQE to link to).
+ *   Locks: the heap and the kernel TIMEOUTs' list have no mutex of their
+ *   own; they are the hub's (hub.mu), which submit(), cancel(), harvest
+ *   and the shutdown sweep hold anyway. hub.mu comes before sq_mu, as for
+ *   every push. A push that must reap (a full SQ) re-enters the harvest:
+ *   kernel TIMEOUT CQEs met there only mark work (kt_due), done by the
+ *   outermost caller (timers_settle_locked()).
  * - SENDFILE is a small state machine of SPLICE stages through a pipe of
  *   its own (file -> pipe, then pipe -> socket until the pipe is empty,
  *   again), plus a POLL stage when a non-blocking end says EAGAIN. Each
@@ -54,6 +82,7 @@
 #define _GNU_SOURCE
 #include "../fiocp.h"
 #include "hub.h"
+#include "timerheap.h"
 #include "uring_abi.h"
 
 #include <errno.h>
@@ -77,6 +106,8 @@
  * below 8): */
 #define UD_GUARD 1ULL /* SENDFILE's guard TIMEOUT */
 #define UD_LINK 2ULL  /* a LINK_TIMEOUT behind one of its SQEs */
+#define UD_KTIMER 3ULL /* the timer heap's kernel TIMEOUT: a ktimer_t's
+                          address (malloc'd, so 8-byte aligned too) */
 #define UD_TAGS 7ULL
 typedef char fu_op_aligned[__alignof__(fiocp_op_t) >= 8 ? 1 : -1];
 
@@ -91,7 +122,8 @@ typedef char fu_op_aligned[__alignof__(fiocp_op_t) >= 8 ? 1 : -1];
  * A timespec takes two slots: {tv_sec, tv_nsec}, the layout of
  * struct fu_kernel_timespec, which the kernel reads at submission. */
 #define SC_LINK_TS 0  /* [0..1] the timeout's absolute deadline */
-#define SC_TIMER_TS 2 /* [2..3] TIMER: its absolute expiry */
+#define SC_HIDX 2     /* TIMER: heap index + 1, 0: not in the heap (hub.mu) */
+#define SC_TMOUT 3    /* TIMER: 1 when its deadline is its timeout's */
 #define SC_FD0 2      /* SENDFILE: the pipe's read end; WAIT_PROCESS: pidfd */
 #define SC_FD1 3      /* SENDFILE: the pipe's write end */
 #define SC_STATE 4    /* tracked operations (see tracked()): TK_* bits */
@@ -142,6 +174,16 @@ typedef char fu_ts_is_two_slots[sizeof(struct fu_kernel_timespec) ==
 
 #define DEFAULT_ENTRIES 1024u
 
+/* One kernel TIMEOUT of the timer heap, from its push to its CQE (hub.mu). */
+typedef struct ktimer_s {
+  struct fu_kernel_timespec ts; /* absolute; the kernel reads it when it
+                                   takes the SQE */
+  int64_t at;                   /* the same, in ns */
+  int cancelling;               /* superseded: an ASYNC_CANCEL was pushed */
+  struct ktimer_s* prev;
+  struct ktimer_s* next;
+} ktimer_t;
+
 typedef struct uring_s {
   fiocp_hub_t hub; /* first: see FIOCP__HUB() */
   fiocp_port_t* port;
@@ -169,6 +211,12 @@ typedef struct uring_s {
   size_t sqes_size;
   /* Cancelled-by-exit operations waiting to be resubmitted (by ->next). */
   fiocp_op_t* resubmit;
+  /* TIMER records (hub.mu); timers.armed: the earliest kernel TIMEOUT not
+   * being cancelled (INT64_MAX: none). */
+  fiocp_theap_t timers;
+  ktimer_t* kt;                 /* kernel TIMEOUTs whose CQE is owed */
+  int kt_busy;                  /* kt_arm() or the sweep is pushing */
+  int kt_due;                   /* a kernel TIMEOUT's CQE came: settle */
 } uring_t;
 
 static int sys_setup(unsigned entries, struct fu_params* p) {
@@ -557,15 +605,6 @@ static void prep_sqe(struct fu_sqe* sqe, fiocp_op_t* op) {
       /* The pidfd becomes readable when the process exits. */
       prep_poll(sqe, (int)op->addr->scratch.i64[SC_FD0], POLLIN);
       break;
-    case FIOCP_OP_TIMER:
-      /* A TIMEOUT with no completion count is a pure timer; its expiry is
-       * absolute so that a resubmission keeps the original deadline. */
-      sqe->opcode = FU_OP_TIMEOUT;
-      sqe->fd = -1;
-      sqe->addr = (uint64_t)(uintptr_t)&op->addr->scratch.i64[SC_TIMER_TS];
-      sqe->len = 1;
-      sqe->op_flags = FU_TIMEOUT_ABS;
-      break;
     case FIOCP_OP_FSYNC:
       sqe->opcode = FU_OP_FSYNC;
       sqe->op_flags = op->len == 1 ? FU_FSYNC_DATASYNC : 0;
@@ -756,10 +795,6 @@ static int prepare_op(fiocp_op_t* op) {
     a->scratch.i64[SC_STATE] = 0;
   }
   switch (op->kind) {
-    case FIOCP_OP_TIMER:
-      if (op->offset < 0) return -EINVAL;
-      put_deadline(a, SC_TIMER_TS, op->offset);
-      return 0;
     case FIOCP_OP_SENDFILE: {
       int p[2];
       int cap;
@@ -856,10 +891,205 @@ static const uint8_t uring_support[FIOCP_OP__COUNT] = {
     [FIOCP_OP_RECVMSG] = FIOCP_SUP_NATIVE,
     [FIOCP_OP_SENDFILE] = FIOCP_SUP_NATIVE,     /* SPLICE through a pipe */
     [FIOCP_OP_WAIT_PROCESS] = FIOCP_SUP_NATIVE, /* pidfd + POLL_ADD */
-    [FIOCP_OP_TIMER] = FIOCP_SUP_NATIVE,
+    [FIOCP_OP_TIMER] = FIOCP_SUP_EMULATED, /* a heap on one TIMEOUT */
     [FIOCP_OP_FSYNC] = FIOCP_SUP_NATIVE,
     [FIOCP_OP_CONNECT_PIPE] = FIOCP_SUP_NO, /* Windows named pipes */
 };
+
+/* ---- Timers ------------------------------------------------------------- */
+
+/* Pushes k's kernel TIMEOUT (absolute, k->ts). hub.mu held. */
+static int push_ktimer(uring_t* u, ktimer_t* k) {
+  int err = 0;
+  struct fu_sqe* sqe;
+  pthread_mutex_lock(&u->sq_mu);
+  sqe = get_sqe_locked(u, 1, 1, &err);
+  if (sqe == NULL) return err;
+  memset(sqe, 0, sizeof(*sqe));
+  sqe->opcode = FU_OP_TIMEOUT;
+  sqe->fd = -1;
+  sqe->addr = (uint64_t)(uintptr_t)&k->ts;
+  sqe->len = 1;
+  sqe->op_flags = FU_TIMEOUT_ABS;
+  sqe->user_data = (uint64_t)(uintptr_t)k | UD_KTIMER;
+  publish_locked(u, 1);
+  pthread_mutex_unlock(&u->sq_mu);
+  return 0;
+}
+
+/* timers.armed: the earliest kernel TIMEOUT not being cancelled. */
+static void kt_recompute(uring_t* u) {
+  ktimer_t* o;
+  int64_t armed = INT64_MAX;
+  for (o = u->kt; o != NULL; o = o->next)
+    if (!o->cancelling && o->at < armed) armed = o->at;
+  u->timers.armed = armed;
+}
+
+static void kt_unlink(uring_t* u, ktimer_t* k) {
+  if (k->prev != NULL) k->prev->next = k->next;
+  else u->kt = k->next;
+  if (k->next != NULL) k->next->prev = k->prev;
+}
+
+/* Pushes an ASYNC_CANCEL of every kernel TIMEOUT not being cancelled yet.
+ * A push may reap CQEs (a full SQ: get_sqe_locked()), which may free list
+ * entries: each is marked before its push and the scan starts over. A
+ * failed push leaves that TIMEOUT to expire and find nothing due; its CQE
+ * still comes. A cancel that outlives its target (which expired first)
+ * may hit a later ktimer_t at the same address: that one's CQE re-arms,
+ * as after any end. hub.mu held, u->kt_busy set. */
+static void kt_cancel_all(uring_t* u) {
+  for (;;) {
+    ktimer_t* o = u->kt;
+    while (o != NULL && o->cancelling) o = o->next;
+    if (o == NULL) break;
+    o->cancelling = 1;
+    (void)push_op(u, 1, NULL, FU_OP_ASYNC_CANCEL,
+                  (uint64_t)(uintptr_t)o | UD_KTIMER, UD_CANCEL);
+  }
+  kt_recompute(u);
+}
+
+/* Arms a kernel TIMEOUT for deadline when (+ slack), earlier than any
+ * armed, after cancelling those it supersedes (their expiry would be a
+ * wake-up for nothing). Its CQE is owed from the push on (hub.inflight;
+ * the record is listed first, as a reap inside the push may already see
+ * its CQE). Returns 0, FIOCP_ENOMEM or a negative errno. hub.mu held. */
+static int kt_arm(uring_t* u, int64_t when) {
+  ktimer_t* k = (ktimer_t*)malloc(sizeof(*k));
+  int rc;
+  if (k == NULL) return FIOCP_ENOMEM;
+  u->kt_busy++;
+  kt_cancel_all(u);
+  k->at = fiocp__th_fire_at(&u->timers, when);
+  k->ts.tv_sec = k->at / NS_PER_S;
+  k->ts.tv_nsec = k->at % NS_PER_S;
+  k->cancelling = 0;
+  k->prev = NULL;
+  k->next = u->kt;
+  if (u->kt != NULL) u->kt->prev = k;
+  u->kt = k;
+  u->hub.inflight++;
+  u->timers.armed = k->at;
+  rc = push_ktimer(u, k);
+  if (rc < 0) {
+    /* Not published: no CQE will come. */
+    kt_unlink(u, k);
+    free(k);
+    u->hub.inflight--;
+    kt_recompute(u);
+  }
+  u->kt_busy--;
+  return rc;
+}
+
+/* Completes every timer due by now, in deadline order. hub.mu held. */
+static void timers_fire_locked(uring_t* u, int64_t now) {
+  fiocp_op_t* op;
+  while ((op = fiocp__th_pop_due(&u->timers, now)) != NULL) {
+    op->res = op->addr->scratch.i64[SC_TMOUT] ? FIOCP_ETIMEDOUT : 0;
+    fiocp__hub_complete_locked(&u->hub, op, 1);
+  }
+}
+
+/* A kernel TIMEOUT's CQE, whatever ended it (-ETIME: expired; -ECANCELED:
+ * our cancel or the exit of the thread that submitted it): forgotten, and
+ * timers_settle_locked() is owed. No push here: this runs inside the CQ
+ * loop, which a push's reap would re-enter. hub.mu held. */
+static void ktimer_cqe(uring_t* u, ktimer_t* k) {
+  kt_unlink(u, k);
+  free(k);
+  u->hub.inflight--;
+  kt_recompute(u);
+  u->kt_due = 1;
+}
+
+/* After kernel TIMEOUT CQEs: what is due fires, and a kernel timer is
+ * armed for what is left unless one already covers it. Not while kt_arm()
+ * or the shutdown sweep is under way below (a reap inside their pushes):
+ * they call this again when done. A failed arm leaves timers.armed past
+ * the earliest deadline, so the next timer submitted arms again. Returns
+ * 1 if it pushed an SQE. hub.mu held. */
+static int timers_settle_locked(uring_t* u) {
+  int pushed = 0;
+  while (u->kt_due && u->kt_busy == 0) {
+    u->kt_due = 0;
+    if (u->hub.closed) break; /* shutdown() takes the timers */
+    timers_fire_locked(u, mono_ns());
+    if (u->timers.n > 0 &&
+        fiocp__th_needs_arm(&u->timers, fiocp__th_earliest(&u->timers)) &&
+        kt_arm(u, fiocp__th_earliest(&u->timers)) == 0)
+      pushed = 1;
+  }
+  return pushed;
+}
+
+/* A timer's submit: its place is the heap, or the hub at once when it is
+ * due already. */
+static int timer_submit(uring_t* u, fiocp_op_t* op) {
+  int64_t delay = op->offset, now, when;
+  int rc, direct = 0;
+  if (delay < 0) return -EINVAL;
+  op->addr->scratch.i64[SC_HIDX] = 0;
+  op->addr->scratch.i64[SC_TMOUT] = 0;
+  if (op->timeout_ns > 0 && op->timeout_ns < delay) {
+    /* Its own timeout comes first: it ends in FIOCP_ETIMEDOUT. */
+    op->addr->scratch.i64[SC_TMOUT] = 1;
+    delay = op->timeout_ns;
+  }
+  now = mono_ns();
+  when = delay > INT64_MAX - now ? INT64_MAX : now + delay;
+  pthread_mutex_lock(&u->hub.mu);
+  rc = fiocp__hub_begin_locked(&u->hub);
+  if (rc == 0) {
+    /* Read again: timer(0) arrives as 1 ns (the binding's zero), which has
+     * passed by now. Whatever the heap holds that is due goes first:
+     * deadline order. */
+    now = mono_ns();
+    if (fiocp__th_earliest(&u->timers) <= now) {
+      timers_fire_locked(u, now);
+      fiocp__hub_wake_locked(&u->hub);
+    }
+    if (when <= now) {
+      direct = 1; /* no kernel timer at all */
+    } else {
+      rc = fiocp__th_push(&u->timers, op, when);
+      if (rc == 0 && fiocp__th_needs_arm(&u->timers, when) &&
+          (rc = kt_arm(u, when)) < 0)
+        (void)fiocp__th_remove(&u->timers, op);
+      if (rc < 0) u->hub.inflight--;
+    }
+    /* CQEs reaped inside kt_arm()'s pushes, if any. */
+    (void)timers_settle_locked(u);
+  }
+  pthread_mutex_unlock(&u->hub.mu);
+  if (direct) {
+    /* Owed like any other completion (a cancel or a close() sweep
+     * meanwhile finds it in no heap); this wakes and kicks as needed. */
+    op->res = op->addr->scratch.i64[SC_TMOUT] ? FIOCP_ETIMEDOUT : 0;
+    fiocp__hub_complete(&u->hub, op, 1);
+  }
+  return rc;
+}
+
+/* shutdown(): every timer completes with -ECANCELED and every kernel
+ * TIMEOUT is cancelled (its CQE stays owed). hub.mu held. */
+static void timers_cancel_locked(uring_t* u) {
+  fiocp_op_t *op, *next;
+  for (op = fiocp__th_take_kind(&u->timers, FIOCP_OP_TIMER); op != NULL;
+       op = next) {
+    next = op->next;
+    op->flags |= FIOCP_OPF_CANCELLED;
+    op->res = -ECANCELED;
+    fiocp__hub_complete_locked(&u->hub, op, 1);
+  }
+  /* A failed cancel push leaves that TIMEOUT to expire: close() then
+   * waits for it, bounded. */
+  u->kt_busy++;
+  kt_cancel_all(u);
+  u->kt_busy--;
+}
 
 static int uring_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
   uring_t* u = (uring_t*)port->impl;
@@ -870,6 +1100,13 @@ static int uring_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
   if (op->kind == FIOCP_OP_POST) return -EINVAL; /* post() queues those */
   if (op->addr == NULL && (op->timeout_ns > 0 || kind_needs_addr(op->kind)))
     return -EINVAL;
+  if (op->kind == FIOCP_OP_TIMER) {
+    /* Its kernel TIMEOUT, if it pushed one, waits for the next enter like
+     * any deferred SQE. */
+    rc = timer_submit(u, op);
+    if (rc == 0 && !defer) (void)uring_enter_submit(u, 0);
+    return rc;
+  }
   early = prepare_op(op);
   if (early < 0) return early;
   /* Accounted and queued under one hold of the hub's mutex: shutdown()'s
@@ -923,6 +1160,18 @@ static int uring_cancel(fiocp_port_t* port, fiocp_op_t* op) {
   if (op->state != FIOCP_ST_INFLIGHT) {
     pthread_mutex_unlock(&u->hub.mu);
     return 0;
+  }
+  if (op->kind == FIOCP_OP_TIMER) {
+    /* Its place is the heap: whoever takes it out completes it (a timer
+     * completing straight from submit is in none: nothing to do). The
+     * kernel TIMEOUT stays; an early wake finds nothing due. */
+    int found = fiocp__th_remove(&u->timers, op);
+    pthread_mutex_unlock(&u->hub.mu);
+    if (!found) return 0;
+    op->flags |= FIOCP_OPF_CANCELLED;
+    op->res = -ECANCELED;
+    fiocp__hub_complete(&u->hub, op, 1);
+    return 1;
   }
   op->flags |= FIOCP_OPF_CANCELLED;
   /* The generation in the target's user_data keeps this cancel from ever
@@ -1234,6 +1483,9 @@ static void uring_harvest(void* ctx) {
       uint64_t ud = cqe->user_data;
       if (ud <= UD_TAGS) continue; /* UD_WAKE, UD_CANCEL */
       switch (ud & UD_TAGS) {
+        case UD_KTIMER:
+          ktimer_cqe(u, (ktimer_t*)(uintptr_t)(ud & ~UD_TAGS));
+          break;
         case UD_GUARD:
           guard_cqe(u, user_data_op(ud & ~UD_TAGS), cqe->res);
           break;
@@ -1247,6 +1499,9 @@ static void uring_harvest(void* ctx) {
     }
     __atomic_store_n(u->cq_khead, head, __ATOMIC_RELEASE);
   }
+  /* Timers due after kernel TIMEOUT CQEs, and the next kernel TIMEOUT
+   * (entered below with the rest). */
+  if (timers_settle_locked(u)) resubmitted = 1;
   /* Operations to push again: resubmissions after a thread's exit, and
    * the next stages of multi-stage operations. */
   while (u->resubmit != NULL) {
@@ -1331,6 +1586,7 @@ static int uring_init(fiocp_port_t* port, unsigned entries,
     free(u);
     return rc;
   }
+  fiocp__th_init(&u->timers, SC_HIDX);
   u->hub.ctx = u;
   u->hub.concurrency = concurrency;
   u->hub.poll = uring_poll;
@@ -1348,6 +1604,7 @@ static int uring_associate(fiocp_port_t* port, fiocp_handle_t h) {
 static void cancel_one(fiocp_port_t* port, fiocp_op_t* op, void* arg) {
   uring_t* u = (uring_t*)port->impl;
   (void)arg;
+  if (op->kind == FIOCP_OP_TIMER) return; /* no SQE: the heap's sweep */
   op->flags |= FIOCP_OPF_CANCELLED;
   (void)push_op(u, 1, NULL, FU_OP_ASYNC_CANCEL, op_user_data(op), UD_CANCEL);
 }
@@ -1358,7 +1615,9 @@ static int64_t uring_shutdown(fiocp_port_t* port, int64_t timeout_ms) {
     /* First call, GIL held: states are stable under the hub's mutex, and
      * the slabs cannot grow meanwhile. */
     pthread_mutex_lock(&u->hub.mu);
+    timers_cancel_locked(u);
     fiocp__foreach_inflight(port, cancel_one, NULL);
+    fiocp__hub_wake_locked(&u->hub);
     pthread_mutex_unlock(&u->hub.mu);
     (void)uring_enter_submit(u, 0);
   }
@@ -1370,6 +1629,15 @@ static void uring_destroy(fiocp_port_t* port) {
   if (u == NULL) return;
   uring_unmap(u);
   if (u->fd >= 0) close(u->fd);
+  /* Empty once shutdown() returned 0. Should a TIMEOUT's CQE still be
+   * owed, the kernel read its timespec at submission and the ring is gone:
+   * nothing will touch these any more. */
+  while (u->kt != NULL) {
+    ktimer_t* k = u->kt;
+    u->kt = k->next;
+    free(k);
+  }
+  fiocp__th_free(&u->timers);
   fiocp__hub_destroy(&u->hub);
   pthread_mutex_destroy(&u->sq_mu);
   free(u);

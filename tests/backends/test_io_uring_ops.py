@@ -697,6 +697,161 @@ def test_timeout_of_an_exited_thread_keeps_its_deadline(uport):
 
 
 # ---------------------------------------------------------------------------
+# io_uring's timer heap: timers in user space on one kernel TIMEOUT
+# (csrc/unix/timerheap.c, the heap epoll uses; see io_uring.c's head comment)
+# ---------------------------------------------------------------------------
+
+def _timer_bounds(port, delays):
+    """Arms a timer per delay (context: its index); returns the ops and,
+    per timer, the (earliest, latest) absolute deadline the submit-time
+    clock reads allow."""
+    ops, bounds = [], []
+    for i, d in enumerate(delays):
+        before = time.monotonic()
+        ops.append(port.timer(d, context=i))
+        bounds.append((before + d, time.monotonic() + d))
+    return ops, bounds
+
+
+def _assert_deadline_order(order, bounds):
+    """A timer that fired later never had a deadline proven earlier than
+    one that fired before it."""
+    latest_lo = float("-inf")
+    for i in order:
+        lo, hi = bounds[i]
+        assert hi >= latest_lo, f"timer {i} fired after a later deadline"
+        latest_lo = max(latest_lo, lo)
+
+
+@needs_uring
+def test_heap_ten_thousand_random_timers_fire_once_in_order_never_early(uport):
+    import random
+
+    rng = random.Random(14)
+    n = 10_000
+    _, bounds = _timer_bounds(uport, [rng.uniform(0.0, 0.4) for _ in range(n)])
+    seen = []
+    deadline = time.monotonic() + 30
+    while len(seen) < n:
+        assert time.monotonic() < deadline, f"{len(seen)} of {n} fired"
+        cs = uport.get_many(4096, timeout=5)
+        now = time.monotonic()
+        for c in cs:
+            assert c.op == "timer" and c.error is None and c.result() is None
+            assert now >= bounds[c.context][0], "fired early"
+            seen.append(c.context)
+    assert sorted(seen) == list(range(n))  # each exactly once
+    _assert_deadline_order(seen, bounds)
+    assert uport.get(timeout=0.05) is None
+    assert uport.pending == 0
+
+
+@needs_uring
+def test_heap_timer_zero_needs_no_kernel_timer(uport):
+    """timer(0) is due at submit: it completes straight into the port's
+    queue, so it is there even while its batch is still deferred (an SQE
+    would not even have reached the kernel yet)."""
+    with uport.batch():
+        op = uport.timer(0, context="now")
+        c = uport.get(timeout=0)
+        assert c is op and c.error is None and c.context == "now"
+    # And in bulk: 10,000 of them cost no kernel timer each.
+    n = 10_000
+    t0 = time.monotonic()
+    for start in range(0, n, 64):
+        with uport.batch():
+            for i in range(start, min(n, start + 64)):
+                uport.timer(0, context=i)
+    got = [c.context for c in collect(uport, n)]
+    assert got == list(range(n))  # submit order: equal deadlines
+    assert time.monotonic() - t0 < 10
+
+
+@needs_uring
+def test_heap_timer_zero_comes_after_due_heap_timers(uport):
+    """A timer(0) submitted after earlier timers' deadlines passed comes
+    after them (they leave the heap first), whatever the kernel timer's
+    slack."""
+    early = [uport.timer(0.001, context=i) for i in range(5)]
+    time.sleep(0.02)
+    uport.timer(0, context="zero")
+    got = [c.context for c in collect(uport, len(early) + 1)]
+    assert got == [0, 1, 2, 3, 4, "zero"]
+
+
+@needs_uring
+def test_heap_cancel_in_the_middle(uport):
+    import errno
+    import random
+
+    rng = random.Random(3)
+    ops, bounds = _timer_bounds(uport, [rng.uniform(0.05, 0.3) for _ in range(3000)])
+    cancelled = set(range(1, len(ops), 3))  # scattered, not just the root
+    for i in cancelled:
+        assert ops[i].cancel() is True
+    cs = collect(uport, len(ops))
+    assert sorted(c.context for c in cs) == list(range(len(ops)))
+    for c in cs:
+        if c.context in cancelled:
+            assert c.cancelled and isinstance(c.error, OSError)
+            assert c.error.errno == errno.ECANCELED
+        else:
+            assert c.error is None, c.error
+    _assert_deadline_order([c.context for c in cs if c.context not in cancelled], bounds)
+    for i in list(cancelled)[:10]:
+        assert ops[i].cancel() is False  # done: a no-op
+
+
+@needs_uring
+def test_heap_earlier_timer_rearms_the_kernel_timer(uport):
+    """A long timer arms the kernel timeout; a shorter one submitted after
+    it must not wait for it."""
+    uport.timer(30, context="long")
+    t0 = time.monotonic()
+    uport.timer(0.05, context="short")
+    c = uport.get(timeout=5)
+    assert c is not None and c.context == "short"
+    assert 0.045 <= time.monotonic() - t0 < 2
+
+
+@needs_uring
+def test_heap_close_with_ten_thousand_pending_timers_is_prompt():
+    port = fastiocp.CompletionPort(backend="io_uring")
+    ops = [port.timer(60 + i * 1e-3) for i in range(10_000)]
+    t0 = time.monotonic()
+    port.close()
+    assert time.monotonic() - t0 < 2
+    assert all(op.done for op in ops)
+
+
+@needs_uring
+def test_heap_timers_from_many_threads_fire_once_each(uport):
+    """Submitters on many threads (which then exit: the kernel cancels a
+    TIMEOUT its thread armed, and the port re-arms), cancels among them."""
+    import random
+
+    per, nthreads = 500, 8
+    boxes = [[] for _ in range(nthreads)]
+
+    def work(k):
+        rng = random.Random(k)
+        for i in range(per):
+            op = uport.timer(rng.uniform(0, 0.2), context=(k, i))
+            boxes[k].append(op)
+            if i % 7 == 0:
+                op.cancel()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cs = collect(uport, per * nthreads, timeout=20)
+    assert sorted(c.context for c in cs) == sorted((k, i) for k in range(nthreads) for i in range(per))
+    assert uport.get(timeout=0.3) is None
+
+
+# ---------------------------------------------------------------------------
 # liburing test/fsync.c
 # ---------------------------------------------------------------------------
 
@@ -869,9 +1024,11 @@ def test_waitid_cancel_race(uport):
 def test_io_uring_operation_table():
     """The io_uring backend does every new kind with io_uring opcodes
     (sendfile as SPLICE stages, process waits as a polled pidfd), timeouts
-    as LINK_TIMEOUTs; connect_pipe is Windows-only."""
+    as LINK_TIMEOUTs, but timers: a user-space heap on one kernel TIMEOUT;
+    connect_pipe is Windows-only."""
     table = fastiocp.backend_operations("io_uring")
     assert table.pop("connect_pipe") == "unsupported"
+    assert table.pop("timer") == "emulated"
     assert set(table.values()) == {"native"}
 
 
