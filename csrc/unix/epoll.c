@@ -90,9 +90,9 @@
  * - Timers and per-operation timeouts share one min-heap of deadlines
  *   (CLOCK_MONOTONIC ns; timerheap.h, shared with io_uring) under tm_mu
  *   and one timerfd in the epoll set,
- *   armed to the earliest deadline plus the timer slack Linux gives the
- *   port's creator (50 us by default, so that deadlines that close share
- *   one wake-up), and set again only when a new entry goes first (the
+ *   armed to the earliest deadline plus the timer slack (1 ms unless
+ *   FASTIOCP_TIMER_SLACK_US says otherwise, so that deadlines that close
+ *   share one wake-up), and set again only when a new entry goes first (the
  *   timerfd is created the first time a port needs it). Each entry's heap
  *   index lives in the record's scratch, so removing an entry when its
  *   operation finishes first costs O(log n). When the timerfd fires, the
@@ -1653,10 +1653,9 @@ static int ep_init(fiocp_port_t* port, unsigned entries, unsigned concurrency,
   stage = 5;
   if ((rc = pthread_mutex_init(&e->tm.mu, NULL)) != 0) goto fail_errno;
   e->tm.fd = -1;
-  /* Timers fire as late as the kernel lets this thread's own poll() and
-   * epoll_wait() timeouts fire (its timer slack, fiocp__th_slack()): each
-   * wake-up of the poller costs some 10 us of CPU, and deadlines within
-   * the slack share one. */
+  /* Timers fire up to the slack late (fiocp__th_slack()): each wake-up
+   * of the poller costs some 10-20 us of CPU, and deadlines within the
+   * slack share one. */
   fiocp__th_init(&e->tm.h, S_HIDX);
   e->hub.ctx = e;
   e->hub.concurrency = concurrency; /* emulated by the hub (fiocp.h) */

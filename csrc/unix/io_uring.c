@@ -29,7 +29,7 @@
  * - TIMER lives in user space: a min-heap of deadlines (timerheap.h, the
  *   one epoll uses) under the hub's mutex, and ONE kernel TIMEOUT (an SQE
  *   of its own, user_data = its ktimer_t | UD_KTIMER, never an operation)
- *   armed to the earliest deadline plus the port creator's timer slack.
+ *   armed to the earliest deadline plus the timer slack (timerheap.h).
  *   Every io_uring TIMEOUT is a kernel hrtimer, and each that fires is an
  *   interrupt (a VM exit under a hypervisor): one per timer cost 6 us of
  *   CPU each, while deadlines within the slack of each other now share one

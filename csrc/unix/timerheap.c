@@ -2,11 +2,11 @@
 #define _GNU_SOURCE
 #include "timerheap.h"
 
+#include <errno.h>
 #include <stdlib.h>
-#include <sys/prctl.h>
 
-#define TH_SLACK_DEFAULT 50000     /* ns: Linux's default timer slack */
-#define TH_SLACK_MAX 1000000       /* ns: whatever the thread's slack says */
+#define TH_SLACK_DEFAULT 1000000   /* ns: 1 ms, libuv's timer granularity */
+#define TH_SLACK_MAX 1000000000    /* ns: what FASTIOCP_TIMER_SLACK_US may ask */
 #define TH_CAP_MIN 64
 
 void fiocp__th_init(fiocp_theap_t* h, int slot) {
@@ -25,9 +25,14 @@ void fiocp__th_free(fiocp_theap_t* h) {
 }
 
 int64_t fiocp__th_slack(void) {
-  int sl = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
-  if (sl < 0) return TH_SLACK_DEFAULT;
-  return sl > TH_SLACK_MAX ? TH_SLACK_MAX : sl;
+  const char* env = getenv("FASTIOCP_TIMER_SLACK_US");
+  char* end;
+  long long us;
+  if (env == NULL || *env == 0) return TH_SLACK_DEFAULT;
+  errno = 0;
+  us = strtoll(env, &end, 10);
+  if (errno != 0 || *end != 0 || us < 0) return TH_SLACK_DEFAULT;
+  return us > TH_SLACK_MAX / 1000 ? TH_SLACK_MAX : (int64_t)us * 1000;
 }
 
 int64_t fiocp__th_fire_at(const fiocp_theap_t* h, int64_t when) {

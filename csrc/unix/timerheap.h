@@ -3,7 +3,7 @@
  * Deadlines (CLOCK_MONOTONIC ns) of pending operations in a binary
  * min-heap, earliest first (submission order among equal deadlines). The
  * backend arms ONE kernel timer (epoll: a timerfd; io_uring: a TIMEOUT SQE)
- * to the earliest deadline plus the timer slack of the port's creator, so
+ * to the earliest deadline plus the timer slack (fiocp__th_slack()), so
  * that deadlines close together share one wake-up: each kernel timer that
  * fires costs an interrupt (a VM exit under a hypervisor) and a wake-up.
  *
@@ -47,9 +47,13 @@ void fiocp__th_init(fiocp_theap_t* h, int slot);
 /* Frees the array (the heap must be empty or forgotten). */
 void fiocp__th_free(fiocp_theap_t* h);
 
-/* The calling thread's timer slack (PR_GET_TIMERSLACK), capped at 1 ms:
- * the kernel lets this thread's own poll() and epoll_wait() timeouts fire
- * that late anyway (50 us by default, less for a latency-minded thread). */
+/* How late a timer may fire so that nearby deadlines share one wake-up:
+ * 1 ms (the granularity of libuv's timers; Windows' thread-pool timers are
+ * coarser still), or FASTIOCP_TIMER_SLACK_US microseconds when set (0: a
+ * kernel timer per distinct deadline). 10,000 timers spread over 100 ms
+ * cost about 3.7 us of CPU each at 50 us of slack on this VM, where each
+ * wake-up costs about 20 us (a timer interrupt is a VM exit), and ~1 us at
+ * 1 ms. Read when the port is created. */
 int64_t fiocp__th_slack(void);
 /* when + slack, saturated and at least 1: the absolute time to arm the
  * kernel timer for a deadline when. */
