@@ -3,8 +3,10 @@ without them (Linux; each backend that works here):
 
 - sendfile: a cached file sent over loopback TCP to a reader process on
   another CPU. port.sendfile() (the kernel copies) beside a read-into-buffer
-  + send loop through the same port, and beside os.sendfile() in a blocking
-  loop. Targets: >= 1.5x the read+send loop, >= 0.9x os.sendfile.
+  + send loop through the same port (256 KiB buffer, asyncio's sendfile
+  fallback's size; FASTIOCP_BENCH_READ_SEND_KIB changes it), and beside
+  os.sendfile() in a blocking loop. Targets: >= 1.5x the read+send loop,
+  >= 0.9x os.sendfile.
 - timers: 10,000 port.timer()s with random delays of 200-300 ms (all
   pending at once), armed 64 per batch(): every one fires, in the order of
   their deadlines within 1 ms; CPU per timer (arm and fire, the Python calls
@@ -46,6 +48,9 @@ TIMERS = 10_000
 IDLE = 1000
 POLL_EVENTS = int(os.environ.get("FASTIOCP_BENCH_N", "20000"))
 CHUNK = 1 << 20
+# The read+send loop's buffer: asyncio's own sendfile fallback reads 256 KiB
+# at a time (asyncio.constants.SENDFILE_FALLBACK_READBUFFER_SIZE).
+READ_SEND_BUFFER = int(os.environ.get("FASTIOCP_BENCH_READ_SEND_KIB", "256")) * 1024
 
 pytestmark = pytest.mark.skipif(not LINUX, reason="the benchmarks run on Linux")
 
@@ -143,7 +148,7 @@ def send_port_read_send(backend: str, sock: socket.socket, path: str, size: int)
     with fastiocp.CompletionPort(backend=backend) as port, fastiocp.open(path, "rb") as f:
         port.register(sock)
         port.register(f)
-        buf = bytearray(CHUNK)
+        buf = bytearray(READ_SEND_BUFFER)
         view = memoryview(buf)
         off = 0
         while off < size:
