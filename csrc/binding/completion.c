@@ -386,6 +386,17 @@ static void set_nbytes_obj(CompletionObject* c) {
   Py_XSETREF(c->nbytes_obj, o);
 }
 
+/* The exception being raised becomes c's error (building its result
+ * failed: a socket object for accept, recvmsg's ancillary data). */
+static void take_raised_error(CompletionObject* c) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  Py_XDECREF(type);
+  Py_XDECREF(tb);
+  Py_SETREF(c->error, value);
+}
+
 /* Fills the record's Completion from it (result, error, address, accepted
  * socket) and releases its buffer; the record itself is given back by
  * fb_finish_ops(). */
@@ -434,12 +445,7 @@ static void finish_fill(fiocp_op_t* rec) {
         if (c->extra == NULL) {
           /* The new connection could not be wrapped: the completion
            * carries that error; the handle was closed. */
-          PyObject *type, *value, *tb;
-          PyErr_Fetch(&type, &value, &tb);
-          PyErr_NormalizeException(&type, &value, &tb);
-          Py_XDECREF(type);
-          Py_XDECREF(tb);
-          Py_SETREF(c->error, value);
+          take_raised_error(c);
         }
         break;
       case FIOCP_OP_CONNECT:
@@ -452,12 +458,7 @@ static void finish_fill(fiocp_op_t* rec) {
         c->nbytes = (Py_ssize_t)res;
         c->extra = make_recvmsg_extra(rec);
         if (c->extra == NULL) {
-          PyObject *type, *value, *tb;
-          PyErr_Fetch(&type, &value, &tb);
-          PyErr_NormalizeException(&type, &value, &tb);
-          Py_XDECREF(type);
-          Py_XDECREF(tb);
-          Py_SETREF(c->error, value);
+          take_raised_error(c);
         }
         break;
       case FIOCP_OP_WAIT_PROCESS:

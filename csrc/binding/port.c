@@ -951,11 +951,26 @@ static PyObject* CompletionPort_poll(CompletionPortObject* self, FASTARGS) {
                    OR_NONE(a[2]), &ex);
 }
 
+/* sendmsg's and recvmsg's submission once ex->msg holds the pinned
+ * buffers of seq (whose reference this takes). */
+static PyObject* submit_msg(CompletionPortObject* self, uint8_t kind,
+                            PyObject* sock, PyObject* seq, op_extra_t* ex,
+                            long long flags, PyObject* address,
+                            PyObject* context) {
+  PyObject* r;
+  ex->ext = 1;
+  ex->msgflags = (int)flags;
+  ex->keep = seq;
+  r = submit_op(self, kind, sock, NULL, BUF_NONE, 0, address, context, ex);
+  Py_DECREF(seq);
+  return r;
+}
+
 static PyObject* CompletionPort_sendmsg(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"sock", "buffers", "ancdata", "flags",
                                       "address", "context", "timeout"};
   static PyObject* interned[7];
-  PyObject *a[7], *seq = NULL, *r;
+  PyObject *a[7], *seq = NULL;
   op_extra_t ex;
   long long flags = 0;
   memset(&ex, 0, sizeof(ex));
@@ -971,20 +986,15 @@ static PyObject* CompletionPort_sendmsg(CompletionPortObject* self, FASTARGS) {
     Py_DECREF(seq);
     return NULL;
   }
-  ex.ext = 1;
-  ex.msgflags = (int)flags;
-  ex.keep = seq;
-  r = submit_op(self, FIOCP_OP_SENDMSG, a[0], NULL, BUF_NONE, 0,
-                a[4] == Py_None ? NULL : a[4], OR_NONE(a[5]), &ex);
-  Py_DECREF(seq);
-  return r;
+  return submit_msg(self, FIOCP_OP_SENDMSG, a[0], seq, &ex, flags,
+                    a[4] == Py_None ? NULL : a[4], OR_NONE(a[5]));
 }
 
 static PyObject* CompletionPort_recvmsg(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"sock", "buffers", "ancbufsize", "flags",
                                       "context", "timeout"};
   static PyObject* interned[6];
-  PyObject *a[6], *seq = NULL, *r;
+  PyObject *a[6], *seq = NULL;
   op_extra_t ex;
   long long flags = 0, ancbufsize = 0;
   memset(&ex, 0, sizeof(ex));
@@ -1004,13 +1014,8 @@ static PyObject* CompletionPort_recvmsg(CompletionPortObject* self, FASTARGS) {
     Py_DECREF(seq);
     return NULL;
   }
-  ex.ext = 1;
-  ex.msgflags = (int)flags;
-  ex.keep = seq;
-  r = submit_op(self, FIOCP_OP_RECVMSG, a[0], NULL, BUF_NONE, 0, NULL,
-                OR_NONE(a[4]), &ex);
-  Py_DECREF(seq);
-  return r;
+  return submit_msg(self, FIOCP_OP_RECVMSG, a[0], seq, &ex, flags, NULL,
+                    OR_NONE(a[4]));
 }
 
 static PyObject* CompletionPort_sendfile(CompletionPortObject* self, FASTARGS) {

@@ -690,8 +690,10 @@ static int push_op(uring_t* u, int hub_locked, fiocp_op_t* op,
   return 0;
 }
 
-/* Queues a SENDFILE's guard: a TIMEOUT at its absolute deadline. */
-static int push_guard(uring_t* u, fiocp_op_t* op) {
+/* Queues a TIMEOUT SQE firing at the absolute time *ts (which the kernel
+ * reads at submission) with user_data ud: a SENDFILE's guard, the timer
+ * heap's kernel timer. */
+static int push_abs_timeout(uring_t* u, const void* ts, uint64_t ud) {
   int err = 0;
   struct fu_sqe* sqe;
   pthread_mutex_lock(&u->sq_mu);
@@ -700,13 +702,19 @@ static int push_guard(uring_t* u, fiocp_op_t* op) {
   memset(sqe, 0, sizeof(*sqe));
   sqe->opcode = FU_OP_TIMEOUT;
   sqe->fd = -1;
-  sqe->addr = (uint64_t)(uintptr_t)&op->addr->scratch.i64[SC_LINK_TS];
+  sqe->addr = (uint64_t)(uintptr_t)ts;
   sqe->len = 1;
   sqe->op_flags = FU_TIMEOUT_ABS;
-  sqe->user_data = op_user_data(op) | UD_GUARD;
+  sqe->user_data = ud;
   publish_locked(u, 1);
   pthread_mutex_unlock(&u->sq_mu);
   return 0;
+}
+
+/* Queues a SENDFILE's guard: a TIMEOUT at its absolute deadline. */
+static int push_guard(uring_t* u, fiocp_op_t* op) {
+  return push_abs_timeout(u, &op->addr->scratch.i64[SC_LINK_TS],
+                          op_user_data(op) | UD_GUARD);
 }
 
 /* CLOCK_MONOTONIC, the clock of io_uring's timeouts, in nanoseconds. */
@@ -900,21 +908,7 @@ static const uint8_t uring_support[FIOCP_OP__COUNT] = {
 
 /* Pushes k's kernel TIMEOUT (absolute, k->ts). hub.mu held. */
 static int push_ktimer(uring_t* u, ktimer_t* k) {
-  int err = 0;
-  struct fu_sqe* sqe;
-  pthread_mutex_lock(&u->sq_mu);
-  sqe = get_sqe_locked(u, 1, 1, &err);
-  if (sqe == NULL) return err;
-  memset(sqe, 0, sizeof(*sqe));
-  sqe->opcode = FU_OP_TIMEOUT;
-  sqe->fd = -1;
-  sqe->addr = (uint64_t)(uintptr_t)&k->ts;
-  sqe->len = 1;
-  sqe->op_flags = FU_TIMEOUT_ABS;
-  sqe->user_data = (uint64_t)(uintptr_t)k | UD_KTIMER;
-  publish_locked(u, 1);
-  pthread_mutex_unlock(&u->sq_mu);
-  return 0;
+  return push_abs_timeout(u, &k->ts, (uint64_t)(uintptr_t)k | UD_KTIMER);
 }
 
 /* timers.armed: the earliest kernel TIMEOUT not being cancelled. */

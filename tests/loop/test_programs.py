@@ -23,25 +23,10 @@ import pytest
 
 from fastiocp.loop import EventLoop
 
-ON_LINUX = sys.platform.startswith("linux")
-linux_only = pytest.mark.skipif(not ON_LINUX, reason="POSIX-only loop feature, tested on Linux")
+from loop_util import ON_LINUX, linux_only, loop, run  # noqa: F401 (loop: a fixture)
 
 pytestmark = pytest.mark.timeout(20)
 
-
-@pytest.fixture
-def loop(backend):
-    lp = EventLoop(backend)
-    assert lp.backend == backend
-    yield lp
-    if not lp.is_closed():
-        lp.run_until_complete(lp.shutdown_asyncgens())
-        lp.run_until_complete(lp.shutdown_default_executor())
-        lp.close()
-
-
-def run(loop: EventLoop, coro, timeout: float = 15.0):
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 def payload(n: int, seed: int = 0) -> bytes:

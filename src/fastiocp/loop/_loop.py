@@ -213,29 +213,23 @@ class EventLoop(proactor_events.BaseProactorEventLoop):
         if self._watches.get(fd) is watch and watch.fut is None and not self.is_closed():
             self._arm(fd, watch)
 
-    def _ensure_fd_no_transport(self, fd: int) -> None:
-        # The selector loop refuses a descriptor a transport reads; so do we.
-        pass
+    def _add(self, fd: Any, which: str, callback: Callable[..., Any], args: Any) -> None:
+        self._check_closed()
+        n = self._fd(fd)
+        watch = self._watches.setdefault(n, _Watch())
+        old = getattr(watch, which)
+        if old is not None:
+            old.cancel()
+        setattr(watch, which, events.Handle(callback, args, self, None))
+        self._arm(n, watch)
 
     def add_reader(self, fd: Any, callback: Callable[..., Any], *args: Any) -> None:
         """Call callback(*args) whenever fd is readable."""
-        self._check_closed()
-        n = self._fd(fd)
-        watch = self._watches.setdefault(n, _Watch())
-        if watch.reader is not None:
-            watch.reader.cancel()
-        watch.reader = events.Handle(callback, args, self, None)
-        self._arm(n, watch)
+        self._add(fd, "reader", callback, args)
 
     def add_writer(self, fd: Any, callback: Callable[..., Any], *args: Any) -> None:
         """Call callback(*args) whenever fd is writable."""
-        self._check_closed()
-        n = self._fd(fd)
-        watch = self._watches.setdefault(n, _Watch())
-        if watch.writer is not None:
-            watch.writer.cancel()
-        watch.writer = events.Handle(callback, args, self, None)
-        self._arm(n, watch)
+        self._add(fd, "writer", callback, args)
 
     def _remove(self, fd: Any, which: str) -> bool:
         n = self._fd(fd)
@@ -469,15 +463,7 @@ class EventLoop(proactor_events.BaseProactorEventLoop):
             pid = transp.get_pid()
             exited = self._proactor.wait_process(pid)
             exited.add_done_callback(lambda f: self._child_exited(pid, transp, f))
-            try:
-                await waiter
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException:
-                transp.close()
-                await transp._wait()
-                raise
-            return transp
+            return await _started(transp, waiter)
 
         @staticmethod
         def _check_child_watcher(watcher: Any) -> None:
@@ -518,15 +504,7 @@ class EventLoop(proactor_events.BaseProactorEventLoop):
             transp = windows_events._WindowsSubprocessTransport(
                 self, protocol, args, shell, stdin, stdout, stderr, bufsize, waiter=waiter, extra=extra,
                 **kwargs)
-            try:
-                await waiter
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException:
-                transp.close()
-                await transp._wait()
-                raise
-            return transp
+            return await _started(transp, waiter)
 
     # ---- closing --------------------------------------------------------------
 
@@ -547,6 +525,20 @@ class EventLoop(proactor_events.BaseProactorEventLoop):
         state = "closed" if self.is_closed() else ("running" if self.is_running() else "idle")
         backend = self._proactor.port.backend if self._proactor is not None else "-"
         return f"<fastiocp.EventLoop {state} backend={backend} debug={self.get_debug()}>"
+
+
+async def _started(transp: Any, waiter: Any) -> Any:
+    """The subprocess transport once its pipes are connected; if that
+    fails, the child is closed and waited for before the error goes on."""
+    try:
+        await waiter
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException:
+        transp.close()
+        await transp._wait()
+        raise
+    return transp
 
 
 def new_event_loop(backend: Optional[str] = None) -> EventLoop:
