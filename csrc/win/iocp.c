@@ -1298,6 +1298,28 @@ static DWORD start_poll(iocp_t* ip, fiocp_op_t* op) {
       IOCTL_AFD_POLL, pi, (ULONG)sizeof(*pi), pi, (ULONG)sizeof(*pi)));
 }
 
+/* The WSAMSG of a sendmsg/recvmsg with ancillary data (WSASendMsg and
+ * WSARecvMsg, loaded for s's provider): the extension's buffers and
+ * control data, the address given; kept in op->bk until completion. */
+static DWORD new_wsamsg(fiocp_op_t* op, LPSOCKADDR name, INT namelen,
+                        WSAMSG** out) {
+  fiocp_addr_t* a = op->addr;
+  WSAMSG* m;
+  DWORD err = load_msg_functions((SOCKET)op->handle);
+  if (err != 0) return err;
+  m = (WSAMSG*)calloc(1, sizeof(*m));
+  if (m == NULL) return ERROR_NOT_ENOUGH_MEMORY;
+  op->bk = (uintptr_t)m;
+  m->name = name;
+  m->namelen = namelen;
+  m->lpBuffers = (LPWSABUF)a->iovs;
+  m->dwBufferCount = a->niov;
+  m->Control.buf = a->control;
+  m->Control.len = a->controllen;
+  *out = m;
+  return 0;
+}
+
 /* FIOCP_OP_SENDMSG: WSASend, or WSASendTo with an address; ancillary data
  * (datagram sockets only: check_args()) needs WSASendMsg, whose WSAMSG
  * lives in op->bk until the packet. */
@@ -1309,17 +1331,9 @@ static DWORD start_sendmsg(fiocp_op_t* op) {
   op->bk = 0;
   if (a->controllen > 0) {
     WSAMSG* m;
-    DWORD err = load_msg_functions(s);
+    DWORD err = new_wsamsg(op, has_addr ? (LPSOCKADDR)&a->ss : NULL,
+                           has_addr ? a->sslen : 0, &m);
     if (err != 0) return err;
-    m = (WSAMSG*)calloc(1, sizeof(*m));
-    if (m == NULL) return ERROR_NOT_ENOUGH_MEMORY;
-    op->bk = (uintptr_t)m;
-    m->name = has_addr ? (LPSOCKADDR)&a->ss : NULL;
-    m->namelen = has_addr ? a->sslen : 0;
-    m->lpBuffers = (LPWSABUF)a->iovs;
-    m->dwBufferCount = a->niov;
-    m->Control.buf = a->control;
-    m->Control.len = a->controllen;
     rc = sendmsg_fn(s, m, (DWORD)a->msgflags, NULL, &op->ov, NULL);
   } else if (has_addr) {
     rc = WSASendTo(s, (LPWSABUF)a->iovs, a->niov, NULL, (DWORD)a->msgflags,
@@ -1343,17 +1357,8 @@ static DWORD start_recvmsg(fiocp_op_t* op) {
   a->wsaflags = (DWORD)a->msgflags;
   if (a->controllen > 0) {
     WSAMSG* m;
-    DWORD err = load_msg_functions(s);
+    DWORD err = new_wsamsg(op, (LPSOCKADDR)&a->ss, (INT)sizeof(a->ss), &m);
     if (err != 0) return err;
-    m = (WSAMSG*)calloc(1, sizeof(*m));
-    if (m == NULL) return ERROR_NOT_ENOUGH_MEMORY;
-    op->bk = (uintptr_t)m;
-    m->name = (LPSOCKADDR)&a->ss;
-    m->namelen = (INT)sizeof(a->ss);
-    m->lpBuffers = (LPWSABUF)a->iovs;
-    m->dwBufferCount = a->niov;
-    m->Control.buf = a->control;
-    m->Control.len = a->controllen;
     m->dwFlags = (DWORD)a->msgflags;
     rc = recvmsg_fn(s, m, NULL, &op->ov, NULL);
   } else if (a->scratch.i64[SC_SOTYPE] == SOCK_STREAM) {
