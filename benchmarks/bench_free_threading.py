@@ -31,7 +31,7 @@ CPUs alone):
 
 `serve` runs one echo server (used by the echo measurement):
 
-    python benchmarks/bench_free_threading.py serve single|pool SPIN_N [THREADS [MAX_BATCH]]
+    python benchmarks/bench_free_threading.py serve single|pool SPIN_N [THREADS [MAX_BATCH [BATCHED]]]
 """
 from __future__ import annotations
 
@@ -275,36 +275,46 @@ def serve_single(spin_n: int, threads: int = 1) -> None:
         t.join()
 
 
-def serve_pool(spin_n: int, threads: int = 2, max_batch: int = 64) -> None:
+def serve_pool(spin_n: int, threads: int = 2, max_batch: int = 64, batched: int = 1) -> None:
     """fastiocp.WorkerPool(threads) with fastiocp.bench.servers' WorkerPool
-    echo handler, spin(spin_n) per received message."""
+    echo handler, spin(spin_n) per received message; batched: the pool's
+    batch_submissions (what one dequeued batch's handlers submit goes to
+    the kernel in one system call)."""
     from fastiocp.bench.servers import echo_pool_handler
 
     lsock = socket.create_server((HOST, 0), backlog=1024)
     cp = fastiocp.CompletionPort()
     cp.register(lsock, key=object())
     handle = echo_pool_handler(cp, lsock, lambda: spin(spin_n))
-    with fastiocp.WorkerPool(cp, handle, threads=threads, max_batch=max_batch):
+    with fastiocp.WorkerPool(cp, handle, threads=threads, max_batch=max_batch,
+                             batch_submissions=bool(batched)):
         cp.accept(lsock)
         _announce(lsock)
         threading.Event().wait()
 
 
-# The echo contenders: (name, serve arguments after SPIN_N).
+# The echo contenders: (name, serve arguments after SPIN_N). A WorkerPool's
+# max_batch ("MAX") is --echo-max-batch.
 ECHO_CONTENDERS: List[Tuple[str, List[str]]] = [
     ("one thread, get_many", ["single", "1"]),
-    ("WorkerPool(2)", ["pool", "2", "64"]),
+    ("WorkerPool(2)", ["pool", "2", "MAX", "1"]),
 ]
-# Beside them in the table: two threads each running the single-threaded
-# loop (batch() and resubmit() per batch) on one port, which WorkerPool's
-# handler-per-completion cannot do: what the port allows two threads.
-# And WorkerPool(1): what the handler-per-completion pattern costs alone
-# (each send and each receive submitted by a call of its own, a new
-# Completion per receive), before a second thread shares the port.
+# Beside them in the table: WorkerPool(1), what the handler-per-completion
+# pattern costs before a second thread shares the port; WorkerPool(2)
+# without batch_submissions (each send and receive a system call of its
+# own); and two threads each running the single-threaded loop (batch() and
+# resubmit() per get_many(256)) on one port.
 ECHO_EXTRA: List[Tuple[str, List[str]]] = [
-    ("WorkerPool(1)", ["pool", "1", "64"]),
+    ("WorkerPool(1)", ["pool", "1", "MAX", "1"]),
+    ("WorkerPool(2), unbatched", ["pool", "2", "MAX", "0"]),
     ("2 threads, get_many + batch", ["single", "2"]),
 ]
+ECHO_MAX_BATCH = 64
+
+
+def echo_serve_args(args: List[str], max_batch: int = ECHO_MAX_BATCH) -> List[str]:
+    """A contender's serve arguments with its max_batch filled in."""
+    return [str(max_batch) if x == "MAX" else x for x in args]
 
 
 def _loadgen() -> Tuple[Optional[str], str]:
@@ -542,7 +552,7 @@ def main(argv: List[str]) -> int:
         if kind == "single":
             serve_single(spin_n, *(int(x) for x in argv[3:4]))
         else:
-            serve_pool(spin_n, *(int(x) for x in argv[3:5]))
+            serve_pool(spin_n, *(int(x) for x in argv[3:6]))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -553,7 +563,8 @@ def main(argv: List[str]) -> int:
     p.add_argument("--handoff-items", type=int, default=1_000_000)
     p.add_argument("--stress-items", type=int, default=400_000)
     p.add_argument("--connections", type=int, default=ECHO_CONNS, help="echo connections")
-    p.add_argument("--echo-max-batch", type=int, default=64, help="WorkerPool(2)'s max_batch in the echo")
+    p.add_argument("--echo-max-batch", type=int, default=ECHO_MAX_BATCH,
+                   help="the WorkerPools' max_batch in the echo")
     p.add_argument("--no-pin", action="store_true", help="echo: pin neither server nor load generator")
     p.add_argument("--no-extra", action="store_true",
                    help="echo: only the two contenders of the target (not 2 threads + batch)")
@@ -602,7 +613,7 @@ def main(argv: List[str]) -> int:
             print(f"\nTCP echo, {args.connections} connections, {ECHO_US:.0f} µs of Python per message, "
                   f"{args.echo_seconds:g} s a round")
             pin = not args.no_pin
-            contenders = [(n, ["pool", a[1], str(args.echo_max_batch)] if a[0] == "pool" else a)
+            contenders = [(n, echo_serve_args(a, args.echo_max_batch))
                           for n, a in ECHO_CONTENDERS + ([] if args.no_extra else ECHO_EXTRA)]
             for name, a in contenders:
                 srv, lgc = echo_cpus(a, pin)
@@ -748,7 +759,7 @@ if "pytest" in sys.modules:  # collected by pytest (the table and the servers ne
     def test_echo(benchmark: Any, request: Any, spin_10us: int, contender: str) -> None:
         lg = _loadgen_or_skip()
         warmup, secs = (0.2, 0.4) if _smoke(request.config) else (1.0, 2.0)
-        serve_args = dict(ECHO_CONTENDERS)[contender]
+        serve_args = echo_serve_args(dict(ECHO_CONTENDERS)[contender])
         r = benchmark.pedantic(lambda: echo_round(lg, serve_args, spin_10us, warmup, secs),
                                rounds=1, iterations=1)
         benchmark.extra_info.update(msgs_per_s=round(r["per_s"]), server_us_per_msg=round(r["server_us_per_msg"], 1),
@@ -763,7 +774,7 @@ if "pytest" in sys.modules:  # collected by pytest (the table and the servers ne
         lg = _loadgen_or_skip()
         smoke = _smoke(request.config)
         rounds, warmup, secs = (1, 0.2, 0.4) if smoke else (RATIO_ROUNDS, 1.0, 2.0)
-        res = _alternate(rounds, [(name, (lambda a=a: echo_round(lg, a, spin_10us, warmup, secs)))
+        res = _alternate(rounds, [(name, (lambda a=echo_serve_args(a): echo_round(lg, a, spin_10us, warmup, secs)))
                                   for name, a in ECHO_CONTENDERS], 0, progress=False)
         one, pool = (res[name] for name, _a in ECHO_CONTENDERS)
         ratio = _median(pool, "per_s") / _median(one, "per_s")  # type: ignore[operator]

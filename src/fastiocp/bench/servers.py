@@ -93,8 +93,9 @@ def echo_batch_loop(cp: Any, lsock: socket.socket,
 def echo_pool_handler(cp: Any, lsock: socket.socket,
                       work: Optional[Callable[[], None]] = None) -> Callable[[Any], None]:
     """The handler of the echo server on fastiocp.WorkerPool: one
-    completion per call, each submission on its own. work(), if given, runs
-    once per received message."""
+    completion per call, each submission a call of its own (the pool's
+    batch_submissions decides when they reach the kernel). work(), if
+    given, runs once per received message."""
     recv, send = cp.recv, cp.send
 
     def handle(c: Any) -> None:
@@ -145,13 +146,15 @@ def echo_fastiocp(port: int) -> None:
 
 def echo_fastiocp_pool(port: int, threads: int = 2) -> None:
     """The same server on fastiocp.WorkerPool: `threads` threads dequeue
-    completions and run echo_pool_handler()."""
+    completions and run echo_pool_handler(), the submissions of each
+    dequeued batch going to the kernel together (batch_submissions)."""
     import fastiocp
 
     lsock = _listen(port)
     cp = fastiocp.CompletionPort()
     cp.register(lsock, key=object())
-    with fastiocp.WorkerPool(cp, echo_pool_handler(cp, lsock), threads=threads, max_batch=64):
+    with fastiocp.WorkerPool(cp, echo_pool_handler(cp, lsock), threads=threads, max_batch=64,
+                             batch_submissions=True):
         cp.accept(lsock)
         _announce("echo server", lsock)
         threading.Event().wait()
