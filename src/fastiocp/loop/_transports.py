@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from asyncio import base_events, proactor_events
 from typing import Any
 
@@ -117,25 +118,33 @@ class ReadPipeTransport(_PipeRepr, _ClosesQuietly, _ReceivesBytes, proactor_even
     """connect_read_pipe()."""
 
 
-class WritePipeTransport(_PipeRepr, _ClosesQuietly, _WritesAtOnce,
-                         proactor_events._ProactorBaseWritePipeTransport):
-    """connect_write_pipe(). It never reads its descriptor (a pty or a
-    read-write FIFO shares it with a reader): it waits for the reader to go
-    away with a poll for no events (POLLERR/POLLHUP only)."""
+if sys.platform == "win32":
+    class WritePipeTransport(_ClosesQuietly, proactor_events._ProactorWritePipeTransport):
+        """connect_write_pipe() on Windows (overlapped pipe handles, as
+        asyncio's subprocesses have): the stdlib's transport, which learns
+        that the reader went away from a read of the write end. Nothing is
+        written at once: the handle is not a C runtime descriptor, and
+        polling a pipe (AFD) works on sockets only."""
+else:
+    class WritePipeTransport(_PipeRepr, _ClosesQuietly, _WritesAtOnce,  # type: ignore[no-redef]
+                             proactor_events._ProactorBaseWritePipeTransport):
+        """connect_write_pipe(). It never reads its descriptor (a pty or a
+        read-write FIFO shares it with a reader): it waits for the reader to
+        go away with a poll for no events (POLLERR/POLLHUP only)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        try:
-            os.set_blocking(self._sock.fileno(), False)  # as the selector loop's pipes
-        except (OSError, AttributeError, ValueError):
-            pass
-        self._read_fut = self._loop._proactor.wait_hangup(self._sock)
-        self._read_fut.add_done_callback(self._pipe_closed)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            try:
+                os.set_blocking(self._sock.fileno(), False)  # as the selector loop's pipes
+            except (OSError, AttributeError, ValueError):
+                pass
+            self._read_fut = self._loop._proactor.wait_hangup(self._sock)
+            self._read_fut.add_done_callback(self._pipe_closed)
 
-    def _send_now(self, data: Any) -> int:
-        return os.write(self._sock.fileno(), data)
+        def _send_now(self, data: Any) -> int:
+            return os.write(self._sock.fileno(), data)
 
-    _pipe_closed = proactor_events._ProactorWritePipeTransport._pipe_closed
+        _pipe_closed = proactor_events._ProactorWritePipeTransport._pipe_closed
 
 
 class DuplexPipeTransport(_ClosesQuietly, proactor_events._ProactorDuplexPipeTransport):
