@@ -6,6 +6,7 @@ compared with the stdlib loop on the same interpreter.
     python tools/asyncio_suite.py --ci   [-p PYTHON]
     python tools/asyncio_suite.py -m test_streams -m test_events [--baseline]
     python tools/asyncio_suite.py --only test_events.EventLoopTests.test_foo
+    tools/wine/test.sh 3.11 --python tools/asyncio_suite.py --full   # Windows
 
 How the loop gets in (../shared/LOOP.md, "How other loops prove compatibility"):
 - The mixin modules (test_events, test_sock_lowlevel, test_sendfile,
@@ -22,6 +23,17 @@ How the loop gets in (../shared/LOOP.md, "How other loops prove compatibility"):
 - Modules that test the stdlib loops' internals with mocks are skipped
   (SKIP_MODULES).
 
+On Windows (the embeddable CPython under Wine, tools/wine/test.sh --python,
+with CPython's Lib/test brought in by that script) the same, with the
+Windows stdlib loop as the baseline: the mixin modules' Proactor classes
+(test_events.ProactorEventLoopTests, ...; the Unix-only mixins do not exist
+there). Ours also replaces asyncio.ProactorEventLoop, the Windows default
+loop, which some modules construct by name (test_subprocess's
+SubprocessProactorTests) and test with isinstance(). The add_reader/
+add_writer tests of the mixin that ProactorEventLoopTests skips
+("IocpEventLoop does not have add_reader()") run on ours, which has them
+(WINDOWS_UNSKIP).
+
 Each (module, loop) runs in its own subprocess; every test has a watchdog
 (faulthandler.dump_traceback_later(exit=True)): a hang is recorded as
 "hang" for that test and the module goes on in a new process without it.
@@ -32,8 +44,9 @@ passes on the stdlib and fails, errors, hangs or crashes on ours is a
 regression; regressions are run once more alone and reported as flaky when
 they pass then. Exit status 1 when a regression remains.
 
---ci: ours only, on CI_MODULES; exit status 1 on any failure not listed in
-tools/asyncio_suite_known.txt ("<test id>  # reason", one per line).
+--ci: ours only, on CI_MODULES (CI_MODULES_WINDOWS on Windows); exit status
+1 on any failure not listed in tools/asyncio_suite_known.txt (Windows:
+tools/asyncio_suite_known_windows.txt), "<test id>  # reason", one per line.
 
 Test ids are normalized: "module.Class.test", with ours' class name
 (Fastiocp<StdlibClass>) mapped back to the stdlib class's.
@@ -55,6 +68,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KNOWN_FILE = os.path.join(HERE, "asyncio_suite_known.txt")
+KNOWN_FILE_WINDOWS = os.path.join(HERE, "asyncio_suite_known_windows.txt")
 
 # Mock the stdlib loops' internals, or are Windows only.
 SKIP_MODULES = {
@@ -73,10 +87,21 @@ MIXIN_MODULES = {
 # The stdlib class of each mixin module that is the baseline (first found).
 BASELINE_CLASSES = ("EPollEventLoopTests", "BufferedProtocolSelectorTests", "SelectorStartServerTests",
                     "SelectorStartTLSTests", "SelectEventLoopTests")
+# On Windows: the Windows default loop's (ProactorEventLoop) classes.
+BASELINE_CLASSES_WINDOWS = ("ProactorEventLoopTests", "BufferedProtocolProactorTests",
+                            "ProactorStartServerTests", "ProactorStartTLSTests")
+# Tests a Windows baseline class overrides with a skip that ours runs: the
+# mixin's own test instead (module -> names).
+WINDOWS_UNSKIP = {
+    "test_events": ("test_reader_callback", "test_reader_callback_cancel", "test_writer_callback",
+                    "test_writer_callback_cancel", "test_remove_fds_after_closing"),
+}
 OURS_PREFIX = "Fastiocp"
 # --ci: the modules that exercise the loop itself, well under 3 minutes.
 CI_MODULES = ["test_events", "test_sock_lowlevel", "test_sendfile", "test_buffered_proto", "test_server",
               "test_sslproto", "test_streams", "test_subprocess", "test_ssl", "test_runners", "test_threads"]
+# --ci on Windows under Wine (about 10x slower): CI_MODULES_WINDOWS_TBD
+CI_MODULES_WINDOWS = list(CI_MODULES)
 MEMORY_LIMIT = 6 << 30  # address space of a worker
 OUTCOMES_BAD = {"fail", "error", "hang", "crash"}
 OUTCOMES_OK = {"pass", "xfail"}
@@ -108,10 +133,14 @@ def _worker(module_name: str, mode: str, out_path: str, skip: Set[str], only: Op
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     except (ImportError, ValueError, OSError):
         pass
+    windows = sys.platform == "win32"
     if mode == "ours":
         from fastiocp.loop import EventLoop
 
         asyncio.DefaultEventLoopPolicy._loop_factory = EventLoop  # type: ignore[attr-defined]
+        if windows:
+            # The Windows default loop, constructed by name in some modules.
+            asyncio.ProactorEventLoop = EventLoop  # type: ignore[attr-defined,misc]
     out = open(out_path, "a", buffering=1)
     # unittest's buffer swaps sys.stderr for a StringIO during each test: the
     # watchdog writes to the real descriptor.
@@ -130,7 +159,7 @@ def _worker(module_name: str, mode: str, out_path: str, skip: Set[str], only: Op
     classes: List[type] = []
     baseline_cls: Optional[type] = None
     if hook is not None:
-        for name in BASELINE_CLASSES:
+        for name in BASELINE_CLASSES_WINDOWS if windows else BASELINE_CLASSES:
             c = getattr(mod, name, None)
             if isinstance(c, type) and hook in c.__dict__:
                 baseline_cls = c
@@ -145,8 +174,15 @@ def _worker(module_name: str, mode: str, out_path: str, skip: Set[str], only: Op
             def make(self: Any) -> Any:
                 return EventLoop()
 
-            c = type(OURS_PREFIX + c.__name__, (c,), {hook: make, "__module__": c.__module__,
-                                                      "__qualname__": OURS_PREFIX + c.__qualname__})
+            ns: Dict[str, Any] = {hook: make, "__module__": c.__module__,
+                                  "__qualname__": OURS_PREFIX + c.__qualname__}
+            for tname in WINDOWS_UNSKIP.get(module_name, ()) if windows else ():
+                # The mixin's test, not the baseline class's skip (some of
+                # those skips stand for no test of the mixin's).
+                base = next((b for b in c.__mro__[1:] if tname in b.__dict__), None)
+                if base is not None:
+                    ns[tname] = base.__dict__[tname]
+            c = type(OURS_PREFIX + c.__name__, (c,), ns)
         classes.append(c)
 
     loader = unittest.TestLoader()
@@ -351,14 +387,16 @@ def last_line(detail: str) -> str:
     return ""
 
 
-def describe_python(python: str) -> str:
+def describe_python(python: str) -> Tuple[str, str]:
+    """(version and backend, sys.platform) of the interpreter to test."""
     code = ("import sys, os, fastiocp.loop as l; "
-            "p = l.EventLoop(); print(sys.version.split()[0], p.backend); p.close()")
+            "p = l.EventLoop(); print(sys.version.split()[0], p.backend, sys.platform); p.close()")
     r = subprocess.run([python, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{python}: cannot make a fastiocp.loop.EventLoop (is fastiocp, with its loop "
                          f"package, installed for this interpreter?):\n{r.stdout}")
-    return r.stdout.strip()
+    info, _, platform = r.stdout.strip().rpartition(" ")
+    return info, platform
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -389,11 +427,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _worker(args.worker, args.mode, args.out, skip, only, args.timeout)
 
     python = args.python
-    info = describe_python(python)
+    info, platform = describe_python(python)
+    windows = platform == "win32"
     t_start = time.monotonic()
     only_ids: Optional[List[str]] = args.only or None
     if args.ci:
-        modules = list(CI_MODULES)
+        modules = list(CI_MODULES_WINDOWS if windows else CI_MODULES)
         modes = ["ours"]
     elif args.full:
         modules = list_modules(python)
@@ -403,8 +442,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         modes = ["stdlib", "ours"] if args.baseline else ["ours"]
     if only_ids:
         modules = [m for m in modules if any(t.split(".")[0] == m for t in only_ids)]
-    print(f"== asyncio suite: Python {info} ({python}); modules: {len(modules)}; loops: {', '.join(modes)}",
-          flush=True)
+    print(f"== asyncio suite: Python {info} {platform} ({python}); modules: {len(modules)}; "
+          f"loops: {', '.join(modes)}", flush=True)
+    if os.environ.get("FASTIOCP_WINE_CPYTHON_TESTS"):
+        print(f"   test package: {os.environ['FASTIOCP_WINE_CPYTHON_TESTS']}", flush=True)
 
     jobs = [(m, mode) for m in modules for mode in modes]
     runs: Dict[Tuple[str, str], ModuleRun] = {}
@@ -471,7 +512,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         report.update(regressions=real, flaky=flaky, skipped_on_ours=skipped)
         status = 1 if real else 0
     else:
-        known = read_known() if args.ci else {}
+        known = read_known(KNOWN_FILE_WINDOWS if windows else KNOWN_FILE) if args.ci else {}
         bad = sorted(t for t, (o, _, _) in ours.items() if o in OUTCOMES_BAD)
         unexpected = [t for t in bad if t not in known]
         passed = sum(1 for o, _, _ in ours.values() if o in OUTCOMES_OK)
