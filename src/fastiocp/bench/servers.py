@@ -161,7 +161,7 @@ def echo_fastiocp_pool(port: int, threads: int = 2) -> None:
 
 
 class _EchoProtocol(asyncio.Protocol):
-    """The echo server of the asyncio and uvloop contenders."""
+    """The echo server of the asyncio, uvloop and fastiocp loop contenders."""
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport  # asyncio and uvloop set TCP_NODELAY
@@ -189,6 +189,12 @@ def _uvloop_loop() -> Any:
     from fastiocp.bench import optional_import
 
     return optional_import("uvloop").new_event_loop()
+
+
+def _fastiocp_loop() -> Any:
+    import fastiocp
+
+    return fastiocp.new_event_loop()
 
 
 def echo_threads(port: int) -> None:
@@ -293,9 +299,11 @@ SERVERS: Dict[str, Callable[[int], None]] = {
     "echo-fastiocp-pool": echo_fastiocp_pool,
     "echo-asyncio": _echo_protocol_server(_asyncio_loop),
     "echo-uvloop": _echo_protocol_server(_uvloop_loop),
+    "echo-fastiocp-loop": _echo_protocol_server(_fastiocp_loop),
     "echo-threads": echo_threads,
     "http-asyncio": _http_protocol_server(_asyncio_loop),
     "http-uvloop": _http_protocol_server(_uvloop_loop),
+    "http-fastiocp-loop": _http_protocol_server(_fastiocp_loop),
 }
 
 
