@@ -466,6 +466,12 @@ for d in "${deps[@]}"; do
     esac
 done
 log "$PYD_NAME imports: ${deps[*]}"
+# Wine 8 has no bcryptprimitives.dll, which every extension built by Rust
+# 1.78+ imports (cryptography's, for the loop's TLS test): ours, beside
+# python.exe (tools/wine/bcryptprimitives.c).
+"$CC" -shared -O2 -Wall -o "$BUILD/bcryptprimitives.dll" "$HERE/bcryptprimitives.c" -lbcrypt -static-libgcc \
+    || die "building bcryptprimitives.dll failed"
+cp "$BUILD/bcryptprimitives.dll" "$PYDIR/"
 
 # ------------------------------------------------------------- 5. stage
 rm -rf "$STAGE"
