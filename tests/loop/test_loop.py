@@ -305,13 +305,18 @@ def test_signal_handler_runs_in_the_loop(loop):
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
-@linux_only
+# On Windows (no cat) a Python child copies stdin to stdout instead; the
+# shell is cmd.exe there, and "exit 7" means the same.
+_CAT = ["cat"] if ON_LINUX else [
+    sys.executable, "-c", "import shutil, sys; shutil.copyfileobj(sys.stdin.buffer, sys.stdout.buffer)"]
+
+
 def test_subprocess_pipeline_through_cat(loop):
     data = payload(100_000)
 
     async def main():
         proc = await asyncio.create_subprocess_exec(
-            "cat", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            *_CAT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         out, _ = await proc.communicate(data)
         shell = await asyncio.create_subprocess_shell("exit 7")
         return out, proc.returncode, await shell.wait()
