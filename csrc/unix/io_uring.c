@@ -55,13 +55,16 @@
  *   every push. A push that must reap (a full SQ) re-enters the harvest:
  *   kernel TIMEOUT CQEs met there only mark work (kt_due), done by the
  *   outermost caller (timers_settle_locked()).
- * - SENDFILE is a small state machine of SPLICE stages through a pipe of
- *   its own (file -> pipe, then pipe -> socket until the pipe is empty,
- *   again), plus a POLL stage when a non-blocking end says EAGAIN. Each
- *   stage is pushed from uring_harvest() (the resubmit list) and carries
- *   the record's user_data, so an ASYNC_CANCEL of the operation hits
- *   whichever stage is in flight. The pipe is closed when the operation
- *   completes, whatever ends it.
+ * - SENDFILE is the epoll way inside the ring: bursts of non-blocking
+ *   sendfile() (as much as the socket takes, at most SENDFILE_BURST bytes
+ *   each), the first from submit() itself, the next ones from
+ *   uring_harvest() when a POLL_ADD for POLLOUT on the socket fires (the
+ *   POLL is pushed again, from the resubmit list, after each burst that
+ *   filled the socket or spent its budget). The POLL carries the record's
+ *   user_data, so an ASYNC_CANCEL of the operation hits it. No io-wq
+ *   worker, no pipe: the first version (SPLICE stages file -> pipe ->
+ *   socket through a pipe of its own, each stage an io-wq punt and a
+ *   completion) cost 1.5x the CPU per byte (docs/BENCHMARKS.md).
  * - WAIT_PROCESS opens a pidfd at submit, polls it for POLLIN and reads the
  *   status with waitid(P_PIDFD, WNOWAIT) in the harvest: the child is not
  *   reaped.
@@ -94,6 +97,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/sendfile.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -124,16 +128,10 @@ typedef char fu_op_aligned[__alignof__(fiocp_op_t) >= 8 ? 1 : -1];
 #define SC_LINK_TS 0  /* [0..1] the timeout's absolute deadline */
 #define SC_HIDX 2     /* TIMER: heap index + 1, 0: not in the heap (hub.mu) */
 #define SC_TMOUT 3    /* TIMER: 1 when its deadline is its timeout's */
-#define SC_FD0 2      /* SENDFILE: the pipe's read end; WAIT_PROCESS: pidfd */
-#define SC_FD1 3      /* SENDFILE: the pipe's write end */
+#define SC_FD0 2      /* WAIT_PROCESS: the pidfd */
 #define SC_STATE 4    /* tracked operations (see tracked()): TK_* bits */
 #define SC_SENT 5     /* SENDFILE: bytes that reached the socket */
-#define SC_INPIPE 6   /* SENDFILE: bytes in the pipe, not yet sent */
 #define SC_RESULT 6   /* tracked, once TK_DONE: the result to deliver */
-#define SC_PIPECAP 7  /* SENDFILE: the pipe's capacity */
-
-/* SENDFILE stages (SC_STATE & TK_STAGE). */
-enum { SF_READ = 0, SF_WRITE, SF_WAIT_IN, SF_WAIT_OUT };
 
 /* Tracked operations: those with a timeout, and SENDFILE. Besides the
  * operation's own CQE, the kernel owes CQEs for its helpers, which carry
@@ -145,14 +143,11 @@ enum { SF_READ = 0, SF_WRITE, SF_WAIT_IN, SF_WAIT_OUT };
  *   fires then completes with -ECANCELED WITHOUT cancelling the request:
  *   a -ECANCELED link CQE past the deadline, with the operation still
  *   pending, makes the port cancel it itself (TK_PUSH_CANCEL).
- * - SENDFILE's guard (UD_GUARD): a TIMEOUT SQE of its own instead of
- *   LINK_TIMEOUTs, because this kernel (6.18) arms a linked timeout only
- *   when the issue of its request returns, and a splice into a blocking
- *   socket blocks inside its io-wq issue: the link would never fire. The
- *   guard, when it fires, cancels the stage in flight (an ASYNC_CANCEL
- *   interrupts an io-wq worker, as cancel() does); when the stages end
- *   first, the guard is cancelled. */
-#define TK_STAGE 0xffLL
+ * - SENDFILE's guard (UD_GUARD): one TIMEOUT SQE for the whole operation
+ *   instead of a LINK_TIMEOUT behind each of its POLLs (a SENDFILE may
+ *   re-arm its POLL many times). The guard, when it fires, cancels the
+ *   POLL in flight; its CQE finds the deadline passed. When the operation
+ *   ends first, the guard is cancelled. */
 #define TK_GUARD 0x100LL     /* the guard is armed: its CQE is owed */
 #define TK_GUARD_OFF 0x200LL /* its cancel was asked for */
 #define TK_DONE 0x400LL      /* the operation is over: SC_RESULT waits for
@@ -167,7 +162,10 @@ enum { SF_READ = 0, SF_WRITE, SF_WAIT_IN, SF_WAIT_OUT };
 #define TK_LINKS (0xffffLL << 24)
 
 #define NS_PER_S 1000000000LL
-#define SENDFILE_PIPE_MAX (1 << 20) /* fs.pipe-max-size's default */
+/* A SENDFILE burst's budget: the harvest runs bursts with hub.mu held, so
+ * each is bounded (about 0.4 ms of CPU here). 2 and 4 MiB measured alike;
+ * 16 MiB and unbounded were a tenth slower (docs/BENCHMARKS.md). */
+#define SENDFILE_BURST (2 << 20)
 
 typedef char fu_ts_is_two_slots[sizeof(struct fu_kernel_timespec) ==
                                 2 * sizeof(int64_t) ? 1 : -1];
@@ -258,7 +256,6 @@ static const struct {
     /* All older than EXT_ARG (5.11), which is required anyway. */
     {FU_OP_FSYNC, "FSYNC"},   {FU_OP_POLL_ADD, "POLL_ADD"},
     {FU_OP_TIMEOUT, "TIMEOUT"}, {FU_OP_LINK_TIMEOUT, "LINK_TIMEOUT"},
-    {FU_OP_SPLICE, "SPLICE"},
 };
 
 static const char* errno_name(int e) {
@@ -475,43 +472,7 @@ static void prep_poll(struct fu_sqe* sqe, int fd, uint32_t events) {
   sqe->op_flags = poll32(events);
 }
 
-/* The SQE of a SENDFILE's current stage (SC_STAGE). */
-static void prep_sendfile(struct fu_sqe* sqe, fiocp_op_t* op) {
-  fiocp_addr_t* a = op->addr;
-  int64_t sent = a->scratch.i64[SC_SENT];
-  int64_t left, cap;
-  switch (a->scratch.i64[SC_STATE] & TK_STAGE) {
-    case SF_READ:
-      /* File -> pipe (empty now): as much as the pipe holds. */
-      left = (int64_t)op->len - sent;
-      cap = a->scratch.i64[SC_PIPECAP];
-      sqe->opcode = FU_OP_SPLICE;
-      sqe->fd = (int32_t)a->scratch.i64[SC_FD1];
-      sqe->splice_fd_in = (int32_t)a->src;
-      /* splice_off_in; -1: the file's own position (a pipe as source). */
-      sqe->addr = op->offset < 0 ? (uint64_t)-1 : (uint64_t)(op->offset + sent);
-      sqe->off = (uint64_t)-1; /* off_out: a pipe has none */
-      sqe->len = (uint32_t)(left < cap ? left : cap);
-      break;
-    case SF_WRITE:
-      /* Pipe -> socket: what the pipe holds. */
-      sqe->opcode = FU_OP_SPLICE;
-      sqe->fd = (int32_t)op->handle;
-      sqe->splice_fd_in = (int32_t)a->scratch.i64[SC_FD0];
-      sqe->addr = (uint64_t)-1;
-      sqe->off = (uint64_t)-1;
-      sqe->len = (uint32_t)a->scratch.i64[SC_INPIPE];
-      break;
-    case SF_WAIT_IN: /* a non-blocking source said EAGAIN */
-      prep_poll(sqe, (int)a->src, POLLIN);
-      break;
-    default: /* SF_WAIT_OUT: a non-blocking socket said EAGAIN */
-      prep_poll(sqe, (int)op->handle, POLLOUT);
-      break;
-  }
-}
-
-/* Fills the SQE for op (for SENDFILE: its current stage). */
+/* Fills the SQE for op. */
 static void prep_sqe(struct fu_sqe* sqe, fiocp_op_t* op) {
   memset(sqe, 0, sizeof(*sqe));
   sqe->fd = (int32_t)op->handle;
@@ -599,7 +560,8 @@ static void prep_sqe(struct fu_sqe* sqe, fiocp_op_t* op) {
       break;
     }
     case FIOCP_OP_SENDFILE:
-      prep_sendfile(sqe, op);
+      /* Between bursts: until the socket takes more (or fails). */
+      prep_poll(sqe, (int)op->handle, POLLOUT);
       break;
     case FIOCP_OP_WAIT_PROCESS:
       /* The pidfd becomes readable when the process exits. */
@@ -755,12 +717,7 @@ static void close_slot(fiocp_addr_t* a, int slot) {
 
 /* The descriptors a record holds between submit and completion. */
 static void release_fds(fiocp_op_t* op) {
-  if (op->kind == FIOCP_OP_SENDFILE) {
-    close_slot(op->addr, SC_FD0);
-    close_slot(op->addr, SC_FD1);
-  } else if (op->kind == FIOCP_OP_WAIT_PROCESS) {
-    close_slot(op->addr, SC_FD0);
-  }
+  if (op->kind == FIOCP_OP_WAIT_PROCESS) close_slot(op->addr, SC_FD0);
 }
 
 /* The exit status of the process behind pidfd, as waitpid() encodes it,
@@ -803,40 +760,15 @@ static int prepare_op(fiocp_op_t* op) {
     a->scratch.i64[SC_STATE] = 0;
   }
   switch (op->kind) {
-    case FIOCP_OP_SENDFILE: {
-      int p[2];
-      int cap;
-      a->scratch.i64[SC_FD0] = a->scratch.i64[SC_FD1] = -1;
-      a->scratch.i64[SC_STATE] = SF_READ;
-      a->scratch.i64[SC_SENT] = a->scratch.i64[SC_INPIPE] = 0;
+    case FIOCP_OP_SENDFILE:
+      a->scratch.i64[SC_SENT] = 0;
+      a->scratch.i64[SC_STATE] = 0;
+      if (op->offset < 0) return -EINVAL; /* the binding refuses it too */
       if (op->len == 0) {
         op->res = 0;
         return 1;
       }
-      /* Non-blocking: a splice must never sleep on the pipe itself (each
-       * stage only reads what is in it or fills an empty one). */
-      if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0) {
-        op->res = -errno;
-        return 1;
-      }
-      a->scratch.i64[SC_FD0] = p[0];
-      a->scratch.i64[SC_FD1] = p[1];
-      /* A larger pipe means fewer stages; refused (fs.pipe-max-size, the
-       * user's pipe-user-pages-soft), the default one does. */
-      cap = -1;
-      if (op->len > 65536u)
-        cap = fcntl(p[1], F_SETPIPE_SZ,
-                    op->len < SENDFILE_PIPE_MAX ? (int)op->len
-                                                : SENDFILE_PIPE_MAX);
-      if (cap < 0) cap = fcntl(p[1], F_GETPIPE_SZ);
-      if (cap <= 0) {
-        op->res = cap < 0 ? -errno : -EINVAL;
-        release_fds(op);
-        return 1;
-      }
-      a->scratch.i64[SC_PIPECAP] = cap;
       return 0;
-    }
     case FIOCP_OP_WAIT_PROCESS: {
       long fd;
       int rc;
@@ -864,6 +796,24 @@ static int prepare_op(fiocp_op_t* op) {
       return 0;
   }
 }
+
+/* Serializes the O_NONBLOCK toggles of sendfile bursts on blocking
+ * sockets (every port of this backend): a burst that found the flag set by
+ * another's toggle must not see it cleared under its feet. */
+static pthread_mutex_t sf_nb_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t sf_nb_once = PTHREAD_ONCE_INIT;
+
+/* fork() while another thread is in a burst must not leave the child a
+ * locked sf_nb_mu (a port the child creates would hang on it): the fork
+ * waits for the burst, which never waits for anything. */
+static void sf_nb_prepare(void) { pthread_mutex_lock(&sf_nb_mu); }
+static void sf_nb_release(void) { pthread_mutex_unlock(&sf_nb_mu); }
+static void sf_nb_atfork(void) {
+  /* Fails only with ENOMEM; the fork hazard above is then left as is. */
+  (void)pthread_atfork(sf_nb_prepare, sf_nb_release, sf_nb_release);
+}
+
+static int sendfile_burst(fiocp_op_t* op, int64_t* res);
 
 /* Whether kind needs the record's extension (addr). */
 static int kind_needs_addr(unsigned kind) {
@@ -897,7 +847,8 @@ static const uint8_t uring_support[FIOCP_OP__COUNT] = {
     [FIOCP_OP_POLL] = FIOCP_SUP_NATIVE,
     [FIOCP_OP_SENDMSG] = FIOCP_SUP_NATIVE,
     [FIOCP_OP_RECVMSG] = FIOCP_SUP_NATIVE,
-    [FIOCP_OP_SENDFILE] = FIOCP_SUP_NATIVE,     /* SPLICE through a pipe */
+    /* POLL_ADD, then sendfile() bursts from the backend (no opcode): */
+    [FIOCP_OP_SENDFILE] = FIOCP_SUP_EMULATED,
     [FIOCP_OP_WAIT_PROCESS] = FIOCP_SUP_NATIVE, /* pidfd + POLL_ADD */
     [FIOCP_OP_TIMER] = FIOCP_SUP_EMULATED, /* a heap on one TIMEOUT */
     [FIOCP_OP_FSYNC] = FIOCP_SUP_NATIVE,
@@ -1111,13 +1062,36 @@ static int uring_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
    * forever. */
   pthread_mutex_lock(&u->hub.mu);
   rc = fiocp__hub_begin_locked(&u->hub);
+  if (rc == 0 && !early && op->kind == FIOCP_OP_SENDFILE) {
+    /* The first burst goes out from this thread, without the hub's mutex:
+     * accounted already, so that a close() meanwhile finds the operation
+     * (it marks it cancelled, checked below); no SQE yet, so nothing else
+     * touches the record. The poll follows only if the socket filled. */
+    int64_t out = 0, sent;
+    int over;
+    pthread_mutex_unlock(&u->hub.mu);
+    over = sendfile_burst(op, &out);
+    pthread_mutex_lock(&u->hub.mu);
+    sent = op->addr->scratch.i64[SC_SENT];
+    if (!over && ((op->flags & FIOCP_OPF_CANCELLED) || u->hub.closed)) {
+      out = sent > 0 ? sent : -ECANCELED;
+      over = 1;
+    } else if (!over && op->timeout_ns > 0 && deadline_passed(op)) {
+      out = sent > 0 ? sent : FIOCP_ETIMEDOUT;
+      over = 1;
+    }
+    if (over) {
+      op->res = out;
+      early = 1; /* completes below, as one known at once */
+    }
+  }
   if (rc == 0 && !early) {
     rc = push_op(u, 1, op, 0, 0, 0);
     if (rc < 0) {
       u->hub.inflight--;
     } else if (op->timeout_ns > 0 && op->kind == FIOCP_OP_SENDFILE) {
-      /* After the stage: a close() sweep cancels the stage, and the guard
-       * is cancelled once the stages are over. Not queued (the kernel
+      /* After the POLL: a close() sweep cancels the POLL, and the guard
+       * is cancelled once the operation is over. Not queued (the kernel
        * refuses SQEs): the operation runs unbounded rather than fail. */
       op->addr->scratch.i64[SC_STATE] |= TK_GUARD;
       if (push_guard(u, op) < 0)
@@ -1213,8 +1187,8 @@ static void guard_cqe(uring_t* u, fiocp_op_t* op, int32_t res) {
   if (sc[SC_STATE] & TK_DONE) {
     track_settle(u, op); /* the last CQE the operation owed */
   } else if (res == -ETIME) {
-    /* Expired: cancel the stage in flight; its CQE finds the deadline
-     * passed and ends the operation (op_cqe, next_stage). */
+    /* Expired: cancel the POLL in flight; its CQE finds the deadline
+     * passed and ends the operation (op_cqe, sendfile_step). */
     track_push(u, op, TK_PUSH_CANCEL);
   } else if (!u->hub.closed && !(op->flags & FIOCP_OPF_CANCELLED)) {
     /* Cancelled though nobody asked: the exit of the thread that armed
@@ -1249,7 +1223,7 @@ static void track_pushes(uring_t* u, fiocp_op_t* op) {
   int64_t what = sc[SC_STATE] & TK_PUSH;
   sc[SC_STATE] &= ~TK_PUSH;
   if (sc[SC_STATE] & TK_DONE) {
-    /* The stages are over: a guard not re-armed yet is simply not. */
+    /* The operation is over: a guard not re-armed yet is simply not. */
     if (what & TK_PUSH_GUARD) sc[SC_STATE] &= ~(TK_GUARD | TK_GUARD_OFF);
     what &= TK_PUSH_GUARD_OFF;
   }
@@ -1263,7 +1237,7 @@ static void track_pushes(uring_t* u, fiocp_op_t* op) {
       return;
     }
   }
-  /* A failed push of a cancel leaves a stage running until it ends, or a
+  /* A failed push of a cancel leaves an SQE pending until it ends, or a
    * guard until it fires; a failed guard leaves the operation unbounded.
    * None loses the completion. */
   if (what & TK_PUSH_CANCEL)
@@ -1348,50 +1322,105 @@ static void next_stage(uring_t* u, fiocp_op_t* op) {
     requeue(u, op);
 }
 
-static void sendfile_step(uring_t* u, fiocp_op_t* op, int32_t res) {
-  int64_t* sc = op->addr->scratch.i64;
-  int64_t stage = sc[SC_STATE] & TK_STAGE;
-  switch (stage) {
-    case SF_READ:
-      if (res == -EAGAIN) {
-        stage = SF_WAIT_IN;
-      } else if (res <= 0) {
-        finish_op(u, op, res == 0 ? sc[SC_SENT] : res); /* 0: end of file */
-        return;
-      } else {
-        sc[SC_INPIPE] = res;
-        stage = SF_WRITE;
-      }
+/* One burst of a SENDFILE: sendfile() from the file at offset + what was
+ * sent before (the offset form never moves the file's position), as much
+ * as the socket takes now, up to SENDFILE_BURST bytes. Returns 1 when the
+ * operation is over (its result in *res: the bytes sent, short at end of
+ * file; an error only if nothing was sent), 0 when it waits for POLLOUT
+ * again (the socket is full, or the budget is spent). Called by submit()
+ * (no lock: the record is not in the ring yet) and by the harvest (hub.mu
+ * held); never blocks. */
+static int sendfile_burst(fiocp_op_t* op, int64_t* res) {
+  fiocp_addr_t* a = op->addr;
+  int fd = (int)op->handle;
+  int64_t sent = a->scratch.i64[SC_SENT];
+  int64_t budget = SENDFILE_BURST;
+  int fl, saved = -1, over = 0, locked = 0;
+  /* sendfile() has no per-call non-blocking flag: a blocking socket is made
+   * non-blocking for the burst (as the epoll backend does). */
+  fl = fcntl(fd, F_GETFL);
+  if (fl < 0) {
+    *res = sent > 0 ? sent : -errno;
+    return 1;
+  }
+  if (!(fl & O_NONBLOCK)) {
+    pthread_mutex_lock(&sf_nb_mu);
+    locked = 1;
+    fl = fcntl(fd, F_GETFL); /* again: a toggle may have just ended */
+    if (fl >= 0 && !(fl & O_NONBLOCK)) {
+      if (fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) fl = -1;
+      else saved = fl;
+    }
+    if (fl < 0) {
+      int e = errno;
+      pthread_mutex_unlock(&sf_nb_mu);
+      *res = sent > 0 ? sent : -e;
+      return 1;
+    }
+  }
+  for (;;) {
+    int64_t pos = op->offset + sent, want = (int64_t)op->len - sent;
+    off_t off = (off_t)pos;
+    ssize_t r;
+    if ((int64_t)off != pos) { /* a 32-bit off_t */
+      *res = sent > 0 ? sent : -EOVERFLOW;
+      over = 1;
       break;
-    case SF_WRITE:
-      if (res == -EAGAIN) {
-        stage = SF_WAIT_OUT;
+    }
+    if (want > budget) want = budget;
+    r = sendfile(fd, (int)a->src, &off, (size_t)want);
+    if (r > 0) {
+      sent += r;
+      budget -= r;
+      if (sent >= (int64_t)op->len) {
+        *res = sent;
+        over = 1;
         break;
       }
-      if (res <= 0) {
-        /* 0 from a socket that accepted nothing would loop forever. */
-        finish_op(u, op, res == 0 ? sc[SC_SENT] : res);
-        return;
-      }
-      sc[SC_SENT] += res;
-      sc[SC_INPIPE] -= res;
-      if (sc[SC_INPIPE] > 0) break; /* short: send the rest of the pipe */
-      if (sc[SC_SENT] >= (int64_t)op->len) {
-        finish_op(u, op, sc[SC_SENT]);
-        return;
-      }
-      stage = SF_READ;
+      if (budget <= 0) break; /* spent: let the hub's other work run */
+    } else if (r == 0) {
+      *res = sent; /* end of file */
+      over = 1;
       break;
-    default: /* SF_WAIT_IN, SF_WAIT_OUT: whatever fired, splice again */
-      if (res < 0) {
-        finish_op(u, op, res);
-        return;
-      }
-      stage = stage == SF_WAIT_IN ? SF_READ : SF_WRITE;
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      break; /* full: wait for POLLOUT */
+    } else if (errno != EINTR) {
+      *res = sent > 0 ? sent : -(int64_t)errno;
+      over = 1;
       break;
+    }
   }
-  sc[SC_STATE] = (sc[SC_STATE] & ~TK_STAGE) | stage;
-  next_stage(u, op);
+  if (locked) {
+    /* Fails only if the user closed fd meanwhile: no flag to restore. */
+    if (saved >= 0) (void)fcntl(fd, F_SETFL, saved);
+    pthread_mutex_unlock(&sf_nb_mu);
+  }
+  a->scratch.i64[SC_SENT] = sent;
+  return over;
+}
+
+/* A SENDFILE's POLL fired (res: the events, or an error): the next burst,
+ * then the next POLL unless the burst ended the operation. hub.mu held. */
+static void sendfile_step(uring_t* u, fiocp_op_t* op, int32_t res) {
+  int64_t out;
+  if (res < 0) {
+    finish_op(u, op, res);
+    return;
+  }
+  /* Cancelled, closed or timed out while the POLL's CQE was on its way
+   * (the cancel found nothing to hit): no more bytes go out. */
+  if ((op->flags & FIOCP_OPF_CANCELLED) || u->hub.closed) {
+    finish_op(u, op, -ECANCELED);
+    return;
+  }
+  if (op->timeout_ns > 0 && deadline_passed(op)) {
+    finish_op(u, op, FIOCP_ETIMEDOUT);
+    return;
+  }
+  if (sendfile_burst(op, &out))
+    finish_op(u, op, out);
+  else
+    requeue(u, op);
 }
 
 static void wait_process_step(uring_t* u, fiocp_op_t* op, int32_t res) {
@@ -1581,6 +1610,7 @@ static int uring_init(fiocp_port_t* port, unsigned entries,
     return rc;
   }
   fiocp__th_init(&u->timers, SC_HIDX);
+  (void)pthread_once(&sf_nb_once, sf_nb_atfork); /* cannot fail here */
   u->hub.ctx = u;
   u->hub.concurrency = concurrency;
   u->hub.poll = uring_poll;

@@ -3,8 +3,9 @@ liburing's test/ directory (each test names the file it comes from), plus
 what only the io_uring backend does its own way (csrc/unix/io_uring.c):
 LINK_TIMEOUTs that must stay adjacent to their operation in a tiny ring,
 absolute deadlines that survive the resubmission of a request whose thread
-exited, sendfile's splice stages and their pipe, pidfds, and the guard timer
-that bounds a sendfile blocked in an io-wq worker.
+exited, sendfile's bursts of non-blocking sendfile() between POLLs (the
+first one inside submit()), pidfds, and the guard timer that bounds a
+sendfile whatever number of POLLs it takes.
 
 Scenarios that make sense on every Linux backend run on epoll too (the
 `backend` fixture, narrowed by FASTIOCP_BACKEND); the others are io_uring's
@@ -440,7 +441,7 @@ def test_scm_rights_received_descriptor_is_not_inherited(uport):
 
 
 # ---------------------------------------------------------------------------
-# liburing test/splice.c (sendfile: file -> pipe -> socket)
+# liburing test/splice.c (sendfile: file -> socket, the kernel copies)
 # ---------------------------------------------------------------------------
 
 @pytest.fixture
@@ -474,10 +475,10 @@ def reader(sock: socket.socket, out: bytearray, pause: float = 0.0) -> threading
 @pytest.mark.parametrize("offset, count", [(0, None), (4093, 3_000_000), (1 << 20, 1)])
 def test_splice_file_to_socket(lport, big_file, blocking, offset, count):
     """liburing test/splice.c, test_splice (file -> pipe -> file, checked
-    byte for byte): sendfile of a range of a file to a socket, through the
-    backend's pipe, read on the other end by a slow reader (so that the
-    socket fills: a blocking socket blocks the splice, a non-blocking one
-    makes it wait for POLLOUT). Unaligned offsets, several pipe fills."""
+    byte for byte): sendfile of a range of a file to a socket, read on the
+    other end by a slow reader (so that the socket fills and the operation
+    waits for POLLOUT between bursts, whether the socket is blocking or
+    not). Unaligned offsets, several bursts; no descriptor left behind."""
     f, payload = big_file
     count = len(payload) - offset if count is None else count
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -494,7 +495,7 @@ def test_splice_file_to_socket(lport, big_file, blocking, offset, count):
         a.shutdown(socket.SHUT_WR)
         t.join(10)
         assert bytes(got) == payload[offset:offset + count]
-        assert open_fd_count() == fds, "the splice pipe was closed"
+        assert open_fd_count() == fds, "no descriptor left behind"
 
 
 def test_splice_short_at_end_of_file(lport, big_file):
@@ -528,16 +529,16 @@ def test_splice_to_a_closed_peer_reports_the_error(lport, big_file):
 
 @needs_uring
 def test_splice_cancel_reports_the_bytes_sent(uport, big_file):
-    """liburing test/splice.c with cancellation (io-wq: a splice blocked on
-    a full blocking socket is interrupted): the bytes that reached the
-    socket are the result, and the pipe is closed."""
+    """liburing test/splice.c with cancellation (a sendfile waiting for a
+    full blocking socket is cancelled): the bytes that reached the socket
+    are the result, and no descriptor is left behind."""
     f, payload = big_file
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:
         uport.register(a)
         fds = open_fd_count()
         op = uport.sendfile(a, f, 0, len(payload))
-        # Keep the port's stages moving until the socket is full.
+        # Keep the port's bursts going until the socket is full.
         assert uport.get(timeout=0.3) is None
         assert op.cancel() is True
         c = one(uport)
@@ -553,10 +554,10 @@ def test_splice_cancel_reports_the_bytes_sent(uport, big_file):
 @needs_uring
 def test_splice_timeout_bounds_a_blocked_sendfile(uport, big_file):
     """liburing test/splice.c + test/link-timeout.c: a sendfile into a
-    blocking socket nobody reads, with a timeout. The splice blocks inside
-    an io-wq worker, where this kernel has not armed a LINK_TIMEOUT yet: the
-    backend's guard timer must end it at its deadline, reporting what was
-    sent; the guard then leaves no trace and no descriptor."""
+    blocking socket nobody reads, with a timeout. The backend's guard timer
+    (one for the whole operation, not one per POLL) must end it at its
+    deadline, reporting what was sent; the guard then leaves no trace and
+    no descriptor."""
     f, payload = big_file
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:
@@ -579,7 +580,7 @@ def test_splice_timeout_bounds_a_blocked_sendfile(uport, big_file):
 @needs_uring
 def test_splice_timeout_that_does_not_fire(uport, big_file):
     """liburing test/link-timeout.c, test_single_link_no_timeout, for the
-    multi-stage sendfile: it completes in time, and its guard is removed
+    sendfile of many bursts: it completes in time, and its guard is removed
     (the completion waits for it: nothing comes later)."""
     f, payload = big_file
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -597,7 +598,7 @@ def test_splice_timeout_that_does_not_fire(uport, big_file):
 def test_splice_close_port_while_pending(backend, big_file):
     """liburing test/splice.c + ring exit with requests in flight: closing a
     port with blocked sendfiles (with and without timeouts) returns
-    promptly, completes them, and closes their pipes."""
+    promptly, completes them, and leaves no descriptor behind."""
     if backend not in LINUX_BACKENDS:
         pytest.skip("Linux backends only")
     f, _payload = big_file
@@ -620,6 +621,95 @@ def test_splice_close_port_while_pending(backend, big_file):
         for a, b in pairs:
             a.close()
             b.close()
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_sendfile_leaves_socket_flags_and_file_position(lport, big_file, blocking):
+    """sendfile() has no per-call non-blocking flag: both Linux backends
+    make a blocking socket non-blocking for each burst of sendfile() calls
+    and must give it back as it was; the offset form never moves the
+    file's own position."""
+    f, payload = big_file
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        a.setblocking(blocking)
+        lport.register(a)
+        got = bytearray()
+        t = reader(b, got, pause=0.001)  # slow: the socket fills, several bursts
+        lport.sendfile(a, f, 10, len(payload) - 10)
+        assert one(lport, timeout=30).result() == len(payload) - 10
+        assert a.getblocking() is blocking
+        assert os.lseek(f.fileno(), 0, os.SEEK_CUR) == 0
+        a.shutdown(socket.SHUT_WR)
+        t.join(10)
+        assert bytes(got) == payload[10:]
+
+
+@needs_uring
+def test_sendfile_that_fits_completes_at_submit(uport, big_file):
+    """io_uring: the first burst of sendfile() runs in submit(), so a
+    transfer the socket takes at once is complete before the call returns
+    (no POLL, no harvest: get(timeout=0) has it)."""
+    f, payload = big_file
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        uport.register(a)
+        op = uport.sendfile(a, f, 100, 1000)
+        c = uport.get(timeout=0)
+        assert c is op and c.result() == 1000
+        assert b.recv(2000) == payload[100:1100]
+
+
+@needs_uring
+def test_sendfile_bursts_survive_fork():
+    """io_uring: a fork() while another thread is inside a sendfile burst
+    (a blocking socket, made non-blocking under the backend's lock) leaves
+    the child a usable backend: a port it creates sends a file too."""
+    code = r"""
+import os, socket, sys, tempfile, threading, time, fastiocp
+fd, path = tempfile.mkstemp()
+os.write(fd, os.urandom(1 << 20)); os.close(fd)
+f = fastiocp.open(path, "rb")
+os.unlink(path)
+port = fastiocp.CompletionPort(backend="io_uring")
+a, b = socket.socketpair()                 # a stays blocking
+port.register(a)
+threading.Thread(target=lambda: [None for _ in iter(lambda: b.recv(1 << 16), b"")],
+                 daemon=True).start()
+stop = []
+def pump():
+    while not stop:
+        port.sendfile(a, f, 0, 1 << 20)
+        assert port.get(timeout=10).nbytes > 0
+t = threading.Thread(target=pump)
+t.start()
+for i in range(40):
+    pid = os.fork()
+    if pid == 0:
+        p = fastiocp.CompletionPort(backend="io_uring")
+        c, d = socket.socketpair()
+        p.register(c)
+        p.sendfile(c, f, 0, 1000)
+        ok = p.get(timeout=5).nbytes == 1000 and len(d.recv(2000)) == 1000
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            print("child", i, "hung")
+            os._exit(3)
+        time.sleep(0.002)
+    assert status == 0, (i, status)
+stop.append(1)
+t.join()
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr[-4000:])
 
 
 # ---------------------------------------------------------------------------
@@ -1023,12 +1113,14 @@ def test_waitid_cancel_race(uport):
 @needs_uring
 def test_io_uring_operation_table():
     """The io_uring backend does every new kind with io_uring opcodes
-    (sendfile as SPLICE stages, process waits as a polled pidfd), timeouts
-    as LINK_TIMEOUTs, but timers: a user-space heap on one kernel TIMEOUT;
-    connect_pipe is Windows-only."""
+    (process waits as a polled pidfd), timeouts as LINK_TIMEOUTs, but
+    timers (a user-space heap on one kernel TIMEOUT) and sendfile (bursts of
+    sendfile() from the backend whenever a POLL says the socket is
+    writable, as epoll does); connect_pipe is Windows-only."""
     table = fastiocp.backend_operations("io_uring")
     assert table.pop("connect_pipe") == "unsupported"
     assert table.pop("timer") == "emulated"
+    assert table.pop("sendfile") == "emulated"
     assert set(table.values()) == {"native"}
 
 
