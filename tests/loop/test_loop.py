@@ -270,6 +270,30 @@ def test_buffered_protocol_replaced_while_its_receive_is_pending(loop):
     assert run(loop, main()) == data
 
 
+@linux_only
+def test_read_pipe_closes_at_end_of_file(loop):
+    """A read pipe's transport closes at end of file even when
+    eof_received() returns true (StreamReaderProtocol does), as the selector
+    loop's do on POSIX: the pipe is closed at once, not when the transport is
+    collected (CPython's test_streams.test_unclosed_resource_warnings counts
+    the ResourceWarnings of a later garbage collection)."""
+    rfd, wfd = os.pipe()
+    pipe = open(rfd, "rb", 0)
+
+    async def main():
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.connect_read_pipe(lambda: protocol, pipe)
+        os.write(wfd, b"data")
+        os.close(wfd)
+        data = await reader.read()
+        for _ in range(10):  # connection_lost comes through call_soon
+            await asyncio.sleep(0)
+        return data, transport.is_closing(), pipe.closed
+
+    assert run(loop, main()) == (b"data", True, True)
+
+
 def test_udp_datagrams_round_trip_with_addresses(loop):
     class Echo(asyncio.DatagramProtocol):
         def connection_made(self, transport):

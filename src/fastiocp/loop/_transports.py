@@ -225,7 +225,10 @@ class _PipeRepr:
 
     def __repr__(self) -> str:
         # The selector loop's pipe transports say open/closing/closed.
-        text = super().__repr__()
+        try:
+            text = super().__repr__()
+        except ValueError:  # the pipe's file object was closed under it
+            return f"<{type(self).__name__} closed file>"
         if self._sock is not None and not self._closing:
             name, _, rest = text[1:].partition(" ")
             text = f"<{name} open {rest}" if rest else f"<{name} open>"
@@ -234,6 +237,23 @@ class _PipeRepr:
 
 class ReadPipeTransport(_PipeRepr, _ClosesQuietly, _ReceivesBytes, proactor_events._ProactorReadPipeTransport):
     """connect_read_pipe()."""
+
+    def _eof_received(self) -> None:
+        if sys.platform == "win32":
+            super()._eof_received()  # type: ignore[misc]
+            return
+        # As the selector loop's read pipes on POSIX: at end of file the
+        # transport closes, whatever eof_received() returns (the stdlib's
+        # proactor keeps it open when it returns true, and the pipe's file
+        # stays open until the transport is collected).
+        try:
+            self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")  # type: ignore[attr-defined]
+            return
+        self.close()  # type: ignore[attr-defined]
 
 
 if sys.platform == "win32":
