@@ -115,6 +115,185 @@ def test_protocol_server_echoes_every_byte(loop, proto):
         assert made[0].calls >= len(data) // 4096  # received into the protocol's 4 KiB buffer
 
 
+class _RecordingBuffered(asyncio.BufferedProtocol):
+    """Records get_buffer()'s size hints and the order of the calls; pauses
+    reading after every `pause_every`-th buffer_updated() and resumes it
+    from a later loop iteration."""
+
+    def __init__(self, pause_every: int = 0):
+        self.buf = bytearray(1000)
+        self.hints: list = []
+        self.order: list = []
+        self.got = bytearray()
+        self.pause_every = pause_every
+        self.eof = asyncio.get_event_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        self.hints.append(sizehint)
+        self.order.append("get")
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        self.order.append("updated")
+        self.got += self.buf[:nbytes]
+        if self.pause_every and self.order.count("updated") % self.pause_every == 0:
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(0.002, self.transport.resume_reading)
+
+    def eof_received(self):
+        self.eof.set_result(bytes(self.got))
+
+
+@pytest.mark.parametrize("pause_every", [0, 3], ids=["reading", "paused_and_resumed"])
+def test_buffered_protocol_is_received_into_straight(loop, pause_every):
+    """The receive goes into the protocol's own buffer (get_buffer(-1), as
+    the selector loop asks when it does not know the size; the stdlib
+    proactor copies, asking for the size it has), buffer_updated() comes
+    before the next get_buffer(), and pausing loses and reorders nothing."""
+    data = payload(120_000)
+    made = []
+
+    def factory():
+        made.append(_RecordingBuffered(pause_every))
+        return made[-1]
+
+    async def main():
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        client = socket.create_connection(server.sockets[0].getsockname())
+        client.setblocking(False)
+        for i in range(0, len(data), 7000):  # several receives, some while paused
+            await loop.sock_sendall(client, data[i:i + 7000])
+            await asyncio.sleep(0.001)
+        client.shutdown(socket.SHUT_WR)
+        while not made:
+            await asyncio.sleep(0.001)
+        got = await made[0].eof
+        client.close()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    assert run(loop, main()) == data
+    proto = made[0]
+    assert set(proto.hints) == {-1}
+    order = proto.order
+    assert all(a != b for a, b in zip(order, order[1:])), "get_buffer() twice without buffer_updated()"
+    if pause_every:
+        assert order.count("updated") > pause_every
+
+
+def test_set_protocol_mid_stream_hands_over_every_byte(loop):
+    """A BufferedProtocol replaced by a Protocol (set_protocol, as start_tls
+    and protocol upgrades do) while a receive into its buffer is pending:
+    what that receive brings goes to the new protocol; nothing is lost."""
+    data = payload(50_000)
+
+    class Plain(asyncio.Protocol):
+        def __init__(self, got, eof):
+            self.got, self.eof = got, eof
+
+        def data_received(self, chunk):
+            assert type(chunk) is bytes
+            self.got += chunk
+
+        def eof_received(self):
+            self.eof.set_result(bytes(self.got))
+
+    class SwitchesAfterFirst(_RecordingBuffered):
+        def buffer_updated(self, nbytes):
+            super().buffer_updated(nbytes)
+            if len(self.order) == 2:  # the next receive is not started yet: switch now
+                self.transport.set_protocol(Plain(self.got, self.eof))
+
+    made = []
+
+    async def main():
+        def factory():
+            made.append(SwitchesAfterFirst())
+            return made[-1]
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        client = socket.create_connection(server.sockets[0].getsockname())
+        client.setblocking(False)
+        await loop.sock_sendall(client, data[:100])
+        while not made or not made[0].order:
+            await asyncio.sleep(0.001)
+        await loop.sock_sendall(client, data[100:])
+        client.shutdown(socket.SHUT_WR)
+        got = await made[0].eof
+        client.close()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    assert run(loop, main()) == data
+
+
+def test_buffered_protocol_replaced_while_its_receive_is_pending(loop):
+    """set_protocol() from outside the protocol's callbacks, with a receive
+    into the old protocol's buffer in flight: the data that receive brings
+    is handed to the new protocol, in order."""
+    data = payload(30_000)
+
+    class Plain(asyncio.Protocol):
+        def __init__(self):
+            self.got = bytearray()
+            self.eof = asyncio.get_event_loop().create_future()
+
+        def data_received(self, chunk):
+            self.got += chunk
+
+        def eof_received(self):
+            self.eof.set_result(bytes(self.got))
+
+    made = []
+
+    async def main():
+        server = await loop.create_server(lambda: made.append(_RecordingBuffered()) or made[-1], "127.0.0.1", 0)
+        client = socket.create_connection(server.sockets[0].getsockname())
+        client.setblocking(False)
+        while not made or not made[0].order:  # get_buffer() called: a receive is pending
+            await asyncio.sleep(0.001)
+        new = Plain()
+        made[0].transport.set_protocol(new)
+        await loop.sock_sendall(client, data)
+        client.shutdown(socket.SHUT_WR)
+        got = await new.eof
+        client.close()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    assert run(loop, main()) == data
+
+
+@linux_only
+def test_read_pipe_closes_at_end_of_file(loop):
+    """A read pipe's transport closes at end of file even when
+    eof_received() returns true (StreamReaderProtocol does), as the selector
+    loop's do on POSIX: the pipe is closed at once, not when the transport is
+    collected (CPython's test_streams.test_unclosed_resource_warnings counts
+    the ResourceWarnings of a later garbage collection)."""
+    rfd, wfd = os.pipe()
+    pipe = open(rfd, "rb", 0)
+
+    async def main():
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.connect_read_pipe(lambda: protocol, pipe)
+        os.write(wfd, b"data")
+        os.close(wfd)
+        data = await reader.read()
+        for _ in range(10):  # connection_lost comes through call_soon
+            await asyncio.sleep(0)
+        return data, transport.is_closing(), pipe.closed
+
+    assert run(loop, main()) == (b"data", True, True)
+
+
 def test_udp_datagrams_round_trip_with_addresses(loop):
     class Echo(asyncio.DatagramProtocol):
         def connection_made(self, transport):

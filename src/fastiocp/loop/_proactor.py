@@ -87,6 +87,9 @@ class PortProactor:
         # Operations in flight: cancelled and waited for by close().
         self._pending: Dict[Completion, futures.Future] = {}
         self._stopped_serving: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+        # Completions dequeued but not finished: a KeyboardInterrupt in a
+        # direct callback left them for the next select().
+        self._backlog: List[Completion] = []
 
     # ---- plumbing -------------------------------------------------------------
 
@@ -140,15 +143,39 @@ class PortProactor:
         finishes the futures of every completion dequeued."""
         if timeout is not None and timeout < 0:
             timeout = 0
+        if self._backlog:
+            batch, self._backlog = self._backlog, []
+            return self._finish(batch)
         try:
             batch = self._port.get_many(BATCH, timeout=timeout)
         except PortClosedError:
             return []
+        # What the callbacks submit (receives started again) reaches the
+        # kernel in one system call when the batch is finished.
+        with self._port.batch():
+            return self._finish(batch)
+
+    def _finish(self, batch: List[Completion]) -> List[futures.Future]:
         pending = self._pending
         done = []
-        for c in batch:
+        for i, c in enumerate(batch):
             ctx = c.context
             if ctx is None:  # a wake-up post (call_soon_threadsafe)
+                continue
+            if type(ctx) is not tuple:
+                # A direct operation (recv_direct): its callback runs now,
+                # as the loop would run a ready handle.
+                try:
+                    ctx(c)
+                except (SystemExit, KeyboardInterrupt):
+                    # What is left of the batch is finished by the next select().
+                    self._backlog = batch[i + 1:]
+                    raise
+                except BaseException as exc:  # noqa: BLE001
+                    self._loop.call_exception_handler({
+                        "message": f"Exception in callback {ctx!r}",
+                        "exception": exc,
+                    })
                 continue
             pending.pop(c, None)
             fut, finish = ctx
@@ -197,6 +224,22 @@ class PortProactor:
             return self._start(self._port.read, _nbytes, conn, buf, None)
         except OSError as exc:
             return self._failed(exc)
+
+    def recv_direct(self, conn: Any, buf: Any, callback: Callable[[Completion], Any]) -> Completion:
+        """Receives into buf; select() calls callback(completion) when it is
+        done, with no Future in between (the transports' read loop). conn
+        must be registered already (register()); errors raise here."""
+        return self._port.recv(conn, buf, context=callback)
+
+    def again(self, op: Completion) -> Completion:
+        """Starts a finished direct operation again, the same way (same
+        buffer, same callback): no new Completion."""
+        self._port.resubmit((op,))
+        return op
+
+    def register(self, conn: Any) -> None:
+        """Associates conn with the port for the direct operations."""
+        self._register(conn)
 
     def recvfrom(self, conn: socket.socket, nbytes: int, flags: int = 0) -> futures.Future:
         try:
@@ -372,6 +415,7 @@ class PortProactor:
                 fut.cancel()
         self._pending.clear()
         self._owners.clear()
+        self._backlog.clear()
 
     def __repr__(self) -> str:
         return f"<PortProactor backend={self._port.backend if not self._port.closed else 'closed'}>"

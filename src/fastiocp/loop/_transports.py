@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from asyncio import base_events, proactor_events
+from asyncio import base_events, proactor_events, protocols
 from typing import Any
 
 
@@ -93,7 +93,125 @@ class _ReceivesBytes:
         super()._data_received(data, length)  # type: ignore[misc]
 
 
-class SocketTransport(_ClosesQuietly, _ReceivesBytes, _WritesAtOnce, proactor_events._ProactorSocketTransport):
+class _ReadsDirect:
+    """The read loop of the stdlib's proactor transports, with no Future per
+    receive: the receive's Completion calls _loop_reading itself from the
+    proactor's select(). _read_fut is that Completion (close() cancels it;
+    its completion then comes back here and is dropped).
+
+    A Protocol gets what the stdlib gives it: the receive is started again
+    before data_received() gets a copy of the data; a paused transport keeps
+    one receive pending and holds its data until resume_reading(). A
+    BufferedProtocol is received into straight: the receive goes into the
+    buffer get_buffer(-1) returned, and buffer_updated(n) comes before the
+    next get_buffer() (so the next receive starts after it). Data received
+    while paused waits in that buffer for resume_reading(); data received
+    into the buffer of a protocol replaced since (set_protocol) goes to the
+    new protocol as the stdlib hands over data."""
+
+    _closing: bool
+    _paused: bool
+    _loop: Any
+    _sock: Any
+    _data: bytearray
+    _read_fut: Any
+    _protocol: Any
+    # The BufferedProtocol whose buffer the pending receive fills (None: the
+    # transport's own buffer), and a receive into one that completed while
+    # paused: (protocol, buffer, nbytes), delivered on resume_reading().
+    _buffer_owner: Any = None
+    _held: Any = None
+
+    def _loop_reading(self, fut: Any = None) -> None:
+        length = -1
+        data = None
+        try:
+            if fut is not None:
+                if self._read_fut is fut:
+                    self._read_fut = None
+                elif self._read_fut is not None or not self._closing:
+                    return  # not our receive any more
+                if fut.cancelled:
+                    return  # cancelled by close()
+                err = fut.error
+                if err is not None:
+                    raise err
+                length = fut.nbytes
+                buf = fut.buffer
+                if buf is not self._data and length:
+                    owner, self._buffer_owner = self._buffer_owner, None
+                    length = -1  # delivered here, not by "finally"
+                    if self._closing:
+                        return
+                    if self._paused:
+                        self._held = (owner, buf, fut.nbytes)
+                        return
+                    self._deliver(owner, buf, fut.nbytes)
+                    fut = None  # the next receive is a new one
+                elif length == 0:
+                    return  # end of file: no new receive ("finally" delivers it)
+                else:
+                    data = bytes(memoryview(buf)[:length])
+                    if isinstance(self._protocol, protocols.BufferedProtocol):
+                        # Switched to one by set_protocol(): it gets this data
+                        # before its get_buffer() is called for the next receive.
+                        length = -1
+                        self._data_received(data, len(data))  # type: ignore[attr-defined]
+                        fut = None
+            else:
+                held = self._held
+                if held is not None:
+                    self._held = None
+                    self._deliver(*held)
+                elif self._read_fut is not None:
+                    return  # a receive is pending already
+                else:
+                    self._loop._proactor.register(self._sock)
+            if self._closing or self._paused:
+                return  # closing: data read from now on is dropped
+            proto = self._protocol
+            if isinstance(proto, protocols.BufferedProtocol):
+                try:
+                    buf = proto.get_buffer(-1)
+                    if not len(buf):
+                        raise RuntimeError("get_buffer() returned an empty buffer")
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")  # type: ignore[attr-defined]
+                    return
+                self._read_fut = self._loop._proactor.recv_direct(self._sock, buf, self._loop_reading)
+                self._buffer_owner = proto
+            elif fut is not None:
+                self._read_fut = self._loop._proactor.again(fut)  # same buffer, same callback
+            else:
+                self._read_fut = self._loop._proactor.recv_direct(self._sock, self._data, self._loop_reading)
+        except ConnectionAbortedError as exc:
+            if not self._closing:
+                self._fatal_error(exc, "Fatal read error on pipe transport")  # type: ignore[attr-defined]
+        except ConnectionResetError as exc:
+            self._force_close(exc)  # type: ignore[attr-defined]
+        except OSError as exc:
+            self._fatal_error(exc, "Fatal read error on pipe transport")  # type: ignore[attr-defined]
+        finally:
+            if length > -1:
+                self._data_received(data, length)  # type: ignore[attr-defined]
+
+    def _deliver(self, owner: Any, buf: Any, nbytes: int) -> None:
+        """nbytes were received into owner's buffer buf."""
+        if owner is self._protocol:
+            try:
+                owner.buffer_updated(nbytes)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")  # type: ignore[attr-defined]
+        else:  # the protocol changed meanwhile
+            self._data_received(bytes(memoryview(buf)[:nbytes]), nbytes)  # type: ignore[attr-defined]
+
+
+class SocketTransport(_ClosesQuietly, _ReadsDirect, _ReceivesBytes, _WritesAtOnce,
+                      proactor_events._ProactorSocketTransport):
     """TCP and Unix stream connections."""
 
 
@@ -107,7 +225,10 @@ class _PipeRepr:
 
     def __repr__(self) -> str:
         # The selector loop's pipe transports say open/closing/closed.
-        text = super().__repr__()
+        try:
+            text = super().__repr__()
+        except ValueError:  # the pipe's file object was closed under it
+            return f"<{type(self).__name__} closed file>"
         if self._sock is not None and not self._closing:
             name, _, rest = text[1:].partition(" ")
             text = f"<{name} open {rest}" if rest else f"<{name} open>"
@@ -116,6 +237,23 @@ class _PipeRepr:
 
 class ReadPipeTransport(_PipeRepr, _ClosesQuietly, _ReceivesBytes, proactor_events._ProactorReadPipeTransport):
     """connect_read_pipe()."""
+
+    def _eof_received(self) -> None:
+        if sys.platform == "win32":
+            super()._eof_received()  # type: ignore[misc]
+            return
+        # As the selector loop's read pipes on POSIX: at end of file the
+        # transport closes, whatever eof_received() returns (the stdlib's
+        # proactor keeps it open when it returns true, and the pipe's file
+        # stays open until the transport is collected).
+        try:
+            self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")  # type: ignore[attr-defined]
+            return
+        self.close()  # type: ignore[attr-defined]
 
 
 if sys.platform == "win32":
