@@ -27,9 +27,10 @@ On Windows (the embeddable CPython under Wine, tools/wine/test.sh --python,
 with CPython's Lib/test brought in by that script) the same, with the
 Windows stdlib loop as the baseline: the mixin modules' Proactor classes
 (test_events.ProactorEventLoopTests, ...; the Unix-only mixins do not exist
-there). Ours also replaces asyncio.ProactorEventLoop, the Windows default
-loop, which some modules construct by name (test_subprocess's
-SubprocessProactorTests) and test with isinstance(). The add_reader/
+there). Ours also replaces asyncio.ProactorEventLoop (and asyncio.EventLoop,
+3.13+), the Windows default loop, which some modules construct by name
+(test_subprocess's SubprocessProactorTests, test_runners) and test with
+isinstance(). The add_reader/
 add_writer tests of the mixin that ProactorEventLoopTests skips
 ("IocpEventLoop does not have add_reader()") run on ours, which has them
 (WINDOWS_UNSKIP).
@@ -44,9 +45,10 @@ passes on the stdlib and fails, errors, hangs or crashes on ours is a
 regression; regressions are run once more alone and reported as flaky when
 they pass then. Exit status 1 when a regression remains.
 
---ci: ours only, on CI_MODULES (CI_MODULES_WINDOWS on Windows); exit status
-1 on any failure not listed in tools/asyncio_suite_known.txt (Windows:
-tools/asyncio_suite_known_windows.txt), "<test id>  # reason", one per line.
+--ci: ours only, on CI_MODULES; exit status 1 on any failure not listed in
+tools/asyncio_suite_known.txt (Windows: tools/asyncio_suite_known_windows.txt),
+"<test id>  # reason", one per line; a test whose reason starts with
+"skip:" is not run at all.
 
 Test ids are normalized: "module.Class.test", with ours' class name
 (Fastiocp<StdlibClass>) mapped back to the stdlib class's.
@@ -100,8 +102,6 @@ OURS_PREFIX = "Fastiocp"
 # --ci: the modules that exercise the loop itself, well under 3 minutes.
 CI_MODULES = ["test_events", "test_sock_lowlevel", "test_sendfile", "test_buffered_proto", "test_server",
               "test_sslproto", "test_streams", "test_subprocess", "test_ssl", "test_runners", "test_threads"]
-# --ci on Windows under Wine (about 10x slower): CI_MODULES_WINDOWS_TBD
-CI_MODULES_WINDOWS = list(CI_MODULES)
 MEMORY_LIMIT = 6 << 30  # address space of a worker
 OUTCOMES_BAD = {"fail", "error", "hang", "crash"}
 OUTCOMES_OK = {"pass", "xfail"}
@@ -139,8 +139,11 @@ def _worker(module_name: str, mode: str, out_path: str, skip: Set[str], only: Op
 
         asyncio.DefaultEventLoopPolicy._loop_factory = EventLoop  # type: ignore[attr-defined]
         if windows:
-            # The Windows default loop, constructed by name in some modules.
+            # The Windows default loop, constructed by name in some modules
+            # (asyncio.EventLoop: its 3.13+ name).
             asyncio.ProactorEventLoop = EventLoop  # type: ignore[attr-defined,misc]
+            if hasattr(asyncio, "EventLoop"):
+                asyncio.EventLoop = EventLoop  # type: ignore[attr-defined,misc]
     out = open(out_path, "a", buffering=1)
     # unittest's buffer swaps sys.stderr for a StringIO during each test: the
     # watchdog writes to the real descriptor.
@@ -299,8 +302,10 @@ class ModuleRun:
 
 
 def run_module(python: str, module: str, mode: str, timeout: float, only: Optional[Iterable[str]] = None,
-               env_extra: Optional[Dict[str, str]] = None) -> ModuleRun:
+               env_extra: Optional[Dict[str, str]] = None, never: Iterable[str] = ()) -> ModuleRun:
+    """never: test ids not to run at all (--ci's known hangs)."""
     mr = ModuleRun(module, mode)
+    never = list(never)
     t0 = time.monotonic()
     env = dict(os.environ)
     env.update(env_extra or {})
@@ -314,7 +319,7 @@ def run_module(python: str, module: str, mode: str, timeout: float, only: Option
                 f.write("\n".join(only))
         for attempt in range(200):
             with open(skipf, "w") as f:
-                f.write("\n".join(mr.results))
+                f.write("\n".join(list(mr.results) + never))
             if os.path.exists(out):
                 os.unlink(out)
             cmd = [python, os.path.abspath(__file__), "--worker", module, "--mode", mode, "--out", out,
@@ -432,7 +437,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_start = time.monotonic()
     only_ids: Optional[List[str]] = args.only or None
     if args.ci:
-        modules = list(CI_MODULES_WINDOWS if windows else CI_MODULES)
+        modules = list(CI_MODULES)
         modes = ["ours"]
     elif args.full:
         modules = list_modules(python)
@@ -447,13 +452,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if os.environ.get("FASTIOCP_WINE_CPYTHON_TESTS"):
         print(f"   test package: {os.environ['FASTIOCP_WINE_CPYTHON_TESTS']}", flush=True)
 
+    known = read_known(KNOWN_FILE_WINDOWS if windows else KNOWN_FILE) if args.ci else {}
+    # Known failures whose reason starts with "skip:" (hangs on the stdlib
+    # loop too, say) are not run by --ci at all: a hang costs its watchdog.
+    not_run = sorted(t for t, why in known.items() if why.startswith("skip:"))
     jobs = [(m, mode) for m in modules for mode in modes]
     runs: Dict[Tuple[str, str], ModuleRun] = {}
 
     def one(job: Tuple[str, str]) -> ModuleRun:
         m, mode = job
         mod_only = [t for t in only_ids if t.split(".")[0] == m] if only_ids else None
-        mr = run_module(python, m, mode, args.timeout, mod_only)
+        mr = run_module(python, m, mode, args.timeout, mod_only, never=not_run)
         bad = sum(1 for o, _, _ in mr.results.values() if o in OUTCOMES_BAD)
         print(f"   {m:24s} {mode:6s} {len(mr.results):4d} tests {bad:3d} bad  {mr.seconds:6.1f}s"
               + (f"  ({mr.note.splitlines()[0]})" if mr.note else ""), flush=True)
@@ -496,6 +505,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"\n== Python {info}: tests run {len(set(std) | set(ours))}; passed on the stdlib loop "
               f"{len(std_ok)}; passed on fastiocp's {len(ours_ok & set(std))}; "
               f"regressions {len(real)}" + (f" (+{len(flaky)} flaky: passed when run again)" if flaky else ""))
+        def counts(res: Dict[str, Tuple[str, str, float]]) -> str:
+            n = {k: sum(1 for o, _, _ in res.values() if o in outs)
+                 for k, outs in (("passed", OUTCOMES_OK), ("failed", OUTCOMES_BAD), ("skipped", {"skip"}))}
+            return ", ".join(f"{v} {k}" for k, v in n.items())
+
+        print(f"   stdlib loop: {counts(std)}; fastiocp's: {counts(ours)}; passed on fastiocp's only: "
+              f"{len(ours_ok - std_ok)}")
         only_std = sorted(set(std) - set(ours))
         if only_std:
             print(f"   (ids run on the stdlib loop only: {len(only_std)}, e.g. {only_std[:3]})")
@@ -512,13 +528,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         report.update(regressions=real, flaky=flaky, skipped_on_ours=skipped)
         status = 1 if real else 0
     else:
-        known = read_known(KNOWN_FILE_WINDOWS if windows else KNOWN_FILE) if args.ci else {}
         bad = sorted(t for t, (o, _, _) in ours.items() if o in OUTCOMES_BAD)
         unexpected = [t for t in bad if t not in known]
         passed = sum(1 for o, _, _ in ours.values() if o in OUTCOMES_OK)
         print(f"\n== Python {info}: fastiocp's loop: {len(ours)} tests, {passed} passed, {len(bad)} failed "
               f"({len(bad) - len(unexpected)} known), "
-              f"{sum(1 for o, _, _ in ours.values() if o == 'skip')} skipped")
+              f"{sum(1 for o, _, _ in ours.values() if o == 'skip')} skipped"
+              + (f", {len(not_run)} not run (known: skip)" if not_run else ""))
         for t in bad:
             o, d, _ = ours[t]
             tag = "known     " if t in known else "FAILURE   "
