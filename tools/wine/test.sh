@@ -304,13 +304,19 @@ cp "$HERE/pyconfig.h" "$INCDIR/pyconfig.h"
 # 3.13: trixie's). Redone only when the pin changes; which one was used is in
 # $TESTLIB/.source and is printed on every run (FASTIOCP_WINE_CPYTHON_TESTS).
 tests_want="Python-$CPYTHON_VERSION.tgz sha256=$CPYTHON_TGZ_SHA256 layout=1"
-copy_lib_test() {  # copy_lib_test SRC_TEST_DIR DESCRIPTION
-    "$HOSTPY" - "$1" "$TESTLIB/test" <<'EOF' || return 1
-import shutil, sys
-shutil.copytree(sys.argv[1], sys.argv[2], symlinks=False,
-                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+copy_lib_test() {  # copy_lib_test DESCRIPTION SRC_TEST_DIR...: merged into $TESTLIB/test
+    local desc=$1
+    shift
+    "$HOSTPY" - "$TESTLIB/test" "$@" <<'EOF' || return 1
+import os, shutil, sys
+for src in sys.argv[2:]:
+    shutil.copytree(src, sys.argv[1], symlinks=False, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+for need in ("__init__.py", "support/__init__.py", "test_asyncio/__init__.py"):
+    if not os.path.isfile(os.path.join(sys.argv[1], need)):
+        sys.exit(f"  no test/{need} in {sys.argv[2:]}")
 EOF
-    printf '%s\n%s\n' "$tests_want" "$2" >"$TESTLIB/.source"
+    printf '%s\n%s\n' "$tests_want" "$desc" >"$TESTLIB/.source"
 }
 fetch_cpython_tests() {
     rm -rf "$TESTLIB"
@@ -376,15 +382,18 @@ EOF
     if [[ -n $best ]]; then
         local ver=${best#"$pyenv_root"/versions/}
         ver=${ver%%/*}
-        copy_lib_test "$best" "CPython $ver: the Lib/test of the pyenv install $best (python.org's tarball unavailable)" \
-            && return 0
+        copy_lib_test "CPython $ver: the Lib/test of the pyenv install $best (python.org's tarball unavailable)" \
+            "$best" && return 0
         rm -rf "$TESTLIB/test"
     fi
-    # (3) Debian
+    # (3) Debian: test/__init__.py and test/support are in libpythonX.Y-stdlib,
+    # the rest of Lib/test in libpythonX.Y-testsuite.
     local deb=$CACHE/debian-testsuite/python$PYVER
-    if debian_fetch "libpython$PYVER-testsuite" "$deb" && [[ -d $deb/usr/lib/python$PYVER/test/test_asyncio ]]; then
-        copy_lib_test "$deb/usr/lib/python$PYVER/test" \
-            "$(<"$deb/.debian-package"): its Lib/test (python.org's tarball unavailable, no pyenv $PYVER)" && return 0
+    if debian_fetch "libpython$PYVER-testsuite" "$deb/testsuite" && debian_fetch "libpython$PYVER-stdlib" "$deb/stdlib"
+    then
+        copy_lib_test "$(<"$deb/testsuite/.debian-package") and -stdlib: their Lib/test (python.org's tarball \
+unavailable, no pyenv $PYVER)" "$deb/stdlib/usr/lib/python$PYVER/test" "$deb/testsuite/usr/lib/python$PYVER/test" \
+            && return 0
     fi
     return 1
 }
