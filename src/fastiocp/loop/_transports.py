@@ -210,7 +210,49 @@ class _ReadsDirect:
             self._data_received(bytes(memoryview(buf)[:nbytes]), nbytes)  # type: ignore[attr-defined]
 
 
-class SocketTransport(_ClosesQuietly, _ReadsDirect, _ReceivesBytes, _WritesAtOnce,
+class _FlushesOnClose:
+    """close() with writes pending lets the protocol go on writing until
+    they are done, as the selector loop's transports do: the connection is
+    lost (and the socket closed) only when nothing is left to send.
+
+    The stdlib's proactor transports count the connection lost at close(),
+    so whatever the protocol writes when the last write's completion calls
+    its resume_writing() is dropped. SSLProtocol holds its close_notify
+    while the transport has paused it and sends it from resume_writing(),
+    after it has asked for close(): the close_notify never went out, and a
+    peer waiting for it spun forever (CPython's test_ssl
+    test_remote_shutdown_receives_trailing_data: every run on Linux once the
+    4 MiB write completed after close(), now and then on the stdlib's
+    ProactorEventLoop under Wine)."""
+
+    _closing: bool
+    _conn_lost: int
+    _buffer: Any
+    _write_fut: Any
+    _read_fut: Any
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        if not self._buffer and self._write_fut is None:
+            super().close()  # type: ignore[misc]
+            return
+        # The last write's completion calls _call_connection_lost (the
+        # stdlib's _loop_writing does, for a closing transport).
+        self._closing = True
+        if self._read_fut is not None:
+            self._read_fut.cancel()
+            self._read_fut = None
+
+    def _call_connection_lost(self, exc: Any) -> None:
+        if exc is None and self._write_fut is not None:
+            return  # written after close(): that write's completion calls again
+        if not self._conn_lost:
+            self._conn_lost = 1  # later writes are dropped
+        super()._call_connection_lost(exc)  # type: ignore[misc]
+
+
+class SocketTransport(_FlushesOnClose, _ClosesQuietly, _ReadsDirect, _ReceivesBytes, _WritesAtOnce,
                       proactor_events._ProactorSocketTransport):
     """TCP and Unix stream connections."""
 
