@@ -6,7 +6,12 @@ without them (Linux; each backend that works here):
   + send loop through the same port (256 KiB buffer, asyncio's sendfile
   fallback's size; FASTIOCP_BENCH_READ_SEND_KIB changes it), and beside
   os.sendfile() in a blocking loop. Targets: >= 1.5x the read+send loop,
-  >= 0.9x os.sendfile.
+  >= 0.9x os.sendfile. Each line gives the sender's and the reader's CPU
+  per GiB, and how much of the machine other work took meanwhile (the
+  transfers are CPU-bound: figures taken on a busy machine mean little;
+  --quiet waits for a quiet one). --reader-lowat makes the reader ask to be
+  woken per that many KiB (SO_RCVLOWAT), for every contender alike: on
+  loopback the sender pays for the receiver's wake-ups.
 - timers: 10,000 port.timer()s with random delays of 200-300 ms (all
   pending at once), armed 64 per batch(): every one fires, in the order of
   their deadlines within 1 ms; CPU per timer (arm and fire, the Python calls
@@ -23,6 +28,7 @@ The table (contenders alternate, medians, ratios from one run; the targets
 are checked there):
 
     python benchmarks/bench_operations.py [--rounds 5] [--mib 256] [--backend io_uring]
+        [--only sendfile,timers,poll] [--quiet 0.05 [--patience 60]] [--reader-lowat 256]
 """
 from __future__ import annotations
 
@@ -66,6 +72,7 @@ READER = r"""
 import os, socket, sys
 if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
     os.sched_setaffinity(0, {0})
+lowat = int(sys.argv[1])
 lsock = socket.create_server(("127.0.0.1", 0))
 print(lsock.getsockname()[1], flush=True)
 while True:
@@ -74,6 +81,11 @@ while True:
         break
     want = int(line)
     conn, _ = lsock.accept()
+    if lowat:
+        # Woken once per `lowat` bytes rather than per segment: on loopback
+        # the sender's CPU runs the receiver's TCP processing and its
+        # wake-ups, which a receiver on another machine would not cost it.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
     got = 0
     # The reader must not be what limits the transfer: the kernel moves the
     # data from the socket to /dev/null through a pipe, no copy to Python.
@@ -95,12 +107,62 @@ while True:
 """
 
 
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process pid, its threads included."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (every CPU, /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]  # idle + iowait
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class Quiet:
+    """How busy the machine was with other work while we measured: CPU the
+    machine used beyond this process and the reader, as a fraction of all
+    its CPUs. The figures are only meaningful when that is near 0."""
+
+    def __init__(self, pids: List[int]) -> None:
+        self.pids = pids
+        self.start()
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.b0 = _machine_busy()
+        self.o0 = sum(_proc_cpu(p) for p in self.pids)
+
+    def other(self) -> float:
+        """The fraction since start()."""
+        elapsed = time.perf_counter() - self.t0
+        ours = sum(_proc_cpu(p) for p in self.pids) - self.o0
+        other = _machine_busy() - self.b0 - ours
+        return max(0.0, other / (elapsed * (os.cpu_count() or 1)))
+
+
+def wait_quiet(pids: List[int], below: float, patience: float) -> float:
+    """Waits (up to patience seconds) until other work used under `below`
+    of the machine over half a second; returns the last fraction seen."""
+    deadline = time.monotonic() + patience
+    while True:
+        q = Quiet(pids)
+        time.sleep(0.5)
+        frac = q.other()
+        if frac < below or time.monotonic() >= deadline:
+            return frac
+
+
 class Reader:
     """A reader process on CPU 0 that accepts one connection per transfer
-    and reads it to the end."""
+    and reads it to the end (asking to be woken per `lowat` bytes if set:
+    SO_RCVLOWAT)."""
 
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", READER], stdin=subprocess.PIPE,
+    def __init__(self, lowat: int = 0) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", READER, str(lowat)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
@@ -110,6 +172,11 @@ class Reader:
         self.proc.stdin.write(f"{nbytes}\n")
         self.proc.stdin.flush()
         return socket.create_connection(("127.0.0.1", self.port))
+
+    def cpu(self) -> float:
+        """The reader's CPU seconds (ns resolution: /proc's schedstat)."""
+        with open(f"/proc/{self.proc.pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
 
     def received(self) -> int:
         assert self.proc.stdout is not None
@@ -181,12 +248,13 @@ SENDERS: Dict[str, Callable[[str, socket.socket, str, int], None]] = {
 
 
 def one_transfer(reader: Reader, sender: Callable, backend: str, path: str, size: int,
-                 cpu: Optional[List[float]] = None) -> float:
+                 cpu: Optional[List[float]] = None, reader_cpu: Optional[List[float]] = None) -> float:
     """Sends size bytes of path to the reader; returns the seconds it took
     (and appends the sender's CPU seconds, its kernel threads included, to
-    cpu)."""
+    cpu, and the reader's to reader_cpu)."""
     sock = reader.connect(size)
     try:
+        r0 = reader.cpu() if reader_cpu is not None else 0.0
         c0 = time.process_time()
         t0 = time.perf_counter()
         sender(backend, sock, path, size)
@@ -195,6 +263,8 @@ def one_transfer(reader: Reader, sender: Callable, backend: str, path: str, size
         elapsed = time.perf_counter() - t0
         if cpu is not None:
             cpu.append(time.process_time() - c0)
+        if reader_cpu is not None:
+            reader_cpu.append(reader.cpu() - r0)
     finally:
         sock.close()
     assert got == size, (got, size)
@@ -350,6 +420,13 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--backend", default=None, help="default: every backend that works here")
     ap.add_argument("--only", default="sendfile,timers,poll")
+    ap.add_argument("--quiet", type=float, default=None, metavar="FRACTION",
+                    help="sendfile: before each round, wait (up to --patience s) until other "
+                         "processes use less than FRACTION of the machine's CPU")
+    ap.add_argument("--patience", type=float, default=60.0)
+    ap.add_argument("--reader-lowat", type=int, default=0, metavar="KIB",
+                    help="sendfile: the reader sets SO_RCVLOWAT to KIB KiB (woken less often; "
+                         "the same reader for every contender)")
     args = ap.parse_args(argv)
     backends = [args.backend] if args.backend else fastiocp.available_backends()
     only = set(args.only.split(","))
@@ -359,20 +436,35 @@ def main(argv: List[str] | None = None) -> int:
           f"medians of {args.rounds} rounds, contenders alternating")
     if "sendfile" in only:
         path = make_file(args.mib)
-        reader = Reader()
+        reader = Reader(args.reader_lowat * 1024)
         size = args.mib * CHUNK
         try:
             for backend in backends:
                 times: Dict[str, List[float]] = {name: [] for name in SENDERS}
                 cpus: Dict[str, List[float]] = {name: [] for name in SENDERS}
+                rcpus: Dict[str, List[float]] = {name: [] for name in SENDERS}
+                pids = [os.getpid(), reader.proc.pid]
+                others: List[float] = []
                 for _ in range(args.rounds):
+                    if args.quiet is not None:
+                        wait_quiet(pids, args.quiet, args.patience)
+                    q = Quiet(pids)
                     for name, sender in SENDERS.items():
-                        times[name].append(one_transfer(reader, sender, backend, path, size, cpus[name]))
+                        times[name].append(one_transfer(reader, sender, backend, path, size, cpus[name],
+                                                        rcpus[name]))
+                    others.append(q.other())
                 med = {name: statistics.median(ts) for name, ts in times.items()}
-                print(f"\nsendfile of a {args.mib} MiB cached file over loopback TCP ({backend}):")
+                lowat = f", reader SO_RCVLOWAT {args.reader_lowat} KiB" if args.reader_lowat else ""
+                print(f"\nsendfile of a {args.mib} MiB cached file over loopback TCP ({backend}{lowat}; "
+                      f"other work used {statistics.median(others):.0%} of the machine, "
+                      f"worst round {max(others):.0%}):")
                 for name, t in med.items():
-                    cpu_per_gib = statistics.median(cpus[name]) / (size / (1 << 30))
-                    print(f"  {name:<18} {size / t / 1e9:6.2f} GB/s, sender CPU {cpu_per_gib * 1e3:6.1f} ms/GiB")
+                    gib = size / (1 << 30)
+                    cpu_per_gib = statistics.median(cpus[name]) / gib
+                    rcpu_per_gib = statistics.median(rcpus[name]) / gib
+                    spread = " ".join(f"{size / x / 1e9:.2f}" for x in times[name])
+                    print(f"  {name:<18} {size / t / 1e9:6.2f} GB/s, sender CPU {cpu_per_gib * 1e3:6.1f} ms/GiB, "
+                          f"reader CPU {rcpu_per_gib * 1e3:6.1f} ms/GiB  (rounds: {spread})")
                 vs_rs = med["port read+send"] / med["port.sendfile"]
                 vs_os = med["os.sendfile loop"] / med["port.sendfile"]
                 print(f"  port.sendfile / read+send: {vs_rs:.2f}x (target >= 1.5x); "
