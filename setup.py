@@ -21,7 +21,9 @@ BINDING = [
     "csrc/binding/sockaddr.c",
     "csrc/binding/filehandle.c",
 ]
-COMMON = ["csrc/common.c"] + BINDING
+# The asyncio loop's C fast path (csrc/loop/), built into the same extension.
+LOOP = ["csrc/loop/transport.c"]
+COMMON = ["csrc/common.c"] + BINDING + LOOP
 SOURCES = {
     "linux": COMMON
     + ["csrc/unix/hub.c", "csrc/unix/timerheap.c", "csrc/unix/io_uring.c",

@@ -8,9 +8,11 @@ import re
 import pytest
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
-# The CPython binding, one file per concern: the only code that may include
-# Python.h. The backends (csrc/fiocp.h, common.c, unix/, win/) never do.
+# The CPython binding, one file per concern, and the asyncio loop's C fast
+# path beside it: the only code that may include Python.h. The backends
+# (csrc/fiocp.h, common.c, unix/, win/) never do.
 BINDING = CSRC / "binding"
+LOOP = CSRC / "loop"
 
 pytestmark = pytest.mark.skipif(not CSRC.is_dir(), reason="run from a source checkout")
 
@@ -20,7 +22,7 @@ def c_files():
 
 
 def in_binding(path: pathlib.Path) -> bool:
-    return BINDING in path.parents
+    return BINDING in path.parents or LOOP in path.parents
 
 
 def binding_files():

@@ -4,6 +4,7 @@
  * files (binding.h lists them).
  */
 #include "binding.h"
+#include "../loop/loop.h"
 
 #include <errno.h>
 #include <string.h>
@@ -319,6 +320,7 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
     Py_DECREF(&fb_FileHandleType);
     goto fail;
   }
+  if (fb_loop_init(m) < 0) goto fail;
   return m;
 fail:
   Py_DECREF(m);

@@ -5,7 +5,7 @@ Checked against the built module by ``python -m mypy.stubtest fastiocp``
 tools/stubtest-allowlist.txt).
 """
 import sys
-from typing import Any, Iterable, Iterator, Literal, Optional, Protocol, Union, final
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Protocol, Union, final, overload
 
 # typing_extensions is read by type checkers only (it ships with them): a
 # plain install of fastiocp needs nothing at run time for these stubs.
@@ -206,6 +206,25 @@ class _FileHandle:
     @property
     def closed(self) -> bool: ...
     def _detach(self) -> int: ...
+
+# The asyncio loop's C fast path (csrc/loop/transport.c), used by
+# fastiocp.loop's socket transports.
+@final
+class _ReadLoop:
+    """The receive callback of the asyncio loop's socket transports."""
+
+    def __init__(self, transport: Any, port: CompletionPort) -> None: ...
+    def __call__(self, completion: Any, /) -> Any: ...
+
+@final
+class _SocketWrite:
+    """The write() method of the asyncio loop's socket transports, in C."""
+
+    @overload
+    def __get__(self, obj: None, owner: Optional[type] = None, /) -> _SocketWrite: ...
+    @overload
+    def __get__(self, obj: object, owner: Optional[type] = None, /) -> Callable[[Any], None]: ...
+    def __call__(self, transport: Any, data: Any, /) -> None: ...
 
 if sys.platform == "win32":
     # Private helpers of fastiocp.open() (_files.py); handles are ints.

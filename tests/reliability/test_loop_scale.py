@@ -163,6 +163,8 @@ def test_echo_soak_keeps_rss_and_descriptors_flat(backend):
         fds, rss = open_fd_count(), rss_bytes()
         loop.run_until_complete(round_())
         gc.collect()
+        print(f"\nsoak [{backend}]: {SOAK:,} messages after a warm-up of as many: RSS {rss // 1024} -> "
+              f"{rss_bytes() // 1024} KiB, descriptors {fds} -> {open_fd_count()}")
         assert open_fd_count() <= fds
         assert rss_bytes() - rss < 4 * 1024 * 1024, f"RSS grew by {(rss_bytes() - rss) // 1024} KiB"
     finally:

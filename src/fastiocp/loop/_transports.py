@@ -13,6 +13,8 @@ import sys
 from asyncio import base_events, proactor_events, protocols
 from typing import Any
 
+from .._fastiocp import _ReadLoop, _SocketWrite
+
 
 # Server._attach/_detach take the transport since 3.13 (the server keeps its
 # clients, for close_clients()).
@@ -82,6 +84,12 @@ class _WritesAtOnce:
                 data = memoryview(data).cast("B")[n:]
         super().write(data)  # type: ignore[misc]
 
+    # The fallbacks of the C write() of socket transports (_SocketWrite).
+    _write_python = write
+
+    def _write_queued(self, data: Any) -> None:
+        super().write(data)  # type: ignore[misc]
+
 
 class _ReceivesBytes:
     """data_received() gets bytes, as documented (the stdlib proactor
@@ -95,9 +103,11 @@ class _ReceivesBytes:
 
 class _ReadsDirect:
     """The read loop of the stdlib's proactor transports, with no Future per
-    receive: the receive's Completion calls _loop_reading itself from the
-    proactor's select(). _read_fut is that Completion (close() cancels it;
-    its completion then comes back here and is dropped).
+    receive: the proactor's select() calls the receive's context, the
+    transport's _ReadLoop (csrc/loop/transport.c), with its Completion; it
+    does the common case below in C and hands every other to _loop_reading.
+    _read_fut is that Completion (close() cancels it; its completion then
+    comes back here and is dropped).
 
     A Protocol gets what the stdlib gives it: the receive is started again
     before data_received() gets a copy of the data; a paused transport keeps
@@ -121,6 +131,7 @@ class _ReadsDirect:
     # paused: (protocol, buffer, nbytes), delivered on resume_reading().
     _buffer_owner: Any = None
     _held: Any = None
+    _reader: Any = None
 
     def _loop_reading(self, fut: Any = None) -> None:
         length = -1
@@ -167,6 +178,10 @@ class _ReadsDirect:
                     return  # a receive is pending already
                 else:
                     self._loop._proactor.register(self._sock)
+                    if self._reader is None:
+                        # The receives' callback: C (csrc/loop/transport.c)
+                        # for the common case, this method for the others.
+                        self._reader = _ReadLoop(self, self._loop._proactor.port)
             if self._closing or self._paused:
                 return  # closing: data read from now on is dropped
             proto = self._protocol
@@ -180,12 +195,12 @@ class _ReadsDirect:
                 except BaseException as exc:
                     self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")  # type: ignore[attr-defined]
                     return
-                self._read_fut = self._loop._proactor.recv_direct(self._sock, buf, self._loop_reading)
+                self._read_fut = self._loop._proactor.recv_direct(self._sock, buf, self._reader)
                 self._buffer_owner = proto
             elif fut is not None:
                 self._read_fut = self._loop._proactor.again(fut)  # same buffer, same callback
             else:
-                self._read_fut = self._loop._proactor.recv_direct(self._sock, self._data, self._loop_reading)
+                self._read_fut = self._loop._proactor.recv_direct(self._sock, self._data, self._reader)
         except ConnectionAbortedError as exc:
             if not self._closing:
                 self._fatal_error(exc, "Fatal read error on pipe transport")  # type: ignore[attr-defined]
@@ -196,6 +211,13 @@ class _ReadsDirect:
         finally:
             if length > -1:
                 self._data_received(data, length)  # type: ignore[attr-defined]
+
+    def _call_connection_lost(self, exc: Any) -> None:
+        # The reader refers to the transport: without it, a closed transport
+        # (and its protocol, an SSL context...) goes with its last reference,
+        # not at the next garbage collection (CPython's test_ssl checks).
+        self._reader = None
+        super()._call_connection_lost(exc)  # type: ignore[misc]
 
     def _deliver(self, owner: Any, buf: Any, nbytes: int) -> None:
         """nbytes were received into owner's buffer buf."""
@@ -252,9 +274,14 @@ class _FlushesOnClose:
         super()._call_connection_lost(exc)  # type: ignore[misc]
 
 
-class SocketTransport(_FlushesOnClose, _ClosesQuietly, _ReadsDirect, _ReceivesBytes, _WritesAtOnce,
+class SocketTransport(_FlushesOnClose, _ReadsDirect, _ClosesQuietly, _ReceivesBytes, _WritesAtOnce,
                       proactor_events._ProactorSocketTransport):
     """TCP and Unix stream connections."""
+
+    if sys.platform != "win32":
+        # _WritesAtOnce.write() in C (csrc/loop/transport.c) for bytes and
+        # bytearray sent whole at once; it calls the Python one otherwise.
+        write = _SocketWrite()
 
 
 class DatagramTransport(_ClosesQuietly, proactor_events._ProactorDatagramTransport):

@@ -1,0 +1,13 @@
+/* loop.h: the asyncio loop's C fast path (csrc/loop/), as the module sees it. */
+#ifndef FIOCP_LOOP_H
+#define FIOCP_LOOP_H
+
+#include "../binding/binding.h"
+
+extern PyTypeObject fb_ReadLoopType;
+extern PyTypeObject fb_SocketWriteType;
+
+/* Adds the loop's types to the module. Returns 0, or -1 with an exception. */
+int fb_loop_init(PyObject* module);
+
+#endif

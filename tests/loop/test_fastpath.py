@@ -1,0 +1,161 @@
+"""The loop's C fast path (csrc/loop/transport.c) on its own: _SocketWrite
+sends whole bytes at once or hands the case to the transport's Python
+methods; _ReadLoop leaves every case but the common one to
+transport._loop_reading. (The loop's tests and CPython's asyncio suite
+drive both through real transports.)"""
+from __future__ import annotations
+
+import socket
+import sys
+
+import pytest
+
+import fastiocp
+from fastiocp._fastiocp import _ReadLoop, _SocketWrite
+
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="the C write() is the POSIX transports'")
+
+
+class FakeTransport:
+    """The attributes _SocketWrite reads, and its two fallbacks recorded."""
+
+    write = _SocketWrite()
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._buffer = None
+        self._conn_lost = 0
+        self._eof_written = False
+        self._empty_waiter = None
+        self._write_fut = None
+        self.python: list = []
+        self.queued: list = []
+
+    def _write_python(self, data):
+        self.python.append(data)
+
+    def _write_queued(self, data):
+        self.queued.append(bytes(data))
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_the_descriptor_binds_like_a_method(pair):
+    assert isinstance(FakeTransport.__dict__["write"], _SocketWrite)
+    assert FakeTransport.write is FakeTransport.__dict__["write"]
+    t = FakeTransport(pair[0])
+    with pytest.raises(TypeError):
+        t.write()
+    with pytest.raises(TypeError):
+        t.write(b"x", flags=1)
+
+
+@posix_only
+@pytest.mark.parametrize("data", [b"hello", bytearray(b"hello")], ids=["bytes", "bytearray"])
+def test_whole_bytes_are_sent_at_once(pair, data):
+    a, b = pair
+    t = FakeTransport(a)
+    t.write(data)
+    assert b.recv(100) == b"hello"
+    assert t.python == [] and t.queued == []
+
+
+@pytest.mark.parametrize("setup", ["memoryview", "empty", "queued", "conn_lost", "eof", "waiter", "write_fut",
+                                   "no_socket"])
+def test_every_other_case_goes_to_python(pair, setup):
+    a, b = pair
+    t = FakeTransport(a)
+    data = b"data"
+    if setup == "memoryview":
+        data = memoryview(b"data")
+    elif setup == "empty":
+        data = b""
+    elif setup == "queued":
+        t._buffer = bytearray(b"earlier")
+    elif setup == "conn_lost":
+        t._conn_lost = 1
+    elif setup == "eof":
+        t._eof_written = True
+    elif setup == "waiter":
+        t._empty_waiter = object()
+    elif setup == "write_fut":
+        t._write_fut = object()
+    else:
+        t._sock = None
+    t.write(data)
+    assert t.python == [data] and t.queued == []
+    b.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        b.recv(100)  # nothing was sent by C
+
+
+@posix_only
+def test_a_short_send_queues_exactly_the_rest(pair):
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = bytes(range(256)) * 4096  # 1 MiB: more than the socket takes
+    t = FakeTransport(a)
+    t.write(data)
+    assert t.python == [] and len(t.queued) == 1
+    rest = t.queued[0]
+    assert 0 < len(rest) < len(data) and data.endswith(rest)
+    got = bytearray()
+    b.setblocking(False)
+    while True:
+        try:
+            chunk = b.recv(1 << 20)
+        except BlockingIOError:
+            break
+        got += chunk
+    assert bytes(got) + rest == data
+
+
+@posix_only
+def test_a_failed_send_goes_to_python(pair):
+    a, b = pair
+    b.close()  # EPIPE on send
+    t = FakeTransport(a)
+    t.write(b"data")
+    assert t.python == [b"data"]
+
+
+def test_read_loop_leaves_other_cases_to_the_transport(pair):
+    a, b = pair
+    calls = []
+
+    class T:
+        _closing = _paused = False
+        _protocol = None
+        _read_fut = None
+
+        def _loop_reading(self, c):
+            calls.append(c)
+
+    with fastiocp.CompletionPort() as port:
+        t = T()
+        reader = _ReadLoop(t, port)
+        reader("not a completion")
+        assert calls == ["not a completion"]
+        t._data = bytearray(16)
+        port.register(a)
+        op = port.recv(a, t._data, context=reader)
+        b.send(b"abc")
+        c = port.get(timeout=5)
+        assert c is op and c.nbytes == 3
+        reader(c)  # not the transport's pending receive (_read_fut is None)
+        assert calls[-1] is c
+        t._read_fut = c
+        t._closing = True
+        reader(c)  # closing
+        assert calls[-1] is c and len(calls) == 3
+    with pytest.raises(RuntimeError):
+        _ReadLoop.__new__(_ReadLoop)(None)
+    with pytest.raises(TypeError):
+        _ReadLoop(T(), "not a port")
