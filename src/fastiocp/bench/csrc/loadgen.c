@@ -3,7 +3,10 @@
  * Built at run time by the bench runner (fastiocp/bench/runner.py) with the system
  * C compiler; plain POSIX + epoll, no dependencies. One thread drives every
  * connection, each with exactly one message in flight: send MSGSIZE bytes,
- * wait until all of them came back, send again.
+ * wait until all of them came back, send again. A large message (up to 1 MiB)
+ * goes out in pieces as the socket takes them (EPOLLOUT) while its echo is
+ * read back, and each piece of the echo is compared with the bytes sent at the
+ * same offset: the next message starts only when the whole echo came back.
  *
  *   loadgen echo HOST PORT CONNS MSGSIZE WARMUP_S DURATION_S SERVER_PID
  *
@@ -36,7 +39,9 @@
 
 typedef struct {
   int fd;
+  size_t put;    /* bytes of the current message sent */
   size_t got;    /* bytes of the current echo received */
+  int wants_out; /* EPOLLOUT registered: the rest of the message waits */
   double sent;   /* when the current message was sent */
 } conn_t;
 
@@ -99,19 +104,24 @@ static int fail(const char* what) {
   return 2;
 }
 
-static int send_all(int fd, const char* msg, size_t len) {
-  size_t off = 0;
-  while (off < len) {
-    ssize_t r = send(fd, msg + off, len - off, MSG_NOSIGNAL);
+/* Sends what the socket takes of the rest of c's message; waits for
+ * EPOLLOUT while some is left. -1 on an error. */
+static int send_more(int ep, conn_t* c, uint32_t idx, const char* msg, size_t len) {
+  struct epoll_event ev;
+  while (c->put < len) {
+    ssize_t r = send(c->fd, msg + c->put, len - c->put, MSG_NOSIGNAL);
     if (r < 0) {
       if (errno == EINTR) continue;
-      if (errno == EAGAIN) { /* cannot happen for one small message in flight */
-        usleep(10);
-        continue;
-      }
+      if (errno == EAGAIN) break;
       return -1;
     }
-    off += (size_t)r;
+    c->put += (size_t)r;
+  }
+  if ((c->put < len) != c->wants_out) {
+    c->wants_out = c->put < len;
+    ev.events = EPOLLIN | (c->wants_out ? EPOLLOUT : 0);
+    ev.data.u32 = idx;
+    if (epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev) < 0) return -1;
   }
   return 0;
 }
@@ -178,7 +188,7 @@ static int run_echo(int argc, char** argv) {
   t_start = now_s();
   for (i = 0; i < nconns; i++) {
     conns[i].sent = now_s();
-    if (send_all(conns[i].fd, msg, msgsize) < 0) return fail("send");
+    if (send_more(ep, &conns[i], (uint32_t)i, msg, msgsize) < 0) return fail("send");
   }
   last_progress = t_start;
 
@@ -190,18 +200,32 @@ static int run_echo(int argc, char** argv) {
       return fail("epoll_wait");
     }
     for (k = 0; k < n; k++) {
-      conn_t* c = &conns[evs[k].data.u32];
-      ssize_t r = recv(c->fd, rbuf + c->got, msgsize - c->got, 0);
+      uint32_t idx = evs[k].data.u32;
+      conn_t* c = &conns[idx];
+      ssize_t r;
+      if ((evs[k].events & EPOLLOUT) && c->put < msgsize &&
+          send_more(ep, c, idx, msg, msgsize) < 0)
+        return fail("send");
+      if (!(evs[k].events & (EPOLLIN | EPOLLERR | EPOLLHUP))) continue;
+      /* The echo of what was sent so far, never more: a server that sent
+       * more than it was given shows as a wrong echo, not as the next one. */
+      r = recv(c->fd, rbuf, c->put > c->got ? c->put - c->got : 1, 0);
       if (r <= 0) {
         if (r < 0 && (errno == EAGAIN || errno == EINTR)) continue;
-        fprintf(stderr, "loadgen: connection %u %s\n", evs[k].data.u32,
+        fprintf(stderr, "loadgen: connection %u %s\n", idx,
                 r == 0 ? "closed by the server" : strerror(errno));
         return 2;
       }
+      if (c->got + (size_t)r > c->put ||
+          memcmp(rbuf, msg + c->got, (size_t)r) != 0) {
+        errors++;
+        fprintf(stderr, "loadgen: connection %u: wrong echo at byte %zu\n", idx, c->got);
+        return 3;
+      }
       c->got += (size_t)r;
       if (c->got < msgsize) continue;
-      if (memcmp(rbuf, msg, msgsize) != 0) errors++;
       c->got = 0;
+      c->put = 0;
       if (measuring) {
         double us = (t - c->sent) * 1e6;
         size_t b = us < 0 ? 0 : (us >= HIST_US ? HIST_US : (size_t)us);
@@ -209,7 +233,7 @@ static int run_echo(int argc, char** argv) {
         messages++;
       }
       c->sent = t;
-      if (send_all(c->fd, msg, msgsize) < 0) return fail("send");
+      if (send_more(ep, c, idx, msg, msgsize) < 0) return fail("send");
     }
     if (n > 0) last_progress = t;
     else if (t - last_progress > 5.0) {
