@@ -10,6 +10,8 @@ name, so that type-checking fastiocp (mypy, stubtest) needs none of them.
     runner.py        the command: plan, child processes, table, --json, --plot
     servers.py       the server contenders (``python -m fastiocp.bench.servers``)
     tasks.py         file-read and hand-off contenders (``python -m fastiocp.bench.tasks``)
+    tls_client.py    the TLS echo client of the loop section (the C load generator's
+                     protocol over TLS, on the standard library's loop)
     http_example.py  the HTTP/1.1 example server (examples/http_server.py runs it)
     csrc/            C programs compiled on the spot: the echo load generator
                      (loadgen.c) and the C io_uring echo server (echo_uring.c)

@@ -15,6 +15,12 @@ Sections (--only takes their ids):
   http      HTTP/1.1 keep-alive, fixed body, wrk -t2 -c64 (wrk installed)
   file      4 KiB random reads of a 256 MiB file: page cache, and O_DIRECT
   handoff   items from one thread to another
+  loop      asyncio event loops (not run by default: --only loop): the same
+            servers on asyncio's loop, uvloop and the fastiocp loop; uvloop's
+            echo benchmark shapes (Protocol, streams, sock_* at 1, 10 and
+            100 KiB, 4 connections), BufferedProtocol beside Protocol at
+            64 bytes (50 connections), and a TLS echo at 1 KiB driven by a
+            Python client
 """
 from __future__ import annotations
 
@@ -44,7 +50,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The C sources of the load generator and the reference server.
 CSRC = os.path.join(HERE, "csrc")
 HOST = "127.0.0.1"
-SECTION_IDS = ("echo", "pingpong", "http", "file", "handoff")
+SECTION_IDS = ("echo", "pingpong", "http", "file", "handoff", "loop")
+# What a plain `python -m fastiocp bench` runs; "loop" (36 measurements a
+# round) only when asked for with --only.
+DEFAULT_SECTIONS = ("echo", "pingpong", "http", "file", "handoff")
+# The loop section: uvloop's echo benchmark (its examples/bench) uses 4
+# connections and these message sizes.
+LOOP_CONNECTIONS = 4
+LOOP_SIZES = (1024, 10 * 1024, 100 * 1024)
 
 
 class Skip(Exception):
@@ -396,6 +409,10 @@ class Runner:
             self.uvloop: Optional[str] = None
         except ImportError:
             self.uvloop = "uvloop not installed (pip install uvloop, or fastiocp[bench])"
+        # The TLS echo's certificate (made on first use): (certfile, keyfile),
+        # or why there is none.
+        self.tls_cert: Optional[Tuple[str, str]] = None
+        self.tls_skip: Optional[str] = None
 
     # -- servers and load -------------------------------------------------------
 
@@ -415,14 +432,26 @@ class Runner:
             raise RuntimeError(f"server said {line!r}, not its address")
         return proc, int(m.group(1)), errpath
 
-    def echo(self, cmd: List[str], connections: int) -> Dict[str, Any]:
-        if self.loadgen is None:
+    def echo(self, cmd: List[str], connections: int, size: int = 64, tls: bool = False) -> Dict[str, Any]:
+        """One echo measurement: the server cmd driven by the C load
+        generator (size-byte messages, one in flight per connection), or
+        with tls by the Python TLS client (fastiocp/bench/tls_client.py),
+        which prints the same figures. The server's CPU is its process's
+        only: never the client's."""
+        if tls:
+            cert = self.tls_certificate()
+            client = [sys.executable, "-m", "fastiocp.bench.tls_client"]
+            cmd = cmd + list(cert)
+        elif self.loadgen is None:
             raise Skip("no load generator (see notes)")
+        else:
+            client = [self.loadgen, "echo"]
         server, port, errpath = self.start_server(cmd)
         try:
             cfg = self.cfg
-            lg = spawn([self.loadgen, "echo", HOST, str(port), str(connections), "64",
-                        str(cfg.echo_warmup), str(cfg.echo_seconds), str(server.pid)], self.client_cpus,
+            lg = spawn(client + [HOST, str(port), str(connections), str(size),
+                                 str(cfg.echo_warmup), str(cfg.echo_seconds), str(server.pid)],
+                       self.client_cpus,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
             assert self.progress is not None
             self.progress.wait(lg, cfg.echo_warmup + cfg.echo_seconds + 40)
@@ -432,7 +461,8 @@ class Runner:
             if server.poll() is not None:
                 raise RuntimeError(f"server died: {stderr_tail(server, errpath)}")
             if rc not in (0, 3) or not out.strip():
-                raise RuntimeError(f"load generator failed ({rc}): {err.decode(errors='replace').strip()[:200]}")
+                what = "TLS client" if tls else "load generator"
+                raise RuntimeError(f"{what} failed ({rc}): {err.decode(errors='replace').strip()[:200]}")
             r: Dict[str, Any] = json.loads(out)
             if r["bad_echoes"]:
                 raise RuntimeError(f"{r['bad_echoes']} wrong echoes")
@@ -443,6 +473,30 @@ class Runner:
             return r
         finally:
             kill(server)
+
+    def tls_certificate(self) -> Tuple[str, str]:
+        """A throw-away self-signed certificate and key for the TLS echo,
+        made with the openssl command in the run's temporary directory."""
+        if self.tls_cert is None and self.tls_skip is None:
+            openssl = shutil.which("openssl")
+            cert, key = os.path.join(self.tmp, "tls-cert.pem"), os.path.join(self.tmp, "tls-key.pem")
+            if openssl is None:
+                self.tls_skip = "no openssl command to make a certificate (apt-get install openssl)"
+            else:
+                try:
+                    r = subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                                        "-subj", f"/CN={HOST}", "-keyout", key, "-out", cert],
+                                       capture_output=True, text=True, timeout=60)
+                    if r.returncode == 0:
+                        self.tls_cert = (cert, key)
+                    else:
+                        self.tls_skip = f"openssl could not make a certificate: {r.stderr.strip()[-160:]}"
+                except (OSError, subprocess.SubprocessError) as exc:
+                    self.tls_skip = f"openssl could not make a certificate: {exc}"
+        if self.tls_cert is None:
+            raise Skip(self.tls_skip or "no certificate")
+        return self.tls_cert
 
     def http(self, cmd: List[str]) -> Dict[str, Any]:
         if self.wrk is None:
@@ -707,6 +761,55 @@ class Runner:
                  Contender("queue.Queue", "baseline", handoff("queue")),
                  Contender("asyncio call_soon_threadsafe", "baseline", handoff("asyncio"))],
                 [Column("CPU ns/item", "cpu_ns_per_item", "{:,.0f}")]))
+        if "loop" in only:
+            out.extend(self.loop_sections(py, echo_cols))
+        return out
+
+    def loop_sections(self, py: List[str], cols: List[Column]) -> List[Section]:
+        """The loop section: the same server code on asyncio's loop, uvloop
+        and the fastiocp loop, one table per shape and message size."""
+        loops = (("asyncio", "asyncio", "baseline"), ("uvloop", "uvloop", "baseline"),
+                 ("fastiocp loop", "fastiocp-loop", "fastiocp"))
+
+        def server(name: str, conns: int, size: int, tls: bool = False) -> Callable[[Runner], Dict[str, Any]]:
+            def run(r: Runner) -> Dict[str, Any]:
+                if name.endswith("-uvloop") and r.uvloop:
+                    raise Skip(r.uvloop)
+                return r.echo(py + [name, "0"], conns, size, tls)
+            return run
+
+        def kib(size: int) -> str:
+            return f"{size // 1024} KiB" if size >= 1024 else f"{size} bytes"
+
+        out: List[Section] = []
+        n = LOOP_CONNECTIONS
+        shapes = (("protocol", "Protocol", "echo-{}"),
+                  ("streams", "streams (StreamReader/StreamWriter)", "echo-streams-{}"),
+                  ("sock", "loop.sock_recv/sock_sendall", "echo-sock-{}"))
+        for shape, what, pattern in shapes:
+            for size in LOOP_SIZES:
+                out.append(Section(
+                    f"loop-{shape}-{size // 1024}k",
+                    f"asyncio loops: {what} echo, {kib(size)} messages, {n} connections",
+                    "msg/s", "msgs_per_s",
+                    [Contender(title, role, server(pattern.format(name), n, size))
+                     for title, name, role in loops], cols))
+        conns = self.cfg.connections
+        out.append(Section(
+            "loop-buffered", f"asyncio loops: BufferedProtocol beside Protocol echo, 64-byte messages, "
+                             f"{conns} connections",
+            "msg/s", "msgs_per_s",
+            [Contender(f"{title} {kind}", role, server(f"echo{infix}-{name}", conns, 64))
+             for title, name, role in loops
+             for kind, infix in (("Protocol", ""), ("BufferedProtocol", "-buffered"))], cols))
+        out.append(Section(
+            "loop-tls", f"asyncio loops: TLS Protocol echo, 1 KiB messages, {n} connections, "
+                        "driven by a Python client",
+            "msg/s", "msgs_per_s",
+            [Contender(title, role, server(f"echo-tls-{name}", n, 1024, tls=True))
+             for title, name, role in loops],
+            [c if c.key != "loadgen_cpu_pct" else Column("client CPU", "loadgen_cpu_pct", "{:.0f}%")
+             for c in cols]))
         return out
 
     def run(self, sections: List[Section]) -> None:
@@ -796,12 +899,30 @@ def format_section(s: Section) -> str:
 
 
 def section_notes(s: Section) -> None:
-    if s.id in ("echo", "pingpong"):
+    if s.id in ("echo", "pingpong") or s.id.startswith("loop-"):
+        client = "the TLS client" if s.id == "loop-tls" else "the load generator"
         for c in s.contenders:
             lg = s.median(c, "loadgen_cpu_pct")
             if lg is not None and lg > 90:
-                s.notes.append(f"the load generator used {lg:.0f}% of a CPU against {c.name}: "
+                s.notes.append(f"{client} used {lg:.0f}% of a CPU against {c.name}: "
                                "that figure may be limited by the client, not the server")
+    if s.id == "loop-buffered":
+        ratios = []
+        for c in s.contenders:
+            if not c.name.endswith(" Protocol"):
+                continue
+            loop_name = c.name[:-len(" Protocol")]
+            b = s.by_name(f"{loop_name} BufferedProtocol")
+            proto_v, proto_cpu = s.median(c, s.metric), s.median(c, "server_us_per_msg")
+            buf_v = s.median(b, s.metric) if b else None
+            buf_cpu = s.median(b, "server_us_per_msg") if b else None
+            if proto_v and buf_v:
+                txt = f"{loop_name} {buf_v / proto_v:.2f}x msg/s"
+                if proto_cpu and buf_cpu:
+                    txt += f", {buf_cpu / proto_cpu:.2f}x server CPU per message"
+                ratios.append(txt)
+        if ratios:
+            s.notes.append("BufferedProtocol / Protocol on the same loop: " + "; ".join(ratios))
     if s.id == "http":
         for c in s.contenders:
             errs = [x.get("socket_errors") for x in c.samples if x.get("socket_errors")]
@@ -893,7 +1014,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a short run (about a minute): one round, 1 s each")
     p.add_argument("--json", metavar="FILE", help="save every sample and the table as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw a bar chart (needs matplotlib)")
-    p.add_argument("--only", metavar="IDS", help=f"comma-separated sections: {','.join(SECTION_IDS)}")
+    p.add_argument("--only", metavar="IDS",
+                   help=f"comma-separated sections: {','.join(SECTION_IDS)} (default: "
+                        f"{','.join(DEFAULT_SECTIONS)}; loop, the asyncio loops' echo shapes "
+                        "beside uvloop and asyncio, runs only when named: about a minute with "
+                        "--quick, 12 without)")
     p.add_argument("--rounds", type=int, default=0, help="rounds per contender (default 3; 1 with --quick)")
     p.add_argument("--duration", type=float, default=0.0, help="seconds per measurement (overrides)")
     p.add_argument("--items", type=int, default=0, help="hand-off items (default 1,000,000; 200,000 with --quick)")
@@ -910,7 +1035,7 @@ def main(args: argparse.Namespace) -> int:
         print("python -m fastiocp bench runs on Linux for now (it reads /proc and drives "
               "servers with a C load generator)", file=sys.stderr)
         return 2
-    only = [x.strip() for x in (args.only or ",".join(SECTION_IDS)).split(",") if x.strip()]
+    only = [x.strip() for x in (args.only or ",".join(DEFAULT_SECTIONS)).split(",") if x.strip()]
     bad = [x for x in only if x not in SECTION_IDS]
     if bad:
         print(f"--only: unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTION_IDS)}",
@@ -927,13 +1052,15 @@ def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     clock0 = cpu_clock()
     try:
-        if "echo" in only or "pingpong" in only:
+        if "echo" in only or "pingpong" in only or "loop" in only:
             runner.loadgen, note = build_c("loadgen")
             runner.notes.append(note)
-            runner.echo_c, note = build_c("echo_uring")
-            runner.notes.append(note)
+            if "echo" in only or "pingpong" in only:
+                runner.echo_c, note = build_c("echo_uring")
+                runner.notes.append(note)
             if runner.loadgen is None:
-                runner.notes.append("echo and ping-pong are skipped: the C load generator could not be built")
+                runner.notes.append("echo, ping-pong and the loop section (but its TLS echo) are skipped: "
+                                    "the C load generator could not be built")
         if "http" in only and runner.wrk is None:
             runner.notes.append("http is skipped: wrk is not installed (Debian: apt-get install wrk)")
         if "file" in only and runner.fio is None:

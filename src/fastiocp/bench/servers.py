@@ -3,7 +3,7 @@
     python -m fastiocp.bench.servers NAME [PORT]
 
 NAME is one of SERVERS below. Each server listens on 127.0.0.1:PORT (0: any
-free port), prints ``<what> on 127.0.0.1:<port>`` on stdout once it accepts
+free port; the echo-tls-* servers also take CERTFILE KEYFILE), prints ``<what> on 127.0.0.1:<port>`` on stdout once it accepts
 connections, and serves until it is killed (SIGTERM's default action: the
 runner kills every server it starts). The fastiocp servers use only the
 public API. The HTTP server on fastiocp is the example
@@ -197,6 +197,108 @@ def _fastiocp_loop() -> Any:
     return fastiocp.new_event_loop()
 
 
+# The loop section: uvloop's echo benchmark shapes (its examples/bench), each
+# server the same code on every loop. READ_SIZE bounds one read (a 100 KiB
+# message fits); the BufferedProtocol's buffer has that size too.
+READ_SIZE = 256 * 1024
+
+
+class _EchoBufferedProtocol(asyncio.BufferedProtocol):
+    """BufferedProtocol echo: the loop reads into one buffer per connection;
+    the bytes received are copied out for write() (the next read may land
+    in the buffer before they are sent)."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.buffer = bytearray(READ_SIZE)
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.transport.write(self.buffer[:nbytes])
+
+
+def _protocol_server(loop_factory: Callable[[], Any],
+                     protocol: Callable[[], asyncio.BaseProtocol]) -> Callable[..., None]:
+    def serve(port: int, certfile: str = "", keyfile: str = "") -> None:
+        loop = loop_factory()
+        asyncio.set_event_loop(loop)
+        ctx = None
+        if certfile:  # TLS: the same server behind ssl=
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(certfile, keyfile or None)
+        server = loop.run_until_complete(
+            loop.create_server(protocol, HOST, port, backlog=1024, ssl=ctx))
+        _announce("echo server", server.sockets[0])
+        loop.run_forever()
+
+    return serve
+
+
+async def _streams_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # write() without drain(), as in uvloop's benchmark: one message is in
+    # flight per connection, so the write buffer never grows past one.
+    read, write = reader.read, writer.write
+    try:
+        while True:
+            data = await read(READ_SIZE)
+            if not data:
+                break
+            write(data)
+    except ConnectionError:  # the load generator's end
+        pass
+    writer.close()
+
+
+def _streams_server(loop_factory: Callable[[], Any]) -> Callable[[int], None]:
+    def serve(port: int) -> None:
+        loop = loop_factory()
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(
+            asyncio.start_server(_streams_echo, HOST, port, backlog=1024, limit=READ_SIZE))
+        _announce("echo server", server.sockets[0])
+        loop.run_forever()
+
+    return serve
+
+
+async def _sock_echo(loop: Any, conn: socket.socket) -> None:
+    sock_recv, sock_sendall = loop.sock_recv, loop.sock_sendall
+    with conn:
+        try:
+            while True:
+                data = await sock_recv(conn, READ_SIZE)
+                if not data:
+                    break
+                await sock_sendall(conn, data)
+        except ConnectionError:  # the load generator's end
+            pass
+
+
+async def _sock_accept_loop(loop: Any, lsock: socket.socket) -> None:
+    while True:
+        conn, _ = await loop.sock_accept(lsock)
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop.create_task(_sock_echo(loop, conn))
+
+
+def _sock_server(loop_factory: Callable[[], Any]) -> Callable[[int], None]:
+    def serve(port: int) -> None:
+        loop = loop_factory()
+        asyncio.set_event_loop(loop)
+        lsock = _listen(port)
+        lsock.setblocking(False)
+        loop.create_task(_sock_accept_loop(loop, lsock))
+        _announce("echo server", lsock)
+        loop.run_forever()
+
+    return serve
+
+
 def echo_threads(port: int) -> None:
     """A thread per connection, blocking calls."""
     lsock = _listen(port)
@@ -294,13 +396,25 @@ def _http_protocol_server(loop_factory: Callable[[], Any]) -> Callable[[int], No
     return serve
 
 
-SERVERS: Dict[str, Callable[[int], None]] = {
+# The loops of the loop section, by the name the server names end with.
+LOOPS: Dict[str, Callable[[], Any]] = {
+    "asyncio": _asyncio_loop,
+    "uvloop": _uvloop_loop,
+    "fastiocp-loop": _fastiocp_loop,
+}
+
+SERVERS: Dict[str, Callable[..., None]] = {
     "echo-fastiocp": echo_fastiocp,
     "echo-fastiocp-pool": echo_fastiocp_pool,
     "echo-asyncio": _echo_protocol_server(_asyncio_loop),
     "echo-uvloop": _echo_protocol_server(_uvloop_loop),
     "echo-fastiocp-loop": _echo_protocol_server(_fastiocp_loop),
     "echo-threads": echo_threads,
+    **{f"echo-{shape}-{name}": make(factory)
+       for name, factory in LOOPS.items()
+       for shape, make in (("streams", _streams_server), ("sock", _sock_server),
+                           ("buffered", lambda f: _protocol_server(f, _EchoBufferedProtocol)),
+                           ("tls", lambda f: _protocol_server(f, _EchoProtocol)))},
     "http-asyncio": _http_protocol_server(_asyncio_loop),
     "http-uvloop": _http_protocol_server(_uvloop_loop),
     "http-fastiocp-loop": _http_protocol_server(_fastiocp_loop),
@@ -309,10 +423,10 @@ SERVERS: Dict[str, Callable[[int], None]] = {
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in SERVERS:
-        print(f"usage: python -m fastiocp.bench.servers {{{','.join(SERVERS)}}} [PORT]",
-              file=sys.stderr)
+        print(f"usage: python -m fastiocp.bench.servers {{{','.join(SERVERS)}}} [PORT] "
+              "[CERTFILE KEYFILE (echo-tls-*)]", file=sys.stderr)
         return 2
-    SERVERS[argv[0]](int(argv[1]) if len(argv) > 1 else 0)
+    SERVERS[argv[0]](int(argv[1]) if len(argv) > 1 else 0, *argv[2:])
     return 0
 
 
