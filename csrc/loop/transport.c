@@ -7,13 +7,15 @@
  * neither closing nor paused, a plain Protocol) it does in C what the
  * transport's Python read loop (_ReadsDirect._loop_reading) does: copies
  * the data into bytes, starts the same receive again (resubmit), then calls
- * protocol.data_received(data). Every other case goes to
+ * protocol.data_received(data). For a BufferedProtocol whose buffer the
+ * receive filled it calls buffer_updated(n), then transport._start_receive()
+ * (get_buffer and the next receive, in Python). Every other case goes to
  * transport._loop_reading(completion), which owns the rules; this file only
- * takes the path those rules give for the common case, in the same order.
+ * takes the path those rules give for the common cases, in the same order.
  *
  * _SocketWrite() is the write() method of the POSIX socket transports: when
- * nothing is queued it sends bytes or a bytearray at once with one
- * non-blocking send(), as _WritesAtOnce.write() does; anything else (other
+ * nothing is queued it sends bytes, a bytearray or a contiguous memoryview
+ * at once with one non-blocking send(), as _WritesAtOnce.write() does; anything else (other
  * types, something queued, a short or failed send) goes to the Python
  * methods, _write_python(data) or, for the rest of a short send,
  * _write_queued(rest).
@@ -30,7 +32,7 @@
 static PyObject *str_read_fut, *str_closing, *str_paused, *str_data, *str_protocol,
     *str_loop_reading, *str_data_received, *str_resubmit, *str_buffer, *str_conn_lost,
     *str_eof_written, *str_empty_waiter, *str_write_fut, *str_sock, *str_write_python,
-    *str_write_queued;
+    *str_write_queued, *str_buffer_owner, *str_buffer_updated, *str_start_receive;
 
 typedef struct {
   PyObject_HEAD
@@ -123,6 +125,64 @@ static int common_case(ReadLoopObject* self, CompletionObject* c, PyObject* prot
   return *data == NULL ? -1 : 1;
 }
 
+/* The exception being raised, taken (a new reference, traceback attached). */
+static PyObject* take_exception(void) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (value != NULL && tb != NULL) (void)PyException_SetTraceback(value, tb);
+  Py_XDECREF(type);
+  Py_XDECREF(tb);
+  return value;
+}
+
+/* A BufferedProtocol's own receive finished with data, the transport
+ * neither closing nor paused: what _loop_reading does then (buffer_updated,
+ * then _start_receive). Returns 1 with *result set (NULL: an exception),
+ * 0 when the Python read loop must decide, -1 on error. */
+static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* protocol,
+                         PyObject** result) {
+  PyObject *t = self->transport, *r;
+  Py_ssize_t n;
+  int k;
+  *result = NULL;
+  if (!c->done || c->cancelled || c->error != Py_None) return 0;
+  n = PyLong_AsSsize_t(c->nbytes_obj);
+  if (n == -1 && PyErr_Occurred()) return -1;
+  if (n <= 0) return 0;
+  if ((k = attr_is(t, str_read_fut, (PyObject*)c)) != 1) return k;
+  if ((k = attr_is(t, str_buffer_owner, protocol)) != 1) return k;
+  if ((k = attr_is(t, str_data, c->buffer)) != 0) return k < 0 ? -1 : 0;
+  if ((k = attr_true(t, str_closing)) != 0) return k < 0 ? -1 : 0;
+  if ((k = attr_true(t, str_paused)) != 0) return k < 0 ? -1 : 0;
+  if (PyObject_SetAttr(t, str_read_fut, Py_None) < 0 ||
+      PyObject_SetAttr(t, str_buffer_owner, Py_None) < 0)
+    return -1;
+  r = PyObject_CallMethodOneArg(protocol, str_buffer_updated, c->nbytes_obj);
+  if (r == NULL) {
+    PyObject* exc;
+    if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+      return 1;
+    exc = take_exception();
+    if (exc == NULL) return 1;
+    r = PyObject_CallMethod(t, "_fatal_error", "Os", exc,
+                            "Fatal error: protocol.buffer_updated() call failed.");
+    Py_DECREF(exc);
+    if (r == NULL) return 1;
+  }
+  Py_DECREF(r);
+  r = PyObject_CallMethodOneArg(t, str_start_receive, (PyObject*)c);
+  if (r == NULL && PyErr_ExceptionMatches(PyExc_OSError)) {
+    /* the receive could not start: the transport's rules */
+    PyObject* exc = take_exception();
+    if (exc == NULL) return 1;
+    r = PyObject_CallMethod(t, "_read_failed", "O", exc);
+    Py_DECREF(exc);
+  }
+  *result = r;
+  return 1;
+}
+
 static PyObject* ReadLoop_call(ReadLoopObject* self, PyObject* args, PyObject* kwds) {
   PyObject *c, *protocol, *data = NULL, *again, *r;
   int common;
@@ -165,7 +225,11 @@ static PyObject* ReadLoop_call(ReadLoopObject* self, PyObject* args, PyObject* k
     }
   }
   if (common == 0) {
+    PyObject* result;
+    int buffered = buffered_case(self, (CompletionObject*)c, protocol, &result);
     Py_DECREF(protocol);
+    if (buffered < 0) return NULL;
+    if (buffered) return result;
     return PyObject_CallMethodOneArg(self->transport, str_loop_reading, c);
   }
   r = PyObject_CallMethodOneArg(protocol, str_data_received, data);
@@ -232,6 +296,42 @@ static int socket_fd(PyObject* t) {
 }
 #endif
 
+#ifndef _WIN32
+/* Sends what the kernel takes of view at once. Returns 1 with *result set
+ * (write()'s result, or NULL with an exception), or 0 when nothing was sent
+ * and Python's write() must take it. */
+static int send_now(PyObject* t, PyObject* data, const Py_buffer* view, PyObject** result) {
+  int ok, fd;
+  ssize_t n;
+  *result = NULL;
+  if ((ok = may_send_now(t)) <= 0) return ok < 0;
+  fd = socket_fd(t);
+  if (fd < 0) return PyErr_Occurred() != NULL;
+  /* Non-blocking, no SIGPIPE: a failed send leaves the error to the
+   * proactor's send, as the Python version does. */
+  do
+    n = send(fd, view->buf, (size_t)view->len, MSG_DONTWAIT | MSG_NOSIGNAL);
+  while (n < 0 && errno == EINTR);
+  if (n <= 0) return 0; /* the Python path queues it all (and tries again) */
+  if (n == view->len) {
+    *result = Py_NewRef(Py_None);
+  } else {
+    PyObject *whole, *octets = NULL, *rest;
+    /* memoryview(data).cast("B")[n:]: n counts bytes, not items */
+    whole = PyMemoryView_FromObject(data);
+    if (whole != NULL) octets = PyObject_CallMethod(whole, "cast", "s", "B");
+    rest = octets ? PySequence_GetSlice(octets, n, view->len) : NULL;
+    Py_XDECREF(octets);
+    Py_XDECREF(whole);
+    if (rest != NULL) {
+      *result = PyObject_CallMethodOneArg(t, str_write_queued, rest);
+      Py_DECREF(rest);
+    }
+  }
+  return 1;
+}
+#endif
+
 static PyObject* SocketWrite_call(SocketWriteObject* self, PyObject* args, PyObject* kwds) {
   PyObject *t, *data;
   (void)self;
@@ -241,36 +341,18 @@ static PyObject* SocketWrite_call(SocketWriteObject* self, PyObject* args, PyObj
   }
   if (!PyArg_UnpackTuple(args, "write", 2, 2, &t, &data)) return NULL;
 #ifndef _WIN32
-  if (PyBytes_CheckExact(data) || PyByteArray_CheckExact(data)) {
-    const char* buf = PyBytes_CheckExact(data) ? PyBytes_AS_STRING(data) : PyByteArray_AS_STRING(data);
-    Py_ssize_t len = PyBytes_CheckExact(data) ? PyBytes_GET_SIZE(data) : PyByteArray_GET_SIZE(data);
-    int ok, fd;
-    ssize_t n;
-    if (len > 0) {
-      if ((ok = may_send_now(t)) < 0) return NULL;
-      if (ok) {
-        fd = socket_fd(t);
-        if (fd < 0 && PyErr_Occurred()) return NULL;
-        if (fd >= 0) {
-          /* Non-blocking, no SIGPIPE: a failed send leaves the error to the
-           * proactor's send, as the Python version does. */
-          do
-            n = send(fd, buf, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
-          while (n < 0 && errno == EINTR);
-          if (n == len) Py_RETURN_NONE;
-          if (n > 0) {
-            PyObject *view, *rest, *r;
-            view = PyMemoryView_FromObject(data);
-            rest = view ? PySequence_GetSlice(view, n, len) : NULL;
-            Py_XDECREF(view);
-            if (rest == NULL) return NULL;
-            r = PyObject_CallMethodOneArg(t, str_write_queued, rest);
-            Py_DECREF(rest);
-            return r;
-          }
-          /* nothing sent: the Python path queues it all (and tries again) */
-        }
-      }
+  /* What _WritesAtOnce.write() sends at once: bytes, bytearray, memoryview
+   * (here only a C-contiguous one of bytes, the common case). */
+  if (PyBytes_CheckExact(data) || PyByteArray_CheckExact(data) || PyMemoryView_Check(data)) {
+    Py_buffer view;
+    PyObject* result;
+    int sent = 0;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+      PyErr_Clear(); /* not contiguous bytes: Python's write() decides */
+    } else {
+      if (view.len > 0) sent = send_now(t, data, &view, &result);
+      PyBuffer_Release(&view);
+      if (sent) return result;
     }
   }
 #endif
@@ -309,6 +391,8 @@ int fb_loop_init(PyObject* module) {
       {&str_eof_written, "_eof_written"}, {&str_empty_waiter, "_empty_waiter"},
       {&str_write_fut, "_write_fut"},     {&str_sock, "_sock"},
       {&str_write_python, "_write_python"}, {&str_write_queued, "_write_queued"},
+      {&str_buffer_owner, "_buffer_owner"}, {&str_buffer_updated, "buffer_updated"},
+      {&str_start_receive, "_start_receive"},
   };
   size_t i;
   for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {

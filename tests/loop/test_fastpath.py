@@ -58,7 +58,8 @@ def test_the_descriptor_binds_like_a_method(pair):
 
 
 @posix_only
-@pytest.mark.parametrize("data", [b"hello", bytearray(b"hello")], ids=["bytes", "bytearray"])
+@pytest.mark.parametrize("data", [b"hello", bytearray(b"hello"), memoryview(b"xhello")[1:]],
+                         ids=["bytes", "bytearray", "memoryview"])
 def test_whole_bytes_are_sent_at_once(pair, data):
     a, b = pair
     t = FakeTransport(a)
@@ -74,7 +75,7 @@ def test_every_other_case_goes_to_python(pair, setup):
     t = FakeTransport(a)
     data = b"data"
     if setup == "memoryview":
-        data = memoryview(b"data")
+        data = memoryview(b"d-a-t-a")[::2]  # not contiguous
     elif setup == "empty":
         data = b""
     elif setup == "queued":
@@ -90,7 +91,7 @@ def test_every_other_case_goes_to_python(pair, setup):
     else:
         t._sock = None
     t.write(data)
-    assert t.python == [data] and t.queued == []
+    assert len(t.python) == 1 and t.python[0] is data and t.queued == []
     b.setblocking(False)
     with pytest.raises(BlockingIOError):
         b.recv(100)  # nothing was sent by C
@@ -134,6 +135,7 @@ def test_read_loop_leaves_other_cases_to_the_transport(pair):
         _closing = _paused = False
         _protocol = None
         _read_fut = None
+        _buffer_owner = None
 
         def _loop_reading(self, c):
             calls.append(c)
@@ -159,3 +161,26 @@ def test_read_loop_leaves_other_cases_to_the_transport(pair):
         _ReadLoop.__new__(_ReadLoop)(None)
     with pytest.raises(TypeError):
         _ReadLoop(T(), "not a port")
+
+
+@posix_only
+def test_a_short_send_of_a_wide_memoryview_queues_the_rest_in_bytes(pair):
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    import array
+
+    data = memoryview(array.array("i", range(1 << 18)))  # 1 MiB of 4-byte items
+    t = FakeTransport(a)
+    t.write(data)
+    assert t.python == [] and len(t.queued) == 1
+    raw = data.tobytes()
+    rest = t.queued[0]
+    got = bytearray()
+    b.setblocking(False)
+    while True:
+        try:
+            chunk = b.recv(1 << 20)
+        except BlockingIOError:
+            break
+        got += chunk
+    assert bytes(got) + rest == raw

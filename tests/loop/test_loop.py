@@ -185,6 +185,52 @@ def test_buffered_protocol_is_received_into_straight(loop, pause_every):
         assert order.count("updated") > pause_every
 
 
+@pytest.mark.parametrize("fails", ["buffer_updated", "get_buffer"])
+def test_buffered_protocol_errors_are_fatal_to_the_connection(loop, fails):
+    """A BufferedProtocol's buffer_updated() or get_buffer() raising closes
+    the connection with the error and reports it to the exception handler,
+    as the stdlib's transports do (the loop goes on)."""
+    errors = []
+    lost = []
+
+    class Failing(_RecordingBuffered):
+        def get_buffer(self, sizehint):
+            if fails == "get_buffer" and self.order.count("updated") >= 1:
+                raise ValueError("get_buffer broke")
+            return super().get_buffer(sizehint)
+
+        def buffer_updated(self, nbytes):
+            super().buffer_updated(nbytes)
+            if fails == "buffer_updated" and self.order.count("updated") >= 2:
+                raise ValueError("buffer_updated broke")
+
+        def connection_lost(self, exc):
+            lost.append(exc)
+
+    async def main():
+        loop.set_exception_handler(lambda lp, ctx: errors.append(ctx))
+        server = await loop.create_server(Failing, "127.0.0.1", 0)
+        client = socket.create_connection(server.sockets[0].getsockname())
+        client.setblocking(False)
+        for i in range(5):
+            try:
+                await loop.sock_sendall(client, b"x" * 10)
+            except OSError:
+                break
+            await asyncio.sleep(0.01)
+        for _ in range(100):
+            if lost:
+                break
+            await asyncio.sleep(0.01)
+        client.close()
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+    assert len(lost) == 1 and isinstance(lost[0], ValueError) and f"{fails} broke" in str(lost[0])
+    assert any(f"protocol.{fails}() call failed" in ctx.get("message", "") for ctx in errors), errors
+
+
 def test_set_protocol_mid_stream_hands_over_every_byte(loop):
     """A BufferedProtocol replaced by a Protocol (set_protocol, as start_tls
     and protocol upgrades do) while a receive into its buffer is pending:

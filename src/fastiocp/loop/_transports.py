@@ -157,8 +157,7 @@ class _ReadsDirect:
                     if self._paused:
                         self._held = (owner, buf, fut.nbytes)
                         return
-                    self._deliver(owner, buf, fut.nbytes)
-                    fut = None  # the next receive is a new one
+                    self._deliver(owner, buf, fut.nbytes)  # then the next receive
                 elif length == 0:
                     return  # end of file: no new receive ("finally" delivers it)
                 else:
@@ -182,35 +181,53 @@ class _ReadsDirect:
                         # The receives' callback: C (csrc/loop/transport.c)
                         # for the common case, this method for the others.
                         self._reader = _ReadLoop(self, self._loop._proactor.port)
-            if self._closing or self._paused:
-                return  # closing: data read from now on is dropped
-            proto = self._protocol
-            if isinstance(proto, protocols.BufferedProtocol):
-                try:
-                    buf = proto.get_buffer(-1)
-                    if not len(buf):
-                        raise RuntimeError("get_buffer() returned an empty buffer")
-                except (SystemExit, KeyboardInterrupt):
-                    raise
-                except BaseException as exc:
-                    self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")  # type: ignore[attr-defined]
-                    return
-                self._read_fut = self._loop._proactor.recv_direct(self._sock, buf, self._reader)
-                self._buffer_owner = proto
-            elif fut is not None:
-                self._read_fut = self._loop._proactor.again(fut)  # same buffer, same callback
-            else:
-                self._read_fut = self._loop._proactor.recv_direct(self._sock, self._data, self._reader)
-        except ConnectionAbortedError as exc:
-            if not self._closing:
-                self._fatal_error(exc, "Fatal read error on pipe transport")  # type: ignore[attr-defined]
-        except ConnectionResetError as exc:
-            self._force_close(exc)  # type: ignore[attr-defined]
+            self._start_receive(fut)
         except OSError as exc:
-            self._fatal_error(exc, "Fatal read error on pipe transport")  # type: ignore[attr-defined]
+            self._read_failed(exc)
         finally:
             if length > -1:
                 self._data_received(data, length)  # type: ignore[attr-defined]
+
+    def _start_receive(self, done: Any = None) -> None:
+        """Starts the next receive unless the transport is closing or paused
+        or one is pending: into the buffer of a BufferedProtocol's
+        get_buffer(-1), else into the transport's own. done, the Completion
+        of the receive just delivered, is started again (resubmit) when its
+        buffer is the one to receive into. Raises OSError if the receive
+        cannot start."""
+        if self._closing or self._paused or self._read_fut is not None:
+            return  # closing: data read from now on is dropped
+        proto = self._protocol
+        proactor = self._loop._proactor
+        if isinstance(proto, protocols.BufferedProtocol):
+            try:
+                buf = proto.get_buffer(-1)
+                if not len(buf):
+                    raise RuntimeError("get_buffer() returned an empty buffer")
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")  # type: ignore[attr-defined]
+                return
+            if done is not None and buf is done.buffer:
+                self._read_fut = proactor.again(done)
+            else:
+                self._read_fut = proactor.recv_direct(self._sock, buf, self._reader)
+            self._buffer_owner = proto
+        elif done is not None and done.buffer is self._data:
+            self._read_fut = proactor.again(done)  # same buffer, same callback
+        else:
+            self._read_fut = proactor.recv_direct(self._sock, self._data, self._reader)
+
+    def _read_failed(self, exc: OSError) -> None:
+        """A receive failed or could not start (the stdlib's rules)."""
+        if isinstance(exc, ConnectionAbortedError):
+            if not self._closing:
+                self._fatal_error(exc, "Fatal read error on pipe transport")  # type: ignore[attr-defined]
+        elif isinstance(exc, ConnectionResetError):
+            self._force_close(exc)  # type: ignore[attr-defined]
+        else:
+            self._fatal_error(exc, "Fatal read error on pipe transport")  # type: ignore[attr-defined]
 
     def _call_connection_lost(self, exc: Any) -> None:
         # The reader refers to the transport: without it, a closed transport
