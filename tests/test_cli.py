@@ -82,3 +82,15 @@ def test_demo_runs():
 def test_unknown_command_fails():
     r = _run("nope")
     assert r.returncode != 0
+
+
+def test_bench_help_names_the_loop_section():
+    """`bench --only` lists every section; loop (the asyncio loops beside
+    uvloop) is named as one a plain run leaves out."""
+    r = _run("bench", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    for section in ("echo", "pingpong", "http", "file", "handoff", "loop"):
+        assert section in text
+    assert "default: echo,pingpong,http,file,handoff;" in text, text
+    assert "loop, the asyncio loops' echo shapes" in text, text
