@@ -1018,7 +1018,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated sections: {','.join(SECTION_IDS)} (default: "
                         f"{','.join(DEFAULT_SECTIONS)}; loop, the asyncio loops' echo shapes "
                         "beside uvloop and asyncio, runs only when named: about a minute with "
-                        "--quick, 12 without)")
+                        "--quick, 12 minutes without)")
     p.add_argument("--rounds", type=int, default=0, help="rounds per contender (default 3; 1 with --quick)")
     p.add_argument("--duration", type=float, default=0.0, help="seconds per measurement (overrides)")
     p.add_argument("--items", type=int, default=0, help="hand-off items (default 1,000,000; 200,000 with --quick)")
