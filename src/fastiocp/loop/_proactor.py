@@ -150,6 +150,8 @@ class PortProactor:
             batch = self._port.get_many(BATCH, timeout=timeout)
         except PortClosedError:
             return []
+        if not batch:
+            return []
         # What the callbacks submit (receives started again) reaches the
         # kernel in one system call when the batch is finished.
         with self._port.batch():
