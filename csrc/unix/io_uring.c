@@ -64,7 +64,7 @@
  *   user_data, so an ASYNC_CANCEL of the operation hits it. No io-wq
  *   worker, no pipe: the first version (SPLICE stages file -> pipe ->
  *   socket through a pipe of its own, each stage an io-wq punt and a
- *   completion) cost 1.5x the CPU per byte (docs/BENCHMARKS.md).
+ *   completion) cost 1.6x the CPU per byte (docs/BENCHMARKS.md).
  * - WAIT_PROCESS opens a pidfd at submit, polls it for POLLIN and reads the
  *   status with waitid(P_PIDFD, WNOWAIT) in the harvest: the child is not
  *   reaped.
