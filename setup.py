@@ -26,7 +26,7 @@ LOOP = ["csrc/loop/transport.c"]
 COMMON = ["csrc/common.c"] + BINDING + LOOP
 SOURCES = {
     "linux": COMMON
-    + ["csrc/unix/hub.c", "csrc/unix/timerheap.c", "csrc/unix/io_uring.c",
+    + ["csrc/unix/hub.c", "csrc/unix/timerheap.c", "csrc/unix/nonblock.c", "csrc/unix/io_uring.c",
        "csrc/unix/epoll.c"],
     "win32": COMMON + ["csrc/win/iocp.c"],
 }

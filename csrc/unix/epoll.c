@@ -53,8 +53,8 @@
  * - accept(), connect(), and stream reads and writes where RWF_NOWAIT is not
  *   supported, have no per-call non-blocking flag. For them O_NONBLOCK is
  *   set for the duration of the one call and the previous flags restored
- *   right after (nb_enter(), nb_leave()); a descriptor that already has
- *   O_NONBLOCK is left alone. While the flag is set, another thread of the
+ *   right after (nonblock.h); a descriptor that already has O_NONBLOCK is
+ *   left alone. While the flag is set, another thread of the
  *   user's doing a blocking call on the same file would see EAGAIN: mixing
  *   blocking calls and port operations on one socket is not supported.
  *
@@ -113,8 +113,8 @@
  * state has its own mutex, held while its queues change and while its
  * non-blocking calls run (so a submit and the poller never interleave on one
  * queue); tab_mu guards growth of the descriptor table; the pool has its own
- * mutex; nb_mu serializes the O_NONBLOCK toggles (taken inside a descriptor
- * mutex, never the other way round).
+ * mutex; nonblock.h's mutex serializes the O_NONBLOCK toggles (taken inside
+ * a descriptor mutex, never the other way round).
  *
  * fiocp_op_t.bk says where an operation is (a descriptor queue, the pool's
  * queue, a pool thread, or nowhere) plus a few per-operation facts; it is
@@ -124,6 +124,7 @@
 #define _GNU_SOURCE
 #include "../fiocp.h"
 #include "hub.h"
+#include "nonblock.h"
 #include "timerheap.h"
 
 #include <errno.h>
@@ -286,10 +287,6 @@ typedef struct ep_s {
   timers_t tm;
 } ep_t;
 
-/* Serializes O_NONBLOCK toggles across ports and threads, so that two
- * toggles on one file never interleave and leave the flag set. */
-static pthread_mutex_t nb_mu = PTHREAD_MUTEX_INITIALIZER;
-
 /* 0 once the kernel said ENOSYS to preadv2 (before 4.6). */
 static int nowait_works = 1;
 
@@ -399,44 +396,6 @@ static void complete_all(ep_t* e, opq_t* q) {
   }
 }
 
-/* ---- O_NONBLOCK for the calls that have no per-call flag ---------------- */
-
-/* Makes fd non-blocking for one call. *saved receives the flags to restore,
- * or -1 if the descriptor was already non-blocking (nothing to undo).
- * Returns 0 or -errno. On success with *saved >= 0, nb_mu is held until
- * nb_leave(). */
-static int nb_enter(int fd, int* saved) {
-  int fl = fcntl(fd, F_GETFL);
-  *saved = -1;
-  if (fl < 0) return -errno;
-  if (fl & O_NONBLOCK) return 0;
-  pthread_mutex_lock(&nb_mu);
-  /* Read again under the lock: another toggle may have just ended. */
-  fl = fcntl(fd, F_GETFL);
-  if (fl < 0 || (fl & O_NONBLOCK)) {
-    int rc = fl < 0 ? -errno : 0;
-    pthread_mutex_unlock(&nb_mu);
-    return rc;
-  }
-  if (fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-    int rc = -errno;
-    pthread_mutex_unlock(&nb_mu);
-    return rc;
-  }
-  *saved = fl;
-  return 0;
-}
-
-static void nb_leave(int fd, int saved) {
-  int err = errno;
-  if (saved < 0) return;
-  /* Restoring can only fail if the user closed fd meanwhile (EBADF), and
-   * then there is no flag left to restore. */
-  (void)fcntl(fd, F_SETFL, saved);
-  pthread_mutex_unlock(&nb_mu);
-  errno = err;
-}
-
 /* ---- Non-blocking attempts ---------------------------------------------- */
 
 static int64_t sys_result(ssize_t r) {
@@ -473,7 +432,7 @@ static int64_t stream_io(fiocp_op_t* op, int wr) {
 #endif
   /* No RWF_NOWAIT for this file (a tty, some character devices): make the
    * file non-blocking for the call. */
-  rc = nb_enter(fd, &saved);
+  rc = fiocp__nb_enter(fd, &saved);
   if (rc < 0) return rc;
   do {
     if (pos < 0)
@@ -483,7 +442,7 @@ static int64_t stream_io(fiocp_op_t* op, int wr) {
     else
       r = pread(fd, op->buf, op->len, (off_t)pos);
   } while (r < 0 && errno == EINTR);
-  nb_leave(fd, saved);
+  fiocp__nb_leave(fd, saved);
   return sys_result(r);
 }
 
@@ -502,13 +461,13 @@ static int64_t do_accept(fiocp_op_t* op) {
   int fd = (int)op->handle;
   fiocp_addr_t* a = op->addr;
   int saved, rc, nfd;
-  rc = nb_enter(fd, &saved);
+  rc = fiocp__nb_enter(fd, &saved);
   if (rc < 0) return rc;
   do {
     a->sslen = (fiocp_socklen_t)sizeof(a->ss);
     nfd = accept4(fd, (struct sockaddr*)&a->ss, &a->sslen, SOCK_CLOEXEC);
   } while (nfd < 0 && errno == EINTR);
-  nb_leave(fd, saved);
+  fiocp__nb_leave(fd, saved);
   return sys_result(nfd);
 }
 
@@ -520,7 +479,7 @@ static int64_t do_connect(fiocp_op_t* op) {
   int saved, rc, err;
   if (!(bk_get(op) & BK_STARTED)) {
     int tries = 0;
-    rc = nb_enter(fd, &saved);
+    rc = fiocp__nb_enter(fd, &saved);
     if (rc < 0) return rc;
     do {
       rc = connect(fd, (const struct sockaddr*)&a->ss, a->sslen);
@@ -531,7 +490,7 @@ static int64_t do_connect(fiocp_op_t* op) {
        * the new connection then, as a blocking connect and io_uring do
        * (the kernel's seen_econnaborted; liburing test/connect-rep.c). */
     } while (err == ECONNABORTED && ++tries < 2);
-    nb_leave(fd, saved);
+    fiocp__nb_leave(fd, saved);
     if (rc == 0) return 0;
     if (err == EINPROGRESS || err == EINTR) {
       /* EINTR: the connection goes on asynchronously, as EINPROGRESS. */
@@ -605,7 +564,7 @@ static int64_t do_sendfile(fiocp_op_t* op) {
   int saved, rc;
   if (op->offset < 0) return -EINVAL;
   /* sendfile has no per-call non-blocking flag. */
-  rc = nb_enter(fd, &saved);
+  rc = fiocp__nb_enter(fd, &saved);
   if (rc < 0) return sent > 0 ? sent : rc;
   for (;;) {
     int64_t pos = op->offset + sent;
@@ -633,7 +592,7 @@ static int64_t do_sendfile(fiocp_op_t* op) {
       break;
     }
   }
-  nb_leave(fd, saved);
+  fiocp__nb_leave(fd, saved);
   a->scratch.i64[S_SENT] = sent;
   return res;
 }

@@ -85,6 +85,7 @@
 #define _GNU_SOURCE
 #include "../fiocp.h"
 #include "hub.h"
+#include "nonblock.h"
 #include "timerheap.h"
 #include "uring_abi.h"
 
@@ -797,22 +798,6 @@ static int prepare_op(fiocp_op_t* op) {
   }
 }
 
-/* Serializes the O_NONBLOCK toggles of sendfile bursts on blocking
- * sockets (every port of this backend): a burst that found the flag set by
- * another's toggle must not see it cleared under its feet. */
-static pthread_mutex_t sf_nb_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_once_t sf_nb_once = PTHREAD_ONCE_INIT;
-
-/* fork() while another thread is in a burst must not leave the child a
- * locked sf_nb_mu (a port the child creates would hang on it): the fork
- * waits for the burst, which never waits for anything. */
-static void sf_nb_prepare(void) { pthread_mutex_lock(&sf_nb_mu); }
-static void sf_nb_release(void) { pthread_mutex_unlock(&sf_nb_mu); }
-static void sf_nb_atfork(void) {
-  /* Fails only with ENOMEM; the fork hazard above is then left as is. */
-  (void)pthread_atfork(sf_nb_prepare, sf_nb_release, sf_nb_release);
-}
-
 static int sendfile_burst(fiocp_op_t* op, int64_t* res);
 
 /* Whether kind needs the record's extension (addr). */
@@ -1335,28 +1320,13 @@ static int sendfile_burst(fiocp_op_t* op, int64_t* res) {
   int fd = (int)op->handle;
   int64_t sent = a->scratch.i64[SC_SENT];
   int64_t budget = SENDFILE_BURST;
-  int fl, saved = -1, over = 0, locked = 0;
+  int saved, over = 0, rc;
   /* sendfile() has no per-call non-blocking flag: a blocking socket is made
-   * non-blocking for the burst (as the epoll backend does). */
-  fl = fcntl(fd, F_GETFL);
-  if (fl < 0) {
-    *res = sent > 0 ? sent : -errno;
+   * non-blocking for the burst (nonblock.h). */
+  rc = fiocp__nb_enter(fd, &saved);
+  if (rc < 0) {
+    *res = sent > 0 ? sent : rc;
     return 1;
-  }
-  if (!(fl & O_NONBLOCK)) {
-    pthread_mutex_lock(&sf_nb_mu);
-    locked = 1;
-    fl = fcntl(fd, F_GETFL); /* again: a toggle may have just ended */
-    if (fl >= 0 && !(fl & O_NONBLOCK)) {
-      if (fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) fl = -1;
-      else saved = fl;
-    }
-    if (fl < 0) {
-      int e = errno;
-      pthread_mutex_unlock(&sf_nb_mu);
-      *res = sent > 0 ? sent : -e;
-      return 1;
-    }
   }
   for (;;) {
     int64_t pos = op->offset + sent, want = (int64_t)op->len - sent;
@@ -1390,11 +1360,7 @@ static int sendfile_burst(fiocp_op_t* op, int64_t* res) {
       break;
     }
   }
-  if (locked) {
-    /* Fails only if the user closed fd meanwhile: no flag to restore. */
-    if (saved >= 0) (void)fcntl(fd, F_SETFL, saved);
-    pthread_mutex_unlock(&sf_nb_mu);
-  }
+  fiocp__nb_leave(fd, saved);
   a->scratch.i64[SC_SENT] = sent;
   return over;
 }
@@ -1610,7 +1576,6 @@ static int uring_init(fiocp_port_t* port, unsigned entries,
     return rc;
   }
   fiocp__th_init(&u->timers, SC_HIDX);
-  (void)pthread_once(&sf_nb_once, sf_nb_atfork); /* cannot fail here */
   u->hub.ctx = u;
   u->hub.concurrency = concurrency;
   u->hub.poll = uring_poll;
