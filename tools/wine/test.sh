@@ -300,8 +300,8 @@ cp "$HERE/pyconfig.h" "$INCDIR/pyconfig.h"
 # CPython (CPYTHON_VERSION, sha256-pinned, cached in the downloads); (2) the
 # Lib/test of a same-minor CPython on this machine (a pyenv install, built
 # from python.org's tarball of its own patch version), the closest patch
-# version first; (3) Debian's libpythonX.Y-testsuite (3.11: bookworm's 3.11.2;
-# 3.13: trixie's). Redone only when the pin changes; which one was used is in
+# version first; (3) Debian's libpythonX.Y-testsuite and -stdlib (3.11:
+# bookworm's 3.11.2; 3.13: trixie's). Redone only when the pin changes; which one was used is in
 # $TESTLIB/.source and is printed on every run (FASTIOCP_WINE_CPYTHON_TESTS).
 tests_want="Python-$CPYTHON_VERSION.tgz sha256=$CPYTHON_TGZ_SHA256 layout=1"
 copy_lib_test() {  # copy_lib_test DESCRIPTION SRC_TEST_DIR...: merged into $TESTLIB/test
@@ -343,12 +343,16 @@ EOF
         rm -f "$tgz.part"
     fi
     if [[ -f $tgz ]]; then
-        if "$HOSTPY" - "$tgz" "Python-$CPYTHON_VERSION/Lib/test/" "$TESTLIB/test" <<'EOF'
-import os, sys, tarfile
-tgz, prefix, out = sys.argv[1:]
+        if "$HOSTPY" - "$tgz" "Python-$CPYTHON_VERSION/Lib/test/" "$TESTLIB/test" "$CPYTHON_TGZ_SHA256" <<'EOF'
+import hashlib, os, sys, tarfile
+tgz, prefix, out, want = sys.argv[1:]
+with open(tgz, "rb") as f:
+    if hashlib.sha256(f.read()).hexdigest() != want:
+        os.unlink(tgz)
+        sys.exit(f"  {tgz}: not the pinned sha256, removed")
 with tarfile.open(tgz) as tf:
     for m in tf:
-        if m.name.startswith(prefix) and (m.isfile() or m.isdir()) and "/__pycache__/" not in m.name:
+        if m.name.startswith(prefix) and (m.isfile() or m.isdir()) and "__pycache__" not in m.name.split("/"):
             dest = os.path.join(out, m.name[len(prefix):])
             if m.isdir():
                 os.makedirs(dest, exist_ok=True)
