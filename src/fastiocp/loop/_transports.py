@@ -1,10 +1,17 @@
-"""The stdlib's proactor transports, made to fit Linux.
+"""The stdlib's proactor transports, made to fit the port and Linux.
 
-On connection loss they call sock.shutdown(SHUT_RDWR) before closing (a
-Windows cure for pending reads on the peer); Linux answers ENOTCONN for a
-socket the peer reset or that never connected, and the stdlib would raise
-it out of connection_lost's cleanup. Here a failing shutdown is ignored;
-the socket is closed all the same."""
+Where they depart from asyncio.proactor_events, each in a mixin below:
+- _ClosesQuietly: on connection loss the stdlib calls
+  sock.shutdown(SHUT_RDWR) before closing (a Windows cure for pending reads
+  on the peer); Linux answers ENOTCONN for a socket the peer reset or that
+  never connected. A failing shutdown is ignored; the socket is closed.
+- _WritesAtOnce: write() sends at once when nothing is queued.
+- _ReceivesBytes: data_received() gets bytes on every version.
+- _ReadsDirect: socket receives without a Future, their common case in C
+  (csrc/loop/transport.c); a BufferedProtocol is received into straight.
+- _FlushesOnClose: close() with writes pending lets them, and what the
+  protocol writes meanwhile, go out first.
+- Read pipes close at end of file on POSIX, as the selector loop's do."""
 from __future__ import annotations
 
 import os
