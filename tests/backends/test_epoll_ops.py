@@ -21,6 +21,7 @@ import time
 import pytest
 
 import fastiocp
+from conftest import collect
 
 if sys.platform.startswith("linux"):
     import fcntl  # the module is collected on Windows too (and skipped there)
@@ -52,17 +53,6 @@ def nfds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def collect(port, n: int, timeout: float = 10.0) -> list:
-    """Exactly n completions, in dequeue order (fails if they do not come)."""
-    out = []
-    deadline = time.monotonic() + timeout
-    while len(out) < n:
-        left = deadline - time.monotonic()
-        assert left > 0, f"only {len(out)} of {n} completions came"
-        out += port.get_many(max(1, min(4096, n - len(out))), timeout=left)
-    return out
-
-
 def errno_of(c) -> int | None:
     return None if c.error is None else c.error.errno
 
@@ -83,65 +73,8 @@ def fill(sock: socket.socket) -> int:
 
 # ---- The timer heap ---------------------------------------------------------
 
-def test_ten_thousand_timers_with_random_delays_fire_in_deadline_order(port):
-    rng = random.Random(14)
-    n = 10_000
-    bounds = []  # per timer: (earliest, latest) absolute deadline
-    for i in range(n):
-        delay = rng.uniform(0.0, 0.4)
-        before = time.monotonic()
-        port.timer(delay, context=i)
-        bounds.append((before + delay, time.monotonic() + delay))
-    seen = []
-    deadline = time.monotonic() + 20
-    while len(seen) < n:
-        assert time.monotonic() < deadline, f"{len(seen)} of {n} fired"
-        cs = port.get_many(4096, timeout=5)
-        now = time.monotonic()
-        for c in cs:
-            assert c.op == "timer" and c.error is None and c.result() is None
-            # Never early: it was dequeued after its earliest deadline.
-            assert now >= bounds[c.context][0]
-            seen.append(c.context)
-    assert sorted(seen) == list(range(n))  # each exactly once
-    # In order: a timer that fired later never had a deadline proven earlier
-    # than one that fired before it (submit-time clock reads bound each
-    # deadline; an inversion beyond those bounds is a heap bug).
-    latest_lo = float("-inf")
-    for i in seen:
-        lo, hi = bounds[i]
-        assert hi >= latest_lo, f"timer {i} fired after a later deadline"
-        latest_lo = max(latest_lo, lo)
-    assert port.pending == 0
-
-
-def test_cancel_in_the_middle_of_the_heap(port):
-    rng = random.Random(3)
-    delays = [rng.uniform(0.05, 0.3) for _ in range(3000)]
-    ops, bounds = [], []
-    for i, d in enumerate(delays):
-        before = time.monotonic()
-        ops.append(port.timer(d, context=i))
-        bounds.append((before + d, time.monotonic() + d))
-    # Cancel entries scattered through the heap, not just its root.
-    cancelled = set(range(1, len(ops), 3))
-    for i in cancelled:
-        ops[i].cancel()
-    cs = collect(port, len(ops))
-    assert sorted(c.context for c in cs) == list(range(len(ops)))
-    for c in cs:
-        if c.context in cancelled:
-            assert c.cancelled and errno_of(c) == errno.ECANCELED
-        else:
-            assert c.error is None, c.error
-    fired = [c.context for c in cs if c.context not in cancelled]
-    # Those left fire in deadline order (bounded by the submit-time clock
-    # reads, as in the test above): removals kept the heap a heap.
-    latest_lo = float("-inf")
-    for i in fired:
-        assert bounds[i][1] >= latest_lo, f"timer {i} fired out of order"
-        latest_lo = max(latest_lo, bounds[i][0])
-
+# test_timerheap.py: many timers in order, cancels inside the heap (both
+# Linux backends).
 
 def test_cancelling_a_fired_timer_is_a_no_op(port):
     op = port.timer(0)
