@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 #ifndef _WIN32
+# include <pthread.h>
+# include <sys/mman.h>
 # include <time.h>
 #endif
 
@@ -144,6 +146,131 @@ void fiocp__foreach_owned(fiocp_port_t* port,
                           void* arg) {
   foreach_in_states(port, (1u << FIOCP_ST_INFLIGHT) | (1u << FIOCP_ST_DONE),
                     fn, arg);
+}
+
+/* ---- Buffer pools -------------------------------------------------------
+ * The memory comes straight from the OS, page aligned (the kernel maps
+ * provided buffers page by page) and untouched until used: a pool of many
+ * buffers costs resident memory only for the buffers that received. */
+
+#ifdef _WIN32
+typedef SRWLOCK pool_mutex_t;
+#else
+typedef pthread_mutex_t pool_mutex_t;
+#endif
+
+int fiocp__pool_init(fiocp_pool_t* pool, uint32_t size, uint32_t count) {
+  size_t bytes = (size_t)size * count, i;
+  pool_mutex_t* mu;
+  memset(pool, 0, sizeof(*pool));
+  if (size == 0 || count == 0 || count > FIOCP_POOL_MAX) return FIOCP_ENOMEM;
+  pool->free_ids = (uint32_t*)malloc(count * sizeof(uint32_t));
+  mu = (pool_mutex_t*)malloc(sizeof(*mu));
+  if (pool->free_ids == NULL || mu == NULL) goto fail;
+#ifdef _WIN32
+  pool->base = (char*)VirtualAlloc(NULL, bytes, MEM_RESERVE | MEM_COMMIT,
+                                   PAGE_READWRITE);
+  if (pool->base == NULL) goto fail;
+  InitializeSRWLock(mu);
+#else
+  pool->base = (char*)mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (pool->base == MAP_FAILED) {
+    pool->base = NULL;
+    goto fail;
+  }
+  if (pthread_mutex_init(mu, NULL) != 0) {
+    munmap(pool->base, bytes);
+    pool->base = NULL;
+    goto fail;
+  }
+#endif
+  pool->lock = mu;
+  pool->size = size;
+  pool->count = count;
+  /* Lowest ids on top: the first buffers used are the first pages. */
+  for (i = 0; i < count; i++) pool->free_ids[i] = (uint32_t)(count - 1 - i);
+  pool->nfree = count;
+  return 0;
+fail:
+  free(pool->free_ids);
+  free(mu);
+  memset(pool, 0, sizeof(*pool));
+  return FIOCP_ENOMEM;
+}
+
+void fiocp__pool_fini(fiocp_pool_t* pool) {
+  if (pool->base != NULL) {
+#ifdef _WIN32
+    VirtualFree(pool->base, 0, MEM_RELEASE);
+#else
+    munmap(pool->base, (size_t)pool->size * pool->count);
+    pthread_mutex_destroy((pool_mutex_t*)pool->lock);
+#endif
+  }
+  free(pool->free_ids);
+  free(pool->lock);
+  memset(pool, 0, sizeof(*pool));
+}
+
+void fiocp__pool_lock(fiocp_pool_t* pool) {
+#ifdef _WIN32
+  AcquireSRWLockExclusive((pool_mutex_t*)pool->lock);
+#else
+  pthread_mutex_lock((pool_mutex_t*)pool->lock);
+#endif
+}
+
+void fiocp__pool_unlock(fiocp_pool_t* pool) {
+#ifdef _WIN32
+  ReleaseSRWLockExclusive((pool_mutex_t*)pool->lock);
+#else
+  pthread_mutex_unlock((pool_mutex_t*)pool->lock);
+#endif
+}
+
+int64_t fiocp__pool_take(fiocp_pool_t* pool) {
+  int64_t id = -1;
+  fiocp__pool_lock(pool);
+  if (pool->nfree > 0) id = pool->free_ids[--pool->nfree];
+  fiocp__pool_unlock(pool);
+  return id;
+}
+
+void fiocp__pool_give(fiocp_pool_t* pool, uint32_t id) {
+  fiocp__pool_lock(pool);
+  if (pool->nfree < pool->count) pool->free_ids[pool->nfree++] = id;
+  fiocp__pool_unlock(pool);
+}
+
+/* ---- Multishot children ------------------------------------------------ */
+
+fiocp_op_t* fiocp__child_new(fiocp_op_t* parent) {
+  fiocp_op_t* child = (fiocp_op_t*)calloc(1, sizeof(*child));
+  if (child == NULL) return NULL;
+  child->kind = parent->kind;
+  child->state = FIOCP_ST_INFLIGHT;
+  child->flags = (uint8_t)((parent->flags & ~FIOCP_OPF_CANCELLED) |
+                           FIOCP_OPF_CHILD);
+  child->handle = parent->handle;
+  child->len = parent->len;
+  child->user = parent->user;
+  child->pool = parent->pool;
+  child->parent = parent;
+  child->offset = -1;
+  __atomic_add_fetch(&parent->refs, 1, __ATOMIC_ACQ_REL);
+  return child;
+}
+
+uint32_t fiocp__op_unref(fiocp_op_t* parent) {
+  return __atomic_sub_fetch(&parent->refs, 1, __ATOMIC_ACQ_REL);
+}
+
+uint32_t fiocp__child_free(fiocp_op_t* child) {
+  fiocp_op_t* parent = child->parent;
+  free(child->addr);
+  free(child);
+  return fiocp__op_unref(parent);
 }
 
 /* ---- Clock ------------------------------------------------------------- */

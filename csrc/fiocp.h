@@ -53,6 +53,12 @@ typedef socklen_t fiocp_socklen_t;
                                                      timeout (timeout_ns)
                                                      expired first: it was
                                                      cancelled by the port */
+#define FIOCP_ENOBUFS     (FIOCP__ECODE_BASE - 7) /* a pooled receive found
+                                                     its pool empty when data
+                                                     was there: the data is
+                                                     still in the socket;
+                                                     release buffers and
+                                                     receive again */
 
 /* Operation kinds. The binding maps them to the strings of Completion.op. */
 enum {
@@ -122,11 +128,49 @@ enum { FIOCP_SUP_NO = 0, FIOCP_SUP_NATIVE = 1, FIOCP_SUP_EMULATED = 2 };
 enum {
   FIOCP_ST_FREE = 0,   /* on the free list */
   FIOCP_ST_INFLIGHT,   /* accepted by submit(); its completion is owed */
-  FIOCP_ST_DONE        /* completed, queued for (or handed to) a waiter */
+  FIOCP_ST_DONE,       /* completed, queued for (or handed to) a waiter */
+  FIOCP_ST_LINGER      /* a multishot op whose last result the binding
+                          finished while some of its children were not yet
+                          (refs > 0): given back when the last one is */
 };
 
-/* Flag bits of fiocp_op_t.flags. */
+/* Flag bits of fiocp_op_t.flags. The binding sets POOLED, MULTISHOT and
+ * ZEROCOPY before submit(); backends set CHILD (fiocp__child_new) and
+ * CANCELLED (cancel, close).
+ *
+ * POOLED (recv only): op->pool is a registered pool (fiocp_pool_t) and
+ *   op->buf is NULL; op->len is the most to receive (<= pool->size). The
+ *   backend takes a buffer from the pool only once data is there
+ *   (io_uring: IOSQE_BUFFER_SELECT on the pool's provided-buffer ring;
+ *   epoll: readiness, then fiocp__pool_take and recv(); IOCP: a zero-byte
+ *   WSARecv, then fiocp__pool_take and a non-blocking receive). Result:
+ *   res = bytes (> 0) and offset = the buffer's id (its memory is
+ *   pool->base + id * pool->size), now held by the binding until it
+ *   gives it back with fiocp_backend_t.pool_put. res = 0 (end of stream)
+ *   and errors carry no buffer (offset = -1). No buffer free when data is
+ *   there: res = FIOCP_ENOBUFS and nothing was read.
+ * MULTISHOT (pooled recv, accept): one submission, many results. Each
+ *   result but the last is a child record (fiocp__child_new) that the
+ *   backend completes like any record; the last is op itself and ends the
+ *   operation: an error (cancel, FIOCP_ENOBUFS, ...), end of stream (recv:
+ *   res = 0), or a result after which the backend could not go on (it
+ *   then carries it). The order of one operation's results is kept:
+ *   children are queued in the order of their data, op after all of them.
+ *   Cancelling op ends it (its remaining children still come first).
+ *   The kernels' ways: io_uring IORING_RECV_MULTISHOT with buffer select,
+ *   IORING_ACCEPT_MULTISHOT; epoll: stays armed after each result; IOCP:
+ *   the zero-byte receive posted again after each result, several AcceptEx
+ *   kept outstanding.
+ * ZEROCOPY (send): the kernel sends from op->buf without copying it
+ *   (io_uring IORING_OP_SEND_ZC); op completes only once the kernel no
+ *   longer reads the buffer (the notification CQE), with res = bytes
+ *   sent. Backends without it send normally.
+ * CHILD: a child record, see fiocp__child_new. */
 #define FIOCP_OPF_CANCELLED 0x1  /* the user or close() asked to cancel it */
+#define FIOCP_OPF_POOLED    0x2
+#define FIOCP_OPF_MULTISHOT 0x4
+#define FIOCP_OPF_ZEROCOPY  0x8
+#define FIOCP_OPF_CHILD     0x10
 
 /* The record's extension: the socket address and per-backend scratch of
  * the operations that carry an address (recvfrom, sendto, accept, connect),
@@ -193,6 +237,13 @@ typedef struct fiocp_op_s {
   fiocp_addr_t* addr;    /* NULL unless the kind carries an address */
   struct fiocp_op_s* next;  /* free list, completion queue or backend list */
   uintptr_t bk;          /* backend scratch (epoll: interest bookkeeping) */
+  struct fiocp_pool_s* pool; /* POOLED: the pool; else NULL */
+  /* MULTISHOT op: 1 + its children not yet finished by the binding
+   * (changed atomically: fiocp__child_new, fiocp__child_done). The record
+   * is given back to the allocator only once it is 0, and the binding
+   * keeps op's Completion alive until then. A child: its op. */
+  uint32_t refs;
+  struct fiocp_op_s* parent;
   int64_t timeout_ns;    /* 0: none (records start zeroed; a timeout of
                             0 s is stored as 1 ns). Otherwise the port
                             cancels the operation if it is still pending
@@ -202,6 +253,61 @@ typedef struct fiocp_op_s {
 } fiocp_op_t;
 
 typedef struct fiocp_port_s fiocp_port_t;
+
+/* A pool of equal buffers for pooled receives (FIOCP_OPF_POOLED), shared
+ * by any number of operations of one port. Its memory is the binding's
+ * (fastiocp.BufferPool) and outlives every record that names it. Buffer
+ * ids are 0 .. count-1. A buffer is at any time in one place: free (on
+ * the pool's free stack, or in io_uring's provided-buffer ring), or held
+ * (handed out in a result, until pool_put gives it back). */
+typedef struct fiocp_pool_s {
+  char* base;             /* count * size bytes */
+  uint32_t size;          /* bytes per buffer (>= 1) */
+  uint32_t count;         /* 1 .. FIOCP_POOL_MAX buffers */
+  /* The free stack (fiocp__pool_take/give): backends without a kernel
+   * ring take from it; io_uring moves it into its ring at pool_add. */
+  uint32_t* free_ids;
+  uint32_t nfree;
+  void* lock;             /* fiocp__pool_init's mutex */
+  fiocp_port_t* port;     /* registered with (pool_add), or NULL */
+  uint16_t group;         /* io_uring: the buffer group id */
+  void* impl;             /* the backend's (io_uring: the ring) */
+  struct fiocp_pool_s* next; /* the backend's list of its pools */
+} fiocp_pool_t;
+
+/* io_uring's buffer ids are 16 bits. */
+#define FIOCP_POOL_MAX 32768
+
+/* Sets up pool (memory from the OS: mmap / VirtualAlloc, page aligned;
+ * every buffer free). Returns 0 or FIOCP_ENOMEM. GIL or no GIL. */
+int fiocp__pool_init(fiocp_pool_t* pool, uint32_t size, uint32_t count);
+/* Frees what fiocp__pool_init allocated (not registered with a port). */
+void fiocp__pool_fini(fiocp_pool_t* pool);
+/* A free buffer's id, or -1 when none is free. Thread-safe. */
+int64_t fiocp__pool_take(fiocp_pool_t* pool);
+/* Puts buffer id back on the free stack. Thread-safe. */
+void fiocp__pool_give(fiocp_pool_t* pool, uint32_t id);
+/* Locks the pool's mutex (for a backend's own free set: io_uring's ring
+ * tail). */
+void fiocp__pool_lock(fiocp_pool_t* pool);
+void fiocp__pool_unlock(fiocp_pool_t* pool);
+
+/* A child record: one result of the multishot operation parent, for the
+ * backend to fill (res, offset) and complete like any record. It copies
+ * parent's kind, handle, user, pool and flags (plus FIOCP_OPF_CHILD) and
+ * takes a reference on parent (parent->refs + 1, atomically). Memory from
+ * malloc (no port lock: backends call it without the GIL); addr is NULL
+ * (a backend that needs an extension mallocs one: fiocp__child_free frees
+ * it). NULL when out of memory: the backend then ends the operation.
+ * Thread-safe. */
+fiocp_op_t* fiocp__child_new(fiocp_op_t* parent);
+/* Frees a child after the binding finished it, and returns its parent's
+ * remaining references (parent->refs - 1, atomically): 0 means the
+ * binding may now give the parent back. */
+uint32_t fiocp__child_free(fiocp_op_t* child);
+/* Drops the parent's own reference (its last result finished): returns
+ * the references left, as fiocp__child_free. */
+uint32_t fiocp__op_unref(fiocp_op_t* parent);
 
 /* A backend: one table of functions, chosen at run time (Linux builds carry
  * two backends). */
@@ -288,6 +394,26 @@ typedef struct fiocp_backend_s {
    * (index FIOCP_SUPPORT_TIMEOUT: per-operation timeouts). submit() returns
    * FIOCP_EUNSUPPORTED for a kind marked FIOCP_SUP_NO. */
   const uint8_t* support;
+
+  /* Buffer pools (FIOCP_OPF_POOLED). pool_add registers pool with the
+   * port before its first receive (io_uring: a provided-buffer ring of
+   * group pool->group holding every free buffer); NULL: nothing to do.
+   * Returns 0 or a negative code. GIL. */
+  int (*pool_add)(fiocp_port_t* port, fiocp_pool_t* pool);
+  /* Gives buffer id (held) back to the pool: io_uring adds it to the
+   * ring; NULL: the binding calls fiocp__pool_give. Thread-safe, GIL or
+   * no GIL. */
+  void (*pool_put)(fiocp_port_t* port, fiocp_pool_t* pool, uint32_t id);
+  /* Unregisters pool: no operation in flight names it. Buffers in a ring
+   * go back on the free stack. Called before destroy() for each pool
+   * still registered. NULL: nothing to do. GIL. */
+  void (*pool_remove)(fiocp_port_t* port, fiocp_pool_t* pool);
+  /* The FIOCP_OPF_POOLED / MULTISHOT / ZEROCOPY bits this backend does
+   * with the kernel's own mechanism on this port (io_uring's buffer
+   * rings, multishot and SEND_ZC, as far as the kernel has them). Every
+   * backend accepts all three; the others are emulated (or, ZEROCOPY, a
+   * plain send). NULL: none. For tests and docs. GIL. */
+  unsigned (*native_flags)(fiocp_port_t* port);
 } fiocp_backend_t;
 
 /* Slab allocator for operation and address records: records never move and
