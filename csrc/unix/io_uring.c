@@ -81,6 +81,42 @@
  *   earlier); otherwise it is the submitting thread's exit, and the SQE is
  *   pushed again. The record completes only once the CQEs of its linked
  *   timeouts and guard have come too (TK_* below).
+ *
+ * Pools, multishot operations and zero-copy sends (issue 18, fiocp.h):
+ * - A pool registered with the port (pool_add) is a provided-buffer ring
+ *   (IORING_REGISTER_PBUF_RING) of group pool->group, in page-aligned
+ *   memory of ours, holding every free buffer: the free stack moves into
+ *   it. A pooled receive is a RECV with IOSQE_BUFFER_SELECT and
+ *   IORING_RECVSEND_POLL_FIRST (the kernel picks a buffer only once data
+ *   is there, so an empty ring fails with -ENOBUFS having read nothing);
+ *   the CQE names the buffer (IORING_CQE_F_BUFFER). pool_put adds a
+ *   buffer back (the ring's tail, stored with release, under the pool's
+ *   mutex). Which buffers the binding holds is tracked (pbuf_t.held): a
+ *   second release of one is ignored (the ring would hold it twice), and
+ *   pool_remove puts every buffer not held back on the free stack: after
+ *   its last operation the kernel has the others, all in the ring.
+ * - Multishot receives (IORING_RECV_MULTISHOT) and accepts
+ *   (IORING_ACCEPT_MULTISHOT): each CQE with IORING_CQE_F_MORE becomes a
+ *   child record (fiocp__child_new), queued in CQE order; the CQE without
+ *   it is the operation's own completion, which stays INFLIGHT until
+ *   then. A child that cannot be allocated ends the operation (an
+ *   ASYNC_CANCEL; its result says FIOCP_ENOMEM): its result and every
+ *   later one are dropped (buffer back in the ring, accepted socket
+ *   closed), as data after a hole would mislead.
+ * - SEND_ZC: the CQE with F_MORE carries the result, the one with
+ *   IORING_CQE_F_NOTIF (same user_data) says the kernel let go of the
+ *   buffer: the record completes only after both (BK_NOTIF_*). A socket
+ *   without zero-copy (AF_UNIX: -EOPNOTSUPP) or over RLIMIT_MEMLOCK
+ *   (-ENOMEM), nothing sent, gets a plain SEND instead.
+ * - Older kernels (native_flags() tells): without buffer rings (before
+ *   5.19) a pooled receive is a POLL, then recv() into a buffer from the
+ *   free stack in the harvest (BK_EMU_POOL); without the kernel's
+ *   multishot (accept before 5.19, receive before 6.0) the single-shot
+ *   SQE is pushed again after each result (BK_REARM). So is a multishot
+ *   receive whose length is below the buffer size: the kernel's takes no
+ *   length. FASTIOCP_URING_DISABLE (a comma-separated list of pbuf_ring,
+ *   recv_multishot, accept_multishot, send_zc) makes a port act as if the
+ *   kernel lacked them: the tests of those paths.
  */
 #define _GNU_SOURCE
 #include "../fiocp.h"
@@ -162,6 +198,31 @@ typedef char fu_op_aligned[__alignof__(fiocp_op_t) >= 8 ? 1 : -1];
 #define TK_LINK_ONE (1LL << 24) /* TK_LINKS: LINK_TIMEOUT CQEs owed */
 #define TK_LINKS (0xffffLL << 24)
 
+/* op->bk: the state of issue 18's operations (records start zeroed;
+ * choose_mode() sets the mode bits at submit). hub.mu. */
+#define BK_EMU_POOL 0x01      /* pooled receive without a ring: POLL, then
+                                 recv() into a buffer of the free stack */
+#define BK_REARM 0x02         /* multishot without the kernel's: the
+                                 single-shot SQE again after each result */
+#define BK_ZC 0x04            /* a SEND_ZC (cleared: a plain SEND) */
+#define BK_NOTIF_OWED 0x08    /* SEND_ZC: its notification CQE is owed */
+#define BK_NOTIF_EARLY 0x10   /* it came before the CQE announcing it */
+#define BK_NOTIF_REQUEUE 0x20 /* the next SQE waits for it */
+#define BK_DELIVER 0x40       /* finished: queued once nothing holds it */
+#define BK_NOMEM 0x80         /* a child could not be allocated: later
+                                 results are dropped, FIOCP_ENOMEM ends it */
+#define BK_PUSH_CANCEL 0x100  /* on u->resubmit for an ASYNC_CANCEL */
+
+/* What this port's kernel does (uring_t.have), as native_flags() tells. */
+#define HAVE_PBUF 0x1       /* IORING_REGISTER_PBUF_RING (5.19) */
+#define HAVE_ACCEPT_MS 0x2  /* IORING_ACCEPT_MULTISHOT (5.19) */
+#define HAVE_RECV_MS 0x4    /* IORING_RECV_MULTISHOT (6.0) */
+#define HAVE_SEND_ZC 0x8    /* IORING_OP_SEND_ZC (6.0) */
+
+/* Receives an emulated multishot (BK_EMU_POOL) makes per POLL: the
+ * harvest runs them with hub.mu held. */
+#define EMU_BURST 16
+
 #define NS_PER_S 1000000000LL
 /* A SENDFILE burst's budget: the harvest runs bursts with hub.mu held, so
  * each is bounded (about 0.4 ms of CPU here). 2 and 4 MiB measured alike;
@@ -216,7 +277,23 @@ typedef struct uring_s {
   ktimer_t* kt;                 /* kernel TIMEOUTs whose CQE is owed */
   int kt_busy;                  /* kt_arm() or the sweep is pushing */
   int kt_due;                   /* a kernel TIMEOUT's CQE came: settle */
+  unsigned have;                /* HAVE_* */
+  uint16_t next_group;          /* the next buffer group id to try */
+  fiocp_pool_t* pools;          /* registered pools, by ->next (GIL) */
 } uring_t;
+
+/* A registered pool's state (pool->impl). With a buffer ring (bufs), the
+ * free buffers are in the ring; without (BK_EMU_POOL), on the free stack.
+ * held[id] (atomic bytes): the binding holds buffer id (set when a result
+ * hands it out, cleared by pool_put). pool->impl is stored and loaded
+ * atomically: submit and the harvest read it without the pool's mutex. */
+typedef struct pbuf_s {
+  struct fu_buf* bufs; /* NULL: no ring */
+  size_t bytes;        /* of the bufs mapping */
+  uint32_t mask;       /* ring entries - 1 */
+  uint16_t tail;       /* ours; published to bufs[0].resv (pool mutex) */
+  uint8_t* held;       /* [pool->count] */
+} pbuf_t;
 
 static int sys_setup(unsigned entries, struct fu_params* p) {
   long rc = syscall(__NR_io_uring_setup, entries, p);
@@ -396,6 +473,11 @@ static int uring_open(uring_t* u, unsigned entries, char* why, size_t whylen) {
       goto fail;
     }
   }
+  /* SEND_ZC and IORING_RECV_MULTISHOT came together (6.0); what 5.19
+   * brought (buffer rings, multishot accept) is older: uring_init. */
+  if (probe->last_op >= FU_OP_SEND_ZC &&
+      (probe->ops[FU_OP_SEND_ZC].flags & FU_PROBE_OP_SUPPORTED))
+    u->have |= HAVE_SEND_ZC | HAVE_RECV_MS | HAVE_PBUF | HAVE_ACCEPT_MS;
   free(probe);
   return 0;
 
@@ -487,11 +569,32 @@ static void prep_sqe(struct fu_sqe* sqe, fiocp_op_t* op) {
       sqe->off = (uint64_t)op->offset; /* -1: current position */
       break;
     case FIOCP_OP_RECV:
-    case FIOCP_OP_SEND:
-      sqe->opcode = op->kind == FIOCP_OP_RECV ? FU_OP_RECV : FU_OP_SEND;
+      if (op->bk & BK_EMU_POOL) {
+        /* Until data (or its end) is there; then recv() into a buffer
+         * (pooled_poll_step). */
+        prep_poll(sqe, (int)op->handle, POLLIN);
+        break;
+      }
+      sqe->opcode = FU_OP_RECV;
       sqe->addr = (uint64_t)(uintptr_t)op->buf;
       sqe->len = op->len;
-      sqe->op_flags = op->kind == FIOCP_OP_SEND ? MSG_NOSIGNAL : 0;
+      if (op->flags & FIOCP_OPF_POOLED) {
+        /* POLL_FIRST: the buffer is chosen only once data is there. */
+        sqe->addr = 0;
+        sqe->flags = FU_SQE_BUFFER_SELECT;
+        sqe->buf_index = op->pool->group;
+        sqe->ioprio = FU_RECVSEND_POLL_FIRST;
+        if ((op->flags & FIOCP_OPF_MULTISHOT) && !(op->bk & BK_REARM)) {
+          sqe->ioprio |= FU_RECV_MULTISHOT;
+          sqe->len = 0; /* required: each result is at most a buffer */
+        }
+      }
+      break;
+    case FIOCP_OP_SEND:
+      sqe->opcode = (op->bk & BK_ZC) ? FU_OP_SEND_ZC : FU_OP_SEND;
+      sqe->addr = (uint64_t)(uintptr_t)op->buf;
+      sqe->len = op->len;
+      sqe->op_flags = MSG_NOSIGNAL;
       break;
     case FIOCP_OP_RECVFROM:
     case FIOCP_OP_SENDTO: {
@@ -515,6 +618,15 @@ static void prep_sqe(struct fu_sqe* sqe, fiocp_op_t* op) {
       break;
     }
     case FIOCP_OP_ACCEPT:
+      if ((op->flags & FIOCP_OPF_MULTISHOT) && !(op->bk & BK_REARM)) {
+        /* Every accept would write the one address: none is asked for
+         * (children have none; finish_op() asks for a final one's). */
+        op->addr->sslen = 0;
+        sqe->opcode = FU_OP_ACCEPT;
+        sqe->op_flags = SOCK_CLOEXEC;
+        sqe->ioprio = FU_ACCEPT_MULTISHOT;
+        break;
+      }
       op->addr->sslen = sizeof(op->addr->ss);
       sqe->opcode = FU_OP_ACCEPT;
       sqe->addr = (uint64_t)(uintptr_t)&op->addr->ss;
@@ -840,6 +952,224 @@ static const uint8_t uring_support[FIOCP_OP__COUNT] = {
     [FIOCP_OP_CONNECT_PIPE] = FIOCP_SUP_NO, /* Windows named pipes */
 };
 
+/* ---- Buffer pools ------------------------------------------------------- */
+
+static pbuf_t* pool_impl(fiocp_pool_t* pool) {
+  return (pbuf_t*)__atomic_load_n(&pool->impl, __ATOMIC_ACQUIRE);
+}
+
+/* Appends buffer id to the ring, unpublished. Pool mutex held. */
+static void ring_add(fiocp_pool_t* pool, pbuf_t* r, uint32_t id) {
+  struct fu_buf* b = &r->bufs[r->tail & r->mask];
+  /* Never b->resv: in slot 0 it is the tail. */
+  b->addr = (uint64_t)(uintptr_t)(pool->base + (size_t)id * pool->size);
+  b->len = pool->size;
+  b->bid = (uint16_t)id;
+  r->tail++;
+}
+
+/* Shows the kernel the slots added: their contents before the tail. */
+static void ring_publish(pbuf_t* r) {
+  __atomic_store_n(&r->bufs[0].resv, r->tail, __ATOMIC_RELEASE);
+}
+
+/* Gives held buffer id back: into the ring, or onto the free stack when
+ * there is none (BK_EMU_POOL, or the pool removed since). A buffer not
+ * held (released twice) is ignored: in the ring twice, it could receive
+ * for two results at once. Thread-safe. */
+static void pool_put_id(fiocp_pool_t* pool, uint32_t id) {
+  pbuf_t* r;
+  if (id >= pool->count) return;
+  fiocp__pool_lock(pool);
+  r = pool_impl(pool);
+  if (r == NULL || __atomic_load_n(&r->held[id], __ATOMIC_RELAXED)) {
+    if (r != NULL) __atomic_store_n(&r->held[id], 0, __ATOMIC_RELAXED);
+    if (r != NULL && r->bufs != NULL) {
+      ring_add(pool, r, id);
+      ring_publish(r);
+    } else if (pool->nfree < pool->count) {
+      /* fiocp__pool_give()'s work; this thread holds its mutex. */
+      pool->free_ids[pool->nfree++] = id;
+    }
+  }
+  fiocp__pool_unlock(pool);
+}
+
+/* Registers r's ring under the next free group id. Returns 0 (the id in
+ * *group) or a negative errno. */
+static int ring_register(uring_t* u, pbuf_t* r, uint16_t* group) {
+  struct fu_buf_reg reg;
+  int rc = -EEXIST;
+  unsigned tries;
+  /* -EEXIST: a live group of this port has the id (the counter wrapped). */
+  for (tries = 0; rc == -EEXIST && tries <= UINT16_MAX; tries++) {
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (uint64_t)(uintptr_t)r->bufs;
+    reg.ring_entries = r->mask + 1;
+    reg.bgid = u->next_group++;
+    rc = sys_register(u->fd, FU_REGISTER_PBUF_RING, &reg, 1);
+    if (rc == 0) *group = reg.bgid;
+  }
+  return rc;
+}
+
+static int uring_pool_add(fiocp_port_t* port, fiocp_pool_t* pool) {
+  uring_t* u = (uring_t*)port->impl;
+  pbuf_t* r;
+  uint32_t entries = 1, i;
+  uint16_t group = 0;
+  int rc = 0;
+  if (pool->port == port) return 0;
+  if (pool->port != NULL || pool->count == 0 || pool->count > FIOCP_POOL_MAX)
+    return -EINVAL;
+  r = (pbuf_t*)calloc(1, sizeof(*r));
+  if (r == NULL) return FIOCP_ENOMEM;
+  r->held = (uint8_t*)calloc(pool->count, 1);
+  if (r->held == NULL) {
+    free(r);
+    return FIOCP_ENOMEM;
+  }
+  if (u->have & HAVE_PBUF) {
+    long page = sysconf(_SC_PAGESIZE);
+    size_t bytes;
+    if (page <= 0) page = 4096;
+    while (entries < pool->count) entries <<= 1;
+    bytes = (size_t)entries * sizeof(struct fu_buf);
+    r->mask = entries - 1;
+    r->bytes = (bytes + (size_t)page - 1) / (size_t)page * (size_t)page;
+    r->bufs = (struct fu_buf*)mmap(NULL, r->bytes, PROT_READ | PROT_WRITE,
+                                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (r->bufs == MAP_FAILED) {
+      rc = -errno;
+      r->bufs = NULL;
+      goto fail;
+    }
+  }
+  fiocp__pool_lock(pool);
+  /* Whatever is not on the free stack is held already. r is not
+   * published yet: plain stores. */
+  memset(r->held, 1, pool->count);
+  for (i = 0; i < pool->nfree; i++) r->held[pool->free_ids[i]] = 0;
+  if (r->bufs != NULL) {
+    rc = ring_register(u, r, &group);
+    if (rc == 0) {
+      /* The free stack moves into the ring, top first (lowest ids). */
+      for (i = pool->nfree; i-- > 0;) ring_add(pool, r, pool->free_ids[i]);
+      pool->nfree = 0;
+      ring_publish(r);
+      pool->group = group;
+    }
+  }
+  if (rc == 0) {
+    pool->port = port;
+    __atomic_store_n(&pool->impl, (void*)r, __ATOMIC_RELEASE);
+  }
+  fiocp__pool_unlock(pool);
+  if (rc < 0) goto fail;
+  pool->next = u->pools;
+  u->pools = pool;
+  return 0;
+fail:
+  if (r->bufs != NULL) munmap(r->bufs, r->bytes);
+  free(r->held);
+  free(r);
+  return rc;
+}
+
+/* Takes pool off the port. No operation names it any more, so every
+ * buffer the binding does not hold is free: in the ring (unregistered and
+ * unmapped here) or on the free stack. GIL. */
+static void pool_detach(uring_t* u, fiocp_pool_t* pool) {
+  pbuf_t* r;
+  uint32_t id;
+  fiocp__pool_lock(pool);
+  r = pool_impl(pool);
+  if (r != NULL && r->bufs != NULL) {
+    struct fu_buf_reg reg;
+    memset(&reg, 0, sizeof(reg));
+    reg.bgid = pool->group;
+    /* Fails only for a group not registered: nothing to undo then (and
+     * closing the ring frees its groups). */
+    (void)sys_register(u->fd, FU_UNREGISTER_PBUF_RING, &reg, 1);
+    pool->nfree = 0;
+    for (id = pool->count; id-- > 0;) /* lowest ids on top */
+      if (!__atomic_load_n(&r->held[id], __ATOMIC_RELAXED))
+        pool->free_ids[pool->nfree++] = id;
+  }
+  __atomic_store_n(&pool->impl, NULL, __ATOMIC_RELEASE);
+  pool->port = NULL;
+  fiocp__pool_unlock(pool);
+  if (r != NULL) {
+    if (r->bufs != NULL) munmap(r->bufs, r->bytes);
+    free(r->held);
+    free(r);
+  }
+}
+
+static void uring_pool_remove(fiocp_port_t* port, fiocp_pool_t* pool) {
+  uring_t* u = (uring_t*)port->impl;
+  fiocp_pool_t** pp;
+  if (pool->port != port) return;
+  for (pp = &u->pools; *pp != NULL; pp = &(*pp)->next) {
+    if (*pp == pool) {
+      *pp = pool->next;
+      break;
+    }
+  }
+  pool->next = NULL;
+  pool_detach(u, pool);
+}
+
+static void uring_pool_put(fiocp_port_t* port, fiocp_pool_t* pool,
+                           uint32_t id) {
+  (void)port;
+  pool_put_id(pool, id);
+}
+
+static unsigned uring_native_flags(fiocp_port_t* port) {
+  unsigned have = ((uring_t*)port->impl)->have, flags = 0;
+  const unsigned ms = HAVE_PBUF | HAVE_RECV_MS | HAVE_ACCEPT_MS;
+  if (have & HAVE_PBUF) flags |= FIOCP_OPF_POOLED;
+  if ((have & ms) == ms) flags |= FIOCP_OPF_MULTISHOT;
+  if (have & HAVE_SEND_ZC) flags |= FIOCP_OPF_ZEROCOPY;
+  return flags;
+}
+
+/* Checks issue 18's flags of op and picks how it runs (op->bk). Returns 0
+ * or a negative code (nothing submitted). */
+static int choose_mode(uring_t* u, fiocp_op_t* op) {
+  unsigned flags = op->flags;
+  op->bk = 0;
+  if (flags & FIOCP_OPF_POOLED) {
+    fiocp_pool_t* pool = op->pool;
+    pbuf_t* r;
+    if (op->kind != FIOCP_OP_RECV || pool == NULL || pool->port != u->port ||
+        (r = pool_impl(pool)) == NULL)
+      return -EINVAL;
+    if (op->len == 0 || op->len > pool->size) op->len = pool->size;
+    op->offset = -1; /* no buffer held */
+    if (r->bufs == NULL) op->bk |= BK_EMU_POOL;
+  }
+  if (flags & FIOCP_OPF_MULTISHOT) {
+    if (op->timeout_ns > 0) return -EINVAL; /* the binding refuses them */
+    if (op->kind == FIOCP_OP_RECV) {
+      if (!(flags & FIOCP_OPF_POOLED)) return -EINVAL;
+      if (!(op->bk & BK_EMU_POOL) &&
+          (!(u->have & HAVE_RECV_MS) || op->len < op->pool->size))
+        op->bk |= BK_REARM;
+    } else if (op->kind == FIOCP_OP_ACCEPT) {
+      if (!(u->have & HAVE_ACCEPT_MS)) op->bk |= BK_REARM;
+    } else {
+      return -EINVAL;
+    }
+  }
+  if (flags & FIOCP_OPF_ZEROCOPY) {
+    if (op->kind != FIOCP_OP_SEND) return -EINVAL;
+    if (u->have & HAVE_SEND_ZC) op->bk |= BK_ZC;
+  }
+  return 0;
+}
+
 /* ---- Timers ------------------------------------------------------------- */
 
 /* Pushes k's kernel TIMEOUT (absolute, k->ts). hub.mu held. */
@@ -1030,6 +1360,13 @@ static int uring_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
   if (op->kind == FIOCP_OP_POST) return -EINVAL; /* post() queues those */
   if (op->addr == NULL && (op->timeout_ns > 0 || kind_needs_addr(op->kind)))
     return -EINVAL;
+  if (op->flags & (FIOCP_OPF_POOLED | FIOCP_OPF_MULTISHOT |
+                   FIOCP_OPF_ZEROCOPY)) {
+    rc = choose_mode(u, op);
+    if (rc < 0) return rc;
+  } else {
+    op->bk = 0;
+  }
   if (op->kind == FIOCP_OP_TIMER) {
     /* Its kernel TIMEOUT, if it pushed one, waits for the next enter like
      * any deferred SQE. */
@@ -1140,6 +1477,50 @@ static int uring_cancel(fiocp_port_t* port, fiocp_op_t* op) {
 
 static void finish_op(uring_t* u, fiocp_op_t* op, int64_t res);
 
+/* Queues op, finished with its result in op->res, once nothing holds it
+ * back (BK_DELIVER until then): a SEND_ZC's notification still owed, or
+ * its place on the resubmit list (BK_PUSH_CANCEL: op->next links that
+ * list, the hub's queue links the same field). hub.mu held. */
+static void settle_held(uring_t* u, fiocp_op_t* op) {
+  if ((op->bk & BK_DELIVER) &&
+      !(op->bk & (BK_NOTIF_OWED | BK_PUSH_CANCEL))) {
+    op->bk &= ~(uintptr_t)BK_DELIVER;
+    fiocp__hub_complete_locked(&u->hub, op, 1);
+  }
+}
+
+static void deliver_locked(uring_t* u, fiocp_op_t* op) {
+  op->bk |= BK_DELIVER;
+  settle_held(u, op);
+}
+
+/* Lists op for an ASYNC_CANCEL of its SQE, pushed after the CQ loop: a
+ * push may reap, which must not re-enter that loop. hub.mu held. */
+static void list_cancel(uring_t* u, fiocp_op_t* op) {
+  if (op->bk & BK_PUSH_CANCEL) return;
+  op->bk |= BK_PUSH_CANCEL;
+  op->next = u->resubmit;
+  u->resubmit = op;
+}
+
+/* Undoes a result nobody will get: its buffer (bid >= 0) goes back, an
+ * accepted socket is closed. */
+static void drop_result(fiocp_op_t* op, int64_t res, int64_t bid) {
+  if (bid >= 0)
+    pool_put_id(op->pool, (uint32_t)bid);
+  else if (op->kind == FIOCP_OP_ACCEPT && res >= 0)
+    (void)close((int)res); /* releases the descriptor whatever it says */
+}
+
+/* The peer address of an accepted socket into a (sslen 0 if unknown). */
+static void peer_address(fiocp_addr_t* a, int fd) {
+  socklen_t len = sizeof(a->ss);
+  if (getpeername(fd, (struct sockaddr*)&a->ss, &len) == 0)
+    a->sslen = len;
+  else
+    a->sslen = 0;
+}
+
 /* Puts a tracked operation on the resubmit list for what (TK_PUSH_*),
  * once: several of its CQEs may ask for pushes in one harvest, and
  * op->next links one list only. */
@@ -1162,7 +1543,7 @@ static void track_settle(uring_t* u, fiocp_op_t* op) {
       (sc[SC_STATE] & (TK_GUARD | TK_PUSH | TK_LINKS)))
     return;
   op->res = sc[SC_RESULT];
-  fiocp__hub_complete_locked(&u->hub, op, 1);
+  deliver_locked(u, op);
 }
 
 /* A SENDFILE guard's CQE. */
@@ -1241,6 +1622,26 @@ static void track_pushes(uring_t* u, fiocp_op_t* op) {
  * hub.mu held. */
 static void finish_op(uring_t* u, fiocp_op_t* op, int64_t res) {
   fiocp_addr_t* a = op->addr;
+  if (op->flags & FIOCP_OPF_POOLED) {
+    if (res == -ENOBUFS) res = FIOCP_ENOBUFS;
+    if (res <= 0 && op->offset >= 0) {
+      pool_put_id(op->pool, (uint32_t)op->offset);
+      op->offset = -1;
+    }
+  }
+  if (op->bk & BK_NOMEM) {
+    /* Results after a lost one would mislead: this one goes too. */
+    if (op->flags & FIOCP_OPF_POOLED) {
+      drop_result(op, res, op->offset);
+      op->offset = -1;
+    } else {
+      drop_result(op, res, -1);
+    }
+    res = FIOCP_ENOMEM;
+  } else if (op->kind == FIOCP_OP_ACCEPT && res >= 0 &&
+             (op->flags & FIOCP_OPF_MULTISHOT) && !(op->bk & BK_REARM)) {
+    peer_address(a, (int)res); /* the kernel wrote none (prep_sqe) */
+  }
   switch (op->kind) {
     case FIOCP_OP_RECVFROM:
       a->sslen = a->msg.msg_namelen;
@@ -1282,11 +1683,17 @@ static void finish_op(uring_t* u, fiocp_op_t* op, int64_t res) {
     return;
   }
   op->res = res;
-  fiocp__hub_complete_locked(&u->hub, op, 1);
+  deliver_locked(u, op);
 }
 
 /* Queues op for a push of its current SQE (see the end of uring_harvest). */
 static void requeue(uring_t* u, fiocp_op_t* op) {
+  if (op->bk & BK_NOTIF_OWED) {
+    /* Pushed once the kernel let go of the buffer (zc_notif): one
+     * request of the record at a time. */
+    op->bk |= BK_NOTIF_REQUEUE;
+    return;
+  }
   if (tracked(op)) {
     track_push(u, op, TK_PUSH_STAGE);
     return;
@@ -1403,8 +1810,181 @@ static void wait_process_step(uring_t* u, fiocp_op_t* op, int32_t res) {
     finish_op(u, op, rc < 0 ? rc : status);
 }
 
+/* The buffer a pooled receive's CQE names (IORING_CQE_F_BUFFER), which
+ * the kernel took from the ring: held for the binding when data came in
+ * it (returns its id), else back in the ring at once (returns -1). */
+static int64_t cqe_buffer(fiocp_op_t* op, int32_t res, uint32_t cflags) {
+  fiocp_pool_t* pool = op->pool;
+  uint32_t bid = cflags >> FU_CQE_BUFFER_SHIFT;
+  pbuf_t* r;
+  if (!(cflags & FU_CQE_F_BUFFER)) return -1;
+  r = pool_impl(pool);
+  if (r == NULL || bid >= pool->count) return -1; /* not one of ours */
+  __atomic_store_n(&r->held[bid], 1, __ATOMIC_RELAXED);
+  if (res <= 0) {
+    pool_put_id(pool, bid);
+    return -1;
+  }
+  return bid;
+}
+
+/* Whether res is a result after which a multishot op goes on. */
+static int goes_on(const fiocp_op_t* op, int64_t res) {
+  return op->kind == FIOCP_OP_ACCEPT ? res >= 0 : res > 0;
+}
+
+/* Queues one result of the multishot op (res, and its buffer or -1) as a
+ * child record, after the ones before it. Without memory for a child, the
+ * result is dropped, and so is every later one (BK_NOMEM): returns
+ * FIOCP_ENOMEM, and the caller ends the operation. hub.mu held. */
+static int emit_child(uring_t* u, fiocp_op_t* op, int64_t res, int64_t bid) {
+  fiocp_op_t* child = (op->bk & BK_NOMEM) ? NULL : fiocp__child_new(op);
+  if (child == NULL) {
+    drop_result(op, res, bid);
+    op->bk |= BK_NOMEM;
+    return FIOCP_ENOMEM;
+  }
+  child->res = res;
+  child->offset = bid;
+  fiocp__hub_complete_locked(&u->hub, child, 0); /* op stays in flight */
+  return 0;
+}
+
+/* A CQE with IORING_CQE_F_MORE of a kernel multishot: a child. Should
+ * none be allocated, the operation is cancelled (its last CQE then says
+ * FIOCP_ENOMEM: finish_op). hub.mu held. */
+static void multishot_more(uring_t* u, fiocp_op_t* op, int32_t res,
+                           int64_t bid) {
+  if (emit_child(u, op, res, bid) < 0 && !(op->flags & FIOCP_OPF_CANCELLED))
+    list_cancel(u, op);
+}
+
+/* A result of an emulated multishot (BK_REARM): a child, then the same
+ * SQE again unless the operation was cancelled or the port closed
+ * meanwhile. hub.mu held. */
+static void rearm_result(uring_t* u, fiocp_op_t* op, int64_t res,
+                         int64_t bid) {
+  if (emit_child(u, op, res, bid) < 0)
+    finish_op(u, op, FIOCP_ENOMEM);
+  else
+    next_stage(u, op);
+}
+
+/* BK_EMU_POOL: one non-blocking receive into a buffer from the free
+ * stack. Returns the bytes (> 0; the buffer, now held, in *bid), 0 at end
+ * of stream, -EAGAIN when nothing is there, FIOCP_ENOBUFS when data is
+ * there but no buffer is free (nothing read), or -errno. */
+static int64_t pooled_recv_now(fiocp_op_t* op, int64_t* bid) {
+  fiocp_pool_t* pool = op->pool;
+  int fd = (int)op->handle;
+  int64_t id = fiocp__pool_take(pool);
+  ssize_t n;
+  int err;
+  if (id < 0) {
+    char peek;
+    do {
+      n = recv(fd, &peek, 1, MSG_PEEK | MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n > 0) return FIOCP_ENOBUFS;
+    return n == 0 ? 0 : -errno;
+  }
+  do {
+    n = recv(fd, pool->base + (size_t)id * pool->size, op->len, MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+  if (n > 0) {
+    __atomic_store_n(&pool_impl(pool)->held[id], 1, __ATOMIC_RELAXED);
+    *bid = id;
+    return n;
+  }
+  err = n == 0 ? 0 : errno;
+  fiocp__pool_give(pool, (uint32_t)id);
+  return -(int64_t)err;
+}
+
+/* BK_EMU_POOL: the POLL fired (res: the events, or an error). A receive,
+ * or for a multishot up to EMU_BURST (children), then the POLL again
+ * while the stream goes on. hub.mu held. */
+static void pooled_poll_step(uring_t* u, fiocp_op_t* op, int32_t res) {
+  int n;
+  if (res < 0) {
+    finish_op(u, op, res);
+    return;
+  }
+  /* Cancelled while the POLL's CQE was on its way: nothing is read. */
+  if ((op->flags & FIOCP_OPF_CANCELLED) || u->hub.closed) {
+    finish_op(u, op, -ECANCELED);
+    return;
+  }
+  for (n = 0;; n++) {
+    int64_t bid = -1, got = pooled_recv_now(op, &bid);
+    if (got == -EAGAIN || got == -EWOULDBLOCK) {
+      next_stage(u, op); /* woken for data another reader took */
+      return;
+    }
+    if (got > 0 && (op->flags & FIOCP_OPF_MULTISHOT)) {
+      if (emit_child(u, op, got, bid) < 0) {
+        finish_op(u, op, FIOCP_ENOMEM);
+        return;
+      }
+      if (n + 1 < EMU_BURST) continue;
+      next_stage(u, op); /* the POLL fires again at once if data waits */
+      return;
+    }
+    op->offset = bid;
+    finish_op(u, op, got);
+    return;
+  }
+}
+
+/* A SEND_ZC's CQE with F_MORE: its notification is owed, unless it came
+ * first (the kernel orders them only outside io-wq). */
+static void zc_more(fiocp_op_t* op) {
+  if (op->bk & BK_NOTIF_EARLY)
+    op->bk &= ~(uintptr_t)BK_NOTIF_EARLY;
+  else
+    op->bk |= BK_NOTIF_OWED;
+}
+
+/* A SEND_ZC's notification (IORING_CQE_F_NOTIF): the kernel no longer
+ * reads the buffer. What waited for it goes on: the completion, or the
+ * next request (checked again: the port may have closed meanwhile).
+ * hub.mu held. */
+static void zc_notif(uring_t* u, fiocp_op_t* op) {
+  if (!(op->bk & BK_NOTIF_OWED)) {
+    op->bk |= BK_NOTIF_EARLY;
+    return;
+  }
+  op->bk &= ~(uintptr_t)BK_NOTIF_OWED;
+  if (op->bk & BK_NOTIF_REQUEUE) {
+    op->bk &= ~(uintptr_t)BK_NOTIF_REQUEUE;
+    next_stage(u, op);
+  }
+  settle_held(u, op);
+}
+
 /* What one CQE of op means. hub.mu held. */
-static void op_cqe(uring_t* u, fiocp_op_t* op, int32_t res) {
+static void op_cqe(uring_t* u, fiocp_op_t* op, int32_t res, uint32_t cflags) {
+  int64_t bid = -1;
+  if (op->flags & FIOCP_OPF_ZEROCOPY) {
+    if (cflags & FU_CQE_F_NOTIF) {
+      zc_notif(u, op);
+      return;
+    }
+    if (cflags & FU_CQE_F_MORE) zc_more(op);
+    if ((op->bk & BK_ZC) && (res == -EOPNOTSUPP || res == -ENOMEM)) {
+      /* Nothing was sent: a socket without zero-copy (AF_UNIX), or
+       * pinned pages over RLIMIT_MEMLOCK. A plain send then. */
+      op->bk &= ~(uintptr_t)BK_ZC;
+      next_stage(u, op);
+      return;
+    }
+  } else if (op->flags & FIOCP_OPF_POOLED) {
+    bid = cqe_buffer(op, res, cflags);
+  }
+  if ((op->flags & FIOCP_OPF_MULTISHOT) && (cflags & FU_CQE_F_MORE)) {
+    multishot_more(u, op, res, bid);
+    return;
+  }
   /* The kernel's internal restart codes (ERESTARTSYS 512, ERESTARTNOINTR,
    * ERESTARTNOHAND, ERESTART_RESTARTBLOCK 516) are never meant for user
    * space, yet a splice interrupted in an io-wq worker by a cancel
@@ -1416,7 +1996,7 @@ static void op_cqe(uring_t* u, fiocp_op_t* op, int32_t res) {
    * -EINTR, with nothing transferred (a partial transfer reports its
    * count). */
   if (res == -ECANCELED || res == -EINTR) {
-    if (op->flags & FIOCP_OPF_CANCELLED) {
+    if ((op->flags & FIOCP_OPF_CANCELLED) || (op->bk & BK_NOMEM)) {
       finish_op(u, op, -ECANCELED);
     } else if (op->timeout_ns > 0 && deadline_passed(op)) {
       /* The linked timeout fired (it cannot before the deadline). */
@@ -1431,7 +2011,18 @@ static void op_cqe(uring_t* u, fiocp_op_t* op, int32_t res) {
     }
     return;
   }
+  if ((op->bk & BK_REARM) && goes_on(op, res)) {
+    rearm_result(u, op, res, bid);
+    return;
+  }
+  if (bid >= 0) op->offset = bid;
   switch (op->kind) {
+    case FIOCP_OP_RECV:
+      if (op->bk & BK_EMU_POOL)
+        pooled_poll_step(u, op, res);
+      else
+        finish_op(u, op, res);
+      break;
     case FIOCP_OP_TIMER:
       finish_op(u, op, res == -ETIME ? 0 : res); /* -ETIME: it fired */
       break;
@@ -1482,7 +2073,7 @@ static void uring_harvest(void* ctx) {
           link_cqe(u, user_data_op(ud & ~UD_TAGS), cqe->res);
           break;
         default:
-          op_cqe(u, user_data_op(ud), cqe->res);
+          op_cqe(u, user_data_op(ud), cqe->res, cqe->flags);
           break;
       }
     }
@@ -1497,7 +2088,16 @@ static void uring_harvest(void* ctx) {
     fiocp_op_t* op = u->resubmit;
     u->resubmit = op->next;
     op->next = NULL;
-    if (tracked(op)) {
+    if (op->bk & BK_PUSH_CANCEL) {
+      op->bk &= ~(uintptr_t)BK_PUSH_CANCEL;
+      /* Unless its last CQE came meanwhile (then it is delivered now). A
+       * failed push leaves it running, its results dropped. */
+      if (!(op->bk & BK_DELIVER) &&
+          push_op(u, 1, NULL, FU_OP_ASYNC_CANCEL, op_user_data(op),
+                  UD_CANCEL) == 0)
+        resubmitted = 1;
+      settle_held(u, op);
+    } else if (tracked(op)) {
       track_pushes(u, op);
       resubmitted = 1;
     } else if (push_op(u, 1, op, 0, 0, 0) < 0) {
@@ -1545,6 +2145,55 @@ static void uring_kick(void* ctx) {
 
 /* ---- Contract ----------------------------------------------------------- */
 
+/* Whether the kernel registers provided-buffer rings (5.19): one of a
+ * single slot, at once unregistered. For kernels without SEND_ZC only
+ * (uring_open: those with it have them). */
+static int pbuf_ring_works(uring_t* u) {
+  long page = sysconf(_SC_PAGESIZE);
+  struct fu_buf_reg reg;
+  void* mem;
+  int rc;
+  if (page <= 0) page = 4096;
+  mem = mmap(NULL, (size_t)page, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED) return 0;
+  memset(&reg, 0, sizeof(reg));
+  reg.ring_addr = (uint64_t)(uintptr_t)mem;
+  reg.ring_entries = 1;
+  reg.bgid = u->next_group;
+  rc = sys_register(u->fd, FU_REGISTER_PBUF_RING, &reg, 1);
+  /* Should the unregister fail, the id stays taken: ring_register() moves
+   * past it (-EEXIST), and the pages stay pinned by the kernel until the
+   * ring closes. */
+  if (rc == 0) (void)sys_register(u->fd, FU_UNREGISTER_PBUF_RING, &reg, 1);
+  munmap(mem, (size_t)page);
+  return rc == 0;
+}
+
+/* FASTIOCP_URING_DISABLE: the HAVE_* bits a port acts as if its kernel
+ * lacked (tests of the fallbacks), by name, comma-separated. */
+static unsigned disabled_by_env(void) {
+  static const struct {
+    const char* name;
+    unsigned bit;
+  } names[] = {{"pbuf_ring", HAVE_PBUF},
+               {"accept_multishot", HAVE_ACCEPT_MS},
+               {"recv_multishot", HAVE_RECV_MS},
+               {"send_zc", HAVE_SEND_ZC}};
+  const char* env = getenv("FASTIOCP_URING_DISABLE");
+  unsigned off = 0;
+  size_t i;
+  while (env != NULL && *env != '\0') {
+    size_t len = strcspn(env, ",");
+    for (i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+      if (strlen(names[i].name) == len && strncmp(env, names[i].name, len) == 0)
+        off |= names[i].bit;
+    env += len;
+    if (*env == ',') env++;
+  }
+  return off;
+}
+
 static int uring_init(fiocp_port_t* port, unsigned entries,
                       unsigned concurrency, char* why, size_t whylen) {
   uring_t* u = (uring_t*)calloc(1, sizeof(*u));
@@ -1561,6 +2210,9 @@ static int uring_init(fiocp_port_t* port, unsigned entries,
     free(u);
     return rc;
   }
+  if (!(u->have & HAVE_PBUF) && pbuf_ring_works(u))
+    u->have |= HAVE_PBUF | HAVE_ACCEPT_MS; /* both came in 5.19 */
+  u->have &= ~disabled_by_env();
   rc = pthread_mutex_init(&u->sq_mu, NULL);
   if (rc == 0) {
     rc = fiocp__hub_init(&u->hub);
@@ -1616,6 +2268,14 @@ static int64_t uring_shutdown(fiocp_port_t* port, int64_t timeout_ms) {
 static void uring_destroy(fiocp_port_t* port) {
   uring_t* u = (uring_t*)port->impl;
   if (u == NULL) return;
+  /* pool_remove() takes them off first; any left go now, while the ring
+   * can still unregister them. */
+  while (u->pools != NULL) {
+    fiocp_pool_t* pool = u->pools;
+    u->pools = pool->next;
+    pool->next = NULL;
+    pool_detach(u, pool);
+  }
   uring_unmap(u);
   if (u->fd >= 0) close(u->fd);
   /* Empty once shutdown() returned 0. Should a TIMEOUT's CQE still be
@@ -1649,4 +2309,8 @@ const fiocp_backend_t fiocp__uring_backend = {
     uring_destroy,
     fiocp__hub_port_release,
     uring_support,
+    uring_pool_add,
+    uring_pool_put,
+    uring_pool_remove,
+    uring_native_flags,
 };

@@ -130,9 +130,44 @@ struct fu_probe {
 #define FU_OP_SEND 26
 #define FU_OP_RECV 27
 #define FU_OP_SPLICE 30
+#define FU_OP_SEND_ZC 47 /* 6.0 */
 
 /* SQE flags (fu_sqe.flags). */
 #define FU_SQE_IO_LINK (1U << 2) /* the next SQE waits for this one */
+#define FU_SQE_BUFFER_SELECT (1U << 5) /* a buffer from the group in
+                                          buf_index (buf_group) */
+
+/* fu_sqe.ioprio of SEND, RECV and SEND_ZC (send/recv flags) and of
+ * ACCEPT (accept flags). */
+#define FU_RECVSEND_POLL_FIRST (1U << 0) /* arm the poll before trying */
+#define FU_RECV_MULTISHOT (1U << 1)      /* 6.0; needs buffer select and
+                                            len 0 */
+#define FU_ACCEPT_MULTISHOT (1U << 0)    /* 5.19 */
+
+/* CQE flags (fu_cqe.flags). */
+#define FU_CQE_F_BUFFER (1U << 0) /* the upper 16 bits are a buffer id */
+#define FU_CQE_F_MORE (1U << 1)   /* more CQEs follow for this SQE */
+#define FU_CQE_F_NOTIF (1U << 3)  /* SEND_ZC: the kernel let go of the
+                                     buffer */
+#define FU_CQE_BUFFER_SHIFT 16
+
+/* A provided-buffer ring (5.19): entries slots of struct fu_buf in
+ * page-aligned memory of ours; the tail the kernel reads (with acquire)
+ * overlays bufs[0].resv. */
+struct fu_buf {
+  uint64_t addr;
+  uint32_t len;
+  uint16_t bid;
+  uint16_t resv; /* bufs[0]: the ring's tail */
+};
+
+struct fu_buf_reg {
+  uint64_t ring_addr;
+  uint32_t ring_entries; /* a power of two, below 65536 */
+  uint16_t bgid;
+  uint16_t flags;
+  uint64_t resv[3];
+};
 
 /* fu_sqe.op_flags of FSYNC (fsync_flags) and TIMEOUT/LINK_TIMEOUT
  * (timeout_flags). SPLICE puts splice_off_in in addr, off_out in off, the
@@ -143,6 +178,8 @@ struct fu_probe {
 
 /* register opcodes. */
 #define FU_REGISTER_PROBE 8
+#define FU_REGISTER_PBUF_RING 22   /* 5.19; arg: struct fu_buf_reg, nr 1 */
+#define FU_UNREGISTER_PBUF_RING 23 /* arg: struct fu_buf_reg (bgid) */
 #define FU_PROBE_OP_SUPPORTED (1U << 0)
 
 #endif /* FIOCP_URING_ABI_H */
