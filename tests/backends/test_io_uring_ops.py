@@ -13,7 +13,11 @@ alone and use `uport`. The shared behaviour suite is tests/test_operations.py.
 """
 from __future__ import annotations
 
+import errno
+import gc
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -25,7 +29,7 @@ import time
 import pytest
 
 import fastiocp
-from conftest import collect, open_fd_count
+from conftest import collect, loopback_tcp_pair, open_fd_count
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux backends")
 
@@ -1091,4 +1095,438 @@ def test_close_with_every_kind_pending(backend, tmp_path, big_file):
         p.kill()
         p.wait()
         for s_ in (a, b, c, d):
+            s_.close()
+
+
+# ---------------------------------------------------------------------------
+# Issue 18 on io_uring: provided-buffer rings, multishot receive and accept,
+# SEND_ZC (the contract on every backend is tests/test_pools.py). Each runs
+# as this kernel does it (native) and as older kernels do:
+# FASTIOCP_URING_DISABLE, read when a port opens, makes the port act as if
+# its kernel lacked them (csrc/unix/io_uring.c, head comment).
+# ---------------------------------------------------------------------------
+
+URING_MODES = {
+    "native": "",
+    # 5.19: a buffer ring, but no multishot receive: single shots re-armed.
+    "rearmed": "recv_multishot,accept_multishot",
+    # before 5.19: no buffer ring (a POLL, then recv() into the free stack),
+    # no multishot, no SEND_ZC (a plain send).
+    "emulated": "pbuf_ring,recv_multishot,accept_multishot,send_zc",
+}
+
+
+@pytest.fixture(params=list(URING_MODES))
+def mode(request, monkeypatch):
+    if "io_uring" not in fastiocp.available_backends():
+        pytest.skip("io_uring is not available here")
+    monkeypatch.setenv("FASTIOCP_URING_DISABLE", URING_MODES[request.param])
+    return request.param
+
+
+@pytest.fixture
+def mport(mode):
+    """An io_uring port in each of URING_MODES."""
+    p = fastiocp.CompletionPort(backend="io_uring")
+    yield p
+    p.close()
+
+
+def until(port, want, timeout=10.0):
+    """Dequeues until want(c) holds; returns every completion taken."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while not got or not want(got[-1]):
+        left = deadline - time.monotonic()
+        assert left > 0, f"timed out; got {got!r}"
+        c = port.get(timeout=left)
+        if c is not None:
+            got.append(c)
+    return got
+
+
+def buffer_id(c) -> int:
+    """The pool's id of the buffer c holds (PooledBuffer's repr shows it)."""
+    m = re.search(r"id=(\d+)", repr(c.buffer))
+    assert m, repr(c.buffer)
+    return int(m.group(1))
+
+
+def is_enobufs(c) -> bool:
+    return isinstance(c.error, OSError) and c.error.errno == errno.ENOBUFS
+
+
+@pytest.mark.parametrize("disabled, native", [
+    ("", {"pooled", "multishot", "zerocopy"}),
+    ("recv_multishot", {"pooled", "zerocopy"}),
+    ("accept_multishot", {"pooled", "zerocopy"}),
+    ("send_zc", {"pooled", "multishot"}),
+    ("pbuf_ring", {"zerocopy"}),
+    ("pbuf_ring,send_zc,bogus", set()),
+])
+def test_uring_native_says_what_the_kernel_does(monkeypatch, disabled, native):
+    """port.native: everything on this kernel (6.x); a feature the port acts
+    as if it lacked is emulated, and native says so (multishot needs both
+    the buffer ring and the kernel's multishot receive and accept)."""
+    if "io_uring" not in fastiocp.available_backends():
+        pytest.skip("io_uring is not available here")
+    monkeypatch.setenv("FASTIOCP_URING_DISABLE", disabled)
+    with fastiocp.CompletionPort(backend="io_uring") as p:
+        assert p.native == frozenset(native)
+
+
+def test_uring_released_buffers_come_back_through_the_ring(mport, mode, sockpair):
+    """liburing test/buf-ring.c (buffers provided through a registered ring,
+    consumed from its head, given back at its tail): a released buffer is
+    taken again once the ring comes round to it, in FIFO order: ids 0, 1,
+    2, 3, 0, 1, ... Without a ring (emulated), the free stack gives the
+    same buffer every time."""
+    a, b = sockpair
+    pool = fastiocp.BufferPool(64, 4)
+    mport.register(a)
+    ids = []
+    for i in range(10):
+        c = mport.recv(a, pool)
+        b.sendall(b"%d" % i)
+        until(mport, lambda x: x is c)
+        assert bytes(c.buffer) == b"%d" % i
+        ids.append(buffer_id(c))
+        c.release()
+    assert ids == ([0] * 10 if mode == "emulated" else [0, 1, 2, 3] * 2 + [0, 1])
+    assert pool.in_use == 0
+
+
+def test_uring_pooled_recv_with_a_timeout(mport, sockpair):
+    """A pooled receive takes a timeout (its LINK_TIMEOUT; emulated: behind
+    each POLL): expired, it holds no buffer and reads nothing; with data
+    before it, the data."""
+    a, b = sockpair
+    pool = fastiocp.BufferPool(32, 2)
+    mport.register(a)
+    op = mport.recv(a, pool, timeout=0.05)
+    assert until(mport, lambda x: x is op) == [op]
+    assert isinstance(op.error, TimeoutError) and op.buffer is None
+    assert pool.in_use == 0
+    b.sendall(b"in time")
+    op = mport.recv(a, pool, timeout=5)
+    assert until(mport, lambda x: x is op) == [op]
+    assert op.error is None and bytes(op.buffer) == b"in time"
+    op.release()
+    assert pool.in_use == 0
+
+
+def test_uring_multishot_recv_children_in_order_then_eof(mport):
+    """liburing test/recv-multishot.c (stream, results until the one without
+    IORING_CQE_F_MORE): 1 MiB in chunks of random sizes over TCP from
+    another thread; the children carry it in order, each in a buffer of its
+    own, then the last completion says end of stream. The consumer gives
+    buffers back as it goes; a receive that found the pool dry (ENOBUFS:
+    nothing read) is submitted again, so not one byte is lost."""
+    client, server = loopback_tcp_pair()
+    rng = random.Random(18)
+    payload = rng.randbytes(1 << 20)
+    pool = fastiocp.BufferPool(4096, 64)
+    with client, server:
+        mport.register(server)
+
+        def send():
+            pos = 0
+            while pos < len(payload):
+                n = rng.randint(1, 20000)
+                client.sendall(payload[pos:pos + n])
+                pos += n
+            client.shutdown(socket.SHUT_WR)
+
+        op = mport.recv(server, pool, multishot=True)
+        sender = threading.Thread(target=send)
+        sender.start()
+        got = bytearray()
+        dry = 0
+        while True:
+            c = mport.get(timeout=10)
+            assert c is not None
+            if c.nbytes:
+                assert len(c.buffer) == c.nbytes <= pool.size
+                got += c.buffer
+                c.release()
+            if c.more:
+                assert c is not op
+                continue
+            assert c is op
+            if is_enobufs(c):
+                dry += 1
+                op = mport.recv(server, pool, multishot=True)
+                continue
+            assert c.error is None and c.nbytes == 0  # end of stream
+            break
+        sender.join()
+        assert got == payload
+        assert pool.in_use == 0
+
+
+def test_uring_multishot_recv_enobufs_loses_no_data(mport, sockpair):
+    """liburing test/recv-multishot.c, ERROR_NOT_ENOUGH_BUFFERS: with every
+    buffer held, the multishot ends with ENOBUFS and reads nothing; after a
+    release, a new receive gets exactly the bytes that were waiting."""
+    a, b = sockpair
+    pool = fastiocp.BufferPool(16, 4)
+    mport.register(a)
+    op = mport.recv(a, pool, multishot=True)
+    held = []
+    for i in range(4):
+        b.sendall(b"msg%d" % i)
+        c = until(mport, lambda x: x.nbytes > 0)[-1]
+        assert c.more and bytes(c.buffer) == b"msg%d" % i
+        held.append(c)
+    assert pool.in_use == 4
+    b.sendall(b"waiting")
+    end = until(mport, lambda x: x is op)
+    assert len(end) == 1 and is_enobufs(op) and not op.more and op.buffer is None
+    held.pop(0).release()
+    again = mport.recv(a, pool, multishot=True)
+    c = until(mport, lambda x: x.nbytes > 0)[-1]
+    assert c.more and bytes(c.buffer) == b"waiting"
+    c.release()
+    assert again.cancel() is True
+    until(mport, lambda x: x is again)
+    assert again.cancelled
+    for c in held:
+        c.release()
+    assert pool.in_use == 0
+
+
+def test_uring_cancel_multishot_recv(mport, sockpair):
+    """A cancel ends a multishot receive (its own completion, cancelled,
+    after the results before it); data sent afterwards stays in the
+    socket."""
+    a, b = sockpair
+    pool = fastiocp.BufferPool(64, 8)
+    mport.register(a)
+    op = mport.recv(a, pool, multishot=True)
+    for i in range(3):
+        b.sendall(b"r%d" % i)
+        c = until(mport, lambda x: x.nbytes > 0)[-1]
+        assert c.more and bytes(c.buffer) == b"r%d" % i
+        c.release()
+    assert op.cancel() is True
+    assert until(mport, lambda x: x is op) == [op]
+    assert op.cancelled and not op.more and op.nbytes == 0
+    assert op.cancel() is False
+    b.sendall(b"after")
+    assert mport.get(timeout=0.1) is None
+    assert a.recv(16) == b"after"
+    assert pool.in_use == 0
+
+
+def test_uring_cancel_multishot_accept(mport):
+    """liburing test/accept.c, test_accept_cancel (multishot): connections
+    are taken one child each (close-on-exec, as accept() makes them) until
+    the cancel, whose completion is the operation's own; a connection
+    after it waits in the backlog."""
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=16)
+    clients = []
+    try:
+        mport.register(lsock)
+        op = mport.accept(lsock, multishot=True)
+        for _ in range(3):
+            clients.append(socket.create_connection(lsock.getsockname()))
+            c = until(mport, lambda x: True)[-1]
+            assert c.more and c is not op
+            sock, addr = c.result()
+            with sock:
+                assert addr == clients[-1].getsockname()
+                assert not os.get_inheritable(sock.fileno())
+        assert op.cancel() is True
+        assert until(mport, lambda x: x is op) == [op]
+        assert op.cancelled and not op.more
+        clients.append(socket.create_connection(lsock.getsockname()))
+        assert mport.get(timeout=0.1) is None
+        lsock.settimeout(5)
+        lsock.accept()[0].close()
+    finally:
+        for s in clients:
+            s.close()
+        lsock.close()
+
+
+def test_uring_multishot_survives_the_exit_of_the_submitting_thread(mport, sockpair):
+    """The kernel cancels what a thread that exits still owes (the head
+    comment of io_uring.c): a multishot receive and a multishot accept
+    submitted from a thread that has ended go on, resubmitted unseen."""
+    a, b = sockpair
+    pool = fastiocp.BufferPool(64, 8)
+    lsock = socket.create_server(("127.0.0.1", 0))
+    mport.register(a)
+    mport.register(lsock)
+    ops = []
+    t = threading.Thread(target=lambda: ops.extend(
+        [mport.recv(a, pool, multishot=True), mport.accept(lsock, multishot=True)]))
+    t.start()
+    t.join()
+    recv_op, acc_op = ops
+    time.sleep(0.05)
+    assert mport.get(timeout=0.05) is None
+    for i in range(2):
+        b.sendall(b"t%d" % i)
+        c = until(mport, lambda x: x.nbytes > 0)[-1]
+        assert c.more and bytes(c.buffer) == b"t%d" % i
+        c.release()
+    with socket.create_connection(lsock.getsockname()):
+        c = until(mport, lambda x: x.op == "accept")[-1]
+        assert c.more and c.error is None
+        c.result()[0].close()
+    b.shutdown(socket.SHUT_WR)
+    assert until(mport, lambda x: x is recv_op)[-1].nbytes == 0
+    assert recv_op.error is None and not recv_op.more
+    acc_op.cancel()
+    until(mport, lambda x: x is acc_op)
+    lsock.close()
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+@pytest.mark.parametrize("size", [1, 4096, 65536 + 3, 1 << 20])
+def test_uring_send_zc_completes_once_with_the_bytes(mport, family, size):
+    """liburing test/send-zerocopy.c (test_basic_send): a zero-copy send
+    completes once, after its notification (the two CQEs are one
+    completion), with the count of bytes sent; the receiver gets exactly
+    them. Over AF_UNIX, which has no zero-copy (-EOPNOTSUPP), and without
+    SEND_ZC (emulated), it is a plain send."""
+    s, r = loopback_tcp_pair() if family == "tcp" else socket.socketpair()
+    payload = os.urandom(size)
+    got = bytearray()
+    with s, r:
+        mport.register(s)
+
+        def read(n):
+            while len(got) < n:
+                chunk = r.recv(1 << 20)
+                if not chunk:
+                    break
+                got.extend(chunk)
+
+        reader = threading.Thread(target=read, args=(size,))
+        reader.start()
+        sent = 0
+        while sent < size:  # a stream send may be short
+            op = mport.send(s, payload[sent:], zerocopy=True)
+            c = until(mport, lambda x: x is op)
+            assert len(c) == 1 and c[0].error is None and c[0].nbytes > 0
+            sent += op.nbytes
+        reader.join(10)
+        assert sent == size and bytes(got) == payload
+        assert mport.get(timeout=0.05) is None
+
+
+def test_uring_send_zc_records_reused_many_times(mport):
+    """A record's SEND_ZC bookkeeping (the notification owed) never leaks
+    into its next life: 200 zero-copy sends in a row, each one
+    completion."""
+    s, r = loopback_tcp_pair()
+    with s, r:
+        mport.register(s)
+        for i in range(200):
+            op = mport.send(s, b"%04d" % i, zerocopy=True)
+            assert until(mport, lambda x: x is op) == [op]
+            assert op.nbytes == 4
+            assert r.recv(4, socket.MSG_WAITALL) == b"%04d" % i
+        assert mport.get(timeout=0.05) is None
+
+
+def test_uring_send_zc_cancel_and_close_while_blocked(mode):
+    """A zero-copy send blocked on a full socket is cancelled: one
+    completion, cancelled. Another one pending at close(): close() waits
+    for its notification, which comes only once TCP lets go of the pages
+    (here: once the peer, asleep until then, reads), and returns then;
+    the receiver gets the bytes that went out, exact. (A peer that never
+    reads holds the notification back for good: close() then gives up
+    after its bound and leaks the port, the kernel still reading the
+    buffer.)"""
+    s, r = loopback_tcp_pair()
+    payload = os.urandom(1 << 20)
+    got = bytearray()
+    with s, r:
+        s.setblocking(False)
+        filler = bytearray()
+        try:
+            while True:  # until the socket takes no more
+                filler += b"f" * s.send(b"f" * 65536)
+        except BlockingIOError:
+            pass
+        s.setblocking(True)
+        port = fastiocp.CompletionPort(backend="io_uring")
+        port.register(s)
+        op = port.send(s, payload, zerocopy=True)
+        assert port.get(timeout=0.1) is None, "the peer reads nothing"
+        assert op.cancel() is True
+        assert until(port, lambda x: x is op) == [op]
+        assert op.cancelled and op.nbytes == 0
+        # Short at once (the socket took a little), but a SEND_ZC's
+        # completion waits for the notification.
+        pending = port.send(s, payload, zerocopy=True)
+        time.sleep(0.1)
+        if mode != "emulated":
+            assert port.get(timeout=0.05) is None, "no notification yet"
+
+        def drain():
+            time.sleep(0.3)
+            r.settimeout(10)
+            while chunk := r.recv(1 << 20):
+                got.extend(chunk)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        t0 = time.monotonic()
+        port.close()
+        assert time.monotonic() - t0 < 5
+        assert pending.done
+        sent = 0 if pending.error is not None else pending.nbytes
+        s.shutdown(socket.SHUT_WR)
+        reader.join(10)
+        assert bytes(got) == bytes(filler) + payload[:sent]
+
+
+def test_uring_close_with_multishots_pending_and_buffers_held(mode):
+    """close() with a multishot receive (one buffer held by the program,
+    more data arriving), a multishot accept and a pooled receive pending:
+    prompt, every operation done, the ring unregistered; the held buffer is
+    still readable and goes back to the pool, which then serves a new port
+    (a new ring) as if new."""
+    pool = fastiocp.BufferPool(64, 4)
+    lsock = socket.create_server(("127.0.0.1", 0))
+    a, b = socket.socketpair()
+    c2, d2 = socket.socketpair()
+    try:
+        port = fastiocp.CompletionPort(backend="io_uring")
+        port.register(a)
+        port.register(c2)
+        port.register(lsock)
+        ms = port.recv(a, pool, multishot=True)
+        acc = port.accept(lsock, multishot=True)
+        single = port.recv(c2, pool)
+        b.sendall(b"held")
+        held = until(port, lambda x: x.nbytes > 0)[-1]
+        b.sendall(b"more")
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        port.close()
+        assert time.monotonic() - t0 < 5
+        assert ms.done and acc.done and single.done
+        assert bytes(held.buffer) == b"held"
+        held.release()
+        del held
+        gc.collect()
+        assert pool.in_use == 0
+        with fastiocp.CompletionPort(backend="io_uring") as p2:
+            p2.register(c2)
+            ids = []
+            for i in range(6):
+                op = p2.recv(c2, pool)
+                d2.sendall(b"p%d" % i)
+                until(p2, lambda x: x is op)
+                assert bytes(op.buffer) == b"p%d" % i
+                ids.append(buffer_id(op))
+                op.release()
+            assert sorted(set(ids)) == ([0] if mode == "emulated" else [0, 1, 2, 3])
+    finally:
+        for s_ in (lsock, a, b, c2, d2):
             s_.close()
