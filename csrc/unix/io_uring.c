@@ -113,8 +113,9 @@
  *   free stack in the harvest (BK_EMU_POOL); without the kernel's
  *   multishot (accept before 5.19, receive before 6.0) the single-shot
  *   SQE is pushed again after each result (BK_REARM). So is a multishot
- *   receive whose length is below the buffer size: the kernel's takes no
- *   length. FASTIOCP_URING_DISABLE (a comma-separated list of pbuf_ring,
+ *   receive whose length is below the buffer size (the kernel's takes no
+ *   length), and one on an AF_UNIX socket (is_unix_socket: the kernel's
+ *   can miss the end of the stream). FASTIOCP_URING_DISABLE (a comma-separated list of pbuf_ring,
  *   recv_multishot, accept_multishot, send_zc) makes a port act as if the
  *   kernel lacked them: the tests of those paths.
  */
@@ -1135,6 +1136,20 @@ static unsigned uring_native_flags(fiocp_port_t* port) {
   return flags;
 }
 
+/* Whether fd is an AF_UNIX socket. Their receives report how much is left
+ * queued (msg_inq, which the kernel's multishot receive reads to decide
+ * whether to go on at once) without TCP's hint that the stream has ended
+ * (tcp_inq_hint): a multishot receive that takes the last data of a
+ * stream whose end is queued behind it then waits for a wake-up the
+ * shutdown gave already, and its end never comes (6.18; seen with data
+ * and shutdown queued before the receive ran). */
+static int is_unix_socket(fiocp_handle_t fd) {
+  int domain = 0;
+  socklen_t len = sizeof(domain);
+  return getsockopt((int)fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 &&
+         domain == AF_UNIX;
+}
+
 /* Checks issue 18's flags of op and picks how it runs (op->bk). Returns 0
  * or a negative code (nothing submitted). */
 static int choose_mode(uring_t* u, fiocp_op_t* op) {
@@ -1155,7 +1170,8 @@ static int choose_mode(uring_t* u, fiocp_op_t* op) {
     if (op->kind == FIOCP_OP_RECV) {
       if (!(flags & FIOCP_OPF_POOLED)) return -EINVAL;
       if (!(op->bk & BK_EMU_POOL) &&
-          (!(u->have & HAVE_RECV_MS) || op->len < op->pool->size))
+          (!(u->have & HAVE_RECV_MS) || op->len < op->pool->size ||
+           is_unix_socket(op->handle)))
         op->bk |= BK_REARM;
     } else if (op->kind == FIOCP_OP_ACCEPT) {
       if (!(u->have & HAVE_ACCEPT_MS)) op->bk |= BK_REARM;
