@@ -220,18 +220,34 @@
 #define KEY_GEN(k) ((uint8_t)(((k) >> 8) & 0xff))
 #define MAKE_KEY(kind, op) ((ULONG_PTR)(kind) | ((ULONG_PTR)(op)->gen << 8))
 
-/* Backend flags in op->flags (FIOCP_OPF_CANCELLED is 0x1; the binding zeroes
- * the byte when it frees a record). Changed under mu. */
-#define OPF_LATE_ASSOC 0x04  /* in flight when sweep_locked() associated its
-                                handle: finished, it may have no packet */
-#define OPF_STARTING 0x08    /* submit() is inside the OS call */
-#define OPF_EARLY 0x10       /* failed at once: only KEY_EARLY completes it */
-#define OPF_TAKEN 0x20       /* a packet for it was claimed */
-#define OPF_ISSUED 0x40      /* the OS accepted it (a packet should come) */
-#define OPF_SUSPECT 0x80     /* sweep_locked() saw it finished, no packet */
-#define OPF_BACKEND                                                    \
-  (OPF_LATE_ASSOC | OPF_STARTING | OPF_EARLY | OPF_TAKEN | OPF_ISSUED | \
-   OPF_SUSPECT)
+/* Backend bits in op->flags. The low five bits are the contract's
+ * (FIOCP_OPF_CANCELLED, POOLED, MULTISHOT, ZEROCOPY, CHILD), which leaves
+ * three: where submit() stands with the record (a phase, two bits) and
+ * whether a packet for it was claimed. The binding zeroes the byte when it
+ * frees a record. Changed under mu. The sweep's rarer marks live in a
+ * table beside the records (marks_*, see the head comment on BUG-7). */
+#define OPF_PHASE 0x60       /* one of the PH_* values: */
+#define PH_NONE 0x00         /* never started (posts) */
+#define PH_STARTING 0x20     /* submit() is inside the OS call */
+#define PH_ISSUED 0x40       /* the OS accepted it (a packet should come) */
+#define PH_EARLY 0x60        /* failed at once, or ended by this file: only
+                                its KEY_EARLY packet completes it */
+#define OPF_TAKEN 0x80       /* a packet for it was claimed */
+#define OPF_BACKEND (OPF_PHASE | OPF_TAKEN)
+#define OPF_CONTRACT                                                  \
+  (FIOCP_OPF_CANCELLED | FIOCP_OPF_POOLED | FIOCP_OPF_MULTISHOT |     \
+   FIOCP_OPF_ZEROCOPY | FIOCP_OPF_CHILD)
+typedef char iocp_flag_bits_check[(OPF_CONTRACT & OPF_BACKEND) == 0 ? 1 : -1];
+#define PHASE(op) ((op)->flags & OPF_PHASE)
+
+static void set_phase(fiocp_op_t* op, uint8_t phase) {
+  op->flags = (uint8_t)((op->flags & ~OPF_PHASE) | phase);
+}
+
+/* The sweep's marks (see the head comment on BUG-7), by record. */
+#define MARK_SUSPECT 1     /* sweep_locked() saw it finished, no packet */
+#define MARK_LATE_ASSOC 2  /* in flight when sweep_locked() associated its
+                              handle: finished, it may have no packet */
 
 /* Tagged APC contexts of file operations (see the head comment): records
  * are 8-byte aligned (slabs come from calloc, and the size and the offset
@@ -378,10 +394,25 @@ typedef struct iocp_s {
   int64_t last_sweep;   /* fiocp__now_ms() of the last sweep_locked() */
   HANDLE afd;           /* \Device\Afd, opened on the first poll (KEY_AFD);
                            set once, interlocked */
+  /* The sweep's marks of records in flight (MARK_*): a record is there
+   * only in the rare states the sweep looks into twice, and leaves when it
+   * is handed back or started again. */
+  struct mark_s* marks;
+  size_t nmarks;
+  size_t marks_cap;
+  /* The children of multishot accepts whose AcceptEx is in flight, linked
+   * through their next field: their packets name records that are in no
+   * slab (see the head comment on multishot operations). */
+  fiocp_op_t* kids;
   /* The registry of live ports (reg_lock), for KEY_FWD. */
   fiocp_port_t* owner;
   struct iocp_s* reg_next;
 } iocp_t;
+
+typedef struct mark_s {
+  const fiocp_op_t* op;
+  uint8_t bits;  /* MARK_* */
+} mark_t;
 
 /* A KEY_IO packet forwarded to the port owning its record. */
 typedef struct fwd_s {
@@ -728,6 +759,49 @@ static int64_t op_result(fiocp_op_t* op, DWORD err, DWORD bytes) {
   return res;
 }
 
+/* ---- The sweep's marks --------------------------------------------------- */
+
+/* op's marks (MARK_*). mu held. */
+static uint8_t marks_of(const iocp_t* ip, const fiocp_op_t* op) {
+  size_t i;
+  for (i = 0; i < ip->nmarks; i++)
+    if (ip->marks[i].op == op) return ip->marks[i].bits;
+  return 0;
+}
+
+/* Adds bits to op's marks. Out of memory the mark is lost: the sweep then
+ * waits for that operation's packet as if it had not looked. mu held. */
+static void marks_add(iocp_t* ip, const fiocp_op_t* op, uint8_t bits) {
+  size_t i;
+  for (i = 0; i < ip->nmarks; i++) {
+    if (ip->marks[i].op == op) {
+      ip->marks[i].bits |= bits;
+      return;
+    }
+  }
+  if (ip->nmarks == ip->marks_cap) {
+    size_t cap = ip->marks_cap ? 2 * ip->marks_cap : 16;
+    mark_t* m = (mark_t*)realloc(ip->marks, cap * sizeof(mark_t));
+    if (m == NULL) return;
+    ip->marks = m;
+    ip->marks_cap = cap;
+  }
+  ip->marks[ip->nmarks].op = op;
+  ip->marks[ip->nmarks].bits = bits;
+  ip->nmarks++;
+}
+
+/* Forgets op's marks: it is handed back, or started again. mu held. */
+static void marks_drop(iocp_t* ip, const fiocp_op_t* op) {
+  size_t i;
+  for (i = 0; i < ip->nmarks; i++) {
+    if (ip->marks[i].op == op) {
+      ip->marks[i] = ip->marks[--ip->nmarks];
+      return;
+    }
+  }
+}
+
 /* ---- Records: ownership, forwarding, orphans ----------------------------- */
 
 /* The record a packet's lpOverlapped names (file operations tag it). */
@@ -802,15 +876,16 @@ static int forward_foreign(iocp_t* ip, const OVERLAPPED_ENTRY* e) {
 
 /* Marks the records in flight on h once sweep_locked() has associated h:
  * those that finished before have no packet. mu held. */
-static void mark_late_assoc_locked(fiocp_port_t* port, fiocp_handle_t h) {
+static void mark_late_assoc_locked(fiocp_port_t* port, iocp_t* ip,
+                                   fiocp_handle_t h) {
   fiocp_slab_t* s;
   size_t i;
   for (s = port->slabs; s != NULL; s = s->next) {
     for (i = 0; i < s->count; i++) {
       fiocp_op_t* op = &s->ops[i];
       if (op->state == FIOCP_ST_INFLIGHT && op->handle == h &&
-          (op->flags & (OPF_ISSUED | OPF_STARTING)))
-        op->flags |= OPF_LATE_ASSOC;
+          (PHASE(op) == PH_ISSUED || PHASE(op) == PH_STARTING))
+        marks_add(ip, op, MARK_LATE_ASSOC);
     }
   }
 }
@@ -837,7 +912,7 @@ static int64_t cancel_foreign(iocp_t* ip, assoc_t* tab, size_t cap) {
         fiocp_op_t* op = &sl->ops[i];
         assoc_t* a;
         if (op->state != FIOCP_ST_INFLIGHT || !is_handle_io(op->kind) ||
-            !(op->flags & OPF_ISSUED) || (op->flags & (OPF_TAKEN | OPF_EARLY)))
+            PHASE(op) != PH_ISSUED || (op->flags & OPF_TAKEN))
           continue;
         a = assoc_find(tab, cap, (uintptr_t)op->handle);
         if (a == NULL || a->seq <= assoc_seq(o, (uintptr_t)op->handle))
@@ -869,24 +944,25 @@ static void sweep_locked(fiocp_port_t* port, iocp_t* ip) {
   for (s = *(fiocp_slab_t* volatile*)&port->slabs; s != NULL; s = s->next) {
     for (i = 0; i < s->count; i++) {
       fiocp_op_t* op = &s->ops[i];
-      uint8_t f = op->flags;
+      uint8_t marks;
       HANDLE h;
       if (op->state != FIOCP_ST_INFLIGHT || !is_handle_io(op->kind) ||
-          !(f & OPF_ISSUED) ||
-          (f & (OPF_STARTING | OPF_EARLY | OPF_TAKEN)) ||
+          PHASE(op) != PH_ISSUED || (op->flags & OPF_TAKEN) ||
           (ULONG)op->ov.Internal == IOCP_STATUS_PENDING)
         continue;
-      if (!(f & OPF_SUSPECT)) {
-        op->flags |= OPF_SUSPECT;  /* finished: its packet has one sweep */
+      marks = marks_of(ip, op);
+      if (!(marks & MARK_SUSPECT)) {
+        /* finished: its packet has one sweep */
+        marks_add(ip, op, MARK_SUSPECT);
         continue;
       }
       h = (HANDLE)op->handle;
-      if (!(f & OPF_LATE_ASSOC)) {
+      if (!(marks & MARK_LATE_ASSOC)) {
         if (h == NULL || h == INVALID_HANDLE_VALUE) continue;
         /* Non-blocking, like every call made under mu. */
         if (CreateIoCompletionPort(h, ip->port, KEY_IO, 0) != NULL) {
           assoc_add(ip, (uintptr_t)h);
-          mark_late_assoc_locked(port, op->handle);
+          mark_late_assoc_locked(port, ip, op->handle);
         } else if (GetLastError() != ERROR_INVALID_HANDLE) {
           continue;  /* associated: its packet comes, here or forwarded */
         }
@@ -946,7 +1022,8 @@ static int claim_locked(cand_t* c, ULONG n, int ignore_starting) {
                !(f & OPF_TAKEN);
           break;
         case KEY_EARLY:
-          ok = (f & OPF_EARLY) && !(f & OPF_TAKEN) && op->gen == c[i].gen;
+          ok = (f & OPF_PHASE) == PH_EARLY && !(f & OPF_TAKEN) &&
+               op->gen == c[i].gen;
           break;
         case KEY_ORPHAN:
           /* sweep_locked() claimed it for this packet already */
@@ -959,35 +1036,35 @@ static int claim_locked(cand_t* c, ULONG n, int ignore_starting) {
             /* A file operation's packet: of this life, for this kind. */
             if (!is_tagged_io(op->kind) || c[i].tag != FILE_TAG(op->gen))
               break;
-            if ((f & OPF_STARTING) && !ignore_starting) {
+            if ((f & OPF_PHASE) == PH_STARTING && !ignore_starting) {
               undecided++;  /* a ghost, or a fast completion: wait */
               continue;
             }
           } else if (is_tagged_io(op->kind)) {
             break;  /* file packets are tagged: a stale socket packet */
           }
-          ok = !(f & (OPF_EARLY | OPF_TAKEN));
+          ok = (f & OPF_PHASE) != PH_EARLY && !(f & OPF_TAKEN);
           break;
         case KEY_AFD:
           /* Tagged like a file operation's packet, for the same reasons. */
           if (op->kind != FIOCP_OP_POLL || c[i].tag != FILE_TAG(op->gen))
             break;
-          if ((f & OPF_STARTING) && !ignore_starting) {
+          if ((f & OPF_PHASE) == PH_STARTING && !ignore_starting) {
             undecided++;
             continue;
           }
-          ok = !(f & (OPF_EARLY | OPF_TAKEN));
+          ok = (f & OPF_PHASE) != PH_EARLY && !(f & OPF_TAKEN);
           break;
         case KEY_CB:
           if (!is_cb_kind(op->kind) || op->gen != c[i].gen) break;
           /* A timer or wait that fired at once: its submit() may still be
            * inside SetThreadpoolTimer/Wait, which finish_record() must not
            * race with CloseThreadpool*. */
-          if ((f & OPF_STARTING) && !ignore_starting) {
+          if ((f & OPF_PHASE) == PH_STARTING && !ignore_starting) {
             undecided++;
             continue;
           }
-          ok = !(f & (OPF_EARLY | OPF_TAKEN));
+          ok = (f & OPF_PHASE) != PH_EARLY && !(f & OPF_TAKEN);
           break;
         default:
           break;
@@ -1108,6 +1185,7 @@ static int take_entries(fiocp_port_t* port, iocp_t* ip,
   for (j = 0; j < k; j++) {
     out[j]->state = FIOCP_ST_DONE;
     out[j]->next = NULL;
+    if (ip->nmarks > 0) marks_drop(ip, out[j]);
   }
   if (ip->closed) {
     for (j = 0; j < k; j++) {
@@ -1590,11 +1668,12 @@ static VOID CALLBACK timeout_cb(PTP_CALLBACK_INSTANCE inst, PVOID ctx,
   EnterCriticalSection(&ip->mu);
   if (op->state == FIOCP_ST_INFLIGHT &&
       op->gen == (uint8_t)a->scratch.i64[SC_GEN] &&
-      !(op->flags & (OPF_TAKEN | OPF_EARLY | FIOCP_OPF_CANCELLED))) {
+      PHASE(op) != PH_EARLY &&
+      !(op->flags & (OPF_TAKEN | FIOCP_OPF_CANCELLED))) {
     a->scratch.i64[SC_TIMEDOUT] = 1;
     op->flags |= FIOCP_OPF_CANCELLED;
     /* A record still STARTING is cancelled by its submit() once issued. */
-    if (!(op->flags & OPF_STARTING)) (void)cancel_locked(ip, op);
+    if (PHASE(op) != PH_STARTING) (void)cancel_locked(ip, op);
   }
   LeaveCriticalSection(&ip->mu);
 }
@@ -1796,8 +1875,10 @@ static int restart_op(iocp_t* ip, fiocp_op_t* op) {
     err = start_op(ip, op);
     started = err == 0 || err == ERROR_IO_PENDING ||
               NT_SEVERITY(op->ov.Internal) == 2;
-    if (started)
-      op->flags &= (uint8_t)~(OPF_TAKEN | OPF_SUSPECT | OPF_LATE_ASSOC);
+    if (started) {
+      op->flags &= (uint8_t)~OPF_TAKEN;
+      marks_drop(ip, op);
+    }
   }
   LeaveCriticalSection(&ip->mu);
   if (started) return 1;
@@ -1973,7 +2054,8 @@ static int enter_if_open(iocp_t* ip, int64_t* count, fiocp_op_t* op) {
   }
   ++*count;
   if (op != NULL) {
-    op->flags = (uint8_t)((op->flags & ~OPF_BACKEND) | OPF_STARTING);
+    op->flags = (uint8_t)((op->flags & ~OPF_BACKEND) | PH_STARTING);
+    if (ip->nmarks > 0) marks_drop(ip, op);
     op->bk = 0;  /* free_side() must find nothing of a start not made */
     prepare_ov_locked(op);
   }
@@ -2008,8 +2090,7 @@ static int iocp_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
      * thread already claimed (only tagged packets wait for STARTING): a
      * driver queued one after all, and that packet is its completion. */
     if (!queued && (op->flags & OPF_TAKEN)) queued = 1;
-    op->flags &= (uint8_t)~OPF_STARTING;
-    op->flags |= queued ? OPF_ISSUED : OPF_EARLY;
+    set_phase(op, queued ? PH_ISSUED : PH_EARLY);
     /* cancel() or shutdown()'s sweep came while the OS call ran, before
      * the OVERLAPPED existed for CancelIoEx: reach it now (still under mu,
      * so the record cannot have been handed back). Free-threaded builds
@@ -2017,7 +2098,10 @@ static int iocp_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
     if (queued && (op->flags & FIOCP_OPF_CANCELLED))
       (void)cancel_locked(ip, op);
   }
-  if (!queued && is_argument_error(err)) ip->owed--;
+  if (!queued && is_argument_error(err)) {
+    ip->owed--;
+    marks_drop(ip, op);  /* the binding takes the record back */
+  }
   LeaveCriticalSection(&ip->mu);
   if (queued) return 0;  /* another thread may own the record already */
   if (!is_argument_error(err)) {
@@ -2057,7 +2141,7 @@ static int iocp_cancel(fiocp_port_t* port, fiocp_op_t* op) {
   op->flags |= FIOCP_OPF_CANCELLED;
   /* Under mu the record cannot be handed back (and reused) meanwhile. */
   /* A record still STARTING is cancelled by its submit() once issued. */
-  ok = (op->flags & OPF_STARTING) || cancel_locked(ip, op);
+  ok = PHASE(op) == PH_STARTING || cancel_locked(ip, op);
   if (!ok) err = GetLastError();
   LeaveCriticalSection(&ip->mu);
   if (ok) return 1;
@@ -2171,7 +2255,7 @@ static void cancel_one(fiocp_port_t* port, fiocp_op_t* op, void* arg) {
   /* Fails with ERROR_NOT_FOUND for an operation that already completed and
    * whose packet is queued: nothing to do then. A record still STARTING is
    * cancelled by its submit() once issued. */
-  if (!(op->flags & OPF_STARTING))
+  if (PHASE(op) != PH_STARTING)
     (void)cancel_locked((iocp_t*)port->impl, op);
 }
 
@@ -2292,6 +2376,7 @@ static void iocp_destroy(fiocp_port_t* port) {
   (void)CloseHandle(ip->port);  /* nothing useful to do if it fails */
   DeleteCriticalSection(&ip->mu);
   free(ip->assoc);
+  free(ip->marks);
   free(ip);
   port->impl = NULL;
 }
