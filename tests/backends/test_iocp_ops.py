@@ -22,7 +22,7 @@ import time
 import pytest
 
 import fastiocp
-from conftest import UNDER_WINE, collect, loopback_tcp_pair, loopback_udp_pair, open_fd_count
+from conftest import UNDER_WINE, assert_no_growth, collect, loopback_tcp_pair, loopback_udp_pair, open_fd_count
 
 pytestmark = pytest.mark.skipif(sys.platform != "win32", reason="Windows only: IOCP")
 
@@ -817,3 +817,168 @@ def test_multishot_accept_on_a_listener_closed_under_it_ends_it(port):
     lsock.close()
     c = one(port)
     assert c is op and not c.more and isinstance(c.error, OSError)
+
+
+@pytest.mark.skipif(UNDER_WINE, reason="Wine 8's AcceptEx on a socket that does not listen waits "
+                    "instead of failing with WSAEINVAL")
+def test_multishot_accept_on_a_socket_not_listening_fails_in_its_completion(port):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        port.register(s)
+        op = port.accept(s, multishot=True)
+        c = one(port)
+        assert c is op and not c.more and isinstance(c.error, OSError) and not c.cancelled
+    finally:
+        s.close()
+
+
+def test_pooled_recv_timeout_holds_no_buffer(port, tcp_pair):
+    a, b = tcp_pair
+    pool = fastiocp.BufferPool(16, 1)
+    port.register(a)
+    op = port.recv(a, pool, timeout=0.05)
+    c = one(port)
+    assert c is op and isinstance(c.error, TimeoutError) and c.buffer is None
+    assert pool.in_use == 0
+    b.sendall(b"later")
+    op = port.recv(a, pool, timeout=5)
+    c = one(port)
+    assert bytes(c.buffer) == b"later"
+    c.release()
+
+
+# Pooled receives and multishot accepts started, and started again, by
+# threads that exit (see test_iocp.py's tests of exited threads: Wine
+# completes their socket requests with STATUS_ALERTED, and the backend
+# starts a receive again or checks an accept for a peer). A multishot
+# operation's next request is started by the thread that dequeued its last
+# result: here each result is taken by a thread that exits at once.
+
+
+def _in_exiting_thread(fn):
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_pooled_receives_from_exited_threads(port, tcp_pair):
+    a, b = tcp_pair
+    pool = fastiocp.BufferPool(64, 4)
+    port.register(a)
+    for i in range(30):
+        op = _in_exiting_thread(lambda: port.recv(a, pool))
+        b.sendall(b"r%d" % i)
+        c = one(port)
+        assert c is op and bytes(c.buffer) == b"r%d" % i, c.error
+        c.release()
+    op = _in_exiting_thread(lambda: port.recv(a, pool, multishot=True))
+    for i in range(30):
+        b.sendall(b"m%d" % i)
+        c = _in_exiting_thread(lambda: port.get(timeout=10))
+        assert c is not None and c.more and bytes(c.buffer) == b"m%d" % i, c and c.error
+        c.release()
+    op.cancel()
+    assert one(port) is op and op.cancelled and pool.in_use == 0
+
+
+def test_multishot_accept_from_exited_threads(port):
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=64)
+    with lsock:
+        port.register(lsock)
+        op = _in_exiting_thread(lambda: port.accept(lsock, multishot=True))
+        for _ in range(30):
+            client = socket.create_connection(lsock.getsockname())
+            c = _in_exiting_thread(lambda: port.get(timeout=10))
+            assert c is not None and c.more and c.error is None, c and c.error
+            conn, addr = c.result()
+            assert addr == client.getsockname() == conn.getpeername()
+            conn.close()
+            client.close()
+        assert op.cancel() is True
+        assert collect(port, 1) == [op] and op.cancelled
+
+
+def test_pooled_and_multishot_cycles_leak_nothing(port):
+    """Handles (AcceptEx's pre-created sockets) and memory (children and
+    their extensions) stay flat over many multishot operations."""
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=64)
+    client, server = loopback_tcp_pair()
+    pool = fastiocp.BufferPool(64, 4)
+    port.register(lsock)
+    port.register(server)
+
+    def cycles(n):
+        for _ in range(n):
+            acc = port.accept(lsock, multishot=True)
+            rec = port.recv(server, pool, multishot=True)
+            client.sendall(b"x")
+            got = collect(port, 1)[0]
+            assert got.more and bytes(got.buffer) == b"x"
+            got.release()
+            acc.cancel()
+            rec.cancel()
+            collect(port, 2)
+
+    try:
+        assert_no_growth(cycles, 20, 200)
+        assert pool.in_use == 0 and port.pending == 0
+    finally:
+        lsock.close()
+        client.close()
+        server.close()
+
+
+def test_multishot_accept_cancelled_mid_stream_loses_no_connection(port):
+    """Four threads dequeue while 40 connections arrive and the multishot
+    accept is cancelled half way: each connection is accepted exactly once,
+    by a child or, after the end, by plain accepts (a connection that an
+    AcceptEx had taken when the cancel came is a child, not lost)."""
+    n = 40
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=n)
+    port.register(lsock)
+    op = port.accept(lsock, multishot=True)
+    got: list = []
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            c = port.get(timeout=10)
+            if c is None or c.key == "stop":
+                return
+            with lock:
+                got.append(c)
+            if c is op:
+                for _ in range(3):
+                    port.post(key="stop")
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    clients = []
+    try:
+        for i in range(n):
+            clients.append(socket.create_connection(lsock.getsockname()))
+            if i == n // 2:
+                op.cancel()
+        for t in threads:
+            t.join(30)
+        assert sum(c is op for c in got) == 1 and op.cancelled and not op.more
+        children = [c for c in got if c is not op]
+        assert all(c.more and c.error is None for c in children)
+        peers = [c.result()[1] for c in children]
+        for c in children:
+            c.result()[0].close()
+        lsock.settimeout(5)
+        while len(peers) < n:
+            conn, addr = lsock.accept()
+            peers.append(addr)
+            conn.close()
+        assert sorted(peers) == sorted(cl.getsockname() for cl in clients)
+    finally:
+        for cl in clients:
+            cl.close()
+        lsock.close()
