@@ -200,9 +200,11 @@
  *   hands out a child record (fiocp__child_new) holding it, in place of
  *   the packet's own record, then posts the zero-byte WSARecv again on the
  *   same record (restart_op()). It ends with its own record: end of
- *   stream, an error, FIOCP_ENOBUFS, or a cancel; when that is decided
- *   right after a child (the next receive cannot start), the record's
- *   result goes behind the child in a KEY_EARLY packet (post_early()).
+ *   stream, an error, FIOCP_ENOBUFS, or a cancel (found when the zero-byte
+ *   receive comes back, it reads nothing: the data waits in the socket,
+ *   not in a child that close() would drop); when that is decided right
+ *   after a child (the next receive cannot start), the record's result
+ *   goes behind the child in a KEY_EARLY packet (post_early()).
  * - A multishot accept keeps ACCEPT_KIDS AcceptEx in flight, each in a
  *   child record (malloc'd, with a malloc'd extension: its OVERLAPPED,
  *   pre-created socket and address buffer) on the port's list ip->kids.
@@ -2235,6 +2237,19 @@ static int finish_pooled(iocp_t* ip, fiocp_op_t* op, DWORD err,
   int again;
   fiocp_op_t* child;
   *kid = NULL;
+  if (op->flags & FIOCP_OPF_MULTISHOT) {
+    /* Cancelled or closed: nothing is read, so that nothing goes into a
+     * child that close() would drop; the data waits in the socket. */
+    int stop;
+    EnterCriticalSection(&ip->mu);
+    stop = ip->closed || (op->flags & FIOCP_OPF_CANCELLED);
+    LeaveCriticalSection(&ip->mu);
+    if (stop) {
+      op->res = -(int64_t)ERROR_OPERATION_ABORTED;
+      op->offset = -1;
+      return 1;
+    }
+  }
   res = pooled_receive(op, err, &id, &again);
   if (again) return !restart_op(ip, op, 0);  /* over only if cancelled */
   if (res <= 0 || !(op->flags & FIOCP_OPF_MULTISHOT)) {
