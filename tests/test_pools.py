@@ -19,7 +19,7 @@ import pytest
 
 import fastiocp
 
-from .conftest import ON_WINDOWS, loopback_tcp_pair
+from conftest import ON_WINDOWS, loopback_tcp_pair
 
 ENOBUFS = (errno.ENOBUFS, getattr(errno, "WSAENOBUFS", -1))
 

@@ -277,6 +277,16 @@ static Py_ssize_t PooledBuffer_len(PooledBufferObject* self) {
   return self->pool == NULL ? 0 : self->len;
 }
 
+/* b[i] and b[i:j]: memoryview's, over the buffer (a slice keeps it). */
+static PyObject* PooledBuffer_subscript(PooledBufferObject* self,
+                                        PyObject* key) {
+  PyObject *view = PyMemoryView_FromObject((PyObject*)self), *r;
+  if (view == NULL) return NULL;
+  r = PyObject_GetItem(view, key);
+  Py_DECREF(view);
+  return r;
+}
+
 static PyObject* PooledBuffer_repr(PooledBufferObject* self) {
   if (self->pool == NULL)
     return PyUnicode_FromString("<fastiocp.PooledBuffer released>");
@@ -298,6 +308,11 @@ static PySequenceMethods PooledBuffer_as_sequence = {
     .sq_length = (lenfunc)PooledBuffer_len,
 };
 
+static PyMappingMethods PooledBuffer_as_mapping = {
+    .mp_length = (lenfunc)PooledBuffer_len,
+    .mp_subscript = (binaryfunc)PooledBuffer_subscript,
+};
+
 static PyMethodDef PooledBuffer_methods[] = {
     {"release", (PyCFunction)PooledBuffer_release, METH_NOARGS,
      "Gives the buffer back to its pool now. Raises BufferError while a\n"
@@ -311,8 +326,9 @@ static PyGetSetDef PooledBuffer_getset[] = {
 
 PyDoc_STRVAR(PooledBuffer_doc,
 "The data of a pooled receive, in a buffer of a BufferPool.\n\n"
-"It supports the buffer protocol (memoryview(b), bytes(b), b'' + b) and\n"
-"len() (the bytes received). The buffer goes back to the pool on\n"
+"It supports the buffer protocol (memoryview(b), bytes(b), b'' + b),\n"
+"len() (the bytes received) and b[i], b[i:j] (memoryview slices, which\n"
+"keep the buffer while they live). The buffer goes back to the pool on\n"
 "release() or when the object is collected; a memoryview of it keeps it.");
 
 PyTypeObject fb_PooledBufferType = {
@@ -321,6 +337,7 @@ PyTypeObject fb_PooledBufferType = {
     .tp_dealloc = (destructor)PooledBuffer_dealloc,
     .tp_repr = (reprfunc)PooledBuffer_repr,
     .tp_as_sequence = &PooledBuffer_as_sequence,
+    .tp_as_mapping = &PooledBuffer_as_mapping,
     .tp_as_buffer = &PooledBuffer_as_buffer,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = PooledBuffer_doc,
