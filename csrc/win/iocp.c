@@ -2168,10 +2168,11 @@ static void post_early(iocp_t* ip, fiocp_op_t* op) {
  *
  * Why it never blocks: recv() on a stream socket returns as soon as any
  * byte is there, and it is called only once FIONREAD counted some (or a
- * peek found one); on another socket the zero-byte peek completed because
- * a datagram is there, which recv() returns at once. Those bytes could go
- * only through another receive on the same socket at the same moment,
- * which a pooled receive does not share its socket with (a second
+ * peek, made only on a socket select() finds readable, found one); on
+ * another socket the zero-byte peek completed because a datagram is
+ * there, which recv() returns at once. Those bytes could go only through
+ * another receive on the same socket in the microseconds between the two
+ * calls, which a pooled receive does not share its socket with (a second
  * concurrent reader of a stream scrambles it anyway); a socket the user
  * made non-blocking then answers WSAEWOULDBLOCK, which is *again. Why no
  * data is lost: each call takes at most one buffer's worth into a buffer
@@ -2198,9 +2199,21 @@ static int64_t pooled_receive(fiocp_op_t* op, DWORD err, int64_t* id,
     if (ioctlsocket(s, FIONREAD, &avail) != 0)
       return -(int64_t)WSAGetLastError();
     if (avail == 0) {
-      /* Readable without data: its end, or an error, waits in the socket.
-       * A peek tells which without taking anything (or finds data that
-       * came meanwhile). */
+      /* Readable without data: its end, or an error, waits in the socket,
+       * unless another receive took the data. A select() that does not
+       * wait tells the latter (then a peek could block); a peek tells the
+       * others apart without taking anything (or finds data that came
+       * meanwhile). */
+      fd_set readable;
+      struct timeval now = {0, 0};
+      FD_ZERO(&readable);
+      FD_SET(s, &readable);
+      r = select(0, &readable, NULL, NULL, &now);
+      if (r < 0) return -(int64_t)WSAGetLastError();
+      if (r == 0) {
+        *again = 1;
+        return 0;
+      }
       r = recv(s, &c, 1, MSG_PEEK);
       if (r == 0) return 0;
       if (r < 0) {

@@ -688,6 +688,26 @@ def test_pooled_recv_end_of_stream_and_reset(port):
     server.close()
 
 
+def test_pooled_recv_whose_data_another_receive_took_waits_again(port, tcp_pair):
+    """A plain receive on the same (blocking) socket takes the data that
+    woke the zero-byte receive: the pooled receive finds nothing (FIONREAD
+    0, not readable) and waits again, without blocking the dequeuing
+    thread in a recv()."""
+    a, b = tcp_pair
+    pool = fastiocp.BufferPool(16, 2)
+    port.register(a)
+    pooled = port.recv(a, pool)
+    plain = port.recv(a, bytearray(16))
+    b.sendall(b"abc")
+    c = one(port, timeout=5)
+    assert c is plain and bytes(c.buffer[:c.nbytes]) == b"abc"
+    assert not pooled.done and pool.in_use == 0
+    b.sendall(b"def")
+    c = one(port, timeout=5)
+    assert c is pooled and bytes(c.buffer) == b"def"
+    c.release()
+
+
 def test_pooled_recv_on_a_non_blocking_socket(port, tcp_pair):
     a, b = tcp_pair
     a.setblocking(False)
