@@ -154,7 +154,7 @@ def test_empty_pool_completes_with_enobufs_and_loses_nothing(port, sockpair):
 
 def test_multishot_recv_delivers_every_byte_in_order_then_ends(port, sockpair):
     a, b = sockpair
-    pool = fastiocp.BufferPool(256, 8)
+    pool = fastiocp.BufferPool(256, 64)  # one per message at most: never dry
     port.register(a, key="ms")
     c = port.recv(a, pool, context="ctx", multishot=True)
     sent = bytearray()
@@ -238,16 +238,41 @@ def test_multishot_and_timeout_or_plain_buffer_are_refused(port, sockpair):
     assert port.pending == 0
 
 
-def test_pooled_completion_cannot_be_resubmitted(port, sockpair):
+def test_pooled_receive_is_resubmitted_with_the_pool(port, sockpair):
+    """resubmit() starts a finished pooled receive again: it takes a
+    buffer of the pool again; its last buffer stays with its holder."""
     a, b = sockpair
     port.register(a)
-    pool = fastiocp.BufferPool(16, 1)
+    pool = fastiocp.BufferPool(16, 2)
     c = port.recv(a, pool)
-    b.sendall(b"z")
+    b.sendall(b"1")
     take(port, lambda x: x is c)
-    with pytest.raises(ValueError, match="pooled"):
-        port.resubmit([c])
+    first = c.buffer
+    port.resubmit([c])
+    assert c.buffer is pool and not c.done
+    b.sendall(b"2")
+    take(port, lambda x: x is c)
+    assert bytes(first) == b"1" and bytes(c.buffer) == b"2"
+    assert pool.in_use == 2
+    first.release()
     c.release()
+    assert pool.in_use == 0
+
+
+def test_multishot_completions_cannot_be_resubmitted(port, sockpair):
+    a, b = sockpair
+    port.register(a)
+    pool = fastiocp.BufferPool(16, 4)
+    c = port.recv(a, pool, multishot=True)
+    b.sendall(b"z")
+    child = take(port, lambda x: x.nbytes > 0)[-1]
+    with pytest.raises(ValueError, match="multishot"):
+        port.resubmit([child])
+    child.release()
+    c.cancel()
+    take(port, lambda x: x is c)
+    with pytest.raises(ValueError, match="multishot"):
+        port.resubmit([c])
 
 
 def test_pool_serves_one_port_until_it_closes(backend, sockpair):

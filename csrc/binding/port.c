@@ -1348,7 +1348,7 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
   if (fb_port_check_open(self) < 0) goto done;
   offsets = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*offsets));
   keys = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*keys));
-  olds = PyMem_Malloc((size_t)(n > 0 ? n : 1) * 3 * sizeof(*olds));
+  olds = PyMem_Malloc((size_t)(n > 0 ? n : 1) * 4 * sizeof(*olds));
   if (offsets == NULL || keys == NULL || olds == NULL) {
     PyErr_NoMemory();
     goto done;
@@ -1386,13 +1386,14 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
                    fb_kind_names[k]);
       goto undo_checked_taken;
     }
-    if (c->flags & (FIOCP_OPF_POOLED | FIOCP_OPF_MULTISHOT)) {
+    if ((c->flags & FIOCP_OPF_MULTISHOT) || c->more) {
       PyErr_SetString(PyExc_ValueError,
-                      "resubmit() takes no pooled or multishot completion: "
-                      "submit it again with recv() or accept()");
+                      "resubmit() takes no multishot completion: submit it "
+                      "again with recv() or accept()");
       goto undo_checked_taken;
     }
-    if (k != FIOCP_OP_ACCEPT && (c->buffer == NULL || c->buffer == Py_None)) {
+    if (k != FIOCP_OP_ACCEPT && c->pool == NULL &&
+        (c->buffer == NULL || c->buffer == Py_None)) {
       PyErr_SetString(PyExc_ValueError, "the completion has no buffer left");
       goto undo_checked_taken;
     }
@@ -1419,7 +1420,7 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
     int mode = c->kind == FIOCP_OP_WRITE || c->kind == FIOCP_OP_SEND
                    ? PyBUF_SIMPLE
                    : PyBUF_WRITABLE;
-    if (c->kind == FIOCP_OP_ACCEPT) continue;
+    if (c->kind == FIOCP_OP_ACCEPT || c->pool != NULL) continue;
     if (PyObject_GetBuffer(c->buffer, &c->view, mode) < 0) goto undo_all;
     c->pinned = 1;
   }
@@ -1438,6 +1439,10 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
       if (keys[i] == NULL) goto undo_all_locked;
     }
     nkeys++;
+    if (((CompletionObject*)items[i])->pool != NULL &&
+        fb_port_use_pool(self,
+                         (BufferPoolObject*)((CompletionObject*)items[i])->pool) < 0)
+      goto undo_all_locked;
   }
   /* 4. Submit. The references the completions drop are released at the
    * end: a finalizer must not run in the middle. */
@@ -1462,6 +1467,12 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
     c->error = Py_None;
     olds[nolds++] = c->extra; /* recvfrom's address, accept's socket */
     c->extra = NULL;
+    if (c->pool != NULL && c->buffer != c->pool) {
+      /* A pooled receive's last buffer stays with whoever holds it; the
+       * receive takes the pool again. */
+      olds[nolds++] = c->buffer;
+      c->buffer = Py_NewRef(c->pool);
+    }
     c->nbytes = 0;
     Py_XSETREF(c->nbytes_obj, PyLong_FromLong(0)); /* small int: no failure */
     c->cancelled = 0;

@@ -13,12 +13,11 @@
  * transport._loop_reading(completion), which owns the rules; this file only
  * takes the path those rules give for the common cases, in the same order.
  *
- * A plain Protocol's transport may instead receive through one multishot
- * receive into the loop's buffer pool (issue 18): each result with data,
- * the transport neither closing nor paused and holding no older data, is
- * copied into bytes, its buffer given back to the pool, and handed to
- * protocol.data_received(); every other result (the last one, which ends
- * the receive) goes to transport._pooled_reading(completion).
+ * A plain Protocol's transport may instead receive into the loop's buffer
+ * pool (issue 18): in the common case the receive starts again, the data
+ * is copied into bytes and its buffer given back to the pool, then
+ * protocol.data_received() gets it; every other case goes to
+ * transport._pooled_reading(completion).
  *
  * _SocketWrite() is the write() method of the POSIX socket transports: when
  * nothing is queued it sends bytes, a bytearray or a contiguous memoryview
@@ -191,16 +190,20 @@ static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* pr
   return 1;
 }
 
-/* A result of the pooled multishot receive: the common case here, every
- * other in transport._pooled_reading(c). */
+/* A pooled receive finished: the common case here (the transport's own
+ * receive with data, not closing, not paused, nothing held, a plain
+ * Protocol): the receive starts again (resubmit: the pool again), the
+ * data is copied into bytes and its buffer given back, then the protocol
+ * gets it. Every other case: transport._pooled_reading(c). */
 static PyObject* pooled_case(ReadLoopObject* self, CompletionObject* c) {
-  PyObject *t = self->transport, *protocol, *data, *r;
+  PyObject *t = self->transport, *protocol, *data, *buf, *again, *r;
   Py_buffer view;
   int k;
-  if (!c->more || c->error != Py_None || c->nbytes <= 0 ||
+  if (c->more || !c->done || c->error != Py_None || c->nbytes <= 0 ||
       !Py_IS_TYPE(c->buffer, &fb_PooledBufferType))
     return PyObject_CallMethodOneArg(t, str_pooled_reading, (PyObject*)c);
-  if ((k = attr_true(t, str_closing)) != 0 || (k = attr_true(t, str_paused)) != 0 ||
+  if ((k = attr_is(t, str_read_fut, (PyObject*)c)) != 1 ||
+      (k = attr_true(t, str_closing)) != 0 || (k = attr_true(t, str_paused)) != 0 ||
       (k = attr_is(t, str_held_chunks, Py_None)) != 1) {
     if (k < 0) return NULL;
     return PyObject_CallMethodOneArg(t, str_pooled_reading, (PyObject*)c);
@@ -212,15 +215,29 @@ static PyObject* pooled_case(ReadLoopObject* self, CompletionObject* c) {
     if (k < 0) return NULL;
     return PyObject_CallMethodOneArg(t, str_pooled_reading, (PyObject*)c);
   }
-  if (PyObject_GetBuffer(c->buffer, &view, PyBUF_SIMPLE) < 0) {
+  /* The buffer is ours to read after resubmit() gives c the pool again. */
+  buf = Py_NewRef(c->buffer);
+  again = PyTuple_Pack(1, (PyObject*)c);
+  r = again ? PyObject_CallMethodOneArg(self->port, str_resubmit, again) : NULL;
+  Py_XDECREF(again);
+  if (r == NULL) {
+    Py_DECREF(buf);
+    Py_DECREF(protocol);
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+    PyErr_Clear(); /* the Python loop does it all over, its way */
+    return PyObject_CallMethodOneArg(t, str_pooled_reading, (PyObject*)c);
+  }
+  Py_DECREF(r);
+  if (PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE) < 0) {
+    Py_DECREF(buf);
     Py_DECREF(protocol);
     return NULL;
   }
   data = PyBytes_FromStringAndSize((const char*)view.buf, view.len);
   PyBuffer_Release(&view);
-  /* The buffer goes back to the pool before the protocol runs: a
-   * protocol that keeps the Completion does not keep the buffer. */
-  if (data == NULL || fb_PooledBuffer_release(c->buffer) < 0) {
+  k = fb_PooledBuffer_release(buf);
+  Py_DECREF(buf);
+  if (data == NULL || k < 0) {
     Py_XDECREF(data);
     Py_DECREF(protocol);
     return NULL;

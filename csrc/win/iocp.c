@@ -185,6 +185,44 @@
  *   port. close() cancels every kind (above), then collects their packets
  *   as any others.
  *
+ * Pooled and multishot operations (issue 18; fiocp.h), the way IOCP
+ * servers keep many idle connections cheap:
+ * - A pooled receive posts a zero-byte WSARecv (MSG_PEEK on a datagram
+ *   socket, whose zero-byte receive would drop the datagram): it pins no
+ *   memory while the socket is idle. Its packet means the socket is
+ *   readable; the thread that claims it (in wait() or try_get(), without
+ *   the GIL in wait()) takes a buffer from the pool's free stack and
+ *   receives what is there with one recv() that cannot block
+ *   (pooled_receive() says why). FIONREAD 0 on a readable stream is its
+ *   end or an error: a peek tells which. No free buffer: FIOCP_ENOBUFS and
+ *   nothing read. The socket's SO_TYPE waits in op->offset meanwhile.
+ * - A multishot receive does the same, and after each result with data
+ *   hands out a child record (fiocp__child_new) holding it, in place of
+ *   the packet's own record, then posts the zero-byte WSARecv again on the
+ *   same record (restart_op()). It ends with its own record: end of
+ *   stream, an error, FIOCP_ENOBUFS, or a cancel (found when the zero-byte
+ *   receive comes back, it reads nothing: the data waits in the socket,
+ *   not in a child that close() would drop); when that is decided right
+ *   after a child (the next receive cannot start), the record's result
+ *   goes behind the child in a KEY_EARLY packet (post_early()).
+ * - A multishot accept keeps ACCEPT_KIDS AcceptEx in flight, each in a
+ *   child record (malloc'd, with a malloc'd extension: its OVERLAPPED,
+ *   pre-created socket and address buffer) on the port's list ip->kids.
+ *   Their KEY_IO packets name records in no slab, which take_entries()
+ *   finds on that list before treating a packet as another port's. Each
+ *   accepted connection is a child result (res = the socket, addr->ss the
+ *   peer's address), and a new child takes its place; a connection reset
+ *   before it was taken restarts that AcceptEx. A cancel, close() (its
+ *   scan reaches the children through their parent, which is in a slab)
+ *   or an error cancels the others, and the parent's own record ends
+ *   (KEY_EARLY) once the last child is back. The parent's bk counts its
+ *   children in flight; its res holds the error that ends it. Children
+ *   that end in an error are freed here; the binding never sees them.
+ * - A zero-copy send is a plain send (its buffer stays pinned until its
+ *   packet, as any send's).
+ * Ordering: a multishot operation's children come out of one port FIFO
+ * in the order of their packets, and its own end is queued after them.
+ *
  * Lock order: mu is a leaf lock; no Win32 call made under it blocks.
  */
 #include "../fiocp.h"
@@ -220,18 +258,34 @@
 #define KEY_GEN(k) ((uint8_t)(((k) >> 8) & 0xff))
 #define MAKE_KEY(kind, op) ((ULONG_PTR)(kind) | ((ULONG_PTR)(op)->gen << 8))
 
-/* Backend flags in op->flags (FIOCP_OPF_CANCELLED is 0x1; the binding zeroes
- * the byte when it frees a record). Changed under mu. */
-#define OPF_LATE_ASSOC 0x04  /* in flight when sweep_locked() associated its
-                                handle: finished, it may have no packet */
-#define OPF_STARTING 0x08    /* submit() is inside the OS call */
-#define OPF_EARLY 0x10       /* failed at once: only KEY_EARLY completes it */
-#define OPF_TAKEN 0x20       /* a packet for it was claimed */
-#define OPF_ISSUED 0x40      /* the OS accepted it (a packet should come) */
-#define OPF_SUSPECT 0x80     /* sweep_locked() saw it finished, no packet */
-#define OPF_BACKEND                                                    \
-  (OPF_LATE_ASSOC | OPF_STARTING | OPF_EARLY | OPF_TAKEN | OPF_ISSUED | \
-   OPF_SUSPECT)
+/* Backend bits in op->flags. The low five bits are the contract's
+ * (FIOCP_OPF_CANCELLED, POOLED, MULTISHOT, ZEROCOPY, CHILD), which leaves
+ * three: where submit() stands with the record (a phase, two bits) and
+ * whether a packet for it was claimed. The binding zeroes the byte when it
+ * frees a record. Changed under mu. The sweep's rarer marks live in a
+ * table beside the records (marks_*, see the head comment on BUG-7). */
+#define OPF_PHASE 0x60       /* one of the PH_* values: */
+#define PH_NONE 0x00         /* never started (posts) */
+#define PH_STARTING 0x20     /* submit() is inside the OS call */
+#define PH_ISSUED 0x40       /* the OS accepted it (a packet should come) */
+#define PH_EARLY 0x60        /* failed at once, or ended by this file: only
+                                its KEY_EARLY packet completes it */
+#define OPF_TAKEN 0x80       /* a packet for it was claimed */
+#define OPF_BACKEND (OPF_PHASE | OPF_TAKEN)
+#define OPF_CONTRACT                                                  \
+  (FIOCP_OPF_CANCELLED | FIOCP_OPF_POOLED | FIOCP_OPF_MULTISHOT |     \
+   FIOCP_OPF_ZEROCOPY | FIOCP_OPF_CHILD)
+typedef char iocp_flag_bits_check[(OPF_CONTRACT & OPF_BACKEND) == 0 ? 1 : -1];
+#define PHASE(op) ((op)->flags & OPF_PHASE)
+
+static void set_phase(fiocp_op_t* op, uint8_t phase) {
+  op->flags = (uint8_t)((op->flags & ~OPF_PHASE) | phase);
+}
+
+/* The sweep's marks (see the head comment on BUG-7), by record. */
+#define MARK_SUSPECT 1     /* sweep_locked() saw it finished, no packet */
+#define MARK_LATE_ASSOC 2  /* in flight when sweep_locked() associated its
+                              handle: finished, it may have no packet */
 
 /* Tagged APC contexts of file operations (see the head comment): records
  * are 8-byte aligned (slabs come from calloc, and the size and the offset
@@ -378,10 +432,25 @@ typedef struct iocp_s {
   int64_t last_sweep;   /* fiocp__now_ms() of the last sweep_locked() */
   HANDLE afd;           /* \Device\Afd, opened on the first poll (KEY_AFD);
                            set once, interlocked */
+  /* The sweep's marks of records in flight (MARK_*): a record is there
+   * only in the rare states the sweep looks into twice, and leaves when it
+   * is handed back or started again. */
+  struct mark_s* marks;
+  size_t nmarks;
+  size_t marks_cap;
+  /* The children of multishot accepts whose AcceptEx is in flight, linked
+   * through their next field: their packets name records that are in no
+   * slab (see the head comment on multishot operations). */
+  fiocp_op_t* kids;
   /* The registry of live ports (reg_lock), for KEY_FWD. */
   fiocp_port_t* owner;
   struct iocp_s* reg_next;
 } iocp_t;
+
+typedef struct mark_s {
+  const fiocp_op_t* op;
+  uint8_t bits;  /* MARK_* */
+} mark_t;
 
 /* A KEY_IO packet forwarded to the port owning its record. */
 typedef struct fwd_s {
@@ -556,6 +625,20 @@ static void free_side(fiocp_op_t* op) {
   }
 }
 
+/* A multishot accept's own record (its children carry the AcceptEx). */
+static int is_multi_accept(const fiocp_op_t* op) {
+  return op->kind == FIOCP_OP_ACCEPT &&
+         (op->flags & (FIOCP_OPF_MULTISHOT | FIOCP_OPF_CHILD)) ==
+             FIOCP_OPF_MULTISHOT;
+}
+
+/* A pooled receive's own record (its zero-byte WSARecv). */
+static int is_pooled_recv(const fiocp_op_t* op) {
+  return op->kind == FIOCP_OP_RECV &&
+         (op->flags & (FIOCP_OPF_POOLED | FIOCP_OPF_CHILD)) ==
+             FIOCP_OPF_POOLED;
+}
+
 /* The Win32 error of a dequeued operation whose NTSTATUS is not zero, or 0
  * if that status counts as success. */
 static DWORD packet_error(fiocp_op_t* op) {
@@ -706,7 +789,8 @@ static int64_t op_result(fiocp_op_t* op, DWORD err, DWORD bytes) {
       else if (err == ERROR_MORE_DATA) res = (int64_t)bytes;
       break;
     case FIOCP_OP_ACCEPT:
-      res = finish_accept(op, res);
+      /* A multishot accept's own result is only ever an error. */
+      if (!is_multi_accept(op)) res = finish_accept(op, res);
       break;
     case FIOCP_OP_CONNECT:
       res = finish_connect(op, res);
@@ -726,6 +810,49 @@ static int64_t op_result(fiocp_op_t* op, DWORD err, DWORD bytes) {
       break;
   }
   return res;
+}
+
+/* ---- The sweep's marks --------------------------------------------------- */
+
+/* op's marks (MARK_*). mu held. */
+static uint8_t marks_of(const iocp_t* ip, const fiocp_op_t* op) {
+  size_t i;
+  for (i = 0; i < ip->nmarks; i++)
+    if (ip->marks[i].op == op) return ip->marks[i].bits;
+  return 0;
+}
+
+/* Adds bits to op's marks. Out of memory the mark is lost: the sweep then
+ * waits for that operation's packet as if it had not looked. mu held. */
+static void marks_add(iocp_t* ip, const fiocp_op_t* op, uint8_t bits) {
+  size_t i;
+  for (i = 0; i < ip->nmarks; i++) {
+    if (ip->marks[i].op == op) {
+      ip->marks[i].bits |= bits;
+      return;
+    }
+  }
+  if (ip->nmarks == ip->marks_cap) {
+    size_t cap = ip->marks_cap ? 2 * ip->marks_cap : 16;
+    mark_t* m = (mark_t*)realloc(ip->marks, cap * sizeof(mark_t));
+    if (m == NULL) return;
+    ip->marks = m;
+    ip->marks_cap = cap;
+  }
+  ip->marks[ip->nmarks].op = op;
+  ip->marks[ip->nmarks].bits = bits;
+  ip->nmarks++;
+}
+
+/* Forgets op's marks: it is handed back, or started again. mu held. */
+static void marks_drop(iocp_t* ip, const fiocp_op_t* op) {
+  size_t i;
+  for (i = 0; i < ip->nmarks; i++) {
+    if (ip->marks[i].op == op) {
+      ip->marks[i] = ip->marks[--ip->nmarks];
+      return;
+    }
+  }
 }
 
 /* ---- Records: ownership, forwarding, orphans ----------------------------- */
@@ -769,13 +896,37 @@ static void registry_remove(iocp_t* ip) {
   ReleaseSRWLockExclusive(&reg_lock);
 }
 
+/* Whether op is one of ip's multishot accept children in flight (only
+ * compares addresses: op may be anything). Takes mu. */
+static int kid_known(iocp_t* ip, const fiocp_op_t* op) {
+  const fiocp_op_t* k;
+  EnterCriticalSection(&ip->mu);
+  for (k = ip->kids; k != NULL && k != op; k = k->next) {
+  }
+  LeaveCriticalSection(&ip->mu);
+  return k != NULL;
+}
+
+/* Takes kid off ip's list of children in flight. mu held. */
+static void kid_unlink(iocp_t* ip, fiocp_op_t* kid) {
+  fiocp_op_t** pp;
+  for (pp = &ip->kids; *pp != NULL; pp = &(*pp)->next) {
+    if (*pp == kid) {
+      *pp = kid->next;
+      kid->next = NULL;
+      return;
+    }
+  }
+}
+
 /* A KEY_IO packet whose record this port did not find in its slabs (see the
  * head comment on BUG-7): hands it, in an envelope, to the live port that
  * owns the record, and returns 1; a packet no live port owns is dropped
  * without touching its record (1 too). Returns 0 if the record is ours
- * after all (a third look, against a racing slab growth). The registry
- * lock keeps the owner (its slabs and its port handle) alive meanwhile; mu
- * is never held here. */
+ * after all (a third look, against a racing slab growth). A multishot
+ * accept's child is in no slab: a port's list of them counts too. The
+ * registry lock keeps the owner (its slabs and its port handle) alive
+ * meanwhile; no mu is held by the caller (kid_known() takes each). */
 static int forward_foreign(iocp_t* ip, const OVERLAPPED_ENTRY* e) {
   const fiocp_op_t* op = untag(e->lpOverlapped);
   iocp_t* o;
@@ -783,7 +934,7 @@ static int forward_foreign(iocp_t* ip, const OVERLAPPED_ENTRY* e) {
   AcquireSRWLockShared(&reg_lock);
   for (o = reg_head; o != NULL; o = o->reg_next) {
     fwd_t* f;
-    if (!port_owns(o->owner, op)) continue;
+    if (!port_owns(o->owner, op) && !kid_known(o, op)) continue;
     if (o == ip) {
       done = 0;
       break;
@@ -802,18 +953,21 @@ static int forward_foreign(iocp_t* ip, const OVERLAPPED_ENTRY* e) {
 
 /* Marks the records in flight on h once sweep_locked() has associated h:
  * those that finished before have no packet. mu held. */
-static void mark_late_assoc_locked(fiocp_port_t* port, fiocp_handle_t h) {
+static void mark_late_assoc_locked(fiocp_port_t* port, iocp_t* ip,
+                                   fiocp_handle_t h) {
   fiocp_slab_t* s;
   size_t i;
   for (s = port->slabs; s != NULL; s = s->next) {
     for (i = 0; i < s->count; i++) {
       fiocp_op_t* op = &s->ops[i];
       if (op->state == FIOCP_ST_INFLIGHT && op->handle == h &&
-          (op->flags & (OPF_ISSUED | OPF_STARTING)))
-        op->flags |= OPF_LATE_ASSOC;
+          (PHASE(op) == PH_ISSUED || PHASE(op) == PH_STARTING))
+        marks_add(ip, op, MARK_LATE_ASSOC);
     }
   }
 }
+
+static int64_t cancel_kids_locked(iocp_t* ip, fiocp_op_t* parent);
 
 /* close() of ip (see the head comment on BUG-7): other ports' operations
  * through stale registrations of handles whose current object ip
@@ -837,13 +991,14 @@ static int64_t cancel_foreign(iocp_t* ip, assoc_t* tab, size_t cap) {
         fiocp_op_t* op = &sl->ops[i];
         assoc_t* a;
         if (op->state != FIOCP_ST_INFLIGHT || !is_handle_io(op->kind) ||
-            !(op->flags & OPF_ISSUED) || (op->flags & (OPF_TAKEN | OPF_EARLY)))
+            PHASE(op) != PH_ISSUED || (op->flags & OPF_TAKEN))
           continue;
         a = assoc_find(tab, cap, (uintptr_t)op->handle);
         if (a == NULL || a->seq <= assoc_seq(o, (uintptr_t)op->handle))
           continue;
         op->flags |= FIOCP_OPF_CANCELLED;
-        if (CancelIoEx((HANDLE)op->handle, &op->ov)) count++;
+        if (is_multi_accept(op)) count += cancel_kids_locked(o, op);
+        else if (CancelIoEx((HANDLE)op->handle, &op->ov)) count++;
       }
     }
     LeaveCriticalSection(&o->mu);
@@ -869,24 +1024,25 @@ static void sweep_locked(fiocp_port_t* port, iocp_t* ip) {
   for (s = *(fiocp_slab_t* volatile*)&port->slabs; s != NULL; s = s->next) {
     for (i = 0; i < s->count; i++) {
       fiocp_op_t* op = &s->ops[i];
-      uint8_t f = op->flags;
+      uint8_t marks;
       HANDLE h;
       if (op->state != FIOCP_ST_INFLIGHT || !is_handle_io(op->kind) ||
-          !(f & OPF_ISSUED) ||
-          (f & (OPF_STARTING | OPF_EARLY | OPF_TAKEN)) ||
+          PHASE(op) != PH_ISSUED || (op->flags & OPF_TAKEN) ||
           (ULONG)op->ov.Internal == IOCP_STATUS_PENDING)
         continue;
-      if (!(f & OPF_SUSPECT)) {
-        op->flags |= OPF_SUSPECT;  /* finished: its packet has one sweep */
+      marks = marks_of(ip, op);
+      if (!(marks & MARK_SUSPECT)) {
+        /* finished: its packet has one sweep */
+        marks_add(ip, op, MARK_SUSPECT);
         continue;
       }
       h = (HANDLE)op->handle;
-      if (!(f & OPF_LATE_ASSOC)) {
+      if (!(marks & MARK_LATE_ASSOC)) {
         if (h == NULL || h == INVALID_HANDLE_VALUE) continue;
         /* Non-blocking, like every call made under mu. */
         if (CreateIoCompletionPort(h, ip->port, KEY_IO, 0) != NULL) {
           assoc_add(ip, (uintptr_t)h);
-          mark_late_assoc_locked(port, op->handle);
+          mark_late_assoc_locked(port, ip, op->handle);
         } else if (GetLastError() != ERROR_INVALID_HANDLE) {
           continue;  /* associated: its packet comes, here or forwarded */
         }
@@ -914,6 +1070,9 @@ static void top_up_wakes_locked(iocp_t* ip) {
 
 static int finish_alerted(iocp_t* ip, fiocp_op_t* op);
 static void finish_record(fiocp_op_t* op);
+static int finish_pooled(iocp_t* ip, fiocp_op_t* op, DWORD err,
+                         fiocp_op_t** kid);
+static int finish_kid(iocp_t* ip, fiocp_op_t* kid);
 
 /* One dequeued entry on its way to becoming a completion. */
 typedef struct cand_s {
@@ -946,7 +1105,8 @@ static int claim_locked(cand_t* c, ULONG n, int ignore_starting) {
                !(f & OPF_TAKEN);
           break;
         case KEY_EARLY:
-          ok = (f & OPF_EARLY) && !(f & OPF_TAKEN) && op->gen == c[i].gen;
+          ok = (f & OPF_PHASE) == PH_EARLY && !(f & OPF_TAKEN) &&
+               op->gen == c[i].gen;
           break;
         case KEY_ORPHAN:
           /* sweep_locked() claimed it for this packet already */
@@ -959,35 +1119,35 @@ static int claim_locked(cand_t* c, ULONG n, int ignore_starting) {
             /* A file operation's packet: of this life, for this kind. */
             if (!is_tagged_io(op->kind) || c[i].tag != FILE_TAG(op->gen))
               break;
-            if ((f & OPF_STARTING) && !ignore_starting) {
+            if ((f & OPF_PHASE) == PH_STARTING && !ignore_starting) {
               undecided++;  /* a ghost, or a fast completion: wait */
               continue;
             }
           } else if (is_tagged_io(op->kind)) {
             break;  /* file packets are tagged: a stale socket packet */
           }
-          ok = !(f & (OPF_EARLY | OPF_TAKEN));
+          ok = (f & OPF_PHASE) != PH_EARLY && !(f & OPF_TAKEN);
           break;
         case KEY_AFD:
           /* Tagged like a file operation's packet, for the same reasons. */
           if (op->kind != FIOCP_OP_POLL || c[i].tag != FILE_TAG(op->gen))
             break;
-          if ((f & OPF_STARTING) && !ignore_starting) {
+          if ((f & OPF_PHASE) == PH_STARTING && !ignore_starting) {
             undecided++;
             continue;
           }
-          ok = !(f & (OPF_EARLY | OPF_TAKEN));
+          ok = (f & OPF_PHASE) != PH_EARLY && !(f & OPF_TAKEN);
           break;
         case KEY_CB:
           if (!is_cb_kind(op->kind) || op->gen != c[i].gen) break;
           /* A timer or wait that fired at once: its submit() may still be
            * inside SetThreadpoolTimer/Wait, which finish_record() must not
            * race with CloseThreadpool*. */
-          if ((f & OPF_STARTING) && !ignore_starting) {
+          if ((f & OPF_PHASE) == PH_STARTING && !ignore_starting) {
             undecided++;
             continue;
           }
-          ok = !(f & (OPF_EARLY | OPF_TAKEN));
+          ok = (f & OPF_PHASE) != PH_EARLY && !(f & OPF_TAKEN);
           break;
         default:
           break;
@@ -1000,15 +1160,19 @@ static int claim_locked(cand_t* c, ULONG n, int ignore_starting) {
 }
 
 /* Turns n dequeued entries into finished records. While the port is open
- * they go to out (which has room for n) and the count is returned; once it
- * is closed they go to the drain queue and FIOCP_ECLOSED is returned.
- * Packets that complete nothing (wake packets, stale or foreign ones, see
- * the head comment) are consumed here. */
+ * they go to out (which has room for n: each entry gives at most one
+ * record) and the count is returned; once it is closed they go to the
+ * drain queue and FIOCP_ECLOSED is returned. Packets that complete nothing
+ * (wake packets, stale or foreign ones, see the head comment) are consumed
+ * here, and so are those of operations that go on: a pooled receive's
+ * zero-byte receive (which may give a multishot child instead), a
+ * multishot accept's child that failed. */
 static int take_entries(fiocp_port_t* port, iocp_t* ip,
                         OVERLAPPED_ENTRY* ents, ULONG n, fiocp_op_t** out) {
   cand_t c[BATCH];
   ULONG i, m = 0;
   int k = 0, wakes = 0, j, spins = 0, forwarded = 0;
+  int settled = 0;  /* owed packets whose operation is over */
   int64_t give_up = 0;
   /* 1. Decode; hand foreign packets over. No lock. */
   for (i = 0; i < n && i < BATCH; i++) {
@@ -1029,7 +1193,9 @@ static int take_entries(fiocp_port_t* port, iocp_t* ip,
       fiocp_op_t* op = untag(e.lpOverlapped);
       if (!port_owns(port, op)) {
         MemoryBarrier();
-        if (!port_owns(port, op) && forward_foreign(ip, &e)) {
+        /* Not in a slab: a multishot accept's child, or another port's. */
+        if (!port_owns(port, op) && !kid_known(ip, op) &&
+            forward_foreign(ip, &e)) {
           forwarded++;
           continue;
         }
@@ -1069,45 +1235,66 @@ static int take_entries(fiocp_port_t* port, iocp_t* ip,
   for (i = 0; i < m; i++) {
     fiocp_op_t* op = c[i].op;
     ULONG pst;
-    DWORD bytes;
+    DWORD bytes = 0, err = 0;
+    int has_result = 0;  /* err and bytes are the OS's word on op */
     if (c[i].state != 1) continue;
     if (c[i].kind == KEY_IO || c[i].kind == KEY_AFD) {
       pst = c[i].pst;
       bytes = c[i].bytes;
       if (pst == IOCP_STATUS_ALERTED) {
         if (finish_alerted(ip, op)) continue;  /* started again */
-        finish_record(op);
-        out[k++] = op;
-        continue;
+      } else {
+        if ((ULONG)op->ov.Internal != pst) {
+          /* Not written back (Wine: see the head comment on exiting
+           * threads). The packet is the truth; packet_error() reads the
+           * OVERLAPPED, so copy it there. */
+          op->ov.Internal = (ULONG_PTR)pst;
+          op->ov.InternalHigh = bytes;
+        }
+        err = pst == 0 ? 0 : packet_error(op);
+        has_result = 1;
       }
-      if ((ULONG)op->ov.Internal != pst) {
-        /* Not written back (Wine: see the head comment on exiting
-         * threads). The packet is the truth; packet_error() reads the
-         * OVERLAPPED, so copy it there. */
-        op->ov.Internal = (ULONG_PTR)pst;
-        op->ov.InternalHigh = bytes;
-      }
-      op->res = op_result(op, pst == 0 ? 0 : packet_error(op), bytes);
     } else if (c[i].kind == KEY_ORPHAN) {
       /* Finished without a packet: the OVERLAPPED has the result. */
       pst = (ULONG)op->ov.Internal;
       bytes = (DWORD)op->ov.InternalHigh;
-      op->res = op_result(op, pst == 0 ? 0 : packet_error(op), bytes);
+      err = pst == 0 ? 0 : packet_error(op);
+      has_result = 1;
     }
     /* KEY_POST and KEY_EARLY: op->res was set before queueing; KEY_CB:
      * by the fsync worker, or by finish_record(). */
+    if (has_result) {
+      if (is_pooled_recv(op)) {
+        fiocp_op_t* kid = NULL;
+        if (!finish_pooled(ip, op, err, &kid)) {
+          if (kid != NULL) out[k++] = kid;  /* op goes on, or ends later */
+          continue;
+        }
+      } else {
+        op->res = op_result(op, err, bytes);
+      }
+    }
+    if (op->flags & FIOCP_OPF_CHILD) {  /* a multishot accept's */
+      int r = finish_kid(ip, op);
+      if (r < 0) continue;  /* its AcceptEx started again */
+      settled++;
+      if (r > 0) out[k++] = op;
+      continue;
+    }
+    settled++;
     finish_record(op);
     out[k++] = op;
   }
   /* 4. Hand the records back. */
   EnterCriticalSection(&ip->mu);
   ip->wakes -= wakes;
-  ip->owed -= k;
+  ip->owed -= settled;
   ip->foreign_owed -= forwarded;
   if (ip->foreign_owed < 0) ip->foreign_owed = 0;
   for (j = 0; j < k; j++) {
     out[j]->state = FIOCP_ST_DONE;
     out[j]->next = NULL;
+    if (ip->nmarks > 0) marks_drop(ip, out[j]);
   }
   if (ip->closed) {
     for (j = 0; j < k; j++) {
@@ -1189,6 +1376,25 @@ static DWORD start_accept(fiocp_op_t* op) {
   if (as == INVALID_SOCKET) return (DWORD)WSAGetLastError();
   a->accept_sock = as;
   if (!acceptex_fn(ls, as, a->accept_buf, 0, alen, alen, NULL, &op->ov))
+    return (DWORD)WSAGetLastError();
+  return 0;
+}
+
+/* A pooled receive's zero-byte WSARecv (the head comment on pooled
+ * receives says why): it completes once the socket has data, its end or
+ * an error, and pins no memory meanwhile. On a socket that is not a stream
+ * it peeks (MSG_PEEK): a zero-byte receive would take the datagram and
+ * drop its bytes. op->offset holds the socket's SO_TYPE (check_args())
+ * while op is in flight; its result puts the buffer id there. */
+static DWORD start_pooled_recv(fiocp_op_t* op) {
+  static char nothing;  /* no byte is ever written: the length is 0 */
+  WSABUF wb;
+  wb.len = 0;
+  wb.buf = &nothing;
+  /* The flags word outlives the call, as in start_op(). */
+  op->bk = op->offset == SOCK_STREAM ? 0 : MSG_PEEK;
+  if (WSARecv((SOCKET)op->handle, &wb, 1, NULL, (DWORD*)&op->bk, &op->ov,
+              NULL) != 0)
     return (DWORD)WSAGetLastError();
   return 0;
 }
@@ -1570,9 +1776,24 @@ static BOOL cancel_locked(iocp_t* ip, fiocp_op_t* op) {
       return TRUE;
     case FIOCP_OP_FSYNC:
       return TRUE;
+    case FIOCP_OP_ACCEPT:
+      if (!is_multi_accept(op)) break;
+      /* Its children carry the requests; it ends when the last is back. */
+      (void)cancel_kids_locked(ip, op);
+      if (op->bk > 0) return TRUE;
+      SetLastError(ERROR_NOT_FOUND);  /* its end is queued already */
+      return FALSE;
+    case FIOCP_OP_RECV:
+      /* A multishot receive between a result and its next zero-byte
+       * receive: restart_op() sees the flag and ends it. */
+      if ((op->flags & FIOCP_OPF_MULTISHOT) && (op->flags & OPF_TAKEN) &&
+          PHASE(op) == PH_ISSUED)
+        return TRUE;
+      break;
     default:
-      return CancelIoEx((HANDLE)op->handle, &op->ov);
+      break;
   }
+  return CancelIoEx((HANDLE)op->handle, &op->ov);
 }
 
 /* The callback of a per-operation timeout: cancels op, as cancel() does
@@ -1590,11 +1811,12 @@ static VOID CALLBACK timeout_cb(PTP_CALLBACK_INSTANCE inst, PVOID ctx,
   EnterCriticalSection(&ip->mu);
   if (op->state == FIOCP_ST_INFLIGHT &&
       op->gen == (uint8_t)a->scratch.i64[SC_GEN] &&
-      !(op->flags & (OPF_TAKEN | OPF_EARLY | FIOCP_OPF_CANCELLED))) {
+      PHASE(op) != PH_EARLY &&
+      !(op->flags & (OPF_TAKEN | FIOCP_OPF_CANCELLED))) {
     a->scratch.i64[SC_TIMEDOUT] = 1;
     op->flags |= FIOCP_OPF_CANCELLED;
     /* A record still STARTING is cancelled by its submit() once issued. */
-    if (!(op->flags & OPF_STARTING)) (void)cancel_locked(ip, op);
+    if (PHASE(op) != PH_STARTING) (void)cancel_locked(ip, op);
   }
   LeaveCriticalSection(&ip->mu);
 }
@@ -1659,17 +1881,34 @@ static void finish_record(fiocp_op_t* op) {
         op->res == -(int64_t)ERROR_OPERATION_ABORTED)
       op->res = FIOCP_ETIMEDOUT;
   }
+  /* A pooled receive holds a buffer only with data (its offset held the
+   * socket's type until now). */
+  if (is_pooled_recv(op) && op->res <= 0) op->offset = -1;
   free_side(op);
 }
 
 /* Refusals of the arguments, before anything starts (submit() returns
- * them; the binding raises). Records the socket type of sendmsg and
- * recvmsg. Ancillary data needs WSASendMsg/WSARecvMsg, which Windows has
- * for datagram and raw sockets only: WSAEOPNOTSUPP on a stream socket. */
+ * them; the binding raises). Records the socket type of sendmsg, recvmsg
+ * and pooled receives (op->offset, see start_pooled_recv()). Ancillary
+ * data needs WSASendMsg/WSARecvMsg, which Windows has for datagram and raw
+ * sockets only: WSAEOPNOTSUPP on a stream socket. POOLED is for receives,
+ * MULTISHOT for pooled receives and accepts (fiocp.h). */
 static DWORD check_args(fiocp_op_t* op) {
   fiocp_addr_t* a = op->addr;
   int type = 0, tlen = (int)sizeof(type);
   if (op->timeout_ns > 0 && a == NULL) return ERROR_INVALID_PARAMETER;
+  if ((op->flags & FIOCP_OPF_MULTISHOT) && !is_multi_accept(op) &&
+      !is_pooled_recv(op))
+    return ERROR_INVALID_PARAMETER;
+  if (op->flags & FIOCP_OPF_POOLED) {
+    if (!is_pooled_recv(op) || op->pool == NULL || op->len == 0)
+      return ERROR_INVALID_PARAMETER;
+    if (getsockopt((SOCKET)op->handle, SOL_SOCKET, SO_TYPE, (char*)&type,
+                   &tlen) != 0)
+      return (DWORD)WSAGetLastError();
+    op->offset = type;
+    return 0;
+  }
   switch (op->kind) {
     case FIOCP_OP_SENDMSG:
     case FIOCP_OP_RECVMSG:
@@ -1698,6 +1937,8 @@ static DWORD check_args(fiocp_op_t* op) {
   }
 }
 
+static DWORD start_multi_accept(iocp_t* ip, fiocp_op_t* op);
+
 static DWORD start_op(iocp_t* ip, fiocp_op_t* op) {
   SOCKET s = (SOCKET)op->handle;
   WSABUF wb;
@@ -1709,6 +1950,7 @@ static DWORD start_op(iocp_t* ip, fiocp_op_t* op) {
     case FIOCP_OP_WRITE:
       return start_read_write(op);
     case FIOCP_OP_RECV:
+      if (op->flags & FIOCP_OPF_POOLED) return start_pooled_recv(op);
       /* The flags word must outlive the call (the provider may update it
        * at completion): keep it in the record's backend scratch. */
       op->bk = 0;
@@ -1732,6 +1974,9 @@ static DWORD start_op(iocp_t* ip, fiocp_op_t* op) {
                      &op->ov, NULL);
       break;
     case FIOCP_OP_ACCEPT:
+      /* A multishot accept's children are started from its own record, a
+       * child alone only when restart_op() starts it again. */
+      if (is_multi_accept(op)) return start_multi_accept(ip, op);
       return start_accept(op);
     case FIOCP_OP_CONNECT:
       return start_connect(op);
@@ -1773,10 +2018,14 @@ static int is_argument_error(DWORD err) {
 }
 
 /* Starts again a receive or accept that completed without having run (see
- * the head comment on exiting threads). Returns 1 if it is in flight again (a
- * packet will come), 0 if it ends now with op->res set: cancelled (by the
- * user or close()), or failed when started again. */
-static int restart_op(iocp_t* ip, fiocp_op_t* op) {
+ * the head comment on exiting threads), a pooled receive's zero-byte
+ * receive (after a multishot result, or one that found nothing), or a
+ * multishot accept's child. Returns 1 if it is in flight again (a packet
+ * will come), 0 if it ends now with op->res set: cancelled (by the user or
+ * close()), or failed when started again. With end_by_packet, an op that
+ * ends is readied for post_early() in the same critical section: its
+ * result goes behind a multishot child just handed out. */
+static int restart_op(iocp_t* ip, fiocp_op_t* op, int end_by_packet) {
   DWORD err;
   int started = 0;
   /* Under mu, cancel() and shutdown() either see the old OVERLAPPED
@@ -1796,8 +2045,15 @@ static int restart_op(iocp_t* ip, fiocp_op_t* op) {
     err = start_op(ip, op);
     started = err == 0 || err == ERROR_IO_PENDING ||
               NT_SEVERITY(op->ov.Internal) == 2;
-    if (started)
-      op->flags &= (uint8_t)~(OPF_TAKEN | OPF_SUSPECT | OPF_LATE_ASSOC);
+    if (started) {
+      op->flags &= (uint8_t)~OPF_TAKEN;
+      marks_drop(ip, op);
+    }
+  }
+  if (!started && end_by_packet) {
+    set_phase(op, PH_EARLY);
+    op->flags &= (uint8_t)~OPF_TAKEN;
+    marks_drop(ip, op);
   }
   LeaveCriticalSection(&ip->mu);
   if (started) return 1;
@@ -1814,17 +2070,17 @@ static int finish_alerted(iocp_t* ip, fiocp_op_t* op) {
   switch (op->kind) {
     case FIOCP_OP_RECV:
     case FIOCP_OP_RECVFROM:
-      return restart_op(ip, op);
+      return restart_op(ip, op, 0);
     case FIOCP_OP_RECVMSG:
     case FIOCP_OP_POLL:
       free_side(op);  /* the start makes another */
-      return restart_op(ip, op);
+      return restart_op(ip, op, 0);
     case FIOCP_OP_ACCEPT: {
       fiocp_addr_t* a = op->addr;
       SOCKET ls = (SOCKET)op->handle, as = a->accept_sock;
       if (as == INVALID_SOCKET ||
           getpeername(as, (struct sockaddr*)&ss, &len) != 0)
-        return restart_op(ip, op);  /* nothing was accepted */
+        return restart_op(ip, op, 0);  /* nothing was accepted */
       /* Accepted; only the report, with the address buffer, was lost. */
       a->accept_sock = INVALID_SOCKET;
       if (setsockopt(as, SOL_SOCKET, SO_UPDATE_ACCEPT_CONTEXT, (char*)&ls,
@@ -1852,6 +2108,319 @@ static int finish_alerted(iocp_t* ip, fiocp_op_t* op) {
       op->res = op_result(op, ERROR_OPERATION_ABORTED, 0);
       return 0;
   }
+}
+
+/* ---- Pooled and multishot operations -------------------------------------
+ * See the head comment for the design; fiocp.h for the contract. */
+
+/* AcceptEx kept in flight by one multishot accept. */
+#define ACCEPT_KIDS 4
+
+/* Most bytes one recv() call takes (its length is an int). */
+#define RECV_MAX 0x7fffffffu
+
+typedef struct repost_s {
+  HANDLE port;
+  ULONG_PTR key;
+  LPOVERLAPPED ov;
+} repost_t;
+
+static VOID CALLBACK repost_cb(PTP_CALLBACK_INSTANCE inst, PVOID ctx) {
+  repost_t* r = (repost_t*)ctx;
+  int i;
+  (void)inst;
+  for (i = 0; i < 500; i++) {
+    if (PostQueuedCompletionStatus(r->port, 0, r->key, r->ov)) break;
+    Sleep(10);
+  }
+  free(r);
+}
+
+/* Queues op's KEY_EARLY packet: an operation that this file ended, whose
+ * result (op->res) must come behind what it already handed out (its phase
+ * is PH_EARLY). PostQueuedCompletionStatus fails only out of memory, and
+ * the packet is owed all the same: retried from a pool thread for about
+ * 5 s, as post_cb() does (op is owed, so the port outlives the retries or
+ * is kept by close()). No lock held. */
+static void post_early(iocp_t* ip, fiocp_op_t* op) {
+  ULONG_PTR key = MAKE_KEY(KEY_EARLY, op);
+  repost_t* r;
+  if (PostQueuedCompletionStatus(ip->port, 0, key, &op->ov)) return;
+  r = (repost_t*)malloc(sizeof(*r));
+  if (r != NULL) {
+    r->port = ip->port;
+    r->key = key;
+    r->ov = &op->ov;
+    if (TrySubmitThreadpoolCallback(repost_cb, r, NULL)) return;
+    free(r);
+  }
+  /* Out of memory twice over: the operation stays owed (close() then times
+   * out and keeps the port). */
+}
+
+/* The receive of a pooled operation whose zero-byte WSARecv came back
+ * with err (0: the socket is readable: data, its end, or an error).
+ * Returns the bytes received (> 0) into pool buffer *id, 0 at end of
+ * stream, or a negative code: the receive's error, or FIOCP_ENOBUFS when
+ * data is there but no buffer is free (then nothing was read). Sets *again
+ * when there was nothing to receive after all (another receiver took it):
+ * op then waits again. No lock held.
+ *
+ * Why it never blocks: recv() on a stream socket returns as soon as any
+ * byte is there, and it is called only once FIONREAD counted some (or a
+ * peek, made only on a socket select() finds readable, found one); on
+ * another socket the zero-byte peek completed because a datagram is
+ * there, which recv() returns at once. Those bytes could go only through
+ * another receive on the same socket in the microseconds between the two
+ * calls, which a pooled receive does not share its socket with (a second
+ * concurrent reader of a stream scrambles it anyway); a socket the user
+ * made non-blocking then answers WSAEWOULDBLOCK, which is *again. Why no
+ * data is lost: each call takes at most one buffer's worth into a buffer
+ * that the result then holds, and none at all without a free buffer; a
+ * datagram longer than the buffer gives its first bytes, as POSIX's
+ * recv() does. */
+static int64_t pooled_receive(fiocp_op_t* op, DWORD err, int64_t* id,
+                              int* again) {
+  SOCKET s = (SOCKET)op->handle;
+  fiocp_pool_t* pool = op->pool;
+  int stream = op->offset == SOCK_STREAM;
+  uint32_t want = op->len < pool->size ? op->len : pool->size;
+  int64_t got;
+  int r, e;
+  *again = 0;
+  if (want > RECV_MAX) want = RECV_MAX;
+  /* A datagram is longer than the zero bytes peeked: not an error. */
+  if (err != 0 &&
+      (stream || (err != WSAEMSGSIZE && err != ERROR_MORE_DATA)))
+    return op_result(op, err, 0);
+  if (stream) {
+    u_long avail = 0;
+    char c;
+    if (ioctlsocket(s, FIONREAD, &avail) != 0)
+      return -(int64_t)WSAGetLastError();
+    if (avail == 0) {
+      /* Readable without data: its end, or an error, waits in the socket,
+       * unless another receive took the data. A select() that does not
+       * wait tells the latter (then a peek could block); a peek tells the
+       * others apart without taking anything (or finds data that came
+       * meanwhile). */
+      fd_set readable;
+      struct timeval now = {0, 0};
+      FD_ZERO(&readable);
+      FD_SET(s, &readable);
+      r = select(0, &readable, NULL, NULL, &now);
+      if (r < 0) return -(int64_t)WSAGetLastError();
+      if (r == 0) {
+        *again = 1;
+        return 0;
+      }
+      r = recv(s, &c, 1, MSG_PEEK);
+      if (r == 0) return 0;
+      if (r < 0) {
+        e = WSAGetLastError();
+        if (e == WSAEWOULDBLOCK) *again = 1;
+        return e == WSAEWOULDBLOCK ? 0 : -(int64_t)e;
+      }
+    }
+  }
+  got = fiocp__pool_take(pool);
+  if (got < 0) return FIOCP_ENOBUFS;
+  r = recv(s, pool->base + (size_t)got * pool->size, (int)want, 0);
+  e = r < 0 ? WSAGetLastError() : 0;
+  if (r < 0 && !stream && e == WSAEMSGSIZE) r = (int)want;
+  if (r > 0) {
+    *id = got;
+    return r;
+  }
+  fiocp__pool_give(pool, (uint32_t)got);
+  if (r == 0) return 0;
+  if (e == WSAEWOULDBLOCK) *again = 1;
+  return e == WSAEWOULDBLOCK ? 0 : -(int64_t)e;
+}
+
+/* A pooled receive whose zero-byte WSARecv came back with err (its packet
+ * claimed): receives, then decides what follows. Returns 1 when op is
+ * over (op->res and op->offset set, for the caller to hand back); 0 when
+ * it goes on: its next zero-byte receive is in flight, or its end was
+ * queued (post_early()) behind the multishot child *kid that holds this
+ * result, for the caller to hand out (NULL if none). No lock held. */
+static int finish_pooled(iocp_t* ip, fiocp_op_t* op, DWORD err,
+                         fiocp_op_t** kid) {
+  int64_t id = -1, res;
+  int again;
+  fiocp_op_t* child;
+  *kid = NULL;
+  if (op->flags & FIOCP_OPF_MULTISHOT) {
+    /* Cancelled or closed: nothing is read, so that nothing goes into a
+     * child that close() would drop; the data waits in the socket. */
+    int stop;
+    EnterCriticalSection(&ip->mu);
+    stop = ip->closed || (op->flags & FIOCP_OPF_CANCELLED);
+    LeaveCriticalSection(&ip->mu);
+    if (stop) {
+      op->res = -(int64_t)ERROR_OPERATION_ABORTED;
+      op->offset = -1;
+      return 1;
+    }
+  }
+  res = pooled_receive(op, err, &id, &again);
+  if (again) return !restart_op(ip, op, 0);  /* over only if cancelled */
+  if (res <= 0 || !(op->flags & FIOCP_OPF_MULTISHOT)) {
+    op->res = res;
+    op->offset = res > 0 ? id : -1;
+    return 1;
+  }
+  child = fiocp__child_new(op);
+  if (child == NULL) {
+    /* It cannot go on: its own record carries this last result. */
+    op->res = res;
+    op->offset = id;
+    return 1;
+  }
+  /* The contract's bits, none of this file's (fiocp__child_new copies the
+   * parent's byte). */
+  child->flags = (uint8_t)((op->flags & OPF_CONTRACT & ~FIOCP_OPF_CANCELLED) |
+                           FIOCP_OPF_CHILD);
+  child->res = res;
+  child->offset = id;
+  *kid = child;
+  if (!restart_op(ip, op, 1)) {
+    /* Cancelled, closed, or the next receive failed at once (op->res): its
+     * end comes after the child. */
+    op->offset = -1;
+    post_early(ip, op);
+  }
+  return 0;
+}
+
+/* Keeps ACCEPT_KIDS AcceptEx of the multishot accept parent in flight,
+ * each in a child record of its own (with a malloc'd extension for the
+ * pre-created socket and the addresses, which fiocp__child_free frees).
+ * parent->bk counts them. Returns 0, or the error of the first that could
+ * not start (those started stay). mu held: their packets cannot be
+ * claimed before they are on ip->kids. */
+static DWORD top_up_kids_locked(iocp_t* ip, fiocp_op_t* parent) {
+  while (parent->bk < ACCEPT_KIDS) {
+    fiocp_op_t* kid = fiocp__child_new(parent);
+    DWORD err;
+    if (kid == NULL) return ERROR_NOT_ENOUGH_MEMORY;
+    kid->flags = (uint8_t)((parent->flags & OPF_CONTRACT &
+                            ~FIOCP_OPF_CANCELLED) |
+                           FIOCP_OPF_CHILD);
+    kid->addr = (fiocp_addr_t*)calloc(1, sizeof(fiocp_addr_t));
+    if (kid->addr == NULL) {
+      (void)fiocp__child_free(kid);
+      return ERROR_NOT_ENOUGH_MEMORY;
+    }
+    prepare_ov_locked(kid);
+    err = start_accept(kid);
+    if (err != 0 && err != ERROR_IO_PENDING &&
+        NT_SEVERITY(kid->ov.Internal) != 2) {
+      if (kid->addr->accept_sock != INVALID_SOCKET)
+        closesocket(kid->addr->accept_sock);
+      (void)fiocp__child_free(kid);  /* parent keeps the binding's ref */
+      return err;
+    }
+    set_phase(kid, PH_ISSUED);
+    kid->next = ip->kids;
+    ip->kids = kid;
+    parent->bk++;
+    ip->owed++;
+  }
+  return 0;
+}
+
+/* Cancels the AcceptEx of parent's children (a closed socket's AcceptEx
+ * fails the same way, and finish_accept() closes the pre-created sockets
+ * of the cancelled ones). Returns how many cancellations were requested.
+ * mu held. */
+static int64_t cancel_kids_locked(iocp_t* ip, fiocp_op_t* parent) {
+  fiocp_op_t* kid;
+  int64_t n = 0;
+  for (kid = ip->kids; kid != NULL; kid = kid->next) {
+    if (kid->parent != parent) continue;
+    kid->flags |= FIOCP_OPF_CANCELLED;
+    if (!(kid->flags & OPF_TAKEN) &&
+        CancelIoEx((HANDLE)kid->handle, &kid->ov))
+      n++;
+  }
+  return n;
+}
+
+/* Whether a multishot accept is winding down: it takes no new AcceptEx
+ * and ends when its last child is back. mu held. */
+static int multi_ending(const iocp_t* ip, const fiocp_op_t* parent) {
+  return ip->closed || (parent->flags & FIOCP_OPF_CANCELLED) ||
+         parent->res < 0;
+}
+
+/* FIOCP_OP_ACCEPT with MULTISHOT: the record itself starts nothing; its
+ * children do. Its phase is ISSUED before any child can complete, and it
+ * ends (post_early()) when its last child is back. Fails at once only if
+ * no child started. */
+static DWORD start_multi_accept(iocp_t* ip, fiocp_op_t* op) {
+  DWORD err;
+  if (op->addr != NULL) op->addr->accept_sock = INVALID_SOCKET;
+  op->res = 0;  /* the error that ends it, once one does */
+  EnterCriticalSection(&ip->mu);
+  op->bk = 0;
+  err = top_up_kids_locked(ip, op);
+  if (op->bk > 0) {
+    set_phase(op, PH_ISSUED);
+    if (err != 0) {
+      /* It cannot keep its count from the start: it ends with that error
+       * once the children started are back. */
+      op->res = -(int64_t)err;
+      (void)cancel_kids_locked(ip, op);
+    }
+    err = ERROR_IO_PENDING;
+  }
+  LeaveCriticalSection(&ip->mu);
+  return err;
+}
+
+/* A connection that the peer reset or aborted before AcceptEx took it:
+ * that child's AcceptEx starts again, nothing ends. */
+static int is_accept_transient(int64_t res) {
+  return res == -(int64_t)WSAECONNRESET ||
+         res == -(int64_t)ERROR_NETNAME_DELETED ||
+         res == -(int64_t)WSAECONNABORTED ||
+         res == -(int64_t)ERROR_CONNECTION_ABORTED;
+}
+
+/* A multishot accept's child whose AcceptEx came back, kid->res set (the
+ * new socket, or the error). Returns -1 if its AcceptEx started again (no
+ * result), 1 if kid is a result to hand out, 0 if it was freed (an error:
+ * its parent ends with it). Keeps the parent's count of AcceptEx in flight,
+ * and ends the parent once the last is back from a cancel, close() or an
+ * error (post_early(), after kid is freed or handed out). No lock held. */
+static int finish_kid(iocp_t* ip, fiocp_op_t* kid) {
+  fiocp_op_t* parent = kid->parent;
+  int out, last;
+  DWORD err;
+  if (is_accept_transient(kid->res) && restart_op(ip, kid, 0)) return -1;
+  out = kid->res >= 0;
+  EnterCriticalSection(&ip->mu);
+  kid_unlink(ip, kid);
+  parent->bk--;
+  if (!multi_ending(ip, parent)) {
+    if (!out) parent->res = kid->res;
+    else if ((err = top_up_kids_locked(ip, parent)) != 0)
+      parent->res = -(int64_t)err;
+    if (parent->res < 0) (void)cancel_kids_locked(ip, parent);
+  }
+  last = parent->bk == 0;
+  if (last) {
+    if (parent->res >= 0) parent->res = -(int64_t)ERROR_OPERATION_ABORTED;
+    set_phase(parent, PH_EARLY);
+    parent->flags &= (uint8_t)~OPF_TAKEN;
+  }
+  LeaveCriticalSection(&ip->mu);
+  /* Before the parent's end: the binding must not see its references
+   * fall to 0 while a child it never saw holds one. */
+  if (!out) (void)fiocp__child_free(kid);
+  if (last) post_early(ip, parent);
+  return out;
 }
 
 /* ---- Contract ------------------------------------------------------------ */
@@ -1973,7 +2542,8 @@ static int enter_if_open(iocp_t* ip, int64_t* count, fiocp_op_t* op) {
   }
   ++*count;
   if (op != NULL) {
-    op->flags = (uint8_t)((op->flags & ~OPF_BACKEND) | OPF_STARTING);
+    op->flags = (uint8_t)((op->flags & ~OPF_BACKEND) | PH_STARTING);
+    if (ip->nmarks > 0) marks_drop(ip, op);
     op->bk = 0;  /* free_side() must find nothing of a start not made */
     prepare_ov_locked(op);
   }
@@ -2008,8 +2578,11 @@ static int iocp_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
      * thread already claimed (only tagged packets wait for STARTING): a
      * driver queued one after all, and that packet is its completion. */
     if (!queued && (op->flags & OPF_TAKEN)) queued = 1;
-    op->flags &= (uint8_t)~OPF_STARTING;
-    op->flags |= queued ? OPF_ISSUED : OPF_EARLY;
+    /* Unless it is already past that: a multishot accept's record is
+     * ISSUED by its first child, and ended (EARLY) by this file when
+     * those came back at once; a pooled receive's zero-byte receive may
+     * have come back and been started again or ended meanwhile. */
+    if (PHASE(op) == PH_STARTING) set_phase(op, queued ? PH_ISSUED : PH_EARLY);
     /* cancel() or shutdown()'s sweep came while the OS call ran, before
      * the OVERLAPPED existed for CancelIoEx: reach it now (still under mu,
      * so the record cannot have been handed back). Free-threaded builds
@@ -2017,7 +2590,10 @@ static int iocp_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
     if (queued && (op->flags & FIOCP_OPF_CANCELLED))
       (void)cancel_locked(ip, op);
   }
-  if (!queued && is_argument_error(err)) ip->owed--;
+  if (!queued && is_argument_error(err)) {
+    ip->owed--;
+    marks_drop(ip, op);  /* the binding takes the record back */
+  }
   LeaveCriticalSection(&ip->mu);
   if (queued) return 0;  /* another thread may own the record already */
   if (!is_argument_error(err)) {
@@ -2031,7 +2607,7 @@ static int iocp_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
     EnterCriticalSection(&ip->mu);
     ip->owed--;
     LeaveCriticalSection(&ip->mu);
-  } else if (op->kind == FIOCP_OP_ACCEPT &&
+  } else if (op->kind == FIOCP_OP_ACCEPT && op->addr != NULL &&
              op->addr->accept_sock != INVALID_SOCKET) {
     closesocket(op->addr->accept_sock);
     op->addr->accept_sock = INVALID_SOCKET;
@@ -2057,7 +2633,7 @@ static int iocp_cancel(fiocp_port_t* port, fiocp_op_t* op) {
   op->flags |= FIOCP_OPF_CANCELLED;
   /* Under mu the record cannot be handed back (and reused) meanwhile. */
   /* A record still STARTING is cancelled by its submit() once issued. */
-  ok = (op->flags & OPF_STARTING) || cancel_locked(ip, op);
+  ok = PHASE(op) == PH_STARTING || cancel_locked(ip, op);
   if (!ok) err = GetLastError();
   LeaveCriticalSection(&ip->mu);
   if (ok) return 1;
@@ -2171,7 +2747,7 @@ static void cancel_one(fiocp_port_t* port, fiocp_op_t* op, void* arg) {
   /* Fails with ERROR_NOT_FOUND for an operation that already completed and
    * whose packet is queued: nothing to do then. A record still STARTING is
    * cancelled by its submit() once issued. */
-  if (!(op->flags & OPF_STARTING))
+  if (PHASE(op) != PH_STARTING)
     (void)cancel_locked((iocp_t*)port->impl, op);
 }
 
@@ -2292,6 +2868,7 @@ static void iocp_destroy(fiocp_port_t* port) {
   (void)CloseHandle(ip->port);  /* nothing useful to do if it fails */
   DeleteCriticalSection(&ip->mu);
   free(ip->assoc);
+  free(ip->marks);
   free(ip);
   port->impl = NULL;
 }
@@ -2320,12 +2897,32 @@ static const uint8_t iocp_support[FIOCP_OP__COUNT] = {
 };
 
 /* release is NULL: the kernel enforces the concurrency value itself, by
- * counting the threads that dequeued from the port and are running. */
+ * counting the threads that dequeued from the port and are running. The
+ * pool members are NULL: pooled receives take from the pool's own free
+ * stack (fiocp__pool_take), and the binding gives back with
+ * fiocp__pool_give. native_flags is NULL: pooled receives, multishot
+ * operations and zero-copy sends are this file's (a zero-byte receive, a
+ * few AcceptEx, a plain send), not a mechanism of the kernel's. */
 const fiocp_backend_t fiocp__iocp_backend = {
-    "iocp",      iocp_probe,   iocp_init,     iocp_associate,
-    iocp_submit, iocp_flush,   iocp_cancel,   iocp_try_get,
-    iocp_wait,   iocp_post,    iocp_shutdown, iocp_drain,
-    iocp_destroy, NULL,        iocp_support,
+    .name = "iocp",
+    .probe = iocp_probe,
+    .init = iocp_init,
+    .associate = iocp_associate,
+    .submit = iocp_submit,
+    .flush = iocp_flush,
+    .cancel = iocp_cancel,
+    .try_get = iocp_try_get,
+    .wait = iocp_wait,
+    .post = iocp_post,
+    .shutdown = iocp_shutdown,
+    .drain = iocp_drain,
+    .destroy = iocp_destroy,
+    .release = NULL,
+    .support = iocp_support,
+    .pool_add = NULL,
+    .pool_put = NULL,
+    .pool_remove = NULL,
+    .native_flags = NULL,
 };
 
 /* ---- Windows file helpers --------------------------------------------------

@@ -1,6 +1,8 @@
 """IOCP-only behaviour of the issue-14 operations (csrc/win/iocp.c): AFD
 polls, TransmitFile, ConnectNamedPipe, thread-pool timers, process waits and
-flushes, and per-operation timeouts. Scenarios ported (rewritten, not
+flushes, and per-operation timeouts; and of issue 18's pooled receives (a
+zero-byte WSARecv, then recv() into a pool buffer) and multishot accepts
+(AcceptEx children kept in flight). Scenarios ported (rewritten, not
 copied) from pywin32's win32/test/test_win32file.py (TestTransmit,
 TestOverlapped's named-pipe completion-port tests) and CPython's
 Lib/test/test_asyncio/test_windows_events.py (test_wait_for_handle,
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -19,7 +22,7 @@ import time
 import pytest
 
 import fastiocp
-from conftest import UNDER_WINE, collect, loopback_tcp_pair, loopback_udp_pair
+from conftest import UNDER_WINE, assert_no_growth, collect, loopback_tcp_pair, loopback_udp_pair, open_fd_count
 
 pytestmark = pytest.mark.skipif(sys.platform != "win32", reason="Windows only: IOCP")
 
@@ -28,6 +31,7 @@ if sys.platform == "win32":
 
 ERROR_OPERATION_ABORTED = 995
 ERROR_PIPE_CONNECTED = 535
+WSAECONNRESET = 10054
 WSAEOPNOTSUPP = 10045
 MSG_TRUNC = 0x100
 
@@ -603,3 +607,398 @@ def test_fsync_close_while_pending(tmp_path):
         assert all(op.done and op.error is None for op in ops), "a flush runs to its end"
     finally:
         f.close()
+
+
+# ---------------------------------------------------------------------------
+# Pooled receives: a zero-byte WSARecv while idle, recv() into a buffer once
+# data is there
+
+
+def reset(sock: socket.socket) -> None:
+    """Closes sock with an RST (SO_LINGER 0), as a crashed peer would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("hh", 1, 0))
+    sock.close()
+
+
+def test_native_flags_are_none_on_iocp(port):
+    assert port.native == frozenset()
+
+
+def test_pooled_receives_pin_no_buffer_while_idle(port):
+    """Many more receives waiting than the pool has buffers: none is taken
+    until data comes (the point of the zero-byte receive), then exactly
+    one per receive with data."""
+    pool = fastiocp.BufferPool(4096, 2)
+    pairs = [loopback_tcp_pair() for _ in range(40)]
+    try:
+        ops = []
+        for i, (client, server) in enumerate(pairs):
+            port.register(server)
+            ops.append(port.recv(server, pool, context=i))
+        ops.append(port.recv(pairs[0][1], pool, context="multi", multishot=True))
+        assert port.get(timeout=0.3) is None
+        assert pool.in_use == 0, "a waiting receive holds a buffer"
+        pairs[7][0].sendall(b"seven")
+        c = one(port)
+        assert c.context == 7 and bytes(c.buffer) == b"seven" and pool.in_use == 1
+        c.release()
+        assert pool.in_use == 0
+        for op in ops:
+            op.cancel()
+        got = collect(port, len(ops) - 1)
+        assert all(x.cancelled and x.buffer is None for x in got)
+        assert pool.in_use == 0
+    finally:
+        for client, server in pairs:
+            client.close()
+            server.close()
+
+
+def test_pooled_recv_end_of_stream_and_reset(port):
+    """FIONREAD 0 on a readable socket: end of stream (nbytes 0) or a reset
+    (WSAECONNRESET); neither takes a buffer."""
+    pool = fastiocp.BufferPool(64, 1)
+    client, server = loopback_tcp_pair()
+    port.register(server)
+    op = port.recv(server, pool)
+    client.sendall(b"last")
+    client.shutdown(socket.SHUT_WR)
+    c = one(port)
+    assert bytes(c.buffer) == b"last"
+    c.release()
+    op = port.recv(server, pool)
+    c = one(port)
+    assert c is op and c.nbytes == 0 and c.error is None and c.buffer is None
+    port.unregister(server)
+    client.close()
+    server.close()
+
+    client, server = loopback_tcp_pair()
+    port.register(server)
+    op = port.recv(server, pool, multishot=True)
+    client.sendall(b"data")
+    first = collect(port, 1)[0]
+    assert first.more and bytes(first.buffer) == b"data"
+    first.release()
+    reset(client)
+    c = one(port)
+    assert c is op and not c.more and isinstance(c.error, ConnectionResetError)
+    assert c.error.winerror == WSAECONNRESET and c.buffer is None
+    assert pool.in_use == 0
+    server.close()
+
+
+def test_pooled_recv_whose_data_another_receive_took_waits_again(port, tcp_pair):
+    """A plain receive on the same (blocking) socket takes the data that
+    woke the zero-byte receive: the pooled receive finds nothing (FIONREAD
+    0, not readable) and waits again, without blocking the dequeuing
+    thread in a recv()."""
+    a, b = tcp_pair
+    pool = fastiocp.BufferPool(16, 2)
+    port.register(a)
+    pooled = port.recv(a, pool)
+    plain = port.recv(a, bytearray(16))
+    b.sendall(b"abc")
+    c = one(port, timeout=5)
+    assert c is plain and bytes(c.buffer[:c.nbytes]) == b"abc"
+    assert not pooled.done and pool.in_use == 0
+    b.sendall(b"def")
+    c = one(port, timeout=5)
+    assert c is pooled and bytes(c.buffer) == b"def"
+    c.release()
+
+
+def test_pooled_recv_on_a_non_blocking_socket(port, tcp_pair):
+    a, b = tcp_pair
+    a.setblocking(False)
+    pool = fastiocp.BufferPool(16, 4)
+    port.register(a)
+    op = port.recv(a, pool, multishot=True)
+    b.sendall(b"0123456789abcdefXYZ")  # more than one buffer
+    got = bytearray()
+    while len(got) < 19:
+        c = collect(port, 1)[0]
+        assert c.more and c.nbytes <= 16
+        got += bytes(c.buffer)
+        c.release()
+    assert got == b"0123456789abcdefXYZ"
+    assert op.cancel() is True
+    c = one(port)
+    assert c is op and c.cancelled
+
+
+def test_pooled_recv_on_udp_takes_one_datagram_per_result(port):
+    """On a datagram socket the zero-byte receive peeks (MSG_PEEK): a plain
+    zero-byte receive would consume the datagram. A datagram longer than a
+    buffer gives its first bytes, as POSIX's recv() does."""
+    a, b = loopback_udp_pair()
+    pool = fastiocp.BufferPool(8, 4)
+    try:
+        port.register(a)
+        op = port.recv(a, pool, multishot=True)
+        assert port.get(timeout=0.1) is None and pool.in_use == 0
+        for msg in (b"one", b"two", b"longer than eight", b"four"):
+            b.sendto(msg, a.getsockname())
+        got = []
+        while len(got) < 4:
+            c = collect(port, 1)[0]
+            assert c.more, c.error
+            got.append(bytes(c.buffer))
+            c.release()
+        assert got == [b"one", b"two", b"longer t", b"four"]
+        op.cancel()
+        assert one(port) is op and op.cancelled
+    finally:
+        a.close()
+        b.close()
+
+
+# ---------------------------------------------------------------------------
+# Multishot accepts: several AcceptEx in flight, each a child record
+
+
+def test_multishot_accept_of_many_connections_arriving_at_once(port):
+    """More connections at once than AcceptEx in flight (4): each is taken
+    exactly once, with its peer's address, as the children are replaced."""
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=64)
+    port.register(lsock)
+    op = port.accept(lsock, multishot=True)
+    clients = [socket.socket() for _ in range(16)]
+    try:
+        for cl in clients:
+            cl.setblocking(False)
+            cl.connect_ex(lsock.getsockname())
+        got = collect(port, len(clients))
+        assert all(c.more and c.error is None for c in got), [c.error for c in got]
+        accepted = [c.result() for c in got]
+        assert len({s.fileno() for s, _ in accepted}) == len(clients)
+        assert sorted(a for _, a in accepted) == sorted(cl.getsockname() for cl in clients)
+        for s, _ in accepted:
+            s.close()
+        assert op.cancel() is True
+        end = collect(port, 1)
+        assert end == [op] and op.cancelled and not op.more
+    finally:
+        for cl in clients:
+            cl.close()
+        lsock.close()
+
+
+def test_multishot_accept_cancel_with_accepts_outstanding(port):
+    """Cancelled with its AcceptEx in flight and no connection: one
+    completion, cancelled; the pre-created sockets are closed (the handle
+    count comes back); the listener still works for the next accept."""
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=16)
+    port.register(lsock)
+    port.accept(lsock).cancel()  # load AcceptEx and warm up the port
+    one(port)
+    before = open_fd_count()
+    for _ in range(20):
+        op = port.accept(lsock, multishot=True, context="m")
+        assert port.get(timeout=0.05) is None
+        assert op.cancel() is True
+        c = one(port)
+        assert c is op and c.cancelled and not c.more and c.context == "m"
+        assert op.cancel() is False
+    assert open_fd_count() - before < 8
+    op = port.accept(lsock)
+    client = socket.create_connection(lsock.getsockname())
+    c = one(port)
+    assert c is op and c.error is None
+    c.result()[0].close()
+    client.close()
+    lsock.close()
+
+
+def test_close_with_a_multishot_accept_outstanding_returns_everything_once():
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=16)
+    p = fastiocp.CompletionPort(backend="iocp")
+    p.register(lsock)
+    op = p.accept(lsock, multishot=True)
+    clients = [socket.create_connection(lsock.getsockname()) for _ in range(3)]
+    got = collect(p, 3)
+    assert all(c.more for c in got)
+    t0 = time.monotonic()
+    p.close()
+    assert time.monotonic() - t0 < 5
+    assert op.done and op.cancelled and not op.more and p.pending == 0
+    for c in got:
+        c.result()[0].close()
+    for cl in clients:
+        cl.close()
+    lsock.close()
+
+
+def test_multishot_accept_on_a_listener_closed_under_it_ends_it(port):
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=16)
+    port.register(lsock)
+    op = port.accept(lsock, multishot=True)
+    assert port.get(timeout=0.05) is None
+    lsock.close()
+    c = one(port)
+    assert c is op and not c.more and isinstance(c.error, OSError)
+
+
+@pytest.mark.skipif(UNDER_WINE, reason="Wine 8's AcceptEx on a socket that does not listen waits "
+                    "instead of failing with WSAEINVAL")
+def test_multishot_accept_on_a_socket_not_listening_fails_in_its_completion(port):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        port.register(s)
+        op = port.accept(s, multishot=True)
+        c = one(port)
+        assert c is op and not c.more and isinstance(c.error, OSError) and not c.cancelled
+    finally:
+        s.close()
+
+
+def test_pooled_recv_timeout_holds_no_buffer(port, tcp_pair):
+    a, b = tcp_pair
+    pool = fastiocp.BufferPool(16, 1)
+    port.register(a)
+    op = port.recv(a, pool, timeout=0.05)
+    c = one(port)
+    assert c is op and isinstance(c.error, TimeoutError) and c.buffer is None
+    assert pool.in_use == 0
+    b.sendall(b"later")
+    op = port.recv(a, pool, timeout=5)
+    c = one(port)
+    assert bytes(c.buffer) == b"later"
+    c.release()
+
+
+# Pooled receives and multishot accepts started, and started again, by
+# threads that exit (see test_iocp.py's tests of exited threads: Wine
+# completes their socket requests with STATUS_ALERTED, and the backend
+# starts a receive again or checks an accept for a peer). A multishot
+# operation's next request is started by the thread that dequeued its last
+# result: here each result is taken by a thread that exits at once.
+
+
+def _in_exiting_thread(fn):
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_pooled_receives_from_exited_threads(port, tcp_pair):
+    a, b = tcp_pair
+    pool = fastiocp.BufferPool(64, 4)
+    port.register(a)
+    for i in range(30):
+        op = _in_exiting_thread(lambda: port.recv(a, pool))
+        b.sendall(b"r%d" % i)
+        c = one(port)
+        assert c is op and bytes(c.buffer) == b"r%d" % i, c.error
+        c.release()
+    op = _in_exiting_thread(lambda: port.recv(a, pool, multishot=True))
+    for i in range(30):
+        b.sendall(b"m%d" % i)
+        c = _in_exiting_thread(lambda: port.get(timeout=10))
+        assert c is not None and c.more and bytes(c.buffer) == b"m%d" % i, c and c.error
+        c.release()
+    op.cancel()
+    assert one(port) is op and op.cancelled and pool.in_use == 0
+
+
+def test_multishot_accept_from_exited_threads(port):
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=64)
+    with lsock:
+        port.register(lsock)
+        op = _in_exiting_thread(lambda: port.accept(lsock, multishot=True))
+        for _ in range(30):
+            client = socket.create_connection(lsock.getsockname())
+            c = _in_exiting_thread(lambda: port.get(timeout=10))
+            assert c is not None and c.more and c.error is None, c and c.error
+            conn, addr = c.result()
+            assert addr == client.getsockname() == conn.getpeername()
+            conn.close()
+            client.close()
+        assert op.cancel() is True
+        assert collect(port, 1) == [op] and op.cancelled
+
+
+def test_pooled_and_multishot_cycles_leak_nothing(port):
+    """Handles (AcceptEx's pre-created sockets) and memory (children and
+    their extensions) stay flat over many multishot operations."""
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=64)
+    client, server = loopback_tcp_pair()
+    pool = fastiocp.BufferPool(64, 4)
+    port.register(lsock)
+    port.register(server)
+
+    def cycles(n):
+        for _ in range(n):
+            acc = port.accept(lsock, multishot=True)
+            rec = port.recv(server, pool, multishot=True)
+            client.sendall(b"x")
+            got = collect(port, 1)[0]
+            assert got.more and bytes(got.buffer) == b"x"
+            got.release()
+            acc.cancel()
+            rec.cancel()
+            collect(port, 2)
+
+    try:
+        assert_no_growth(cycles, 20, 200)
+        assert pool.in_use == 0 and port.pending == 0
+    finally:
+        lsock.close()
+        client.close()
+        server.close()
+
+
+def test_multishot_accept_cancelled_mid_stream_loses_no_connection(port):
+    """Four threads dequeue while 40 connections arrive and the multishot
+    accept is cancelled half way: each connection is accepted exactly once,
+    by a child or, after the end, by plain accepts (a connection that an
+    AcceptEx had taken when the cancel came is a child, not lost)."""
+    n = 40
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=n)
+    port.register(lsock)
+    op = port.accept(lsock, multishot=True)
+    got: list = []
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            c = port.get(timeout=10)
+            if c is None or c.key == "stop":
+                return
+            with lock:
+                got.append(c)
+            if c is op:
+                for _ in range(3):
+                    port.post(key="stop")
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    clients = []
+    try:
+        for i in range(n):
+            clients.append(socket.create_connection(lsock.getsockname()))
+            if i == n // 2:
+                op.cancel()
+        for t in threads:
+            t.join(30)
+        assert sum(c is op for c in got) == 1 and op.cancelled and not op.more
+        children = [c for c in got if c is not op]
+        assert all(c.more and c.error is None for c in children)
+        peers = [c.result()[1] for c in children]
+        for c in children:
+            c.result()[0].close()
+        lsock.settimeout(5)
+        while len(peers) < n:
+            conn, addr = lsock.accept()
+            peers.append(addr)
+            conn.close()
+        assert sorted(peers) == sorted(cl.getsockname() for cl in clients)
+    finally:
+        for cl in clients:
+            cl.close()
+        lsock.close()

@@ -34,11 +34,10 @@ WINDOWS = sys.platform == "win32"
 # Largest batch one select() dequeues.
 BATCH = 256
 # The loop's receive pool (issue 18): its socket transports with a plain
-# Protocol receive through one multishot pooled receive each, so an idle
-# connection pins no buffer and a busy one submits nothing per message.
-# 256 buffers of 64 KiB (uvloop reads into 64 KiB too): 16 MiB of address
-# space, resident only as buffers are used. FASTIOCP_LOOP_POOL=0 turns it
-# off (each transport then receives into a 64 KiB buffer of its own).
+# Protocol receive into one pool instead of a 64 KiB buffer each, so an
+# idle connection pins no receive buffer. 256 buffers of 64 KiB (uvloop
+# reads into 64 KiB too): 16 MiB of address space, resident only as
+# buffers are used. FASTIOCP_LOOP_POOL=0 turns it off.
 POOL_BUFFER_SIZE = 64 * 1024
 POOL_BUFFERS = 256
 
@@ -255,13 +254,13 @@ class PortProactor:
         return self._port.recv(conn, buf, context=callback)
 
     def recv_pooled(self, conn: Any, callback: Callable[[Completion], Any]) -> Completion:
-        """A multishot receive into the loop's buffer pool: select() calls
-        callback(completion) for each result (completion.more) and for the
-        last, the Completion returned here. conn must be registered."""
+        """A receive into the loop's buffer pool (a buffer is taken only
+        when data is there); select() calls callback(completion) when it is
+        done. conn must be registered."""
         pool = self._pool
         if pool is None:
             pool = self._pool = BufferPool(POOL_BUFFER_SIZE, POOL_BUFFERS)
-        return self._port.recv(conn, pool, context=callback, multishot=True)
+        return self._port.recv(conn, pool, context=callback)
 
     def again(self, op: Completion) -> Completion:
         """Starts a finished direct operation again, the same way (same

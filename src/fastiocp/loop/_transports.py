@@ -9,8 +9,8 @@ Where they depart from asyncio.proactor_events, each in a mixin below:
 - _ReceivesBytes: data_received() gets bytes on every version.
 - _ReadsDirect: socket receives without a Future, their common case in C
   (csrc/loop/transport.c); a BufferedProtocol is received into straight;
-  a plain Protocol through one multishot receive into the loop's buffer
-  pool (issue 18), paused by cancelling it.
+  a plain Protocol through pooled receives (issue 18): no buffer of its
+  own.
 - _FlushesOnClose: close() with writes pending lets them, and what the
   protocol writes meanwhile, go out first.
 - Read pipes close at end of file on POSIX, as the selector loop's do."""
@@ -24,7 +24,7 @@ import sys
 from asyncio import base_events, proactor_events, protocols
 from typing import Any
 
-from .._fastiocp import _ReadLoop, _SocketWrite
+from .._fastiocp import PooledBuffer, _ReadLoop, _SocketWrite
 
 
 # Server._attach/_detach take the transport since 3.13 (the server keeps its
@@ -131,13 +131,16 @@ class _ReadsDirect:
     new protocol as the stdlib hands over data.
 
     A plain Protocol, when the loop's proactor has its buffer pool on (the
-    default), is received into the pool instead, by one multishot receive:
-    its results come in order to _pooled_reading (the common case to C),
-    each copied into bytes and its buffer given back at once, so an idle
-    connection holds no buffer and a busy one submits nothing per message.
-    pause_reading() cancels that receive; what still arrives, and what
-    arrived before, waits in _held_chunks (b"": the end of the stream) for
-    resume_reading(), which hands it over before any newer data."""
+    default), receives into the loop's BufferPool instead of a buffer of
+    its own (issue 18): a pending receive holds no buffer, so an idle
+    connection costs no receive buffer. Its results go to _pooled_reading
+    (the common case to C); each is copied into bytes and its buffer given
+    back at once. One receive at a time, started again before the protocol
+    sees the data, as above: a multishot receive would read on while the
+    protocol has not run, which is not the flow control asyncio programs
+    (and CPython's tests) expect. Data and the end of the stream that come
+    while paused wait in _held_chunks for resume_reading().
+    """
 
     _closing: bool
     _paused: bool
@@ -152,9 +155,8 @@ class _ReadsDirect:
     _buffer_owner: Any = None
     _held: Any = None
     _reader: Any = None
-    # The pending receive is the pooled multishot one; data of it waiting
-    # for resume_reading() (a deque), or None.
-    _read_pooled: bool = False
+    # Data of pooled receives waiting for resume_reading() (a deque; b"":
+    # end of stream), or None.
     _held_chunks: Any = None
 
     def _loop_reading(self, fut: Any = None) -> None:
@@ -240,43 +242,45 @@ class _ReadsDirect:
             else:
                 self._read_fut = proactor.recv_direct(self._sock, buf, self._reader)
             self._buffer_owner = proto
-            self._read_pooled = False
         elif proactor.pooled:
-            self._read_fut = proactor.recv_pooled(self._sock, self._reader)
-            self._read_pooled = True
+            if done is not None and type(done.buffer) is PooledBuffer:
+                self._read_fut = proactor.again(done)  # the pool again
+            else:
+                self._read_fut = proactor.recv_pooled(self._sock, self._reader)
         elif done is not None and done.buffer is self._data:
             self._read_fut = proactor.again(done)  # same buffer, same callback
         else:
             self._read_fut = proactor.recv_direct(self._sock, self._data, self._reader)
 
     def _pooled_reading(self, c: Any) -> None:
-        """A result of the pooled multishot receive: one with data
-        (c.more), or the last, which ends it (end of stream, an error, a
-        cancel by pause_reading() or close(), an empty pool). _ReadLoop
-        hands the common case (data, not closing, not paused, a plain
-        Protocol, nothing held) to the protocol itself."""
+        """A pooled receive finished. _ReadLoop hands the common case (data,
+        not closing, not paused, a plain Protocol, nothing held) to the
+        protocol itself."""
         data = bytes(c.buffer) if c.nbytes and c.error is None else None
         c.release()
-        ended = not c.more
-        current = self._read_fut is c
-        if ended and current:
-            self._read_fut = None
+        if self._read_fut is not c:
+            return  # cancelled by close(), or no longer ours
+        self._read_fut = None
         if self._closing:
             return  # data read from now on is dropped
-        if data is not None:
-            self._pass_on(data)
-        if not ended:
-            return
         err = c.error
-        if err is None and not c.nbytes:
+        if err is not None:
+            if c.cancelled:
+                return
+            if err.errno in _ENOBUFS:
+                # Every buffer was in use when data came: nothing was read.
+                self._start_receive()
+            else:
+                self._read_failed(err)
+            return
+        if data is None:
             self._pass_on(b"")  # end of stream
-        elif err is None or c.cancelled or err.errno in _ENOBUFS:
-            # The kernel ended it after data, pause_reading() cancelled it,
-            # or the pool was empty when data came (nothing was read):
-            # receive again unless paused or another receive is pending.
-            self._start_receive()
-        elif current:
-            self._read_failed(err)
+            return
+        try:
+            self._start_receive(c)  # before the protocol sees the data
+        except OSError as exc:
+            self._read_failed(exc)
+        self._pass_on(data)
 
     def _pass_on(self, data: bytes) -> None:
         """data (b"": end of stream) to the protocol, or held while paused
@@ -287,15 +291,6 @@ class _ReadsDirect:
             self._held_chunks.append(data)
         else:
             self._data_received(data, len(data))  # type: ignore[attr-defined]
-
-    def pause_reading(self) -> None:
-        super().pause_reading()  # type: ignore[misc]
-        fut = self._read_fut
-        if self._paused and self._read_pooled and fut is not None:
-            # A multishot receive would go on reading: stop it. What it
-            # delivers until its last result is held.
-            self._read_fut = None
-            fut.cancel()
 
     def resume_reading(self) -> None:
         super().resume_reading()  # type: ignore[misc]
