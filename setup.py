@@ -18,6 +18,7 @@ BINDING = [
     "csrc/binding/thread_state.c",
     "csrc/binding/completion.c",
     "csrc/binding/message.c",
+    "csrc/binding/pool.c",
     "csrc/binding/sockaddr.c",
     "csrc/binding/filehandle.c",
 ]

@@ -21,6 +21,7 @@
  *                   concurrency slots a thread holds
  *   completion.c    the Completion type, its free list, finishing an
  *                   operation into it
+ *   pool.c          BufferPool and PooledBuffer: pooled receives' buffers
  *   message.c       sendmsg/recvmsg: the pinned buffer vector and the
  *                   ancillary data, packed and parsed
  *   sockaddr.c      Python addresses <-> sockaddr
@@ -150,11 +151,29 @@ typedef struct {
   fiocp_handle_t handle; /* the handle of its last submission (resubmit) */
   Py_buffer view;     /* exported while in flight */
   fb_msgbufs_t* msg;  /* sendmsg/recvmsg while in flight, else NULL */
+  /* A pooled receive's BufferPool (a strong reference, kept for the
+   * Completion's life: a multishot's children still name the pool after
+   * its last result was finished), else NULL. */
+  PyObject* pool;
   uint8_t kind;
   uint8_t pinned;
   uint8_t done;
   uint8_t cancelled;
+  uint8_t flags;      /* FIOCP_OPF_POOLED / MULTISHOT / ZEROCOPY asked for */
+  uint8_t more;       /* a multishot's result that is not its last */
 } CompletionObject;
+
+/* A BufferPool (pool.c). */
+typedef struct BufferPoolObject {
+  PyObject_HEAD
+  fiocp_pool_t pool;
+  /* The port it is registered with (borrowed: the port forgets its pools
+   * before it is freed), or NULL. */
+  struct CompletionPortObject* port;
+  Py_ssize_t in_use;  /* buffers handed out and not given back */
+  uint8_t leaked;     /* its port was leaked at close: keep the memory */
+  PyObject* weakreflist;
+} BufferPoolObject;
 
 typedef struct CompletionPortObject {
   PyObject_HEAD
@@ -177,6 +196,8 @@ typedef struct CompletionPortObject {
   uint8_t destroy_pending;  /* destroy when the last thread leaves */
   uint8_t leaked;
   uint8_t emulate_slots;    /* concurrency > 0 on a backend with release() */
+  BufferPoolObject** pools; /* registered (pool_add), borrowed; few */
+  int npools, pools_cap;
   unsigned long fork_gen;   /* fb_fork_generation when created */
   PyObject* weakreflist;
 #ifdef Py_GIL_DISABLED
@@ -243,12 +264,16 @@ void fb_track_if_needed(CompletionObject* c, PyObject* ref);
 CompletionObject* fb_Completion_create(uint8_t kind, PyObject* key,
                                        PyObject* context);
 /* Finishes a dequeued record: its Completion, filled in, and the port's
- * reference to it, now the caller's. */
+ * reference to it, now the caller's. A multishot's child gets a new
+ * Completion (NULL when there was no memory for it: its buffer or socket
+ * was given back). */
 CompletionObject* fb_finish_op(CompletionPortObject* self, fiocp_op_t* rec);
 /* The same for n records, their Completions into out[] (the port's
- * references, now the caller's), taking the port lock once. */
-void fb_finish_ops(CompletionPortObject* self, fiocp_op_t** recs, int n,
-                   PyObject** out);
+ * references, now the caller's), taking the port lock once. Returns how
+ * many Completions it put in out[]: n, less any child left out for want
+ * of memory. */
+int fb_finish_ops(CompletionPortObject* self, fiocp_op_t** recs, int n,
+                  PyObject** out);
 
 /* ======================================================================
  * CompletionPort (port.c)
@@ -280,6 +305,35 @@ PyObject* fb_port_cancel_completion(CompletionPortObject* self,
 /* CompletionPort.flush(). */
 PyObject* fb_CompletionPort_flush(CompletionPortObject* self,
                                   PyObject* Py_UNUSED(ignored));
+
+/* The most one operation moves. */
+#define FB_MAX_TRANSFER 0x7ffff000u
+
+/* Registers pool with self (pool_add) unless it already is. Returns 0, or
+ * -1 with ValueError (registered with another port) or the backend's
+ * error. Port lock held. */
+int fb_port_use_pool(CompletionPortObject* self, BufferPoolObject* pool);
+/* Unregisters pool from self (pool_remove while the backend lives).
+ * Port lock held. */
+void fb_port_forget_pool(CompletionPortObject* self, BufferPoolObject* pool);
+
+/* ======================================================================
+ * Buffer pools (pool.c)
+ * ====================================================================== */
+
+extern PyTypeObject fb_BufferPoolType;
+extern PyTypeObject fb_PooledBufferType;
+
+/* The BufferPool whose fiocp_pool_t p is. */
+BufferPoolObject* fb_pool_from_c(fiocp_pool_t* p);
+/* Gives buffer id back to pool (its backend's pool_put while registered).
+ * GIL. */
+void fb_pool_give(BufferPoolObject* pool, uint32_t id);
+/* A PooledBuffer holding buffer id of pool, len bytes. */
+PyObject* fb_PooledBuffer_new(BufferPoolObject* pool, uint32_t id,
+                              Py_ssize_t len);
+/* PooledBuffer.release(): 0, or -1 with BufferError while exported. */
+int fb_PooledBuffer_release(PyObject* buf);
 
 /* ======================================================================
  * Per-thread state of a port (thread_state.c)

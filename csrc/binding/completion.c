@@ -25,6 +25,7 @@ static int Completion_traverse(CompletionObject* self, visitproc visit,
   Py_VISIT(self->buffer);
   Py_VISIT(self->error);
   Py_VISIT(self->extra);
+  Py_VISIT(self->pool);
   return 0;
 }
 
@@ -73,6 +74,7 @@ static void Completion_dealloc(CompletionObject* self) {
   self->msg = NULL;
   Completion_clear(self);
   Py_CLEAR(self->buffer);
+  Py_CLEAR(self->pool);
   if (completion_freelist_len < COMPLETION_FREELIST_MAX) {
     /* The key field links the free list: it is cleared above. */
     self->key = (PyObject*)completion_freelist;
@@ -122,10 +124,13 @@ CompletionObject* fb_Completion_create(uint8_t kind, PyObject* key,
   c->nbytes = 0;
   memset(&c->view, 0, sizeof(c->view));
   c->msg = NULL;
+  c->pool = NULL;
   c->kind = kind;
   c->pinned = 0;
   c->done = 0;
   c->cancelled = 0;
+  c->flags = 0;
+  c->more = 0;
   fb_track_if_needed(c, key);
   fb_track_if_needed(c, context);
   return c;
@@ -197,6 +202,25 @@ static PyObject* Completion_get_cancelled(CompletionObject* self, void* c) {
   return PyBool_FromLong(self->cancelled);
 }
 
+static PyObject* Completion_get_more(CompletionObject* self, void* c) {
+  (void)c;
+  return PyBool_FromLong(self->more);
+}
+
+static PyObject* Completion_release(CompletionObject* self,
+                                    PyObject* Py_UNUSED(ignored)) {
+  PyObject* buf;
+  if (!fb_done_load(self)) {
+    PyErr_SetString(fb_InvalidStateError,
+                    "the operation has not completed yet: nothing to release");
+    return NULL;
+  }
+  buf = self->buffer;
+  if (Py_IS_TYPE(buf, &fb_PooledBufferType) && fb_PooledBuffer_release(buf) < 0)
+    return NULL;
+  Py_RETURN_NONE;
+}
+
 static PyObject* Completion_get_address(CompletionObject* self, void* c) {
   (void)c;
   if (self->kind == FIOCP_OP_RECVFROM && self->extra != NULL) {
@@ -247,6 +271,12 @@ static PyGetSetDef Completion_getset[] = {
      NULL},
     {"cancelled", (getter)Completion_get_cancelled, NULL,
      "True if the operation ended because it was cancelled.", NULL},
+    {"more", (getter)Completion_get_more, NULL,
+     "True for a result of a multishot operation (recv or accept with "
+     "multishot=True) that is not its last: more results will come. The "
+     "last (more False) is the Completion the submit call returned; it "
+     "ends the operation (end of stream, an error, a cancel).",
+     NULL},
     {"address", (getter)Completion_get_address, NULL,
      "recvfrom: the sender's address; accept: the peer's address; else "
      "None.",
@@ -259,6 +289,11 @@ static PyMethodDef Completion_methods[] = {
      "read/write/recv/send/sendto: nbytes; recvfrom: (nbytes, address); "
      "accept: (socket, address); connect: None; post: nbytes. Raises "
      "InvalidStateError while the operation is still in flight."},
+    {"release", (PyCFunction)Completion_release, METH_NOARGS,
+     "release($self)\n--\n\nGive a pooled receive's buffer back to its "
+     "BufferPool now (buffer.release()); nothing for other completions. "
+     "Raises BufferError while a memoryview of the buffer is alive. The "
+     "buffer also goes back when it is collected."},
     {"cancel", (PyCFunction)Completion_cancel, METH_NOARGS,
      "cancel($self)\n--\n\nAsk the OS to cancel the operation. Returns True if a "
      "cancellation was requested, False if it had already completed. The "
@@ -294,7 +329,9 @@ static void close_handle(fiocp_handle_t h) {
 #endif
 }
 
-/* (socket, address) for an accepted connection whose handle is res. */
+/* (socket, address) for an accepted connection whose handle is res. A
+ * multishot accept's result may come without the peer's address (io_uring
+ * writes none per connection): it is asked for then. */
 static PyObject* make_accepted(fiocp_op_t* rec, int64_t res) {
   PyObject *kwargs, *empty, *sock, *addr;
   kwargs = Py_BuildValue("{sL}", "fileno", (long long)res);
@@ -306,7 +343,16 @@ static PyObject* make_accepted(fiocp_op_t* rec, int64_t res) {
     close_handle((fiocp_handle_t)res);
     return NULL;
   }
-  addr = fb_make_sockaddr(&rec->addr->ss, rec->addr->sslen);
+  if (rec->addr != NULL && rec->addr->sslen > 0) {
+    addr = fb_make_sockaddr(&rec->addr->ss, rec->addr->sslen);
+  } else {
+    addr = PyObject_CallMethod(sock, "getpeername", NULL);
+    if (addr == NULL && PyErr_ExceptionMatches(PyExc_OSError)) {
+      /* Already reset by the peer: the socket is still the result. */
+      PyErr_Clear();
+      addr = Py_NewRef(Py_None);
+    }
+  }
   if (addr == NULL) {
     Py_DECREF(sock); /* closes the handle */
     return NULL;
@@ -397,11 +443,42 @@ static void take_raised_error(CompletionObject* c) {
   Py_SETREF(c->error, value);
 }
 
-/* Fills the record's Completion from it (result, error, address, accepted
- * socket) and releases its buffer; the record itself is given back by
- * fb_finish_ops(). */
-static void finish_fill(fiocp_op_t* rec) {
-  CompletionObject* c = (CompletionObject*)rec->user;
+/* A pooled receive's result with data: its buffer becomes c.buffer (a
+ * PooledBuffer), or goes straight back to the pool if that cannot be
+ * made. */
+static void fill_pooled(fiocp_op_t* rec, CompletionObject* c, int64_t res) {
+  BufferPoolObject* pool = fb_pool_from_c(rec->pool);
+  PyObject* buf;
+  if (rec->offset < 0 || rec->offset >= (int64_t)rec->pool->count ||
+      res > (int64_t)rec->pool->size) {
+    /* A backend's bug, not the user's: say so rather than read outside
+     * the pool. */
+    PyErr_Format(PyExc_SystemError,
+                 "pooled receive completed with buffer id %lld and %lld bytes "
+                 "(pool of %u x %u)",
+                 (long long)rec->offset, (long long)res, rec->pool->count,
+                 rec->pool->size);
+    take_raised_error(c);
+    c->nbytes = 0;
+    return;
+  }
+  buf = fb_PooledBuffer_new(pool, (uint32_t)rec->offset, (Py_ssize_t)res);
+  if (buf == NULL) {
+    /* No memory for the object: the data is lost with its buffer, and the
+     * completion says why. */
+    fb_pool_give(pool, (uint32_t)rec->offset);
+    take_raised_error(c);
+    c->nbytes = 0;
+    return;
+  }
+  Py_SETREF(c->buffer, buf);
+}
+
+/* Fills c from its record rec (result, error, address, accepted socket,
+ * pooled buffer) and releases its buffer; the record itself is given back
+ * by fb_finish_ops(). c is rec's Completion, or the new one of a
+ * multishot's child. */
+static void finish_fill(fiocp_op_t* rec, CompletionObject* c) {
   int64_t res = rec->res;
   if (res < 0) {
     Py_SETREF(c->error, fb_make_code_error(res));
@@ -471,8 +548,13 @@ static void finish_fill(fiocp_op_t* rec) {
         break;
       default:
         c->nbytes = (Py_ssize_t)res;
+        if (res > 0 && (rec->flags & FIOCP_OPF_POOLED))
+          fill_pooled(rec, c, res);
     }
   }
+  if ((rec->flags & FIOCP_OPF_POOLED) && c->buffer == c->pool)
+    /* No data: the pool was only the operation's while it waited. */
+    Py_SETREF(c->buffer, Py_NewRef(Py_None));
   fb_msgbufs_free(c->msg);
   c->msg = NULL;
   if (c->nbytes != 0) set_nbytes_obj(c);
@@ -484,45 +566,172 @@ static void finish_fill(fiocp_op_t* rec) {
   fb_track_if_needed(c, c->extra);
 }
 
+/* A multishot's child: a new Completion for it, from its parent's key,
+ * context and pool, marked "more". NULL (nothing to report) only when
+ * memory ran out: its resources are given back. The record is freed by
+ * finish_release(). */
+static CompletionObject* finish_child_fill(fiocp_op_t* rec) {
+  CompletionObject* parent = (CompletionObject*)rec->user;
+  CompletionObject* c =
+      fb_Completion_create(rec->kind, parent->key, parent->context);
+  if (c == NULL) {
+    PyErr_Clear();
+    if (rec->res > 0 && (rec->flags & FIOCP_OPF_POOLED) && rec->offset >= 0)
+      fb_pool_give(fb_pool_from_c(rec->pool), (uint32_t)rec->offset);
+    else if (rec->res >= 0 && rec->kind == FIOCP_OP_ACCEPT)
+      close_handle((fiocp_handle_t)rec->res);
+    return NULL;
+  }
+  c->handle = parent->handle;
+  c->flags = parent->flags;
+  c->more = 1;
+  if (parent->pool != NULL) {
+    c->pool = Py_NewRef(parent->pool);
+    Py_SETREF(c->buffer, Py_NewRef(parent->pool));
+  }
+  finish_fill(rec, c);
+  return c;
+}
+
 /* Gives rec back to the port's allocator and marks its Completion no longer
- * in flight. Port lock held. */
+ * in flight. A child is freed instead, and a multishot record given back
+ * only with its last reference: then *unref is the Completion whose
+ * children's reference the caller drops (after the lock). Returns the
+ * Completion to hand out (NULL for a child that could not be reported).
+ * Port lock held. */
 static CompletionObject* finish_release(CompletionPortObject* self,
-                                        fiocp_op_t* rec) {
+                                        fiocp_op_t* rec,
+                                        CompletionObject* child,
+                                        CompletionObject** unref) {
   CompletionObject* c = (CompletionObject*)rec->user;
+  fiocp_op_t* parent = rec;
+  *unref = NULL;
+  if (rec->flags & FIOCP_OPF_CHILD) {
+    parent = rec->parent;
+    if (fiocp__child_free(rec) != 0) return child;
+    /* The parent's last result was finished before this child. */
+    *unref = c;
+    parent->state = FIOCP_ST_FREE;
+    fiocp__op_free(self->port, parent);
+    return child;
+  }
   c->rec = NULL;
   c->port = NULL;
+  if ((rec->flags & FIOCP_OPF_MULTISHOT) && fiocp__op_unref(rec) != 0) {
+    /* Children still on their way: they read c, which stays alive. */
+    rec->state = FIOCP_ST_LINGER;
+    return c;
+  }
+  if (rec->flags & FIOCP_OPF_MULTISHOT) *unref = c;
   rec->state = FIOCP_ST_FREE;
   fiocp__op_free(self->port, rec);
   return c;
 }
 
-void fb_finish_ops(CompletionPortObject* self, fiocp_op_t** recs, int n,
-                   PyObject** out) {
+/* The multishot Completions whose children's reference a batch drops
+ * once its records are back: rare (one per multishot operation), so a
+ * small array on the stack, grown only if needed. */
+typedef struct {
+  CompletionObject** items;
+  int n, cap;
+  CompletionObject* small[8];
+} unref_list_t;
+#define unref_list_init NULL, 0, 8
+
+static void unref_push(unref_list_t* l, CompletionObject* c) {
+  if (l->items == NULL) l->items = l->small;
+  if (l->n == l->cap) {
+    CompletionObject** more = (CompletionObject**)PyMem_Malloc(
+        (size_t)l->cap * 2 * sizeof(*more));
+    if (more == NULL) {
+      /* Out of memory: drop it now rather than leak it. */
+      Py_DECREF(c);
+      return;
+    }
+    memcpy(more, l->items, (size_t)l->n * sizeof(*more));
+    if (l->items != l->small) PyMem_Free(l->items);
+    l->items = more;
+    l->cap *= 2;
+  }
+  l->items[l->n++] = c;
+}
+
+static void unref_drop_all(unref_list_t* l) {
   int i;
+  for (i = 0; i < l->n; i++) Py_DECREF(l->items[i]);
+  if (l->items != l->small && l->items != NULL) PyMem_Free(l->items);
+}
+
+/* The Completions a batch hands out: children are new objects and do
+ * not count as pending; a child that could not be reported (no memory)
+ * leaves no entry. Returns how many went to out[]. */
+int fb_finish_ops(CompletionPortObject* self, fiocp_op_t** recs, int n,
+                  PyObject** out) {
+  int i, nout = 0, nparents = 0;
+  unref_list_t unref = {unref_list_init};
 #ifdef Py_GIL_DISABLED
-  /* Until the lock below the records are this thread's alone (dequeued):
-   * the results are built without it (they may run Python code: accept
-   * makes a socket object). Giving the records back, and the Completions'
-   * in-flight fields, are the port's bookkeeping: one lock for the batch. */
-  for (i = 0; i < n; i++) finish_fill(recs[i]);
+  /* Until the lock the records are this thread's alone (dequeued): the
+   * results are built without it (they may run Python code: accept makes
+   * a socket object). Giving the records back, and the Completions'
+   * in-flight fields, are the port's bookkeeping: one lock for the
+   * batch. */
+  for (i = 0; i < n; i++) {
+    if (recs[i]->flags & FIOCP_OPF_CHILD) {
+      out[i] = (PyObject*)finish_child_fill(recs[i]);
+    } else {
+      finish_fill(recs[i], (CompletionObject*)recs[i]->user);
+      out[i] = NULL;
+      nparents++;
+    }
+  }
   FB_LOCK(self);
-  for (i = 0; i < n; i++) out[i] = (PyObject*)finish_release(self, recs[i]);
-  self->pending -= n;
+  for (i = 0; i < n; i++) {
+    CompletionObject* u;
+    CompletionObject* c =
+        finish_release(self, recs[i], (CompletionObject*)out[i], &u);
+    if (u != NULL) unref_push(&unref, u);
+    if (c != NULL) out[nout++] = (PyObject*)c;
+  }
+  self->pending -= nparents;
   FB_UNLOCK(self);
-  for (i = 0; i < n; i++) fb_done_store((CompletionObject*)out[i], 1);
+  for (i = 0; i < nout; i++) fb_done_store((CompletionObject*)out[i], 1);
 #else
   /* The GIL covers both steps: one pass over the records. */
   for (i = 0; i < n; i++) {
-    finish_fill(recs[i]);
-    out[i] = (PyObject*)finish_release(self, recs[i]);
-    ((CompletionObject*)out[i])->done = 1;
+    fiocp_op_t* rec = recs[i];
+    CompletionObject *c, *u = NULL;
+    if (rec->flags & (FIOCP_OPF_CHILD | FIOCP_OPF_MULTISHOT)) {
+      CompletionObject* child = NULL;
+      int is_child = (rec->flags & FIOCP_OPF_CHILD) != 0;
+      if (is_child)
+        child = finish_child_fill(rec);
+      else
+        finish_fill(rec, (CompletionObject*)rec->user);
+      c = finish_release(self, rec, child, &u); /* frees a child's rec */
+      if (u != NULL) unref_push(&unref, u);
+      if (!is_child) nparents++;
+      if (c == NULL) continue;
+    } else {
+      c = (CompletionObject*)rec->user;
+      finish_fill(rec, c);
+      c->rec = NULL;
+      c->port = NULL;
+      rec->state = FIOCP_ST_FREE;
+      fiocp__op_free(self->port, rec);
+      nparents++;
+    }
+    c->done = 1;
+    out[nout++] = (PyObject*)c;
   }
-  self->pending -= n;
+  self->pending -= nparents;
 #endif
+  /* Finalizers may run now that the records are back. */
+  unref_drop_all(&unref);
+  return nout;
 }
 
 CompletionObject* fb_finish_op(CompletionPortObject* self, fiocp_op_t* rec) {
   PyObject* c;
-  fb_finish_ops(self, &rec, 1, &c);
+  if (fb_finish_ops(self, &rec, 1, &c) == 0) return NULL;
   return (CompletionObject*)c;
 }

@@ -46,6 +46,10 @@ void fb_set_closed_error(void) {
 #define TIMEOUT_MESSAGE \
   "the operation timed out (its timeout expired and the port cancelled it)"
 
+#define ENOBUFS_MESSAGE                                                     \
+  "the buffer pool had no free buffer when data arrived: nothing was read; " \
+  "release buffers, then receive again"
+
 /* Raises the exception for a negative fiocp code. Returns NULL. */
 PyObject* fb_set_code_error(int64_t code) {
   if (code == FIOCP_ECLOSED) {
@@ -64,6 +68,17 @@ PyObject* fb_set_code_error(int64_t code) {
 #endif
     if (args != NULL) {
       PyErr_SetObject(PyExc_TimeoutError, args);
+      Py_DECREF(args);
+    }
+  } else if (code == FIOCP_ENOBUFS) {
+    /* errno.ENOBUFS as Python spells it on each platform. */
+#ifdef _WIN32
+    PyObject* args = Py_BuildValue("(is)", WSAENOBUFS, ENOBUFS_MESSAGE);
+#else
+    PyObject* args = Py_BuildValue("(is)", ENOBUFS, ENOBUFS_MESSAGE);
+#endif
+    if (args != NULL) {
+      PyErr_SetObject(PyExc_OSError, args);
       Py_DECREF(args);
     }
   } else if (code == FIOCP_EOWNHANDLE) {
@@ -244,7 +259,9 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
   }
   if (PyType_Ready(&fb_CompletionType) < 0 || PyType_Ready(&fb_BatchType) < 0 ||
       PyType_Ready(&fb_ThreadSlotsType) < 0 || PyType_Ready(&fb_FileHandleType) < 0 ||
-      PyType_Ready(&fb_CompletionPortType) < 0)
+      PyType_Ready(&fb_CompletionPortType) < 0 ||
+      PyType_Ready(&fb_BufferPoolType) < 0 ||
+      PyType_Ready(&fb_PooledBufferType) < 0)
     return NULL;
   for (i = 0; i < FIOCP_OP__COUNT; i++) {
     if (fb_kind_names[i] == NULL) {
@@ -320,6 +337,18 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
     Py_DECREF(&fb_FileHandleType);
     goto fail;
   }
+  Py_INCREF(&fb_BufferPoolType);
+  if (PyModule_AddObject(m, "BufferPool", (PyObject*)&fb_BufferPoolType) < 0) {
+    Py_DECREF(&fb_BufferPoolType);
+    goto fail;
+  }
+  Py_INCREF(&fb_PooledBufferType);
+  if (PyModule_AddObject(m, "PooledBuffer", (PyObject*)&fb_PooledBufferType) <
+      0) {
+    Py_DECREF(&fb_PooledBufferType);
+    goto fail;
+  }
+  if (PyModule_AddIntConstant(m, "POOL_MAX", FIOCP_POOL_MAX) < 0) goto fail;
   if (fb_loop_init(m) < 0) goto fail;
   return m;
 fail:

@@ -11,7 +11,7 @@
 
 /* Longest single transfer: what Linux does in one read()/write() call.
  * Larger buffers complete short, which callers must handle anyway. */
-#define MAX_TRANSFER 0x7ffff000u
+#define MAX_TRANSFER FB_MAX_TRANSFER
 
 /* How long close() waits for cancelled operations to come back. */
 #define CLOSE_TIMEOUT_MS 10000
@@ -45,11 +45,75 @@ int fb_port_owns_backend(CompletionPortObject* p) {
          p->fork_gen == fb_fork_generation;
 }
 
+/* ======================================================================
+ * CompletionPort: buffer pools
+ * ====================================================================== */
+
+int fb_port_use_pool(CompletionPortObject* self, BufferPoolObject* pool) {
+  int rc;
+  if (pool->port == self) return 0;
+  if (pool->port != NULL) {
+    PyErr_SetString(PyExc_ValueError,
+                    "this BufferPool is registered with another "
+                    "CompletionPort: a pool serves one port until that port "
+                    "is closed");
+    return -1;
+  }
+  if (self->npools == self->pools_cap) {
+    int cap = self->pools_cap ? 2 * self->pools_cap : 4;
+    BufferPoolObject** p = (BufferPoolObject**)PyMem_RawRealloc(
+        self->pools, (size_t)cap * sizeof(*p));
+    if (p == NULL) {
+      PyErr_NoMemory();
+      return -1;
+    }
+    self->pools = p;
+    self->pools_cap = cap;
+  }
+  if (self->backend->pool_add != NULL) {
+    rc = self->backend->pool_add(self->port, &pool->pool);
+    if (rc < 0) {
+      fb_set_code_error(rc);
+      return -1;
+    }
+  }
+  pool->pool.port = self->port;
+  pool->port = self;
+  self->pools[self->npools++] = pool;
+  return 0;
+}
+
+void fb_port_forget_pool(CompletionPortObject* self, BufferPoolObject* pool) {
+  int i;
+  for (i = 0; i < self->npools; i++) {
+    if (self->pools[i] != pool) continue;
+    self->pools[i] = self->pools[--self->npools];
+    if (self->port != NULL && !self->leaked &&
+        self->backend->pool_remove != NULL)
+      self->backend->pool_remove(self->port, &pool->pool);
+    break;
+  }
+  pool->pool.port = NULL;
+  pool->port = NULL;
+}
+
+/* Forgets every registered pool: before the backend is destroyed, or
+ * (leaked) so that the pools' memory is never freed under a kernel that
+ * may still write into it. Port lock held. */
+static void port_forget_pools(CompletionPortObject* self, int leaked) {
+  while (self->npools > 0) {
+    BufferPoolObject* pool = self->pools[self->npools - 1];
+    if (leaked) pool->leaked = 1;
+    fb_port_forget_pool(self, pool);
+  }
+}
+
 /* Runs backend->destroy once no thread is inside a GIL-free call. Port
  * lock held. */
 static void port_maybe_destroy(CompletionPortObject* self) {
   if (!self->destroy_pending || self->inside > 0) return;
   self->destroy_pending = 0;
+  port_forget_pools(self, 0);
   self->backend->destroy(self->port);
   fiocp__allocator_destroy(self->port);
   PyMem_RawFree(self->port);
@@ -88,6 +152,7 @@ static int port_close_impl(CompletionPortObject* self) {
      * simply left behind, and its completions no longer name the port. */
     self->leaked = 1;
     fiocp__foreach_owned(self->port, detach_completion, NULL);
+    port_forget_pools(self, 1);
     FB_UNLOCK(self);
     if (self->emulate_slots) fb_slot_release(self); /* forget this thread's */
     Py_XDECREF(handles);
@@ -108,8 +173,8 @@ static int port_close_impl(CompletionPortObject* self) {
   }
   while ((n = self->backend->drain(self->port, batch, 64)) > 0) {
     PyObject* done[64];
-    fb_finish_ops(self, batch, n, done);
-    for (i = 0; i < n; i++) Py_DECREF(done[i]);
+    int nout = fb_finish_ops(self, batch, n, done);
+    for (i = 0; i < nout; i++) Py_DECREF(done[i]);
   }
   Py_XDECREF(handles);
   FB_LOCK(self);
@@ -120,6 +185,7 @@ static int port_close_impl(CompletionPortObject* self) {
      * into freed memory. */
     self->leaked = 1;
     fiocp__foreach_owned(self->port, detach_completion, NULL);
+    port_forget_pools(self, 1);
     FB_UNLOCK(self);
     PyErr_WarnFormat(PyExc_ResourceWarning, 1,
                      "CompletionPort.close(): %lld operations did not come "
@@ -155,6 +221,20 @@ static void CompletionPort_dealloc(CompletionPortObject* self) {
   PyErr_Restore(type, value, tb);
   Py_CLEAR(self->handles);
   PyMem_RawFree(self->batches);
+  /* Pools still registered (a port never initialized or closed has none
+   * left; a forked child's copy may): they must not name a freed port. */
+#ifdef Py_GIL_DISABLED
+  PyMutex_Lock(&fb_detach_mu);
+#endif
+  while (self->npools > 0) {
+    BufferPoolObject* pool = self->pools[--self->npools];
+    pool->pool.port = NULL;
+    pool->port = NULL;
+  }
+#ifdef Py_GIL_DISABLED
+  PyMutex_Unlock(&fb_detach_mu);
+#endif
+  PyMem_RawFree(self->pools);
   Py_TYPE(self)->tp_free((PyObject*)self);
 }
 
@@ -395,6 +475,8 @@ enum { BUF_NONE, BUF_READ, BUF_WRITE };
  * finalizers must not run under the port lock. Port lock held. */
 static void take_back(CompletionPortObject* self, CompletionObject* c,
                       fiocp_op_t* rec) {
+  if (rec->flags & FIOCP_OPF_MULTISHOT)
+    Py_DECREF(c); /* its children's; the caller still holds c */
   self->pending--;
   c->rec = NULL;
   c->port = NULL;
@@ -438,6 +520,18 @@ static fiocp_op_t* prepare_op(CompletionPortObject* self, CompletionObject* c,
   }
   rec->offset = offset;
   rec->user = (uintptr_t)c;
+  rec->flags = c->flags;
+  if (c->pool != NULL) {
+    rec->pool = &((BufferPoolObject*)c->pool)->pool;
+    rec->len = rec->pool->size;
+  }
+  if (c->flags & FIOCP_OPF_MULTISHOT) {
+    /* The record's own reference; each child the backend makes takes
+     * one more. c stays alive until the last is finished (its children
+     * read its key and context). */
+    rec->refs = 1;
+    Py_INCREF(c);
+  }
   rec->state = FIOCP_ST_INFLIGHT;
   c->rec = rec;
   c->port = self;
@@ -515,6 +609,8 @@ typedef struct {
   int msgflags;         /* sendmsg/recvmsg */
   fb_msgbufs_t* msg;    /* sendmsg/recvmsg: owned by submit_op() */
   PyObject* keep;       /* kept as Completion.buffer (borrowed) */
+  BufferPoolObject* pool; /* a pooled receive's pool (borrowed) */
+  uint8_t flags;        /* FIOCP_OPF_POOLED / MULTISHOT / ZEROCOPY */
 } op_extra_t;
 
 /* Raises NotImplementedError if the port's backend cannot do kind (or
@@ -584,6 +680,13 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
     Py_SETREF(c->buffer, Py_NewRef(ex->keep));
     fb_track_if_needed(c, ex->keep);
   }
+  if (ex != NULL) {
+    c->flags = ex->flags;
+    if (ex->pool != NULL) {
+      c->pool = Py_NewRef((PyObject*)ex->pool);
+      Py_SETREF(c->buffer, Py_NewRef((PyObject*)ex->pool));
+    }
+  }
   if (bufmode != BUF_NONE) {
     PyObject* obj = bufarg;
     if (bufmode == BUF_READ && PyLong_Check(bufarg)) {
@@ -631,6 +734,11 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
     }
     Py_SETREF(c->key, key); /* was None */
     fb_track_if_needed(c, key);
+  }
+  if (c->pool != NULL &&
+      fb_port_use_pool(self, (BufferPoolObject*)c->pool) < 0) {
+    FB_UNLOCK(self);
+    goto error;
   }
   rec = prepare_op(self, c, h, offset, needs_addr, address != NULL ? &ss : NULL,
                    sslen);
@@ -854,26 +962,61 @@ static PyObject* CompletionPort_write(CompletionPortObject* self, FASTARGS) {
                    OR_NONE(a[3]), exp);
 }
 
+/* A bool argument (absent: false). Returns 0/1, or -1 with an exception. */
+static int parse_flag(PyObject* obj) {
+  return obj == NULL ? 0 : PyObject_IsTrue(obj);
+}
+
 static PyObject* CompletionPort_recv(CompletionPortObject* self, FASTARGS) {
-  static const char* const names[] = {"sock", "buffer", "context", "timeout"};
-  static PyObject* interned[4];
-  PyObject* a[4];
+  static const char* const names[] = {"sock", "buffer", "context", "timeout",
+                                      "multishot"};
+  static PyObject* interned[5];
+  PyObject* a[5];
   op_extra_t ex, *exp;
-  if (parse_args("recv", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
-      timeout_extra(a[3], &ex, &exp) < 0)
+  int multishot;
+  if (parse_args("recv", args, nargs, kwnames, names, interned, 5, 2, a) < 0 ||
+      timeout_extra(a[3], &ex, &exp) < 0 || (multishot = parse_flag(a[4])) < 0)
     return NULL;
+  if (Py_IS_TYPE(a[1], &fb_BufferPoolType)) {
+    /* A pooled receive: the buffer is taken from the pool only once data
+     * is there. */
+    if (exp == NULL) memset(&ex, 0, sizeof(ex));
+    if (multishot && ex.timeout_ns != 0) {
+      PyErr_SetString(PyExc_ValueError,
+                      "recv(multishot=True) takes no timeout: cancel() ends it");
+      return NULL;
+    }
+    ex.pool = (BufferPoolObject*)a[1];
+    ex.len = ex.pool->pool.size;
+    ex.flags = (uint8_t)(FIOCP_OPF_POOLED | (multishot ? FIOCP_OPF_MULTISHOT : 0));
+    return submit_op(self, FIOCP_OP_RECV, a[0], NULL, BUF_NONE, 0, NULL,
+                     OR_NONE(a[2]), &ex);
+  }
+  if (multishot) {
+    PyErr_SetString(PyExc_ValueError,
+                    "recv(multishot=True) needs a BufferPool as its buffer: "
+                    "each result takes a buffer of the pool");
+    return NULL;
+  }
   return submit_op(self, FIOCP_OP_RECV, a[0], a[1], BUF_READ, 0, NULL,
                    OR_NONE(a[2]), exp);
 }
 
 static PyObject* CompletionPort_send(CompletionPortObject* self, FASTARGS) {
-  static const char* const names[] = {"sock", "data", "context", "timeout"};
-  static PyObject* interned[4];
-  PyObject* a[4];
+  static const char* const names[] = {"sock", "data", "context", "timeout",
+                                      "zerocopy"};
+  static PyObject* interned[5];
+  PyObject* a[5];
   op_extra_t ex, *exp;
-  if (parse_args("send", args, nargs, kwnames, names, interned, 4, 2, a) < 0 ||
-      timeout_extra(a[3], &ex, &exp) < 0)
+  int zerocopy;
+  if (parse_args("send", args, nargs, kwnames, names, interned, 5, 2, a) < 0 ||
+      timeout_extra(a[3], &ex, &exp) < 0 || (zerocopy = parse_flag(a[4])) < 0)
     return NULL;
+  if (zerocopy) {
+    if (exp == NULL) memset(&ex, 0, sizeof(ex));
+    ex.flags = FIOCP_OPF_ZEROCOPY;
+    exp = &ex;
+  }
   return submit_op(self, FIOCP_OP_SEND, a[0], a[1], BUF_WRITE, 0, NULL,
                    OR_NONE(a[2]), exp);
 }
@@ -905,13 +1048,26 @@ static PyObject* CompletionPort_sendto(CompletionPortObject* self, FASTARGS) {
 }
 
 static PyObject* CompletionPort_accept(CompletionPortObject* self, FASTARGS) {
-  static const char* const names[] = {"sock", "context", "timeout"};
-  static PyObject* interned[3];
-  PyObject* a[3];
+  static const char* const names[] = {"sock", "context", "timeout",
+                                      "multishot"};
+  static PyObject* interned[4];
+  PyObject* a[4];
   op_extra_t ex, *exp;
-  if (parse_args("accept", args, nargs, kwnames, names, interned, 3, 1, a) < 0 ||
-      timeout_extra(a[2], &ex, &exp) < 0)
+  int multishot;
+  if (parse_args("accept", args, nargs, kwnames, names, interned, 4, 1, a) < 0 ||
+      timeout_extra(a[2], &ex, &exp) < 0 || (multishot = parse_flag(a[3])) < 0)
     return NULL;
+  if (multishot) {
+    if (exp != NULL) {
+      PyErr_SetString(PyExc_ValueError,
+                      "accept(multishot=True) takes no timeout: cancel() ends "
+                      "it");
+      return NULL;
+    }
+    memset(&ex, 0, sizeof(ex));
+    ex.flags = FIOCP_OPF_MULTISHOT;
+    exp = &ex;
+  }
   return submit_op(self, FIOCP_OP_ACCEPT, a[0], NULL, BUF_NONE, 0, NULL,
                    OR_NONE(a[1]), exp);
 }
@@ -1230,6 +1386,12 @@ static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
                    fb_kind_names[k]);
       goto undo_checked_taken;
     }
+    if (c->flags & (FIOCP_OPF_POOLED | FIOCP_OPF_MULTISHOT)) {
+      PyErr_SetString(PyExc_ValueError,
+                      "resubmit() takes no pooled or multishot completion: "
+                      "submit it again with recv() or accept()");
+      goto undo_checked_taken;
+    }
     if (k != FIOCP_OP_ACCEPT && (c->buffer == NULL || c->buffer == Py_None)) {
       PyErr_SetString(PyExc_ValueError, "the completion has no buffer left");
       goto undo_checked_taken;
@@ -1541,6 +1703,7 @@ static PyObject* CompletionPort_get(CompletionPortObject* self, FASTARGS) {
   port_leave(self);
   if (n < 0) return NULL;
   if (n == 0) Py_RETURN_NONE;
+  if (c == NULL) return PyErr_NoMemory(); /* a multishot's result lost */
   return (PyObject*)c;
 }
 
@@ -1581,11 +1744,13 @@ static PyObject* CompletionPort_get_many(CompletionPortObject* self,
   }
   list = PyList_New(n);
   if (list != NULL) {
-    if (n > 0) fb_finish_ops(self, out, n, &PyList_GET_ITEM(list, 0));
+    /* Fewer when a multishot's result could not be made (memory). */
+    if (n > 0) Py_SET_SIZE(list, fb_finish_ops(self, out, n,
+                                               &PyList_GET_ITEM(list, 0)));
   } else {
     /* The records are already dequeued: finish them all even if the list
      * could not be made, so nothing is lost or leaked. */
-    for (i = 0; i < n; i++) Py_DECREF(fb_finish_op(self, out[i]));
+    for (i = 0; i < n; i++) Py_XDECREF(fb_finish_op(self, out[i]));
   }
   port_leave(self);
   if (out != stack) PyMem_Free(out);
@@ -1604,6 +1769,7 @@ static PyObject* CompletionPort_iternext(CompletionPortObject* self) {
     if (PyErr_ExceptionMatches(fb_PortClosedError)) PyErr_Clear();
     return NULL;
   }
+  if (n > 0 && c == NULL) return PyErr_NoMemory();
   return (PyObject*)c; /* NULL (StopIteration) only if n == 0 */
 }
 
@@ -1652,7 +1818,42 @@ static PyObject* CompletionPort_get_concurrency(CompletionPortObject* self,
   return PyLong_FromUnsignedLong(self->concurrency);
 }
 
+static PyObject* CompletionPort_get_native(CompletionPortObject* self,
+                                           void* closure) {
+  unsigned f = 0;
+  PyObject *set, *name;
+  (void)closure;
+  FB_LOCK(self);
+  if (fb_port_owns_backend(self) && self->backend->native_flags != NULL)
+    f = self->backend->native_flags(self->port);
+  FB_UNLOCK(self);
+  set = PySet_New(NULL);
+  if (set == NULL) return NULL;
+#define ADD(bit, s)                                                      \
+  if (f & (bit)) {                                                       \
+    name = PyUnicode_FromString(s);                                      \
+    if (name == NULL || PySet_Add(set, name) < 0) {                      \
+      Py_XDECREF(name);                                                  \
+      Py_DECREF(set);                                                    \
+      return NULL;                                                       \
+    }                                                                    \
+    Py_DECREF(name);                                                     \
+  }
+  ADD(FIOCP_OPF_POOLED, "pooled")
+  ADD(FIOCP_OPF_MULTISHOT, "multishot")
+  ADD(FIOCP_OPF_ZEROCOPY, "zerocopy")
+#undef ADD
+  Py_SETREF(set, PyFrozenSet_New(set));
+  return set;
+}
+
 static PyGetSetDef CompletionPort_getset[] = {
+    {"native", (getter)CompletionPort_get_native, NULL,
+     "Which of issue 18's operations the kernel does itself on this port: "
+     "a frozenset of 'pooled' (provided buffers), 'multishot' and "
+     "'zerocopy' (io_uring). The others work everywhere, emulated by the "
+     "port (zerocopy=True is then a plain send). Empty once closed.",
+     NULL},
     {"backend", (getter)CompletionPort_get_backend, NULL,
      "The backend in use: 'iocp', 'io_uring' or 'epoll'.", NULL},
     {"closed", (getter)CompletionPort_get_closed, NULL,
@@ -1699,11 +1900,19 @@ static PyMethodDef CompletionPort_methods[] = {
      "Write data at offset (None: the current position). Returns the "
      "pending Completion." TIMEOUT_DOC},
     {"recv", (PyCFunction)(void (*)(void))CompletionPort_recv, FASTKW,
-     "recv($self, sock, buffer, context=None, timeout=None)\n--\n\nReceive into "
-     "buffer (or an int size). nbytes == 0 means the peer closed." TIMEOUT_DOC},
+     "recv($self, sock, buffer, context=None, timeout=None, multishot=False)"
+     "\n--\n\nReceive into buffer (or an int size). nbytes == 0 means the "
+     "peer closed.\n\nWith a BufferPool as buffer, a pooled receive: a buffer "
+     "is taken from the pool only when data is there, and the completion's "
+     "buffer is a PooledBuffer to release(). multishot=True (pooled only): "
+     "a completion per result (more=True) until the last one, which is this "
+     "Completion (end of stream, an error, a cancel)." TIMEOUT_DOC},
     {"send", (PyCFunction)(void (*)(void))CompletionPort_send, FASTKW,
-     "send($self, sock, data, context=None, timeout=None)\n--\n\nSend data; "
-     "nbytes may be short." TIMEOUT_DOC},
+     "send($self, sock, data, context=None, timeout=None, zerocopy=False)"
+     "\n--\n\nSend data; nbytes may be short. zerocopy=True: the kernel "
+     "sends from data without copying it where it can (io_uring SEND_ZC; "
+     "the completion comes once it no longer reads data), a plain send "
+     "elsewhere." TIMEOUT_DOC},
     {"recvfrom", (PyCFunction)(void (*)(void))CompletionPort_recvfrom, FASTKW,
      "recvfrom($self, sock, buffer, context=None, timeout=None)\n--\n\nReceive a "
      "datagram; result() is (nbytes, address)." TIMEOUT_DOC},
@@ -1711,8 +1920,11 @@ static PyMethodDef CompletionPort_methods[] = {
      "sendto($self, sock, data, address, context=None, timeout=None)\n--\n\n"
      "Send a datagram to address." TIMEOUT_DOC},
     {"accept", (PyCFunction)(void (*)(void))CompletionPort_accept, FASTKW,
-     "accept($self, sock, context=None, timeout=None)\n--\n\nAccept a connection "
-     "on a listening socket; result() is (socket.socket, address)." TIMEOUT_DOC},
+     "accept($self, sock, context=None, timeout=None, multishot=False)\n--\n\n"
+     "Accept a connection on a listening socket; result() is "
+     "(socket.socket, address). multishot=True: a completion per "
+     "connection (more=True) until cancel() or an error ends it with this "
+     "Completion." TIMEOUT_DOC},
     {"connect", (PyCFunction)(void (*)(void))CompletionPort_connect, FASTKW,
      "connect($self, sock, address, context=None, timeout=None)\n--\n\nConnect a "
      "stream socket (TCP v4/v6, Unix)." TIMEOUT_DOC},

@@ -13,6 +13,13 @@
  * transport._loop_reading(completion), which owns the rules; this file only
  * takes the path those rules give for the common cases, in the same order.
  *
+ * A plain Protocol's transport may instead receive through one multishot
+ * receive into the loop's buffer pool (issue 18): each result with data,
+ * the transport neither closing nor paused and holding no older data, is
+ * copied into bytes, its buffer given back to the pool, and handed to
+ * protocol.data_received(); every other result (the last one, which ends
+ * the receive) goes to transport._pooled_reading(completion).
+ *
  * _SocketWrite() is the write() method of the POSIX socket transports: when
  * nothing is queued it sends bytes, a bytearray or a contiguous memoryview
  * at once with one non-blocking send(), as _WritesAtOnce.write() does; anything else (other
@@ -32,7 +39,8 @@
 static PyObject *str_read_fut, *str_closing, *str_paused, *str_data, *str_protocol,
     *str_loop_reading, *str_data_received, *str_resubmit, *str_buffer, *str_conn_lost,
     *str_eof_written, *str_empty_waiter, *str_write_fut, *str_sock, *str_write_python,
-    *str_write_queued, *str_buffer_owner, *str_buffer_updated, *str_start_receive;
+    *str_write_queued, *str_buffer_owner, *str_buffer_updated, *str_start_receive,
+    *str_held_chunks, *str_pooled_reading;
 
 typedef struct {
   PyObject_HEAD
@@ -183,6 +191,46 @@ static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* pr
   return 1;
 }
 
+/* A result of the pooled multishot receive: the common case here, every
+ * other in transport._pooled_reading(c). */
+static PyObject* pooled_case(ReadLoopObject* self, CompletionObject* c) {
+  PyObject *t = self->transport, *protocol, *data, *r;
+  Py_buffer view;
+  int k;
+  if (!c->more || c->error != Py_None || c->nbytes <= 0 ||
+      !Py_IS_TYPE(c->buffer, &fb_PooledBufferType))
+    return PyObject_CallMethodOneArg(t, str_pooled_reading, (PyObject*)c);
+  if ((k = attr_true(t, str_closing)) != 0 || (k = attr_true(t, str_paused)) != 0 ||
+      (k = attr_is(t, str_held_chunks, Py_None)) != 1) {
+    if (k < 0) return NULL;
+    return PyObject_CallMethodOneArg(t, str_pooled_reading, (PyObject*)c);
+  }
+  protocol = PyObject_GetAttr(t, str_protocol);
+  if (protocol == NULL) return NULL;
+  if ((k = PyObject_IsInstance(protocol, self->buffered_protocol)) != 0) {
+    Py_DECREF(protocol);
+    if (k < 0) return NULL;
+    return PyObject_CallMethodOneArg(t, str_pooled_reading, (PyObject*)c);
+  }
+  if (PyObject_GetBuffer(c->buffer, &view, PyBUF_SIMPLE) < 0) {
+    Py_DECREF(protocol);
+    return NULL;
+  }
+  data = PyBytes_FromStringAndSize((const char*)view.buf, view.len);
+  PyBuffer_Release(&view);
+  /* The buffer goes back to the pool before the protocol runs: a
+   * protocol that keeps the Completion does not keep the buffer. */
+  if (data == NULL || fb_PooledBuffer_release(c->buffer) < 0) {
+    Py_XDECREF(data);
+    Py_DECREF(protocol);
+    return NULL;
+  }
+  r = PyObject_CallMethodOneArg(protocol, str_data_received, data);
+  Py_DECREF(data);
+  Py_DECREF(protocol);
+  return r;
+}
+
 static PyObject* ReadLoop_call(ReadLoopObject* self, PyObject* args, PyObject* kwds) {
   PyObject *c, *protocol, *data = NULL, *again, *r;
   int common;
@@ -197,6 +245,8 @@ static PyObject* ReadLoop_call(ReadLoopObject* self, PyObject* args, PyObject* k
   }
   if (!PyObject_TypeCheck(c, &fb_CompletionType))
     return PyObject_CallMethodOneArg(self->transport, str_loop_reading, c);
+  if (((CompletionObject*)c)->flags & FIOCP_OPF_POOLED)
+    return pooled_case(self, (CompletionObject*)c);
   protocol = PyObject_GetAttr(self->transport, str_protocol);
   if (protocol == NULL) return NULL;
   common = common_case(self, (CompletionObject*)c, protocol, &data);
@@ -392,7 +442,8 @@ int fb_loop_init(PyObject* module) {
       {&str_write_fut, "_write_fut"},     {&str_sock, "_sock"},
       {&str_write_python, "_write_python"}, {&str_write_queued, "_write_queued"},
       {&str_buffer_owner, "_buffer_owner"}, {&str_buffer_updated, "buffer_updated"},
-      {&str_start_receive, "_start_receive"},
+      {&str_start_receive, "_start_receive"}, {&str_held_chunks, "_held_chunks"},
+      {&str_pooled_reading, "_pooled_reading"},
   };
   size_t i;
   for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {

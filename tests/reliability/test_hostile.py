@@ -739,7 +739,7 @@ class PortMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.ports)
     @rule(data=st.data(), which=st.sampled_from(
-        ["recv-none", "recv-5", "post-kw", "get-2", "many-kw", "reg-none", "read-kw", "dup", "cancel-none"]))
+        ["recv-none", "recv-6", "post-kw", "get-2", "many-kw", "reg-none", "read-kw", "dup", "cancel-none"]))
     def bad_call(self, data, which):
         """Wrong argument lists raise TypeError (or PortClosedError/ValueError
         on a closed or uninitialized port) and submit nothing."""
@@ -748,7 +748,7 @@ class PortMachine(RuleBasedStateMachine):
         before = p.pending
         call = {
             "recv-none": lambda: p.recv(),
-            "recv-5": lambda: p.recv(1, 2, 3, 4, 5),
+            "recv-6": lambda: p.recv(1, 2, 3, 4, 5, 6),
             "post-kw": lambda: p.post(foo=1),
             "get-2": lambda: p.get(0, 0),
             "many-kw": lambda: p.get_many(max=1, timeout=0, x=2),

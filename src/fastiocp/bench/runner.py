@@ -50,7 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The C sources of the load generator and the reference server.
 CSRC = os.path.join(HERE, "csrc")
 HOST = "127.0.0.1"
-SECTION_IDS = ("echo", "pingpong", "http", "file", "handoff", "loop")
+SECTION_IDS = ("echo", "pingpong", "http", "file", "handoff", "loop", "accept")
 # What a plain `python -m fastiocp bench` runs; "loop" (36 measurements a
 # round) only when asked for with --only.
 DEFAULT_SECTIONS = ("echo", "pingpong", "http", "file", "handoff")
@@ -58,6 +58,8 @@ DEFAULT_SECTIONS = ("echo", "pingpong", "http", "file", "handoff")
 # connections and these message sizes.
 LOOP_CONNECTIONS = 4
 LOOP_SIZES = (1024, 10 * 1024, 100 * 1024)
+# The accept section: connects the C client keeps in flight.
+ACCEPT_INFLIGHT = 64
 
 
 class Skip(Exception):
@@ -474,6 +476,36 @@ class Runner:
         finally:
             kill(server)
 
+    def accept(self, cmd: List[str]) -> Dict[str, Any]:
+        """One accept measurement: the server cmd (it accepts and closes
+        every connection) driven by the C load generator's connect mode."""
+        if self.loadgen is None:
+            raise Skip("no load generator (see notes)")
+        server, port, errpath = self.start_server(cmd)
+        try:
+            cfg = self.cfg
+            lg = spawn([self.loadgen, "connect", HOST, str(port), str(ACCEPT_INFLIGHT),
+                        str(cfg.echo_warmup), str(cfg.echo_seconds), str(server.pid)],
+                       self.client_cpus,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            assert self.progress is not None
+            self.progress.wait(lg, cfg.echo_warmup + cfg.echo_seconds + 40)
+            out, err = pipe(lg.stdout).read(), pipe(lg.stderr).read()
+            rc = lg.returncode
+            kill(lg)
+            if server.poll() is not None:
+                raise RuntimeError(f"server died: {stderr_tail(server, errpath)}")
+            if rc != 0 or not out.strip():
+                raise RuntimeError(f"load generator failed ({rc}): {err.decode(errors='replace').strip()[:200]}")
+            r: Dict[str, Any] = json.loads(out)
+            conns = max(r["connections"], 1)
+            r["server_us_per_conn"] = r["server_cpu_s"] * 1e6 / conns if r["server_cpu_s"] >= 0 else None
+            r["loadgen_cpu_pct"] = 100.0 * r["loadgen_cpu_s"] / r["seconds"]
+            r["server_cpu_pct"] = 100.0 * r["server_cpu_s"] / r["seconds"]
+            return r
+        finally:
+            kill(server)
+
     def tls_certificate(self) -> Tuple[str, str]:
         """A throw-away self-signed certificate and key for the TLS echo,
         made with the openssl command in the run's temporary directory."""
@@ -685,6 +717,7 @@ class Runner:
                 Contender("fastiocp, 1 thread", "fastiocp", py_server("echo-fastiocp")),
                 Contender("fastiocp, 1 thread, epoll", "fastiocp", epoll_server),
                 Contender("fastiocp, WorkerPool(2)", "fastiocp", py_server("echo-fastiocp-pool")),
+                Contender("fastiocp, pooled multishot", "fastiocp", py_server("echo-fastiocp-multishot")),
                 Contender("fastiocp loop Protocol", "fastiocp", py_server("echo-fastiocp-loop")),
                 Contender("asyncio Protocol", "baseline", py_server("echo-asyncio")),
                 Contender("uvloop Protocol", "baseline", uvloop_server),
@@ -763,6 +796,19 @@ class Runner:
                 [Column("CPU ns/item", "cpu_ns_per_item", "{:,.0f}")]))
         if "loop" in only:
             out.extend(self.loop_sections(py, echo_cols))
+        if "accept" in only:
+            def acceptor(name: str) -> Callable[[Runner], Dict[str, Any]]:
+                return lambda r: r.accept(py + [name, "0"])
+            out.append(Section(
+                "accept", f"TCP accept: the C client keeps {ACCEPT_INFLIGHT} connects going, each reset "
+                "once established; the server accepts and closes each",
+                "conn/s", "conns_per_s",
+                [Contender("fastiocp accept(multishot=True)", "fastiocp", acceptor("accept-multishot")),
+                 Contender("fastiocp accept(), submitted again per connection", "baseline",
+                           acceptor("accept-single"))],
+                [Column("server CPU µs/conn", "server_us_per_conn", "{:.2f}"),
+                 Column("server CPU", "server_cpu_pct", "{:.0f}%"),
+                 Column("client CPU", "loadgen_cpu_pct", "{:.0f}%")]))
         return out
 
     def loop_sections(self, py: List[str], cols: List[Column]) -> List[Section]:
@@ -1052,7 +1098,7 @@ def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     clock0 = cpu_clock()
     try:
-        if "echo" in only or "pingpong" in only or "loop" in only:
+        if "echo" in only or "pingpong" in only or "loop" in only or "accept" in only:
             runner.loadgen, note = build_c("loadgen")
             runner.notes.append(note)
             if "echo" in only or "pingpong" in only:

@@ -13,6 +13,7 @@ and uvloop HTTP servers here answer the same requests with the same bytes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import sys
@@ -132,6 +133,57 @@ def echo_pool_handler(cp: Any, lsock: socket.socket,
     return handle
 
 
+def echo_multishot_loop(cp: Any, lsock: socket.socket, pool: Any) -> None:
+    """The echo server of issue 18: one multishot accept for the listener
+    and one pooled multishot receive per connection, so that nothing is
+    submitted per message but the echo itself, which is sent straight
+    from the pool's buffer (the send pins it; it goes back to the pool
+    when the send completed). Per connection nothing is pinned while it
+    is idle. Messages of one connection are echoed in order as long as
+    each is echoed before the next arrives (one message in flight per
+    connection, as the load generator sends)."""
+    import fastiocp
+
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    get_many, recv, send, batch = cp.get_many, cp.recv, cp.send, cp.batch
+    while True:
+        try:
+            completions = get_many(256)
+        except fastiocp.PortClosedError:
+            return
+        with batch():
+            for c in completions:
+                op = c.op
+                if op == "send":
+                    received = c.context  # the receive's Completion
+                    n = c.nbytes
+                    if c.error is None and n < len(received.buffer):
+                        send(c.key, memoryview(received.buffer)[n:], received)
+                        continue
+                    received.release()
+                elif op == "recv":
+                    conn = c.key
+                    if c.nbytes:
+                        send(conn, c.buffer, c)
+                    if c.more:
+                        continue
+                    # The last result. The pool ran dry (ENOBUFS: nothing
+                    # was lost) or the kernel stopped with data: receive
+                    # again. End of stream or an error: close.
+                    if c.nbytes or (c.error is not None and c.error.errno == errno.ENOBUFS):
+                        recv(conn, pool, multishot=True)
+                    else:
+                        cp.unregister(conn)
+                        conn.close()
+                elif c.error is None:  # accept
+                    conn, _ = c.result()
+                    conn.setsockopt(*nodelay)
+                    cp.register(conn, key=conn)
+                    recv(conn, pool, multishot=True)
+                    if not c.more:
+                        cp.accept(lsock, multishot=True)
+
+
 def echo_fastiocp(port: int) -> None:
     """Single thread on one completion port: echo_batch_loop()."""
     import fastiocp
@@ -142,6 +194,20 @@ def echo_fastiocp(port: int) -> None:
         cp.accept(lsock)
         _announce("echo server", lsock)
         echo_batch_loop(cp, lsock)
+
+
+def echo_fastiocp_multishot(port: int) -> None:
+    """Single thread on one completion port: echo_multishot_loop(), with a
+    pool of 1,024 buffers of 64 KiB (the per-connection echo's size)."""
+    import fastiocp
+
+    lsock = _listen(port)
+    with fastiocp.CompletionPort() as cp:
+        pool = fastiocp.BufferPool(65536, 1024)
+        cp.register(lsock, key=object())
+        cp.accept(lsock, multishot=True)
+        _announce("echo server", lsock)
+        echo_multishot_loop(cp, lsock, pool)
 
 
 def echo_fastiocp_pool(port: int, threads: int = 2) -> None:
@@ -158,6 +224,31 @@ def echo_fastiocp_pool(port: int, threads: int = 2) -> None:
         cp.accept(lsock)
         _announce("echo server", lsock)
         threading.Event().wait()
+
+
+# ---- TCP accept (issue 18) ---------------------------------------------------
+
+def _accept_server(multishot: bool) -> Callable[[int], None]:
+    """A server that accepts every connection and closes it at once: with
+    one multishot accept, or with one accept submitted again for each
+    connection (what a server without multishot does), its submissions of
+    one dequeued batch reaching the kernel together either way."""
+    def run(port: int) -> None:
+        import fastiocp
+
+        lsock = _listen(port)
+        with fastiocp.CompletionPort() as cp:
+            cp.register(lsock)
+            cp.accept(lsock, multishot=multishot)
+            _announce("accept server", lsock)
+            while True:
+                with cp.batch():
+                    for c in cp.get_many(256):
+                        if c.error is None:
+                            c.result()[0].close()
+                        if not c.more:
+                            cp.accept(lsock, multishot=multishot)
+    return run
 
 
 class _EchoProtocol(asyncio.Protocol):
@@ -406,6 +497,9 @@ LOOPS: Dict[str, Callable[[], Any]] = {
 SERVERS: Dict[str, Callable[..., None]] = {
     "echo-fastiocp": echo_fastiocp,
     "echo-fastiocp-pool": echo_fastiocp_pool,
+    "echo-fastiocp-multishot": echo_fastiocp_multishot,
+    "accept-multishot": _accept_server(True),
+    "accept-single": _accept_server(False),
     "echo-asyncio": _echo_protocol_server(_asyncio_loop),
     "echo-uvloop": _echo_protocol_server(_uvloop_loop),
     "echo-fastiocp-loop": _echo_protocol_server(_fastiocp_loop),

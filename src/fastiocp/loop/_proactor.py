@@ -11,17 +11,36 @@ finish(completion)."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 import weakref
 from asyncio import futures
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .._fastiocp import POLLERR, POLLHUP, POLLIN, POLLOUT, Completion, CompletionPort, PortClosedError, _FileHandle
+from .._fastiocp import (
+    POLLERR,
+    POLLHUP,
+    POLLIN,
+    POLLOUT,
+    BufferPool,
+    Completion,
+    CompletionPort,
+    PortClosedError,
+    _FileHandle,
+)
 
 WINDOWS = sys.platform == "win32"
 # Largest batch one select() dequeues.
 BATCH = 256
+# The loop's receive pool (issue 18): its socket transports with a plain
+# Protocol receive through one multishot pooled receive each, so an idle
+# connection pins no buffer and a busy one submits nothing per message.
+# 256 buffers of 64 KiB (uvloop reads into 64 KiB too): 16 MiB of address
+# space, resident only as buffers are used. FASTIOCP_LOOP_POOL=0 turns it
+# off (each transport then receives into a 64 KiB buffer of its own).
+POOL_BUFFER_SIZE = 64 * 1024
+POOL_BUFFERS = 256
 
 
 class _OpFuture(futures.Future):
@@ -90,6 +109,8 @@ class PortProactor:
         # Completions dequeued but not finished: a KeyboardInterrupt in a
         # direct callback left them for the next select().
         self._backlog: List[Completion] = []
+        self._pool: Optional[BufferPool] = None
+        self.pooled = os.environ.get("FASTIOCP_LOOP_POOL", "0") != "0"
 
     # ---- plumbing -------------------------------------------------------------
 
@@ -232,6 +253,15 @@ class PortProactor:
         done, with no Future in between (the transports' read loop). conn
         must be registered already (register()); errors raise here."""
         return self._port.recv(conn, buf, context=callback)
+
+    def recv_pooled(self, conn: Any, callback: Callable[[Completion], Any]) -> Completion:
+        """A multishot receive into the loop's buffer pool: select() calls
+        callback(completion) for each result (completion.more) and for the
+        last, the Completion returned here. conn must be registered."""
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = BufferPool(POOL_BUFFER_SIZE, POOL_BUFFERS)
+        return self._port.recv(conn, pool, context=callback, multishot=True)
 
     def again(self, op: Completion) -> Completion:
         """Starts a finished direct operation again, the same way (same

@@ -8,12 +8,16 @@ Where they depart from asyncio.proactor_events, each in a mixin below:
 - _WritesAtOnce: write() sends at once when nothing is queued.
 - _ReceivesBytes: data_received() gets bytes on every version.
 - _ReadsDirect: socket receives without a Future, their common case in C
-  (csrc/loop/transport.c); a BufferedProtocol is received into straight.
+  (csrc/loop/transport.c); a BufferedProtocol is received into straight;
+  a plain Protocol through one multishot receive into the loop's buffer
+  pool (issue 18), paused by cancelling it.
 - _FlushesOnClose: close() with writes pending lets them, and what the
   protocol writes meanwhile, go out first.
 - Read pipes close at end of file on POSIX, as the selector loop's do."""
 from __future__ import annotations
 
+import collections
+import errno
 import os
 import socket
 import sys
@@ -124,7 +128,16 @@ class _ReadsDirect:
     next get_buffer() (so the next receive starts after it). Data received
     while paused waits in that buffer for resume_reading(); data received
     into the buffer of a protocol replaced since (set_protocol) goes to the
-    new protocol as the stdlib hands over data."""
+    new protocol as the stdlib hands over data.
+
+    A plain Protocol, when the loop's proactor has its buffer pool on (the
+    default), is received into the pool instead, by one multishot receive:
+    its results come in order to _pooled_reading (the common case to C),
+    each copied into bytes and its buffer given back at once, so an idle
+    connection holds no buffer and a busy one submits nothing per message.
+    pause_reading() cancels that receive; what still arrives, and what
+    arrived before, waits in _held_chunks (b"": the end of the stream) for
+    resume_reading(), which hands it over before any newer data."""
 
     _closing: bool
     _paused: bool
@@ -139,6 +152,10 @@ class _ReadsDirect:
     _buffer_owner: Any = None
     _held: Any = None
     _reader: Any = None
+    # The pending receive is the pooled multishot one; data of it waiting
+    # for resume_reading() (a deque), or None.
+    _read_pooled: bool = False
+    _held_chunks: Any = None
 
     def _loop_reading(self, fut: Any = None) -> None:
         length = -1
@@ -188,6 +205,8 @@ class _ReadsDirect:
                         # The receives' callback: C (csrc/loop/transport.c)
                         # for the common case, this method for the others.
                         self._reader = _ReadLoop(self, self._loop._proactor.port)
+                        if self._loop._proactor.pooled:
+                            self._data = _NO_BUFFER  # the pool's buffers serve
             self._start_receive(fut)
         except OSError as exc:
             self._read_failed(exc)
@@ -221,10 +240,75 @@ class _ReadsDirect:
             else:
                 self._read_fut = proactor.recv_direct(self._sock, buf, self._reader)
             self._buffer_owner = proto
+            self._read_pooled = False
+        elif proactor.pooled:
+            self._read_fut = proactor.recv_pooled(self._sock, self._reader)
+            self._read_pooled = True
         elif done is not None and done.buffer is self._data:
             self._read_fut = proactor.again(done)  # same buffer, same callback
         else:
             self._read_fut = proactor.recv_direct(self._sock, self._data, self._reader)
+
+    def _pooled_reading(self, c: Any) -> None:
+        """A result of the pooled multishot receive: one with data
+        (c.more), or the last, which ends it (end of stream, an error, a
+        cancel by pause_reading() or close(), an empty pool). _ReadLoop
+        hands the common case (data, not closing, not paused, a plain
+        Protocol, nothing held) to the protocol itself."""
+        data = bytes(c.buffer) if c.nbytes and c.error is None else None
+        c.release()
+        ended = not c.more
+        current = self._read_fut is c
+        if ended and current:
+            self._read_fut = None
+        if self._closing:
+            return  # data read from now on is dropped
+        if data is not None:
+            self._pass_on(data)
+        if not ended:
+            return
+        err = c.error
+        if err is None and not c.nbytes:
+            self._pass_on(b"")  # end of stream
+        elif err is None or c.cancelled or err.errno in _ENOBUFS:
+            # The kernel ended it after data, pause_reading() cancelled it,
+            # or the pool was empty when data came (nothing was read):
+            # receive again unless paused or another receive is pending.
+            self._start_receive()
+        elif current:
+            self._read_failed(err)
+
+    def _pass_on(self, data: bytes) -> None:
+        """data (b"": end of stream) to the protocol, or held while paused
+        or while older data is held."""
+        if self._paused or self._held_chunks:
+            if self._held_chunks is None:
+                self._held_chunks = collections.deque()
+            self._held_chunks.append(data)
+        else:
+            self._data_received(data, len(data))  # type: ignore[attr-defined]
+
+    def pause_reading(self) -> None:
+        super().pause_reading()  # type: ignore[misc]
+        fut = self._read_fut
+        if self._paused and self._read_pooled and fut is not None:
+            # A multishot receive would go on reading: stop it. What it
+            # delivers until its last result is held.
+            self._read_fut = None
+            fut.cancel()
+
+    def resume_reading(self) -> None:
+        super().resume_reading()  # type: ignore[misc]
+        if self._held_chunks and not self._paused and not self._closing:
+            self._loop.call_soon(self._deliver_held_chunks)
+
+    def _deliver_held_chunks(self) -> None:
+        chunks = self._held_chunks
+        while chunks and not self._paused and not self._closing:
+            data = chunks.popleft()
+            self._data_received(data, len(data))  # type: ignore[attr-defined]
+        if not chunks or self._closing:
+            self._held_chunks = None
 
     def _read_failed(self, exc: OSError) -> None:
         """A receive failed or could not start (the stdlib's rules)."""
@@ -254,6 +338,11 @@ class _ReadsDirect:
                 self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")  # type: ignore[attr-defined]
         else:  # the protocol changed meanwhile
             self._data_received(bytes(memoryview(buf)[:nbytes]), nbytes)  # type: ignore[attr-defined]
+
+
+# The receive buffer of a transport whose receives go into the loop's pool.
+_NO_BUFFER = bytearray()
+_ENOBUFS = (errno.ENOBUFS, getattr(errno, "WSAENOBUFS", errno.ENOBUFS))
 
 
 class _FlushesOnClose:

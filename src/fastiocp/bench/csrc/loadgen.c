@@ -9,6 +9,14 @@
  * same offset: the next message starts only when the whole echo came back.
  *
  *   loadgen echo HOST PORT CONNS MSGSIZE WARMUP_S DURATION_S SERVER_PID
+ *   loadgen connect HOST PORT INFLIGHT WARMUP_S DURATION_S SERVER_PID
+ *
+ * connect (issue 18's accept benchmark) keeps INFLIGHT non-blocking
+ * connects going; each one that completes is closed at once with a reset
+ * (SO_LINGER 0: no TIME_WAIT, so the ephemeral ports never run out) and
+ * replaced. The server's accept rate bounds the connect rate once its
+ * backlog is full. It prints connections, seconds, conns_per_s and the
+ * same CPU figures.
  *
  * After WARMUP_S seconds it samples its own CPU time and the server's
  * (/proc/SERVER_PID/stat, every thread of the process), counts messages for
@@ -268,12 +276,112 @@ static int run_echo(int argc, char** argv) {
   return errors ? 3 : 0;
 }
 
+/* Starts one non-blocking connect to sa and adds it to ep. Returns the
+ * socket, or -1 (errno set). */
+static int start_connect(int ep, const struct sockaddr_in* sa) {
+  struct epoll_event ev;
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  if (connect(fd, (const struct sockaddr*)sa, sizeof(*sa)) < 0 &&
+      errno != EINPROGRESS) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+  }
+  ev.events = EPOLLOUT;
+  ev.data.fd = fd;
+  if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+  }
+  return fd;
+}
+
+static int run_connect(int argc, char** argv) {
+  struct sockaddr_in sa;
+  struct epoll_event evs[256];
+  struct linger lin = {1, 0};
+  int ep, inflight, i, measuring = 0;
+  long server_pid;
+  double warmup, duration, t_start, t0 = 0, t_end = 0, cpu0 = 0, scpu0 = 0;
+  double last_progress;
+  uint64_t conns = 0, errors = 0;
+  if (argc != 8) {
+    fprintf(stderr, "usage: loadgen connect HOST PORT INFLIGHT WARMUP_S "
+                    "DURATION_S SERVER_PID\n");
+    return 64;
+  }
+  memset(&sa, 0, sizeof(sa));
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons((uint16_t)atoi(argv[3]));
+  if (inet_pton(AF_INET, argv[2], &sa.sin_addr) != 1) return fail("inet_pton");
+  inflight = atoi(argv[4]);
+  warmup = atof(argv[5]);
+  duration = atof(argv[6]);
+  server_pid = atol(argv[7]);
+  if (inflight < 1 || inflight > 4096) return fail("INFLIGHT");
+  alarm((unsigned)(warmup + duration + 30));
+  ep = epoll_create1(EPOLL_CLOEXEC);
+  if (ep < 0) return fail("epoll_create1");
+  for (i = 0; i < inflight; i++)
+    if (start_connect(ep, &sa) < 0) return fail("connect");
+  t_start = last_progress = now_s();
+  for (;;) {
+    int n = epoll_wait(ep, evs, 256, 100), k;
+    double t = now_s();
+    if (n < 0 && errno != EINTR) return fail("epoll_wait");
+    for (k = 0; k < n; k++) {
+      int fd = evs[k].data.fd, err = 0;
+      socklen_t len = sizeof(err);
+      if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0 || err != 0)
+        errors++;
+      else
+        conns += measuring;
+      setsockopt(fd, SOL_SOCKET, SO_LINGER, &lin, sizeof(lin));
+      close(fd); /* also leaves the epoll set */
+      if (start_connect(ep, &sa) < 0) return fail("connect");
+      last_progress = t;
+    }
+    if (t - last_progress > 5) {
+      fprintf(stderr, "loadgen: no connection for 5 s: the server is stuck\n");
+      return 2;
+    }
+    if (!measuring && t - t_start >= warmup) {
+      measuring = 1;
+      t0 = now_s();
+      cpu0 = cpu_self_s();
+      scpu0 = cpu_of_pid(server_pid);
+      t_end = t0 + duration;
+    } else if (measuring && t >= t_end) {
+      break;
+    }
+  }
+  {
+    double t1 = now_s(), cpu1 = cpu_self_s(), scpu1 = cpu_of_pid(server_pid);
+    double secs = t1 - t0;
+    printf("{\"connections\": %llu, \"seconds\": %.6f, \"conns_per_s\": %.1f, "
+           "\"loadgen_cpu_s\": %.4f, \"server_cpu_s\": %.4f, \"errors\": %llu}\n",
+           (unsigned long long)conns, secs, (double)conns / secs, cpu1 - cpu0,
+           (scpu0 < 0 || scpu1 < 0) ? -1.0 : scpu1 - scpu0,
+           (unsigned long long)errors);
+    fflush(stdout);
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   /* Never outlive the bench runner. */
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (getppid() == 1) return 1;
   if (argc >= 2 && strcmp(argv[1], "echo") == 0) return run_echo(argc, argv);
+  if (argc >= 2 && strcmp(argv[1], "connect") == 0)
+    return run_connect(argc, argv);
   fprintf(stderr, "usage: loadgen echo HOST PORT CONNS MSGSIZE WARMUP_S "
+                  "DURATION_S SERVER_PID\n"
+                  "       loadgen connect HOST PORT INFLIGHT WARMUP_S "
                   "DURATION_S SERVER_PID\n");
   return 64;
 }

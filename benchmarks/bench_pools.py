@@ -1,0 +1,235 @@
+"""Issue 18's benchmarks: what idle connections cost with pooled receives,
+and what zero-copy sends save.
+
+    python benchmarks/bench_pools.py --only idle --conns 100000
+    python benchmarks/bench_pools.py --only zerocopy --rounds 5
+    python -m pytest benchmarks/bench_pools.py -s     # pytest-benchmark form
+
+idle: a server process accepts N TCP connections from a client process
+(multishot accepts on several listeners: one source port range per
+listener), keeps each as a bare descriptor, registers it and starts one
+receive on it: a pooled receive (BufferPool of 4 KiB buffers) or, for
+comparison, a receive into a 4 KiB bytearray of its own. It reports the
+server's RSS growth per connection for the registration and the pending
+receive, then the client sends one byte on every connection and the server
+checks that each of them completes with its byte.
+
+zerocopy: 1 MiB sends over loopback TCP, port.send(zerocopy=True) against
+a plain port.send, alternating; the receiver is another process on the
+other CPU. Reports the sending thread's CPU time per byte (thread_time).
+
+The multishot accept rate and the pooled multishot echo are sections of
+the bench runner: `python -m fastiocp bench --only accept,echo --pin`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import fastiocp
+
+HOST = "127.0.0.1"
+PER_LISTENER = 20000  # well inside the 28,232 ephemeral ports of one destination
+
+IDLE_CHILD = textwrap.dedent("""
+    import gc, os, resource, socket, subprocess, sys, time
+    import fastiocp
+    N, backend, mode, per = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+    want = 2 * N + 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    nl = (N + per - 1) // per
+    listeners = [socket.create_server(("127.0.0.1", 0), backlog=4096) for _ in range(nl)]
+    client = subprocess.Popen([sys.executable, "-c", CLIENT, str(N), str(per)] +
+                              [str(l.getsockname()[1]) for l in listeners],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    port = fastiocp.CompletionPort(backend=backend)
+    for l in listeners:
+        port.register(l)
+        port.accept(l, multishot=True)
+    fds = []
+    while len(fds) < N:
+        for c in port.get_many(1024, timeout=30):
+            assert c.error is None, c.error
+            sock, _ = c.result()
+            fds.append(sock.detach())
+    assert client.stdout.readline().strip() == "connected"
+    for l in listeners:
+        port.unregister(l)
+    pool = fastiocp.BufferPool(4096, 1024)
+    ops = []
+    gc.collect()
+    before = rss()
+    for fd in fds:
+        port.register(fd)
+        ops.append(port.recv(fd, pool) if mode == "pooled" else port.recv(fd, bytearray(4096)))
+    gc.collect()
+    after = rss()
+    # Every connection is still served when it becomes active.
+    t0 = time.perf_counter()
+    client.stdin.write("send\\n")
+    client.stdin.flush()
+    done = 0
+    while done < N:
+        got = port.get_many(1024, timeout=30)
+        assert got, f"{done} of {N} receives completed"
+        for c in got:
+            assert c.error is None and c.nbytes == 1, (c.error, c.nbytes)
+            assert bytes(c.buffer[:1]) == b"!"
+            c.release()
+            done += 1
+    served = time.perf_counter() - t0
+    client.stdin.write("quit\\n")
+    client.stdin.flush()
+    client.wait(60)
+    port.close()
+    for fd in fds:
+        os.close(fd)
+    print((after - before) / N, served)
+""")
+
+IDLE_CLIENT = textwrap.dedent("""
+    import resource, socket, sys
+    N, per, ports = int(sys.argv[1]), int(sys.argv[2]), [int(p) for p in sys.argv[3:]]
+    want = N + 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
+    socks = []
+    for i in range(N):
+        socks.append(socket.create_connection(("127.0.0.1", ports[i // per])))
+    print("connected", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "send":
+            for s in socks:
+                s.send(b"!")
+        elif line.strip() == "quit":
+            break
+""")
+
+
+def measure_idle(n: int, backend: str, mode: str) -> tuple[float, float]:
+    """(bytes of server RSS per connection for its registration and pending
+    receive, seconds to serve one byte on every connection)."""
+    out = subprocess.run([sys.executable, "-c", f"CLIENT = {IDLE_CLIENT!r}\n" + IDLE_CHILD,
+                          str(n), backend, mode, str(PER_LISTENER)],
+                         check=True, capture_output=True, text=True, timeout=900)
+    per_conn, served = out.stdout.split()
+    return float(per_conn), float(served)
+
+
+ZC_RECEIVER = textwrap.dedent("""
+    import socket, sys
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    buf = bytearray(1 << 20)
+    while s.recv_into(buf):
+        pass
+""")
+
+
+def measure_zerocopy(zerocopy: bool, total: int, backend: str) -> float:
+    """Sender thread CPU nanoseconds per byte for total bytes of 1 MiB
+    sends."""
+    lsock = socket.create_server((HOST, 0))
+    cmd = [sys.executable, "-c", ZC_RECEIVER, str(lsock.getsockname()[1])]
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        cmd = ["taskset", "-c", str(cpus[0])] + cmd
+    recv_proc = subprocess.Popen(cmd)
+    conn, _ = lsock.accept()
+    lsock.close()
+    data = bytes(range(256)) * 4096  # 1 MiB
+    with fastiocp.CompletionPort(backend=backend) as port:
+        port.register(conn)
+        sent = 0
+        cpu0 = time.thread_time()
+        while sent < total:
+            view = memoryview(data)
+            while view:
+                c = port.send(conn, view, zerocopy=zerocopy)
+                port.get(timeout=30)
+                c.result()
+                view = view[c.nbytes:]
+                sent += c.nbytes
+        cpu = time.thread_time() - cpu0
+    conn.close()
+    recv_proc.wait(60)
+    return cpu * 1e9 / sent
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="idle,zerocopy")
+    ap.add_argument("--conns", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--gib", type=float, default=2.0, help="zerocopy: GiB per measurement")
+    ap.add_argument("--backend", default=None, help="default: every available backend")
+    args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+    backends = [args.backend] if args.backend else fastiocp.available_backends()
+    if len(os.sched_getaffinity(0)) >= 2 and "zerocopy" in only:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
+    for backend in backends:
+        if "idle" in only:
+            for mode in ("pooled", "own buffer"):
+                per_conn, served = measure_idle(args.conns, backend, "pooled" if mode == "pooled" else "buffer")
+                print(f"idle {backend:8} {mode:10} {args.conns:,} connections: "
+                      f"{per_conn:,.0f} bytes of RSS per connection (registration + pending receive); "
+                      f"one byte on every connection served in {served:.2f} s", flush=True)
+        if "zerocopy" in only:
+            total = int(args.gib * (1 << 30))
+            zc, plain = [], []
+            for _ in range(args.rounds):
+                zc.append(measure_zerocopy(True, total, backend))
+                plain.append(measure_zerocopy(False, total, backend))
+            mz, mp = statistics.median(zc), statistics.median(plain)
+            print(f"zerocopy {backend:8} 1 MiB sends, {args.rounds} rounds of {args.gib} GiB: "
+                  f"zerocopy {mz:.3f} ns/byte, plain {mp:.3f} ns/byte of sender CPU: "
+                  f"{mz / mp:.2f}x (native: {sorted(fastiocp.CompletionPort(backend=backend).native)})",
+                  flush=True)
+    return 0
+
+
+# ---- pytest-benchmark (CI: smoke sizes) ---------------------------------------
+
+CONNS = int(os.environ.get("FASTIOCP_BENCH_POOL_CONNS", "10000"))
+ZC_MIB = int(os.environ.get("FASTIOCP_BENCH_FILE_MIB", "256"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+@pytest.mark.benchmark(group="pools")
+@pytest.mark.parametrize("mode", ["pooled", "buffer"])
+def test_idle_connections_bytes_each(benchmark, backend, mode):
+    result = benchmark.pedantic(lambda: measure_idle(CONNS, backend, mode), rounds=1, iterations=1)
+    per_conn, served = result
+    benchmark.extra_info["connections"] = CONNS
+    benchmark.extra_info["bytes_per_connection"] = round(per_conn, 1)
+    print(f"\n{backend} {mode}: {per_conn:.0f} bytes of RSS per idle connection; "
+          f"all {CONNS} served in {served:.2f} s")
+
+
+@pytest.mark.benchmark(group="pools")
+@pytest.mark.parametrize("zerocopy", [True, False], ids=["zerocopy", "plain"])
+def test_send_1mib_cpu_per_byte(benchmark, backend, zerocopy):
+    ns = benchmark.pedantic(lambda: measure_zerocopy(zerocopy, ZC_MIB << 20, backend),
+                            rounds=1, iterations=1)
+    benchmark.extra_info["sender_cpu_ns_per_byte"] = round(ns, 4)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
