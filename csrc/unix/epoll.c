@@ -128,7 +128,8 @@
  * Locks. hub.mu (the hub's) comes before every lock here, and is never held
  * while one of these is taken, except done_mu in harvest(). done_mu is the
  * last lock of all (a descriptor's lock is held while children go to
- * e->done; the pool's free-stack mutex is a leaf too). tm_mu comes
+ * e->done; a buffer pool's mutex, fiocp__pool_take's, is a leaf too, not
+ * to be confused with the file pool's below). tm_mu comes
  * before the descriptor and pool mutexes (an expiry cancels under it), and
  * is taken with none of them held: every completion path first lets go of
  * its place's lock, then calls finish_op(), which removes the heap entry.
