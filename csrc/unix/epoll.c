@@ -103,8 +103,33 @@
  *   (submit in progress) sees the TM_EXPIRED mark under its queue's lock
  *   right after queueing, as it sees e->closing, and takes itself out.
  *
+ * Pooled and multishot operations (issue 18; epoll has no kernel buffer
+ * rings, so both are emulated on readiness, as libuv and the stdlib's
+ * selector loop do):
+ * - A pooled recv takes a buffer from the pool's free stack
+ *   (fiocp__pool_take) for each attempt and gives it back when the attempt
+ *   read nothing (EAGAIN, end of stream, error): a buffer is held only by a
+ *   result with data. With the pool empty, a one-byte MSG_PEEK tells
+ *   whether data is there (FIOCP_ENOBUFS, nothing consumed) or not (wait).
+ * - A multishot op (pooled recv, accept) stays at the head of its read
+ *   queue after each result and keeps the interest armed. Each result is a
+ *   child record, at most MULTISHOT_BURST per readiness event, so that a
+ *   flooded socket does not starve the others: the re-arm (EPOLL_CTL_MOD)
+ *   puts a descriptor that is still ready at the tail of epoll's ready
+ *   list. What is queued behind it in that direction waits until it ends;
+ *   the other direction (a send) and polls are not affected.
+ * - Order. Children go to e->done while their descriptor's lock is held,
+ *   in the order of their data; a multishot op's own completion goes
+ *   through e->done too, after them, from whatever path ends it (the
+ *   poller, cancel(), shutdown()): harvest() moves e->done into the hub's
+ *   queue in order, so the op never overtakes its children. Children are
+ *   not in flight for the hub (they were never begun); the op is.
+ *
  * Locks. hub.mu (the hub's) comes before every lock here, and is never held
- * while one of these is taken, except done_mu in harvest(). tm_mu comes
+ * while one of these is taken, except done_mu in harvest(). done_mu is the
+ * last lock of all (a descriptor's lock is held while children go to
+ * e->done; a buffer pool's mutex, fiocp__pool_take's, is a leaf too, not
+ * to be confused with the file pool's below). tm_mu comes
  * before the descriptor and pool mutexes (an expiry cancels under it), and
  * is taken with none of them held: every completion path first lets go of
  * its place's lock, then calls finish_op(), which removes the heap entry.
@@ -187,6 +212,8 @@ typedef char fiocp__poll_values_match[
                                  data (gen << 32 | fd) never reaches it */
 #define TIMER_DATA (UINT64_MAX - 1) /* the timerfd's, likewise */
 #define PENDING INT64_MIN     /* try_io(): would block, wait for readiness */
+#define MULTISHOT_BURST 16    /* results of one multishot op per readiness
+                                 event (fairness between descriptors) */
 
 /* fiocp_op_t.bk: where the operation is (low two bits), facts about it,
  * and, for BK_FDQ, the address of its descriptor state (64-byte aligned). */
@@ -377,23 +404,57 @@ static void q_splice(opq_t* dst, opq_t* src) {
 
 static void finish_op(ep_t* e, fiocp_op_t* op);
 static int tm_expired(const fiocp_op_t* op);
+static void ep_harvest(void* ctx);
+static void ep_kick(void* ctx);
+
+/* Appends q to e->done (for harvest()), in order. Any lock but done_mu
+ * may be held. */
+static void done_splice(ep_t* e, opq_t* q) {
+  if (q->head == NULL) return;
+  pthread_mutex_lock(&e->done_mu);
+  q_splice(&e->done, q);
+  pthread_mutex_unlock(&e->done_mu);
+}
+
+/* Moves e->done into the hub's queue from outside poll() and wakes a
+ * waiter for it (or the poller, when nobody else could take it). No lock
+ * of ours held. */
+static void publish_done(ep_t* e) {
+  int kick;
+  pthread_mutex_lock(&e->hub.mu);
+  ep_harvest(e);
+  fiocp__hub_wake_locked(&e->hub);
+  kick = e->hub.poller_active && e->hub.waiters == NULL;
+  pthread_mutex_unlock(&e->hub.mu);
+  if (kick) ep_kick(e);
+}
+
+/* Hands a finished op (res set, out of every place) to the hub. A
+ * multishot op goes through e->done, behind the children it produced
+ * (see the head comment). No lock of ours may be held. */
+static void deliver(ep_t* e, fiocp_op_t* op) {
+  bk_move(op, BK_NONE, NULL);
+  finish_op(e, op);
+  if (op->flags & FIOCP_OPF_MULTISHOT) {
+    opq_t one = {NULL, NULL};
+    q_push(&one, op);
+    done_splice(e, &one);
+    publish_done(e);
+  } else {
+    fiocp__hub_complete(&e->hub, op, 1);
+  }
+}
 
 /* Completes op with res from outside poll(): no lock of ours may be held. */
 static void complete(ep_t* e, fiocp_op_t* op, int64_t res) {
   op->res = res;
-  bk_move(op, BK_NONE, NULL);
-  finish_op(e, op);
-  fiocp__hub_complete(&e->hub, op, 1);
+  deliver(e, op);
 }
 
 /* Completes every operation of q (their res already set). */
 static void complete_all(ep_t* e, opq_t* q) {
   fiocp_op_t* op;
-  while ((op = q_pop(q)) != NULL) {
-    bk_move(op, BK_NONE, NULL);
-    finish_op(e, op);
-    fiocp__hub_complete(&e->hub, op, 1);
-  }
+  while ((op = q_pop(q)) != NULL) deliver(e, op);
 }
 
 /* ---- Non-blocking attempts ---------------------------------------------- */
@@ -640,6 +701,35 @@ static int64_t do_poll(fiocp_op_t* op) {
   return m != 0 ? (int64_t)m : PENDING;
 }
 
+/* A pooled recv's try (FIOCP_OPF_POOLED): bytes into a buffer of the pool,
+ * whose id goes to op->offset; the buffer goes back to the pool unless
+ * data came. With no buffer free, nothing is read: FIOCP_ENOBUFS if data
+ * is there, else what an empty socket says (PENDING, 0 at end of stream,
+ * an error). */
+static int64_t pooled_recv(fiocp_op_t* op) {
+  fiocp_pool_t* pool = op->pool;
+  int fd = (int)op->handle;
+  size_t len = op->len < pool->size ? op->len : pool->size;
+  int64_t id = fiocp__pool_take(pool);
+  ssize_t r;
+  if (id < 0) {
+    char peek;
+    do {
+      r = recv(fd, &peek, 1, MSG_DONTWAIT | MSG_PEEK);
+    } while (r < 0 && errno == EINTR);
+    return r > 0 ? FIOCP_ENOBUFS : sys_result(r);
+  }
+  do {
+    r = recv(fd, pool->base + (size_t)id * pool->size, len, MSG_DONTWAIT);
+  } while (r < 0 && errno == EINTR);
+  if (r > 0) {
+    op->offset = id;
+    return (int64_t)r;
+  }
+  fiocp__pool_give(pool, (uint32_t)id);
+  return sys_result(r);
+}
+
 /* Runs op without blocking. Returns bytes (or the new descriptor, or 0),
  * -errno, or PENDING if it would block. */
 static int64_t try_io(fiocp_op_t* op) {
@@ -650,6 +740,7 @@ static int64_t try_io(fiocp_op_t* op) {
       if (!(bk_get(op) & BK_SOCKIO)) return stream_io(op, 0);
       /* fall through */
     case FIOCP_OP_RECV:
+      if (op->flags & FIOCP_OPF_POOLED) return pooled_recv(op);
       do {
         r = recv(fd, op->buf, op->len, MSG_DONTWAIT);
       } while (r < 0 && errno == EINTR);
@@ -692,6 +783,45 @@ static int64_t try_io(fiocp_op_t* op) {
     default:
       return -EINVAL;
   }
+}
+
+/* Turns one result of multishot op into a child record appended to kids:
+ * res, and the pooled buffer (op->offset), move to it; an accept's child
+ * gets a copy of the peer's address when memory allows (the binding asks
+ * getpeername() otherwise). Returns 0, or -1 when no child could be made:
+ * op then carries the result itself and ends (nothing is lost). */
+static int child_of(fiocp_op_t* op, int64_t res, opq_t* kids) {
+  fiocp_op_t* child = fiocp__child_new(op);
+  if (child == NULL) return -1;
+  child->res = res;
+  child->offset = op->offset;
+  op->offset = -1;
+  if (op->kind == FIOCP_OP_ACCEPT) {
+    fiocp_addr_t* a = (fiocp_addr_t*)calloc(1, sizeof(*a));
+    if (a != NULL) {
+      memcpy(&a->ss, &op->addr->ss, sizeof(a->ss));
+      a->sslen = op->addr->sslen;
+      child->addr = a;
+    }
+  }
+  q_push(kids, child);
+  return 0;
+}
+
+/* Runs multishot op: up to MULTISHOT_BURST results, each a child appended
+ * to kids. Returns PENDING while op goes on (it would block, or its burst
+ * is spent and the re-armed interest brings it back), else the result that
+ * ends it: an error (FIOCP_ENOBUFS among them), end of stream for a recv,
+ * or a result op carries because no child could be made. */
+static int64_t run_multishot(fiocp_op_t* op, opq_t* kids) {
+  int n;
+  for (n = 0; n < MULTISHOT_BURST; n++) {
+    int64_t res = try_io(op);
+    if (res == PENDING) return PENDING;
+    if (res < 0 || (res == 0 && op->kind == FIOCP_OP_RECV)) return res;
+    if (child_of(op, res, kids) < 0) return res;
+  }
+  return PENDING;
 }
 
 /* ---- Descriptor table --------------------------------------------------- */
@@ -1175,6 +1305,7 @@ static int fd_submit(ep_t* e, fiocp_op_t* op) {
   opq_t orphans = {NULL, NULL};
   int64_t res = 0;
   int rc = fdst_get(e, op_fd(op), &st), to_pool = 0, failed = 0;
+  int kids_made = 0;
   if (rc == FIOCP_ENOMEM) {
     finish_op(e, op); /* its heap entry, its pidfd */
     fiocp__hub_abort(&e->hub);
@@ -1188,10 +1319,19 @@ static int fd_submit(ep_t* e, fiocp_op_t* op) {
   if (dir == DIR_POLL || st->q[dir].head == NULL) {
     /* Nothing ahead of it in this direction (polls have no order): try it
      * now. */
-    res = try_io(op);
+    if (op->flags & FIOCP_OPF_MULTISHOT) {
+      opq_t kids = {NULL, NULL};
+      res = run_multishot(op, &kids);
+      /* Under st->mu: ahead of anything a poller makes of op once it is
+       * queued. */
+      kids_made = kids.head != NULL;
+      done_splice(e, &kids);
+    } else {
+      res = try_io(op);
+    }
     if (res != PENDING) {
       pthread_mutex_unlock(&st->mu);
-      complete(e, op, res);
+      complete(e, op, res); /* publishes the children first */
       return 0;
     }
   }
@@ -1224,6 +1364,7 @@ static int fd_submit(ep_t* e, fiocp_op_t* op) {
   complete_all(e, &orphans);
   if (to_pool) pool_submit(e, op);
   else if (failed) complete(e, op, res);
+  else if (kids_made) publish_done(e); /* op waits: its children do not */
   return 0;
 }
 
@@ -1269,6 +1410,15 @@ static int ep_submit(fiocp_port_t* port, fiocp_op_t* op, int defer) {
        kind == FIOCP_OP_RECVMSG || kind == FIOCP_OP_SENDFILE ||
        kind == FIOCP_OP_WAIT_PROCESS || kind == FIOCP_OP_TIMER))
     return -EINVAL;
+  /* Pools serve receives; multishot is for pooled receives and accepts
+   * (fiocp.h). ZEROCOPY needs nothing: epoll's sends copy. */
+  if ((op->flags & FIOCP_OPF_POOLED) &&
+      (kind != FIOCP_OP_RECV || op->pool == NULL || op->pool->size == 0))
+    return -EINVAL;
+  if ((op->flags & FIOCP_OPF_MULTISHOT) && kind != FIOCP_OP_ACCEPT &&
+      !(kind == FIOCP_OP_RECV && (op->flags & FIOCP_OPF_POOLED)))
+    return -EINVAL;
+  if (op->flags & FIOCP_OPF_POOLED) op->offset = -1; /* no buffer held */
   rc = fiocp__hub_begin(&e->hub);
   if (rc < 0) return rc;
   op->next = NULL;
@@ -1411,11 +1561,20 @@ static int ep_cancel(fiocp_port_t* port, fiocp_op_t* op) {
 /* ---- Polling ------------------------------------------------------------ */
 
 /* Runs the queue of one direction from its head until an operation would
- * block; finished operations go to done. st->mu held. */
-static void run_queue_locked(fdst_t* st, int dir, opq_t* done) {
+ * block (or a multishot op at the head spent its burst); finished
+ * operations go to done, a multishot op's children straight to e->done.
+ * st->mu held. */
+static void run_queue_locked(ep_t* e, fdst_t* st, int dir, opq_t* done) {
   fiocp_op_t* op;
   while ((op = st->q[dir].head) != NULL) {
-    int64_t res = try_io(op);
+    int64_t res;
+    if (op->flags & FIOCP_OPF_MULTISHOT) {
+      opq_t kids = {NULL, NULL};
+      res = run_multishot(op, &kids);
+      done_splice(e, &kids); /* before op's own completion, in done */
+    } else {
+      res = try_io(op);
+    }
     if (res == PENDING) break;
     (void)q_pop(&st->q[dir]);
     op->res = res;
@@ -1458,9 +1617,9 @@ static void handle_event(ep_t* e, uint64_t data, uint32_t revents,
     /* Polls first: they report what fired, before a read consumes it. */
     if (st->q[DIR_POLL].head != NULL) run_polls_locked(st, revents, done);
     if (revents & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP))
-      run_queue_locked(st, DIR_IN, done);
+      run_queue_locked(e, st, DIR_IN, done);
     if (revents & (EPOLLOUT | EPOLLERR | EPOLLHUP))
-      run_queue_locked(st, DIR_OUT, done);
+      run_queue_locked(e, st, DIR_OUT, done);
     if (interest(st) != 0) {
       int rc = ctl(e, st, EPOLL_CTL_MOD, interest(st));
       if (rc == -ENOENT || rc == -EBADF) {
@@ -1531,8 +1690,10 @@ static void ep_harvest(void* ctx) {
   done = e->done;
   e->done.head = e->done.tail = NULL;
   pthread_mutex_unlock(&e->done_mu);
+  /* Children were never in flight for the hub; their parents are. */
   while ((op = q_pop(&done)) != NULL)
-    fiocp__hub_complete_locked(&e->hub, op, 1);
+    fiocp__hub_complete_locked(&e->hub, op,
+                               !(op->flags & FIOCP_OPF_CHILD));
 }
 
 static void ep_kick(void* ctx) {
@@ -1809,4 +1970,8 @@ const fiocp_backend_t fiocp__epoll_backend = {
     ep_destroy,
     fiocp__hub_port_release,
     ep_support,
+    NULL, /* pool_add: the pool's own free stack serves (pooled_recv()) */
+    NULL, /* pool_put: fiocp__pool_give */
+    NULL, /* pool_remove */
+    NULL, /* native_flags: pools and multishot are emulated; sends copy */
 };

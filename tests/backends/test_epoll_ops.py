@@ -2,7 +2,10 @@
 them its own way (csrc/unix/epoll.c): the timer heap behind timer() and
 per-operation timeouts, polls beside the per-descriptor queues, sendfile on a
 blocking socket, process waits on a pidfd of the backend's own, and the
-descriptors those need (no pidfd or timerfd may leak).
+descriptors those need (no pidfd or timerfd may leak). Then issue 18's pools
+and multishot operations, emulated on readiness: a multishot beside a
+pending send, the burst bound per readiness event, FIOCP_ENOBUFS that reads
+nothing, order and loss under cancel and close.
 
 The shared behaviour of these operations on every backend lives in
 tests/test_operations.py; these tests reach into what only epoll has."""
@@ -13,6 +16,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -25,6 +29,7 @@ from conftest import collect
 
 if sys.platform.startswith("linux"):
     import fcntl  # the module is collected on Windows too (and skipped there)
+    import termios
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux backends")
 
@@ -519,6 +524,387 @@ def test_close_while_threads_submit_timers_and_timeouts():
             t.join(10)
         assert p.pending == 0
         assert all(op.done for op in accepted)
+    assert nfds() == before
+    a.close()
+    b.close()
+
+
+# ---- Pools and multishot operations (issue 18) --------------------------------
+#
+# epoll has no kernel buffer rings: a pooled receive takes a buffer only for
+# the moment of its recv(), and a multishot operation stays at the head of its
+# descriptor's read queue, armed, with at most 16 results per readiness event
+# (csrc/unix/epoll.c, MULTISHOT_BURST). The contract on every backend is in
+# tests/test_pools.py.
+
+BURST = 16  # MULTISHOT_BURST in epoll.c
+
+
+def test_nothing_is_native_on_epoll(port):
+    assert port.native == frozenset()
+
+
+def drain_bytes(results) -> bytes:
+    """The data of pooled results, in order, each buffer given back."""
+    out = b"".join(bytes(c.buffer) for c in results if c.buffer is not None)
+    for c in results:
+        c.release()
+    return out
+
+
+def test_multishot_recv_beside_a_pending_send(port, pair):
+    """A send waiting for room (the write queue) and a multishot recv (the
+    read queue) on one socket: each event re-arms the interest for both, and
+    the recv goes on after the send completed."""
+    a, b = pair
+    pool = fastiocp.BufferPool(4096, 64)
+    filled = fill(a)
+    send = port.send(a, b"s" * 65536, context="send")
+    ms = port.recv(a, pool, context="ms", multishot=True)
+    b.sendall(b"hello")
+    c = port.get(timeout=10)
+    assert (c.context, c.more, bytes(c.buffer)) == ("ms", True, b"hello")
+    c.release()
+    assert not send.done
+
+    got = bytearray()
+
+    def reader():
+        while len(got) < filled + 1:  # the send's first byte at least
+            chunk = b.recv(1 << 20)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    c = port.get(timeout=10)
+    assert c.context == "send" and c.error is None and c.nbytes > 0
+    t.join(10)
+    assert not ms.done
+    # Still armed for reading now that the write queue is empty.
+    for word in (b"world", b"again"):
+        b.sendall(word)
+        c = port.get(timeout=10)
+        assert (c.context, c.more, bytes(c.buffer)) == ("ms", True, word)
+        c.release()
+    b.shutdown(socket.SHUT_WR)
+    c = port.get(timeout=10)
+    assert c is ms and not c.more and c.error is None and c.nbytes == 0
+    assert pool.in_use == 0
+
+
+def test_a_flooded_socket_does_not_starve_another(port):
+    """Both sockets become ready in the same epoll_wait(): the flooded one's
+    multishot gives at most a burst of results before the other one's recv
+    completes, not all of its data."""
+    a1, b1 = socket.socketpair()
+    a2, b2 = socket.socketpair()
+    with a1, b1, a2, b2:
+        for s in (a1, a2):
+            port.register(s)
+        pool = fastiocp.BufferPool(64, 4096)
+        quiet = bytearray(16)
+        port.recv(a1, pool, context="flood", multishot=True)
+        port.recv(a2, quiet, context="quiet")
+        b1.sendall(os.urandom(64 * 1024))  # 1024 results of 64 bytes
+        b2.sendall(b"!")
+        before = 0
+        while True:
+            c = port.get(timeout=10)
+            if c.context == "quiet":
+                break
+            assert c.more and c.nbytes > 0
+            c.release()
+            before += 1
+        assert c.result() == 1 and quiet[:1] == b"!"
+        # One burst (two if the poller woke between the two writes), not
+        # the 1024 results that were ready.
+        assert before <= 2 * BURST, before
+        b1.close()
+        rest = 0
+        while True:
+            c = port.get(timeout=10)
+            if not c.more:
+                break
+            rest += c.nbytes
+            c.release()
+        assert c.context == "flood" and c.error is None and c.nbytes == 0
+        assert before * 64 + rest == 64 * 1024
+        assert pool.in_use == 0
+
+
+def test_enobufs_leaves_the_data_in_the_socket(port, pair):
+    """No buffer free: a pooled recv reads nothing, at submit time and when
+    woken by readiness, and says FIOCP_ENOBUFS only once data is there."""
+    a, b = pair
+    pool = fastiocp.BufferPool(8, 1)
+    b.sendall(b"first")
+    held = port.recv(a, pool)
+    assert port.get(timeout=10) is held and bytes(held.buffer) == b"first"
+    # Data there, pool empty: at once.
+    b.sendall(b"second")
+    c = port.recv(a, pool)
+    assert port.get(timeout=10) is c
+    assert c.error.errno == errno.ENOBUFS and c.buffer is None and c.nbytes == 0
+    assert a.recv(64) == b"second"
+    # No data, pool empty: it waits (a one-byte MSG_PEEK, not a read), then
+    # ENOBUFS when data comes.
+    c = port.recv(a, pool)
+    assert port.get_many(1, timeout=0.2) == []
+    b.sendall(b"third")
+    assert port.get(timeout=10) is c and c.error.errno == errno.ENOBUFS
+    assert c.nbytes == 0
+    ms = port.recv(a, pool, multishot=True)
+    assert port.get(timeout=10) is ms and ms.error.errno == errno.ENOBUFS
+    assert not ms.more
+    assert a.recv(64) == b"third"
+    held.release()
+    assert pool.in_use == 0
+    b.sendall(b"fourth")
+    c = port.recv(a, pool)
+    assert port.get(timeout=10) is c and bytes(c.buffer) == b"fourth"
+    c.release()
+
+
+def test_multishot_ends_with_enobufs_and_the_rest_stays(port, pair):
+    a, b = pair
+    pool = fastiocp.BufferPool(100, 3)
+    data = bytes(range(256)) * 4
+    b.sendall(data)
+    ms = port.recv(a, pool, multishot=True)
+    got = collect(port, 4)
+    assert [c.more for c in got] == [True, True, True, False]
+    assert got[-1] is ms and ms.error.errno == errno.ENOBUFS and ms.buffer is None
+    taken = drain_bytes(got[:3])
+    assert taken == data[:300]
+    assert pool.in_use == 0
+    a.setblocking(False)
+    assert a.recv(4096) == data[300:]
+
+
+def test_a_recv_behind_a_multishot_waits_for_its_end(port, pair):
+    """The read queue keeps its order: a multishot recv at its head takes
+    everything until it ends; a recv queued behind it runs after."""
+    a, b = pair
+    pool = fastiocp.BufferPool(64, 8)
+    ms = port.recv(a, pool, context="ms", multishot=True)
+    buf = bytearray(64)
+    later = port.recv(a, buf, context="later")
+    b.sendall(b"one")
+    c = port.get(timeout=10)
+    assert c.context == "ms" and c.more and bytes(c.buffer) == b"one"
+    c.release()
+    port.cancel(ms)
+    assert port.get(timeout=10) is ms and ms.cancelled
+    b.sendall(b"two")
+    assert port.get(timeout=10) is later and later.result() == 3
+    assert buf[:3] == b"two"
+
+
+def test_multishot_accept_takes_a_backlog_in_bursts_with_addresses(port):
+    """More connections waiting than one burst: the first burst at submit
+    time, the rest through the poller (the re-armed interest), each child
+    with the peer's address as accept() gave it: the backend copies it into
+    the child, so even a connection the peer reset before the accept (where
+    getpeername() fails with ENOTCONN) reports its address."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(128)
+    port.register(ls)
+    n = 3 * BURST + 5
+    clients = [socket.create_connection(ls.getsockname()) for _ in range(n)]
+    # The last one resets (SO_LINGER 0) while still in the accept queue.
+    clients[-1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset_name = clients[-1].getsockname()
+    clients[-1].close()
+    names = {cl.getsockname() for cl in clients[:-1]} | {reset_name}
+    try:
+        ms = port.accept(ls, context="acc", multishot=True)
+        got = collect(port, n)
+        assert all(c.more and c.context == "acc" for c in got)
+        peers = set()
+        for c in got:
+            s, addr = c.result()
+            peers.add(addr)
+            s.close()
+        assert peers == names
+        assert not ms.done
+        late = socket.create_connection(ls.getsockname())
+        c = port.get(timeout=10)
+        s, addr = c.result()
+        assert c.more and addr == late.getsockname()
+        s.close()
+        late.close()
+        port.cancel(ms)
+        assert port.get(timeout=10) is ms and ms.cancelled and not ms.more
+    finally:
+        for cl in clients:
+            cl.close()
+        ls.close()
+
+
+FLOOD_WRITER = """
+import os, sys
+fd = int(sys.argv[1])
+data = bytes(range(251)) * 16384
+view = memoryview(data)
+sent = 0
+while sent < len(data):
+    sent += os.write(fd, view[sent:sent + 65536])
+"""
+
+
+def test_cancel_racing_a_flood_keeps_order_and_loses_nothing(port, pair):
+    """A child process floods the socket while the multishot recv runs in
+    the poller (this thread, inside get_many()); cancel() comes from another
+    thread at a random moment, often while the poller holds the descriptor
+    in the middle of a burst: every child comes before the op's own
+    completion, their data is a prefix of the stream in order, and what
+    they did not take is still in the socket. (When the op's completion
+    went to the hub straight from cancel(), it overtook the burst's
+    children, which wait in e->done for the poller's harvest.)"""
+    a, b = pair
+    pattern = bytes(range(251)) * 16384  # 4 MiB, the writer's stream
+    for _ in range(20):
+        pool = fastiocp.BufferPool(256, 1024)
+        writer = subprocess.Popen([sys.executable, "-c", FLOOD_WRITER, str(b.fileno())],
+                                  pass_fds=[b.fileno()])
+        time.sleep(0.05)  # the writer started and the socket is full
+        ms = port.recv(a, pool, multishot=True)
+        canceller = threading.Timer(random.uniform(0, 0.005), ms.cancel)
+        canceller.start()
+        received = bytearray()
+        ended = False
+        while not ended:
+            for c in port.get_many(64, timeout=10):
+                assert not ended, "a result after the op's own completion"
+                if c.more:
+                    received += bytes(c.buffer)
+                    c.release()
+                else:
+                    assert c is ms
+                    ended = True
+        canceller.join(10)
+        writer.kill()
+        writer.wait(10)
+        assert ms.cancelled and ms.nbytes == 0 and ms.buffer is None
+        assert bytes(received) == pattern[:len(received)]
+        a.setblocking(False)
+        rest = bytearray()
+        while True:
+            try:
+                chunk = a.recv(1 << 20)
+            except BlockingIOError:
+                break
+            rest += chunk
+        a.setblocking(True)
+        stream = bytes(received + rest)
+        assert stream == pattern[:len(stream)]
+        assert pool.in_use == 0
+
+
+def test_cancel_during_the_pollers_batch_comes_after_the_children(port):
+    """The poller runs a multishot's burst (its children wait in e->done),
+    then, in the same batch, a long queue on another descriptor before it
+    harvests; a cancel() from another thread lands in between. The op's own
+    completion must still come after those children. (Completed straight
+    into the hub, it overtook them in a third to two thirds of the rounds.)
+
+    How the window is made: y, a dup() of the multishot's socket a, holds
+    2000 one-byte receives. epoll keys its registrations on (file, fd), so
+    one write wakes both, a first (armed last, so first on the socket's wait
+    queue). The helper thread writes once this thread is blocked in
+    get_many() with the GIL released (get_many() first polls once without
+    blocking, under the GIL, and a batch run there leaves no room for
+    another thread), watches FIONREAD drop (the burst has begun), and
+    cancels: it waits for a's lock until the burst ends, then runs while the
+    poller works through y's queue."""
+    a, b = socket.socketpair()
+    y = os.dup(a.fileno())
+    try:
+        port.register(a)
+        port.register(y)
+        ny = 2000
+        ybufs = [bytearray(1) for _ in range(ny)]
+        total = 4096 * BURST + ny
+        for _ in range(30):
+            pool = fastiocp.BufferPool(4096, 64)
+            for buf in ybufs:
+                port.recv(y, buf, context="y")
+            ms = port.recv(a, pool, context="ms", multishot=True)
+
+            def helper():
+                time.sleep(0.002)  # the main thread is blocked in get_many()
+                b.sendall(b"m" * total)
+                n = bytearray(4)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    fcntl.ioctl(a.fileno(), termios.FIONREAD, n)
+                    if struct.unpack("i", n)[0] < total:
+                        break
+                ms.cancel()
+
+            t = threading.Thread(target=helper)
+            t.start()
+            order = []
+            topped_up = False
+            while sum(c.context == "y" for c in order) < ny or ms not in order:
+                if ms in order and not topped_up:
+                    # A late cancel lets the multishot take y's bytes.
+                    b.sendall(b"t" * ny)
+                    topped_up = True
+                got = port.get_many(4096, timeout=10)
+                assert got, "completions missing"
+                order += got
+            t.join(10)
+            mine = [c for c in order if c.context == "ms"]
+            assert mine[-1] is ms and ms.cancelled and not ms.more
+            assert all(c.more for c in mine[:-1])
+            assert sum(c.nbytes for c in mine) + ny <= total + ny * topped_up
+            for c in mine:
+                c.release()
+            assert pool.in_use == 0
+            a.setblocking(False)
+            try:
+                while a.recv(1 << 20):
+                    pass
+            except BlockingIOError:
+                pass
+            a.setblocking(True)
+    finally:
+        os.close(y)
+        a.close()
+        b.close()
+
+
+def test_close_with_children_queued_returns_every_buffer():
+    """close() with a multishot armed and many of its results not yet
+    dequeued: each is handed back once (drained), no buffer stays held, no
+    descriptor leaks."""
+    a, b = socket.socketpair()
+    before = nfds()
+    pool = fastiocp.BufferPool(64, 1024)
+    for _ in range(3):
+        p = fastiocp.CompletionPort(backend=BACKEND)
+        p.register(a)
+        ms = p.recv(a, pool, multishot=True)
+        b.sendall(os.urandom(64 * 100))
+        # Some results dequeued and held, the others left in the queue.
+        held = p.get_many(10, timeout=10)
+        assert all(c.more for c in held) and len(held) > 0
+        p.close()
+        assert ms.done and ms.cancelled
+        for c in held:
+            c.release()
+        assert pool.in_use == 0
+        a.setblocking(False)
+        try:
+            while a.recv(1 << 16):
+                pass
+        except BlockingIOError:
+            pass
+        a.setblocking(True)
     assert nfds() == before
     a.close()
     b.close()
