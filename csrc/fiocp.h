@@ -239,7 +239,7 @@ typedef struct fiocp_op_s {
   uintptr_t bk;          /* backend scratch (epoll: interest bookkeeping) */
   struct fiocp_pool_s* pool; /* POOLED: the pool; else NULL */
   /* MULTISHOT op: 1 + its children not yet finished by the binding
-   * (changed atomically: fiocp__child_new, fiocp__child_done). The record
+   * (changed atomically: fiocp__child_new, fiocp__child_free). The record
    * is given back to the allocator only once it is 0, and the binding
    * keeps op's Completion alive until then. A child: its op. */
   uint32_t refs;

@@ -37,7 +37,18 @@ BATCH = 256
 # Protocol receive into one pool instead of a 64 KiB buffer each, so an
 # idle connection pins no receive buffer. 256 buffers of 64 KiB (uvloop
 # reads into 64 KiB too): 16 MiB of address space, resident only as
-# buffers are used. FASTIOCP_LOOP_POOL=0 turns it off.
+# buffers are used. FASTIOCP_LOOP_POOL=0 turns it off (_pooled_default).
+def _pooled_default() -> bool:
+    """FASTIOCP_LOOP_POOL=1/0, else on Linux (io_uring's provided buffers;
+    on epoll a pooled receive costs what a plain one does) and off on
+    Windows, where each pooled receive is a zero-byte WSARecv, then a
+    recv(): two calls per message where a plain receive needs one."""
+    env = os.environ.get("FASTIOCP_LOOP_POOL")
+    if env is not None:
+        return env != "0"
+    return sys.platform != "win32"
+
+
 POOL_BUFFER_SIZE = 64 * 1024
 POOL_BUFFERS = 256
 
@@ -109,7 +120,7 @@ class PortProactor:
         # direct callback left them for the next select().
         self._backlog: List[Completion] = []
         self._pool: Optional[BufferPool] = None
-        self.pooled = os.environ.get("FASTIOCP_LOOP_POOL", "0") != "0"
+        self.pooled = _pooled_default()
 
     # ---- plumbing -------------------------------------------------------------
 
