@@ -243,11 +243,47 @@ void fiocp__pool_give(fiocp_pool_t* pool, uint32_t id) {
   fiocp__pool_unlock(pool);
 }
 
-/* ---- Multishot children ------------------------------------------------ */
+/* ---- Multishot children ------------------------------------------------
+ * A busy multishot makes a child per message: they are kept for reuse (at
+ * most CHILD_CACHE_MAX, process-wide, under one mutex) rather than going
+ * through malloc and free each time. */
+
+#define CHILD_CACHE_MAX 1024
+
+static fiocp_op_t* child_cache;
+static int child_cache_len;
+#ifdef _WIN32
+static SRWLOCK child_cache_mu = SRWLOCK_INIT;
+# define CHILD_LOCK() AcquireSRWLockExclusive(&child_cache_mu)
+# define CHILD_UNLOCK() ReleaseSRWLockExclusive(&child_cache_mu)
+#else
+static pthread_mutex_t child_cache_mu = PTHREAD_MUTEX_INITIALIZER;
+# define CHILD_LOCK() pthread_mutex_lock(&child_cache_mu)
+# define CHILD_UNLOCK() pthread_mutex_unlock(&child_cache_mu)
+
+/* fork() while another thread holds the mutex would leave it locked
+ * forever in the child: fork waits for it. */
+static void child_cache_prefork(void) { pthread_mutex_lock(&child_cache_mu); }
+static void child_cache_postfork(void) { pthread_mutex_unlock(&child_cache_mu); }
+__attribute__((constructor)) static void child_cache_atfork(void) {
+  (void)pthread_atfork(child_cache_prefork, child_cache_postfork,
+                       child_cache_postfork);
+}
+#endif
 
 fiocp_op_t* fiocp__child_new(fiocp_op_t* parent) {
-  fiocp_op_t* child = (fiocp_op_t*)calloc(1, sizeof(*child));
-  if (child == NULL) return NULL;
+  fiocp_op_t* child;
+  CHILD_LOCK();
+  child = child_cache;
+  if (child != NULL) {
+    child_cache = child->next;
+    child_cache_len--;
+  }
+  CHILD_UNLOCK();
+  if (child != NULL)
+    memset(child, 0, sizeof(*child));
+  else if ((child = (fiocp_op_t*)calloc(1, sizeof(*child))) == NULL)
+    return NULL;
   child->kind = parent->kind;
   child->state = FIOCP_ST_INFLIGHT;
   child->flags = (uint8_t)((parent->flags & ~FIOCP_OPF_CANCELLED) |
@@ -269,6 +305,15 @@ uint32_t fiocp__op_unref(fiocp_op_t* parent) {
 uint32_t fiocp__child_free(fiocp_op_t* child) {
   fiocp_op_t* parent = child->parent;
   free(child->addr);
+  child->addr = NULL;
+  CHILD_LOCK();
+  if (child_cache_len < CHILD_CACHE_MAX) {
+    child->next = child_cache;
+    child_cache = child;
+    child_cache_len++;
+    child = NULL;
+  }
+  CHILD_UNLOCK();
   free(child);
   return fiocp__op_unref(parent);
 }

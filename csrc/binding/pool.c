@@ -191,10 +191,28 @@ typedef struct {
   Py_ssize_t exports;
 } PooledBufferObject;
 
+/* One is made and dropped per pooled receive: kept for reuse, as
+ * Completions are (completion.c), under the GIL (off on free-threaded
+ * builds). */
+#ifdef Py_GIL_DISABLED
+# define POOLED_FREELIST_MAX 0
+#else
+# define POOLED_FREELIST_MAX 1024
+#endif
+static PooledBufferObject* pooled_freelist;
+static int pooled_freelist_len;
+
 PyObject* fb_PooledBuffer_new(BufferPoolObject* pool, uint32_t id,
                               Py_ssize_t len) {
-  PooledBufferObject* b = PyObject_New(PooledBufferObject, &fb_PooledBufferType);
-  if (b == NULL) return NULL;
+  PooledBufferObject* b = POOLED_FREELIST_MAX ? pooled_freelist : NULL;
+  if (b != NULL) {
+    pooled_freelist = (PooledBufferObject*)b->pool;
+    pooled_freelist_len--;
+    _Py_NewReference((PyObject*)b);
+  } else {
+    b = PyObject_New(PooledBufferObject, &fb_PooledBufferType);
+    if (b == NULL) return NULL;
+  }
   Py_INCREF(pool);
   b->pool = pool;
   b->id = id;
@@ -219,7 +237,14 @@ static void pooled_give_back(PooledBufferObject* self) {
 
 static void PooledBuffer_dealloc(PooledBufferObject* self) {
   pooled_give_back(self);
-  PyObject_Free(self);
+  if (pooled_freelist_len < POOLED_FREELIST_MAX) {
+    /* The pool field links the free list: it is NULL after give back. */
+    self->pool = (BufferPoolObject*)pooled_freelist;
+    pooled_freelist = self;
+    pooled_freelist_len++;
+  } else {
+    PyObject_Free(self);
+  }
 }
 
 int fb_PooledBuffer_release(PyObject* obj) {
