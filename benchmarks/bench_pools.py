@@ -14,6 +14,13 @@ server's RSS growth per connection for the registration and the pending
 receive, then the client sends one byte on every connection and the server
 checks that each of them completes with its byte.
 
+loop-idle: the same N idle connections held by an asyncio Protocol server
+on asyncio's default loop, uvloop and the fastiocp loop (with its receive
+pool, the default on Linux, and without: FASTIOCP_LOOP_POOL=0): the
+server's RSS growth per connection, from before the first connection to
+all of them accepted with their transports reading (issue 16's idle
+target), then one byte on every connection, each received.
+
 zerocopy: 1 MiB sends over loopback TCP, port.send(zerocopy=True) against
 a plain port.send, alternating; the receiver is another process on the
 other CPU. Reports the sending thread's CPU time per byte (thread_time).
@@ -150,6 +157,52 @@ def measure_idle(n: int, backend: str, mode: str) -> tuple[float, float]:
     return float(per_conn), float(served)
 
 
+LOOP_IDLE_SERVER = textwrap.dedent("""
+    import asyncio, gc, os, resource, sys
+    N, which = int(sys.argv[1]), sys.argv[2]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(N + 500, hard), hard))
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    if which == "uvloop":
+        import uvloop
+        loop = uvloop.new_event_loop()
+    elif which.startswith("fastiocp"):
+        import fastiocp
+        loop = fastiocp.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    got = 0
+    done = loop.create_future()
+
+    class Idle(asyncio.Protocol):
+        def data_received(self, data):
+            global got
+            got += len(data)
+            if got >= N and not done.done():
+                done.set_result(None)
+
+    async def main():
+        servers = [await loop.create_server(Idle, "127.0.0.1", 0, backlog=4096)
+                   for _ in range((N + PER - 1) // PER)]
+        await asyncio.sleep(0.1)
+        gc.collect()
+        before = rss()
+        print(" ".join(str(s.sockets[0].getsockname()[1]) for s in servers), flush=True)
+        line = await loop.run_in_executor(None, sys.stdin.readline)  # "connected"
+        await asyncio.sleep(0.5)  # the last transports start reading
+        gc.collect()
+        after = rss()
+        print((after - before) / N, flush=True)
+        await asyncio.wait_for(done, 60)
+        print("served", flush=True)
+
+    loop.run_until_complete(main())
+""")
+
 ZC_RECEIVER = textwrap.dedent("""
     import socket, sys
     s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
@@ -189,9 +242,44 @@ def measure_zerocopy(zerocopy: bool, total: int, backend: str) -> float:
     return cpu * 1e9 / sent
 
 
+def measure_loop_idle(n: int, which: str) -> float:
+    """Bytes of server RSS per idle connection of an asyncio Protocol
+    server on loop `which` (asyncio, uvloop, fastiocp, fastiocp-nopool),
+    after checking that every connection is still served."""
+    env = dict(os.environ)
+    if which == "fastiocp-nopool":
+        env["FASTIOCP_LOOP_POOL"] = "0"
+    server = subprocess.Popen([sys.executable, "-c", f"PER = {PER_LISTENER}\n" + LOOP_IDLE_SERVER, str(n), which],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert server.stdin is not None and server.stdout is not None
+    try:
+        ports = server.stdout.readline().split()
+        if not ports:
+            raise RuntimeError(f"the {which} server did not start")
+        client = subprocess.Popen([sys.executable, "-c", IDLE_CLIENT, str(n), str(PER_LISTENER)] + ports,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert client.stdin is not None and client.stdout is not None
+        if client.stdout.readline().strip() != "connected":
+            raise RuntimeError("the client could not connect")
+        server.stdin.write("connected\n")
+        server.stdin.flush()
+        per_conn = float(server.stdout.readline())
+        client.stdin.write("send\n")
+        client.stdin.flush()
+        if server.stdout.readline().strip() != "served":
+            raise RuntimeError(f"the {which} server did not receive a byte from every connection")
+        client.stdin.write("quit\n")
+        client.stdin.flush()
+        client.wait(60)
+        return per_conn
+    finally:
+        server.kill()
+        server.wait()
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="idle,zerocopy")
+    ap.add_argument("--only", default="idle,loop-idle,zerocopy")
     ap.add_argument("--conns", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--gib", type=float, default=2.0, help="zerocopy: GiB per measurement")
@@ -201,6 +289,16 @@ def main(argv: list[str]) -> int:
     backends = [args.backend] if args.backend else fastiocp.available_backends()
     if len(os.sched_getaffinity(0)) >= 2 and "zerocopy" in only:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
+    if "loop-idle" in only:
+        conns = min(args.conns, max_connections())
+        for which in ("asyncio", "uvloop", "fastiocp", "fastiocp-nopool"):
+            try:
+                per_conn = measure_loop_idle(conns, which)
+            except (RuntimeError, OSError) as exc:
+                print(f"loop-idle {which}: failed: {exc}", flush=True)
+                continue
+            print(f"loop-idle {which:16} {conns:,} idle connections: {per_conn:,.0f} bytes of RSS per "
+                  "connection (each served after)", flush=True)
     for backend in backends:
         if "idle" in only:
             conns = args.conns
