@@ -131,6 +131,7 @@ CompletionObject* fb_Completion_create(uint8_t kind, PyObject* key,
   c->cancelled = 0;
   c->flags = 0;
   c->more = 0;
+  c->accept_info = 0;
   fb_track_if_needed(c, key);
   fb_track_if_needed(c, context);
   return c;
@@ -332,13 +333,21 @@ static void close_handle(fiocp_handle_t h) {
 /* (socket, address) for an accepted connection whose handle is res. A
  * multishot accept's result may come without the peer's address (io_uring
  * writes none per connection): it is asked for then. */
-static PyObject* make_accepted(fiocp_op_t* rec, int64_t res) {
-  PyObject *kwargs, *empty, *sock, *addr;
-  kwargs = Py_BuildValue("{sL}", "fileno", (long long)res);
-  empty = PyTuple_New(0);
-  sock = (kwargs && empty) ? PyObject_Call(fb_socket_type, empty, kwargs) : NULL;
-  Py_XDECREF(kwargs);
-  Py_XDECREF(empty);
+static PyObject* make_accepted(fiocp_op_t* rec, int64_t res, uint32_t info) {
+  PyObject *sock, *addr;
+  if (info != 0) {
+    /* The listener's family, type and proto, as socket.accept() passes
+     * them: no system calls to ask for them. */
+    sock = PyObject_CallFunction(fb_socket_type, "iiiL", (int)(info & 0xffff),
+                                 (int)((info >> 16) & 0xff), (int)(info >> 24),
+                                 (long long)res);
+  } else {
+    PyObject* kwargs = Py_BuildValue("{sL}", "fileno", (long long)res);
+    PyObject* empty = PyTuple_New(0);
+    sock = (kwargs && empty) ? PyObject_Call(fb_socket_type, empty, kwargs) : NULL;
+    Py_XDECREF(kwargs);
+    Py_XDECREF(empty);
+  }
   if (sock == NULL) {
     close_handle((fiocp_handle_t)res);
     return NULL;
@@ -518,7 +527,7 @@ static void finish_fill(fiocp_op_t* rec, CompletionObject* c) {
         }
         break;
       case FIOCP_OP_ACCEPT:
-        c->extra = make_accepted(rec, res);
+        c->extra = make_accepted(rec, res, c->accept_info);
         if (c->extra == NULL) {
           /* The new connection could not be wrapped: the completion
            * carries that error; the handle was closed. */
@@ -584,6 +593,7 @@ static CompletionObject* finish_child_fill(fiocp_op_t* rec) {
   }
   c->handle = parent->handle;
   c->flags = parent->flags;
+  c->accept_info = parent->accept_info;
   c->more = 1;
   if (parent->pool != NULL) {
     c->pool = Py_NewRef(parent->pool);

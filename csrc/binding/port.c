@@ -611,6 +611,7 @@ typedef struct {
   PyObject* keep;       /* kept as Completion.buffer (borrowed) */
   BufferPoolObject* pool; /* a pooled receive's pool (borrowed) */
   uint8_t flags;        /* FIOCP_OPF_POOLED / MULTISHOT / ZEROCOPY */
+  uint32_t accept_info; /* CompletionObject.accept_info */
 } op_extra_t;
 
 /* Raises NotImplementedError if the port's backend cannot do kind (or
@@ -682,6 +683,7 @@ static PyObject* submit_op(CompletionPortObject* self, uint8_t kind,
   }
   if (ex != NULL) {
     c->flags = ex->flags;
+    c->accept_info = ex->accept_info;
     if (ex->pool != NULL) {
       c->pool = Py_NewRef((PyObject*)ex->pool);
       Py_SETREF(c->buffer, Py_NewRef((PyObject*)ex->pool));
@@ -1047,6 +1049,32 @@ static PyObject* CompletionPort_sendto(CompletionPortObject* self, FASTARGS) {
                    OR_NONE(a[3]), exp);
 }
 
+/* A listening socket object's family, type and proto, packed as
+ * CompletionObject.accept_info; 0 when obj is not a socket object (or
+ * they do not fit). Never fails. */
+static uint32_t listener_info(PyObject* obj) {
+  static const char* const names[] = {"family", "type", "proto"};
+  long v[3];
+  int i, r = PyObject_IsInstance(obj, fb_socket_type);
+  if (r <= 0) {
+    PyErr_Clear();
+    return 0;
+  }
+  for (i = 0; i < 3; i++) {
+    PyObject* o = PyObject_GetAttrString(obj, names[i]);
+    v[i] = o != NULL ? PyLong_AsLong(o) : -1;
+    Py_XDECREF(o);
+    if (v[i] == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return 0;
+    }
+  }
+  if (v[0] <= 0 || v[0] > 0xffff || v[1] <= 0 || v[1] > 0xff || v[2] < 0 ||
+      v[2] > 0xff)
+    return 0;
+  return (uint32_t)v[0] | ((uint32_t)v[1] << 16) | ((uint32_t)v[2] << 24);
+}
+
 static PyObject* CompletionPort_accept(CompletionPortObject* self, FASTARGS) {
   static const char* const names[] = {"sock", "context", "timeout",
                                       "multishot"};
@@ -1057,19 +1085,16 @@ static PyObject* CompletionPort_accept(CompletionPortObject* self, FASTARGS) {
   if (parse_args("accept", args, nargs, kwnames, names, interned, 4, 1, a) < 0 ||
       timeout_extra(a[2], &ex, &exp) < 0 || (multishot = parse_flag(a[3])) < 0)
     return NULL;
-  if (multishot) {
-    if (exp != NULL) {
-      PyErr_SetString(PyExc_ValueError,
-                      "accept(multishot=True) takes no timeout: cancel() ends "
-                      "it");
-      return NULL;
-    }
-    memset(&ex, 0, sizeof(ex));
-    ex.flags = FIOCP_OPF_MULTISHOT;
-    exp = &ex;
+  if (multishot && exp != NULL) {
+    PyErr_SetString(PyExc_ValueError,
+                    "accept(multishot=True) takes no timeout: cancel() ends it");
+    return NULL;
   }
+  if (exp == NULL) memset(&ex, 0, sizeof(ex));
+  if (multishot) ex.flags = FIOCP_OPF_MULTISHOT;
+  ex.accept_info = listener_info(a[0]);
   return submit_op(self, FIOCP_OP_ACCEPT, a[0], NULL, BUF_NONE, 0, NULL,
-                   OR_NONE(a[1]), exp);
+                   OR_NONE(a[1]), &ex);
 }
 
 static PyObject* CompletionPort_connect(CompletionPortObject* self, FASTARGS) {

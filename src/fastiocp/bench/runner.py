@@ -50,7 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The C sources of the load generator and the reference server.
 CSRC = os.path.join(HERE, "csrc")
 HOST = "127.0.0.1"
-SECTION_IDS = ("echo", "pingpong", "http", "file", "handoff", "loop", "accept")
+SECTION_IDS = ("echo", "pingpong", "http", "file", "handoff", "loop", "accept", "frameworks")
 # What a plain `python -m fastiocp bench` runs; "loop" (36 measurements a
 # round) only when asked for with --only.
 DEFAULT_SECTIONS = ("echo", "pingpong", "http", "file", "handoff")
@@ -751,6 +751,30 @@ class Runner:
                 [Column("p50 ms", "lat_p50_ms", "{:.2f}"), Column("p99 ms", "lat_p99_ms", "{:.2f}"),
                  Column("server CPU µs/req", "server_us_per_req", "{:.1f}"),
                  Column("wrk CPU", "wrk_cpu_pct", "{:.0f}%")]))
+        if "frameworks" in only:
+            def framework(name: str, needs_uvloop: bool = False) -> Callable[[Runner], Dict[str, Any]]:
+                def run(r: Runner) -> Dict[str, Any]:
+                    if needs_uvloop and r.uvloop:
+                        raise Skip(r.uvloop)
+                    for mod in ("uvicorn", "aiohttp"):
+                        if mod in name:
+                            try:
+                                optional_import(mod)
+                            except ImportError:
+                                raise Skip(f"{mod} not installed (pip install {mod})") from None
+                    return r.http(py + [name, "0"])
+                return run
+
+            for fw, what in (("uvicorn", "uvicorn (httptools when installed), plain ASGI hello world"),
+                             ("aiohttp", "aiohttp web, hello-world handler")):
+                out.append(Section(
+                    f"http-{fw}", f"HTTP/1.1 keep-alive: {what}, wrk -t2 -c64", "req/s", "req_per_s",
+                    [Contender("fastiocp loop", "fastiocp", framework(f"http-{fw}-fastiocp-loop")),
+                     Contender("asyncio", "baseline", framework(f"http-{fw}-asyncio")),
+                     Contender("uvloop", "baseline", framework(f"http-{fw}-uvloop", True))],
+                    [Column("p50 ms", "lat_p50_ms", "{:.2f}"), Column("p99 ms", "lat_p99_ms", "{:.2f}"),
+                     Column("server CPU µs/req", "server_us_per_req", "{:.1f}"),
+                     Column("wrk CPU", "wrk_cpu_pct", "{:.0f}%")]))
         if "file" in only:
             file_cols = [Column("MiB/s", "mib_per_s", "{:,.0f}"),
                          Column("CPU µs/read", "cpu_us_per_read", "{:.2f}")]

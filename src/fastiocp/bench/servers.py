@@ -28,6 +28,19 @@ def _listen(port: int) -> socket.socket:
     return lsock
 
 
+def _listen_tcp(port: int) -> socket.socket:
+    """A listener whose proto is IPPROTO_TCP, as getaddrinfo() gives
+    loop.create_server(host, port): asyncio sets TCP_NODELAY on a
+    connection only when its socket says so (base_events._set_nodelay),
+    and an accepted socket takes its listener's proto. A framework handed
+    a socket.socket() listener (proto 0) would wait out delayed ACKs."""
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((HOST, port))
+    lsock.listen(1024)
+    return lsock
+
+
 def _announce(what: str, lsock_or_port: Any) -> None:
     port = lsock_or_port if isinstance(lsock_or_port, int) else lsock_or_port.getsockname()[1]
     print(f"{what} on {HOST}:{port}", flush=True)
@@ -487,6 +500,59 @@ def _http_protocol_server(loop_factory: Callable[[], Any]) -> Callable[[int], No
     return serve
 
 
+def _uvicorn_server(loop_factory: Callable[[], Any]) -> Callable[[int], None]:
+    """uvicorn (httptools when installed), a plain ASGI hello world, on the
+    given loop: issue 16's framework row."""
+    def serve(port: int) -> None:
+        from fastiocp.bench import optional_import
+
+        uvicorn = optional_import("uvicorn")
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain"), (b"content-length", b"13")]})
+            await send({"type": "http.response.body", "body": b"Hello, world!"})
+
+        loop = loop_factory()
+        asyncio.set_event_loop(loop)
+        lsock = _listen_tcp(port)
+        config = uvicorn.Config(app, loop="none", log_level="warning", access_log=False,
+                                lifespan="off", http="auto")
+        _announce("http server", lsock)
+        loop.run_until_complete(uvicorn.Server(config).serve(sockets=[lsock]))
+
+    return serve
+
+
+def _aiohttp_server(loop_factory: Callable[[], Any]) -> Callable[[int], None]:
+    """aiohttp's web server, a hello-world handler, on the given loop."""
+    def serve(port: int) -> None:
+        from fastiocp.bench import optional_import
+
+        web = optional_import("aiohttp.web")
+
+        async def hello(request: Any) -> Any:
+            return web.Response(text="Hello, world!")
+
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_get("/", hello)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            lsock = _listen_tcp(port)
+            await web.SockSite(runner, lsock).start()
+            _announce("http server", lsock)
+            await asyncio.Event().wait()
+
+        loop = loop_factory()
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(main())
+
+    return serve
+
+
 # The loops of the loop section, by the name the server names end with.
 LOOPS: Dict[str, Callable[[], Any]] = {
     "asyncio": _asyncio_loop,
@@ -512,6 +578,9 @@ SERVERS: Dict[str, Callable[..., None]] = {
     "http-asyncio": _http_protocol_server(_asyncio_loop),
     "http-uvloop": _http_protocol_server(_uvloop_loop),
     "http-fastiocp-loop": _http_protocol_server(_fastiocp_loop),
+    **{f"http-{framework}-{name}": make(factory)
+       for name, factory in LOOPS.items()
+       for framework, make in (("uvicorn", _uvicorn_server), ("aiohttp", _aiohttp_server))},
 }
 
 
