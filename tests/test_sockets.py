@@ -99,6 +99,33 @@ def test_tcp_accept_and_connect_v4(port):
             assert conn.recv(100) == b"over tcp"
 
 
+@pytest.mark.parametrize("listener", ["proto 0", "IPPROTO_TCP", "descriptor"])
+def test_accepted_socket_takes_its_listeners_family_type_and_proto(port, listener):
+    """As socket.accept(): the accepted socket object has the listener's
+    family, type and proto (asyncio sets TCP_NODELAY only when proto says
+    TCP); a listener given as a bare descriptor has them asked of the
+    kernel."""
+    proto = socket.IPPROTO_TCP if listener == "IPPROTO_TCP" else 0
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(4)
+    with lsock:
+        port.register(lsock)
+        acc = port.accept(lsock.fileno() if listener == "descriptor" else lsock)
+        client = socket.create_connection(lsock.getsockname())
+        collect(port, 1)
+        conn, _ = acc.result()
+        with conn, client:
+            assert (conn.family, conn.type) == (socket.AF_INET, socket.SOCK_STREAM)
+            expected = {"proto 0": 0, "IPPROTO_TCP": socket.IPPROTO_TCP}.get(listener)
+            if expected is not None:
+                assert conn.proto == expected
+            elif not ON_WINDOWS:
+                assert conn.proto == socket.IPPROTO_TCP  # asked of the kernel
+            client.sendall(b"x")
+            assert conn.recv(1) == b"x"
+
+
 @pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 on this machine")
 def test_tcp_accept_and_connect_v6(port):
     lsock = socket.create_server(("::1", 0), family=socket.AF_INET6)
