@@ -50,6 +50,16 @@ void fb_set_closed_error(void) {
   "the buffer pool had no free buffer when data arrived: nothing was read; " \
   "release buffers, then receive again"
 
+/* Raises type(err, message): one of fastiocp's own codes as the errno
+ * Python spells it on each platform (WSAE* on Windows). */
+static void set_errno_error(PyObject* type, int err, const char* message) {
+  PyObject* args = Py_BuildValue("(is)", err, message);
+  if (args != NULL) {
+    PyErr_SetObject(type, args);
+    Py_DECREF(args);
+  }
+}
+
 /* Raises the exception for a negative fiocp code. Returns NULL. */
 PyObject* fb_set_code_error(int64_t code) {
   if (code == FIOCP_ECLOSED) {
@@ -60,27 +70,17 @@ PyObject* fb_set_code_error(int64_t code) {
     PyErr_SetString(PyExc_NotImplementedError,
                     "operation not supported by this backend");
   } else if (code == FIOCP_ETIMEDOUT) {
-    /* errno.ETIMEDOUT as Python spells it on each platform. */
 #ifdef _WIN32
-    PyObject* args = Py_BuildValue("(is)", WSAETIMEDOUT, TIMEOUT_MESSAGE);
+    set_errno_error(PyExc_TimeoutError, WSAETIMEDOUT, TIMEOUT_MESSAGE);
 #else
-    PyObject* args = Py_BuildValue("(is)", ETIMEDOUT, TIMEOUT_MESSAGE);
+    set_errno_error(PyExc_TimeoutError, ETIMEDOUT, TIMEOUT_MESSAGE);
 #endif
-    if (args != NULL) {
-      PyErr_SetObject(PyExc_TimeoutError, args);
-      Py_DECREF(args);
-    }
   } else if (code == FIOCP_ENOBUFS) {
-    /* errno.ENOBUFS as Python spells it on each platform. */
 #ifdef _WIN32
-    PyObject* args = Py_BuildValue("(is)", WSAENOBUFS, ENOBUFS_MESSAGE);
+    set_errno_error(PyExc_OSError, WSAENOBUFS, ENOBUFS_MESSAGE);
 #else
-    PyObject* args = Py_BuildValue("(is)", ENOBUFS, ENOBUFS_MESSAGE);
+    set_errno_error(PyExc_OSError, ENOBUFS, ENOBUFS_MESSAGE);
 #endif
-    if (args != NULL) {
-      PyErr_SetObject(PyExc_OSError, args);
-      Py_DECREF(args);
-    }
   } else if (code == FIOCP_EOWNHANDLE) {
     PyErr_SetString(PyExc_ValueError,
                     "that handle belongs to this CompletionPort itself (its "

@@ -448,12 +448,26 @@ class Runner:
             raise Skip("no load generator (see notes)")
         else:
             client = [self.loadgen, "echo"]
+        what = "TLS client" if tls else "load generator"
+        r = self.drive(cmd, lambda port, pid: client + [HOST, str(port), str(connections), str(size),
+                                                        str(self.cfg.echo_warmup), str(self.cfg.echo_seconds),
+                                                        str(pid)], what, (0, 3))
+        if r["bad_echoes"]:
+            raise RuntimeError(f"{r['bad_echoes']} wrong echoes")
+        msgs = max(r["messages"], 1)
+        r["server_us_per_msg"] = r["server_cpu_s"] * 1e6 / msgs if r["server_cpu_s"] >= 0 else None
+        return r
+
+    def drive(self, cmd: List[str], client: Callable[[int, int], List[str]], what: str,
+              ok: Tuple[int, ...] = (0,)) -> Dict[str, Any]:
+        """Starts the server cmd, runs client(port, server pid) (the C load
+        generator or the TLS client, on the client CPUs) for the warm-up and
+        the measurement, and returns the JSON it printed, with its CPU and
+        the server's as percentages. The server is killed after."""
         server, port, errpath = self.start_server(cmd)
         try:
             cfg = self.cfg
-            lg = spawn(client + [HOST, str(port), str(connections), str(size),
-                                 str(cfg.echo_warmup), str(cfg.echo_seconds), str(server.pid)],
-                       self.client_cpus,
+            lg = spawn(client(port, server.pid), self.client_cpus,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
             assert self.progress is not None
             self.progress.wait(lg, cfg.echo_warmup + cfg.echo_seconds + 40)
@@ -462,14 +476,9 @@ class Runner:
             kill(lg)
             if server.poll() is not None:
                 raise RuntimeError(f"server died: {stderr_tail(server, errpath)}")
-            if rc not in (0, 3) or not out.strip():
-                what = "TLS client" if tls else "load generator"
+            if rc not in ok or not out.strip():
                 raise RuntimeError(f"{what} failed ({rc}): {err.decode(errors='replace').strip()[:200]}")
             r: Dict[str, Any] = json.loads(out)
-            if r["bad_echoes"]:
-                raise RuntimeError(f"{r['bad_echoes']} wrong echoes")
-            msgs = max(r["messages"], 1)
-            r["server_us_per_msg"] = r["server_cpu_s"] * 1e6 / msgs if r["server_cpu_s"] >= 0 else None
             r["loadgen_cpu_pct"] = 100.0 * r["loadgen_cpu_s"] / r["seconds"]
             r["server_cpu_pct"] = 100.0 * r["server_cpu_s"] / r["seconds"]
             return r
@@ -481,30 +490,13 @@ class Runner:
         every connection) driven by the C load generator's connect mode."""
         if self.loadgen is None:
             raise Skip("no load generator (see notes)")
-        server, port, errpath = self.start_server(cmd)
-        try:
-            cfg = self.cfg
-            lg = spawn([self.loadgen, "connect", HOST, str(port), str(ACCEPT_INFLIGHT),
-                        str(cfg.echo_warmup), str(cfg.echo_seconds), str(server.pid)],
-                       self.client_cpus,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-            assert self.progress is not None
-            self.progress.wait(lg, cfg.echo_warmup + cfg.echo_seconds + 40)
-            out, err = pipe(lg.stdout).read(), pipe(lg.stderr).read()
-            rc = lg.returncode
-            kill(lg)
-            if server.poll() is not None:
-                raise RuntimeError(f"server died: {stderr_tail(server, errpath)}")
-            if rc != 0 or not out.strip():
-                raise RuntimeError(f"load generator failed ({rc}): {err.decode(errors='replace').strip()[:200]}")
-            r: Dict[str, Any] = json.loads(out)
-            conns = max(r["connections"], 1)
-            r["server_us_per_conn"] = r["server_cpu_s"] * 1e6 / conns if r["server_cpu_s"] >= 0 else None
-            r["loadgen_cpu_pct"] = 100.0 * r["loadgen_cpu_s"] / r["seconds"]
-            r["server_cpu_pct"] = 100.0 * r["server_cpu_s"] / r["seconds"]
-            return r
-        finally:
-            kill(server)
+        loadgen = self.loadgen
+        r = self.drive(cmd, lambda port, pid: [loadgen, "connect", HOST, str(port), str(ACCEPT_INFLIGHT),
+                                               str(self.cfg.echo_warmup), str(self.cfg.echo_seconds), str(pid)],
+                       "load generator")
+        conns = max(r["connections"], 1)
+        r["server_us_per_conn"] = r["server_cpu_s"] * 1e6 / conns if r["server_cpu_s"] >= 0 else None
+        return r
 
     def tls_certificate(self) -> Tuple[str, str]:
         """A throw-away self-signed certificate and key for the TLS echo,

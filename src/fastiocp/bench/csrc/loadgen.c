@@ -107,6 +107,46 @@ static double percentile(uint64_t total, double q) {
   return (double)HIST_US;
 }
 
+/* The measured window: it opens WARMUP_S after the start (sampling this
+ * process's CPU and the server's) and closes DURATION_S later. */
+typedef struct {
+  double start, warmup, duration, t0, t_end, cpu0, scpu0;
+  long server_pid;
+  int measuring;
+} window_t;
+
+static void window_init(window_t* w, double warmup, double duration, long server_pid) {
+  memset(w, 0, sizeof(*w));
+  w->start = now_s();
+  w->warmup = warmup;
+  w->duration = duration;
+  w->server_pid = server_pid;
+}
+
+/* Called at time t in the loop: opens the window when the warm-up is
+ * over; returns 1 once it has closed. */
+static int window_tick(window_t* w, double t) {
+  if (!w->measuring && t - w->start >= w->warmup) {
+    w->measuring = 1;
+    w->t0 = now_s();
+    w->cpu0 = cpu_self_s();
+    w->scpu0 = cpu_of_pid(w->server_pid);
+    w->t_end = w->t0 + w->duration;
+  } else if (w->measuring && t >= w->t_end) {
+    return 1;
+  }
+  return 0;
+}
+
+/* At the close: the window's seconds, this process's CPU seconds in it
+ * and the server's (-1 if unreadable). */
+static void window_close(window_t* w, double* secs, double* cpu, double* scpu) {
+  double t1 = now_s(), cpu1 = cpu_self_s(), scpu1 = cpu_of_pid(w->server_pid);
+  *secs = t1 - w->t0;
+  *cpu = cpu1 - w->cpu0;
+  *scpu = (w->scpu0 < 0 || scpu1 < 0) ? -1.0 : scpu1 - w->scpu0;
+}
+
 static int fail(const char* what) {
   fprintf(stderr, "loadgen: %s: %s\n", what, strerror(errno));
   return 2;
@@ -136,10 +176,10 @@ static int send_more(int ep, conn_t* c, uint32_t idx, const char* msg, size_t le
 
 static int run_echo(int argc, char** argv) {
   const char* host;
-  int port, nconns, i, ep, measuring = 0, one = 1;
+  int port, nconns, i, ep, one = 1;
   size_t msgsize;
-  double warmup, duration, t0 = 0, t_end = 0, t_start, cpu0 = 0, scpu0 = 0,
-                           last_progress;
+  double warmup, duration, last_progress;
+  window_t win;
   long server_pid;
   conn_t* conns;
   char *msg, *rbuf;
@@ -193,12 +233,12 @@ static int run_echo(int argc, char** argv) {
     ev.data.u32 = (uint32_t)i;
     if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) return fail("epoll_ctl");
   }
-  t_start = now_s();
+  window_init(&win, warmup, duration, server_pid);
   for (i = 0; i < nconns; i++) {
     conns[i].sent = now_s();
     if (send_more(ep, &conns[i], (uint32_t)i, msg, msgsize) < 0) return fail("send");
   }
-  last_progress = t_start;
+  last_progress = win.start;
 
   for (;;) {
     int n = epoll_wait(ep, evs, 256, 100), k;
@@ -234,7 +274,7 @@ static int run_echo(int argc, char** argv) {
       if (c->got < msgsize) continue;
       c->got = 0;
       c->put = 0;
-      if (measuring) {
+      if (win.measuring) {
         double us = (t - c->sent) * 1e6;
         size_t b = us < 0 ? 0 : (us >= HIST_US ? HIST_US : (size_t)us);
         hist[b]++;
@@ -248,27 +288,18 @@ static int run_echo(int argc, char** argv) {
       fprintf(stderr, "loadgen: no echo for 5 s: the server is stuck\n");
       return 2;
     }
-    if (!measuring && t - t_start >= warmup) {
-      measuring = 1;
-      t0 = now_s();
-      cpu0 = cpu_self_s();
-      scpu0 = cpu_of_pid(server_pid);
-      t_end = t0 + duration;
-    } else if (measuring && t >= t_end) {
-      break;
-    }
+    if (window_tick(&win, t)) break;
   }
   {
-    double t1 = now_s(), cpu1 = cpu_self_s(), scpu1 = cpu_of_pid(server_pid);
-    double secs = t1 - t0;
+    double secs, cpu, scpu;
+    window_close(&win, &secs, &cpu, &scpu);
     printf("{\"messages\": %llu, \"seconds\": %.6f, \"msgs_per_s\": %.1f, "
            "\"lat_p50_us\": %.0f, \"lat_p90_us\": %.0f, \"lat_p99_us\": %.0f, "
            "\"lat_p999_us\": %.0f, \"loadgen_cpu_s\": %.4f, "
            "\"server_cpu_s\": %.4f, \"bad_echoes\": %llu, \"connections\": %d}\n",
            (unsigned long long)messages, secs, (double)messages / secs,
            percentile(messages, 0.50), percentile(messages, 0.90),
-           percentile(messages, 0.99), percentile(messages, 0.999),
-           cpu1 - cpu0, (scpu0 < 0 || scpu1 < 0) ? -1.0 : scpu1 - scpu0,
+           percentile(messages, 0.99), percentile(messages, 0.999), cpu, scpu,
            (unsigned long long)errors, nconns);
     fflush(stdout);
   }
@@ -304,10 +335,10 @@ static int run_connect(int argc, char** argv) {
   struct sockaddr_in sa;
   struct epoll_event evs[256];
   struct linger lin = {1, 0};
-  int ep, inflight, i, measuring = 0;
+  int ep, inflight, i;
   long server_pid;
-  double warmup, duration, t_start, t0 = 0, t_end = 0, cpu0 = 0, scpu0 = 0;
-  double last_progress;
+  double warmup, duration, last_progress;
+  window_t win;
   uint64_t conns = 0, errors = 0;
   if (argc != 8) {
     fprintf(stderr, "usage: loadgen connect HOST PORT INFLIGHT WARMUP_S "
@@ -328,7 +359,8 @@ static int run_connect(int argc, char** argv) {
   if (ep < 0) return fail("epoll_create1");
   for (i = 0; i < inflight; i++)
     if (start_connect(ep, &sa) < 0) return fail("connect");
-  t_start = last_progress = now_s();
+  window_init(&win, warmup, duration, server_pid);
+  last_progress = win.start;
   for (;;) {
     int n = epoll_wait(ep, evs, 256, 100), k;
     double t = now_s();
@@ -339,7 +371,7 @@ static int run_connect(int argc, char** argv) {
       if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0 || err != 0)
         errors++;
       else
-        conns += measuring;
+        conns += (uint64_t)win.measuring;
       setsockopt(fd, SOL_SOCKET, SO_LINGER, &lin, sizeof(lin));
       close(fd); /* also leaves the epoll set */
       if (start_connect(ep, &sa) < 0) return fail("connect");
@@ -349,23 +381,14 @@ static int run_connect(int argc, char** argv) {
       fprintf(stderr, "loadgen: no connection for 5 s: the server is stuck\n");
       return 2;
     }
-    if (!measuring && t - t_start >= warmup) {
-      measuring = 1;
-      t0 = now_s();
-      cpu0 = cpu_self_s();
-      scpu0 = cpu_of_pid(server_pid);
-      t_end = t0 + duration;
-    } else if (measuring && t >= t_end) {
-      break;
-    }
+    if (window_tick(&win, t)) break;
   }
   {
-    double t1 = now_s(), cpu1 = cpu_self_s(), scpu1 = cpu_of_pid(server_pid);
-    double secs = t1 - t0;
+    double secs, cpu, scpu;
+    window_close(&win, &secs, &cpu, &scpu);
     printf("{\"connections\": %llu, \"seconds\": %.6f, \"conns_per_s\": %.1f, "
            "\"loadgen_cpu_s\": %.4f, \"server_cpu_s\": %.4f, \"errors\": %llu}\n",
-           (unsigned long long)conns, secs, (double)conns / secs, cpu1 - cpu0,
-           (scpu0 < 0 || scpu1 < 0) ? -1.0 : scpu1 - scpu0,
+           (unsigned long long)conns, secs, (double)conns / secs, cpu, scpu,
            (unsigned long long)errors);
     fflush(stdout);
   }
