@@ -115,11 +115,12 @@ def test_accepted_socket_takes_its_listeners_family_type_and_proto(port, listene
         client = socket.create_connection(lsock.getsockname())
         collect(port, 1)
         conn, _ = acc.result()
-        with conn, client:
-            assert (conn.family, conn.type) == (socket.AF_INET, socket.SOCK_STREAM)
-            expected = {"proto 0": 0, "IPPROTO_TCP": socket.IPPROTO_TCP}.get(listener)
-            if expected is not None:
-                assert conn.proto == expected
+        client2 = socket.create_connection(lsock.getsockname())
+        ref, _ = lsock.accept()  # what socket.accept() gives
+        with conn, client, client2, ref:
+            assert (conn.family, conn.type) == (ref.family, ref.type) == (socket.AF_INET, socket.SOCK_STREAM)
+            if listener != "descriptor":
+                assert conn.proto == ref.proto
             elif not ON_WINDOWS:
                 assert conn.proto == socket.IPPROTO_TCP  # asked of the kernel
             client.sendall(b"x")
