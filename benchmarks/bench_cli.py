@@ -164,3 +164,28 @@ def test_loadgen_keeps_one_large_message_in_flight(tmp_path, monkeypatch):
             assert seen["max_pending"] <= size, seen  # never a second message in flight
         else:
             assert r.returncode == 3 and "wrong echo" in r.stderr, (r.returncode, r.stderr)
+
+
+def test_bench_accept_and_frameworks_sections_smoke(tmp_path):
+    """--only accept,frameworks, briefly: both accept servers accept
+    connections from the C client; each framework row runs, or says which
+    package is missing; no server is left behind."""
+    out = tmp_path / "accept.json"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastiocp.__file__)),
+               FASTIOCP_CACHE_DIR=str(tmp_path / "cache"),
+               FASTIOCP_BENCH_SMOKE_TOKEN=f"smoke-accept-{os.getpid()}-{id(tmp_path)}")
+    r = subprocess.run([sys.executable, "-m", "fastiocp", "bench", "--quick", "--only", "accept,frameworks",
+                        "--duration", "0.2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(out.read_text())
+    sections = {s["id"]: s for s in doc["sections"]}
+    assert set(sections) <= {"accept", "http-uvicorn", "http-aiohttp"} and "accept" in sections
+    for c in sections["accept"]["contenders"]:
+        assert not c["failed"] and c["samples"], c
+        assert all(x["connections"] > 0 for x in c["samples"]), c
+    for sid in ("http-uvicorn", "http-aiohttp"):
+        for c in sections.get(sid, {"contenders": []})["contenders"]:
+            assert not c["failed"], (sid, c)
+            assert c["samples"] or "not installed" in (c["skipped"] or ""), (sid, c)
+    assert _processes_with(env["FASTIOCP_BENCH_SMOKE_TOKEN"]) == [], "a server was left running"
