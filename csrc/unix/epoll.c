@@ -701,33 +701,14 @@ static int64_t do_poll(fiocp_op_t* op) {
   return m != 0 ? (int64_t)m : PENDING;
 }
 
-/* A pooled recv's try (FIOCP_OPF_POOLED): bytes into a buffer of the pool,
- * whose id goes to op->offset; the buffer goes back to the pool unless
- * data came. With no buffer free, nothing is read: FIOCP_ENOBUFS if data
- * is there, else what an empty socket says (PENDING, 0 at end of stream,
- * an error). */
+/* A pooled recv's try (FIOCP_OPF_POOLED, fiocp__pool_recv): the buffer's
+ * id goes to op->offset when data came; EAGAIN is PENDING. */
 static int64_t pooled_recv(fiocp_op_t* op) {
-  fiocp_pool_t* pool = op->pool;
-  int fd = (int)op->handle;
-  size_t len = op->len < pool->size ? op->len : pool->size;
-  int64_t id = fiocp__pool_take(pool);
-  ssize_t r;
-  if (id < 0) {
-    char peek;
-    do {
-      r = recv(fd, &peek, 1, MSG_DONTWAIT | MSG_PEEK);
-    } while (r < 0 && errno == EINTR);
-    return r > 0 ? FIOCP_ENOBUFS : sys_result(r);
-  }
-  do {
-    r = recv(fd, pool->base + (size_t)id * pool->size, len, MSG_DONTWAIT);
-  } while (r < 0 && errno == EINTR);
-  if (r > 0) {
-    op->offset = id;
-    return (int64_t)r;
-  }
-  fiocp__pool_give(pool, (uint32_t)id);
-  return sys_result(r);
+  int64_t id = -1;
+  int64_t r = fiocp__pool_recv(op->pool, (int)op->handle, op->len, &id);
+  if (r > 0) op->offset = id;
+  if (r == -EAGAIN || r == -EWOULDBLOCK) return PENDING;
+  return r;
 }
 
 /* Runs op without blocking. Returns bytes (or the new descriptor, or 0),

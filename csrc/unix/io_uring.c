@@ -1887,34 +1887,11 @@ static void rearm_result(uring_t* u, fiocp_op_t* op, int64_t res,
 }
 
 /* BK_EMU_POOL: one non-blocking receive into a buffer from the free
- * stack. Returns the bytes (> 0; the buffer, now held, in *bid), 0 at end
- * of stream, -EAGAIN when nothing is there, FIOCP_ENOBUFS when data is
- * there but no buffer is free (nothing read), or -errno. */
+ * stack (fiocp__pool_recv), the buffer marked held when data came. */
 static int64_t pooled_recv_now(fiocp_op_t* op, int64_t* bid) {
-  fiocp_pool_t* pool = op->pool;
-  int fd = (int)op->handle;
-  int64_t id = fiocp__pool_take(pool);
-  ssize_t n;
-  int err;
-  if (id < 0) {
-    char peek;
-    do {
-      n = recv(fd, &peek, 1, MSG_PEEK | MSG_DONTWAIT);
-    } while (n < 0 && errno == EINTR);
-    if (n > 0) return FIOCP_ENOBUFS;
-    return n == 0 ? 0 : -errno;
-  }
-  do {
-    n = recv(fd, pool->base + (size_t)id * pool->size, op->len, MSG_DONTWAIT);
-  } while (n < 0 && errno == EINTR);
-  if (n > 0) {
-    __atomic_store_n(&pool_impl(pool)->held[id], 1, __ATOMIC_RELAXED);
-    *bid = id;
-    return n;
-  }
-  err = n == 0 ? 0 : errno;
-  fiocp__pool_give(pool, (uint32_t)id);
-  return -(int64_t)err;
+  int64_t n = fiocp__pool_recv(op->pool, (int)op->handle, op->len, bid);
+  if (n > 0) __atomic_store_n(&pool_impl(op->pool)->held[*bid], 1, __ATOMIC_RELAXED);
+  return n;
 }
 
 /* BK_EMU_POOL: the POLL fired (res: the events, or an error). A receive,

@@ -1,9 +1,12 @@
 /* nonblock.c: see nonblock.h. */
 #include "nonblock.h"
 
+#include "../fiocp.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sys/socket.h>
 
 static pthread_mutex_t nb_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t nb_once = PTHREAD_ONCE_INIT;
@@ -47,4 +50,29 @@ void fiocp__nb_leave(int fd, int saved) {
   (void)fcntl(fd, F_SETFL, saved);
   pthread_mutex_unlock(&nb_mu);
   errno = err;
+}
+
+int64_t fiocp__pool_recv(fiocp_pool_t* pool, int fd, size_t len, int64_t* id) {
+  int64_t taken = fiocp__pool_take(pool);
+  ssize_t n;
+  int err;
+  if (len > pool->size) len = pool->size;
+  if (taken < 0) {
+    char peek;
+    do {
+      n = recv(fd, &peek, 1, MSG_PEEK | MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n > 0) return FIOCP_ENOBUFS;
+    return n == 0 ? 0 : -(int64_t)errno;
+  }
+  do {
+    n = recv(fd, pool->base + (size_t)taken * pool->size, len, MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+  if (n > 0) {
+    *id = taken;
+    return (int64_t)n;
+  }
+  err = n == 0 ? 0 : errno;
+  fiocp__pool_give(pool, (uint32_t)taken);
+  return -(int64_t)err;
 }
