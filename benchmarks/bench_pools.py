@@ -47,18 +47,24 @@ import fastiocp
 HOST = "127.0.0.1"
 PER_LISTENER = 20000  # well inside the 28,232 ephemeral ports of one destination
 
-IDLE_CHILD = textwrap.dedent("""
-    import gc, os, resource, socket, subprocess, sys, time
-    import fastiocp
-    N, backend, mode, per = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
-    want = N + 500
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+# What every child script of this file starts with (N, the connections, is
+# its first argument): a descriptor limit for N connections, as far as the
+# hard limit allows (max_connections() said how many fit), and rss().
+CHILD_PRELUDE = textwrap.dedent("""
+    import os, resource, sys
+    _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if _soft < int(sys.argv[1]) + 500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(int(sys.argv[1]) + 500, _hard), _hard))
 
     def rss():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+""")
+
+IDLE_CHILD = CHILD_PRELUDE + textwrap.dedent("""
+    import gc, socket, subprocess, time
+    import fastiocp
+    N, backend, mode, per = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 
     nl = (N + per - 1) // per
     listeners = [socket.create_server(("127.0.0.1", 0), backlog=4096) for _ in range(nl)]
@@ -110,13 +116,9 @@ IDLE_CHILD = textwrap.dedent("""
     print((after - before) / N, served)
 """)
 
-IDLE_CLIENT = textwrap.dedent("""
-    import resource, socket, sys
+IDLE_CLIENT = CHILD_PRELUDE + textwrap.dedent("""
+    import socket
     N, per, ports = int(sys.argv[1]), int(sys.argv[2]), [int(p) for p in sys.argv[3:]]
-    want = N + 500
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
     socks = []
     for i in range(N):
         socks.append(socket.create_connection(("127.0.0.1", ports[i // per])))
@@ -157,15 +159,9 @@ def measure_idle(n: int, backend: str, mode: str) -> tuple[float, float]:
     return float(per_conn), float(served)
 
 
-LOOP_IDLE_SERVER = textwrap.dedent("""
-    import asyncio, gc, os, resource, sys
+LOOP_IDLE_SERVER = CHILD_PRELUDE + textwrap.dedent("""
+    import asyncio, gc
     N, which = int(sys.argv[1]), sys.argv[2]
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(N + 500, hard), hard))
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     if which == "uvloop":
         import uvloop
