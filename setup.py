@@ -23,7 +23,7 @@ BINDING = [
     "csrc/binding/filehandle.c",
 ]
 # The asyncio loop's C fast path (csrc/loop/), built into the same extension.
-LOOP = ["csrc/loop/transport.c"]
+LOOP = ["csrc/loop/transport.c", "csrc/loop/core.c"]
 COMMON = ["csrc/common.c"] + BINDING + LOOP
 SOURCES = {
     "linux": COMMON

@@ -471,5 +471,6 @@ int fb_loop_init(PyObject* module) {
   }
   if (PyType_Ready(&fb_ReadLoopType) < 0 || PyType_Ready(&fb_SocketWriteType) < 0) return -1;
   if (PyModule_AddObjectRef(module, "_ReadLoop", (PyObject*)&fb_ReadLoopType) < 0) return -1;
-  return PyModule_AddObjectRef(module, "_SocketWrite", (PyObject*)&fb_SocketWriteType);
+  if (PyModule_AddObjectRef(module, "_SocketWrite", (PyObject*)&fb_SocketWriteType) < 0) return -1;
+  return fb_loop_core_init(module);
 }

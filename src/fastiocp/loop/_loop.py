@@ -4,6 +4,7 @@ CompletionPort, completed with what the stdlib has only in its selector loop
 from __future__ import annotations
 
 import errno
+import inspect
 import io
 import os
 import signal
@@ -15,6 +16,7 @@ import warnings
 from asyncio import base_events, coroutines, events, proactor_events, tasks
 from typing import Any, Callable, Dict, Optional
 
+from .._fastiocp import _LoopCore, _loop_core_setup
 from . import _transports
 from ._proactor import POLLERR, POLLHUP, POLLIN, POLLOUT, PortProactor
 
@@ -40,7 +42,16 @@ class _Watch:
         self.events = 0
 
 
-class EventLoop(proactor_events.BaseProactorEventLoop):
+# _LoopCore (csrc/loop/core.c) does the stdlib's scheduling in C: call_soon,
+# call_at, call_later, time and _run_once, on genuine events.Handle and
+# TimerHandle objects. It needs to know their classes; if their slots are not
+# what it fills in (another CPython), it calls the stdlib's methods.
+_loop_core_setup(events.Handle, events.TimerHandle, base_events.BaseEventLoop)
+# Handle._run's report passes debug= where the stdlib's formatter takes it (3.13).
+_FORMAT_TAKES_DEBUG = "debug" in inspect.signature(events.format_helpers._format_callback_source).parameters
+
+
+class EventLoop(_LoopCore, proactor_events.BaseProactorEventLoop):
     """An asyncio event loop on a fastiocp CompletionPort (IOCP on Windows,
     io_uring or epoll on Linux). One loop per thread.
 
@@ -54,6 +65,19 @@ class EventLoop(proactor_events.BaseProactorEventLoop):
         # The self-pipe's reader carries signal numbers (set_wakeup_fd);
         # IocpProactor's loop starts it in run_forever, the base class never.
         self.call_soon(self._loop_self_reading)
+
+    def _report_handle_error(self, handle: events.Handle, exc: BaseException) -> None:
+        # Handle._run()'s report of a callback's exception, for the handles
+        # _LoopCore._run_once() runs itself.
+        fmt = events.format_helpers._format_callback_source
+        if _FORMAT_TAKES_DEBUG:
+            cb = fmt(handle._callback, handle._args, debug=self.get_debug())
+        else:
+            cb = fmt(handle._callback, handle._args)
+        context = {"message": f"Exception in callback {cb}", "exception": exc, "handle": handle}
+        if handle._source_traceback:
+            context["source_traceback"] = handle._source_traceback
+        self.call_exception_handler(context)
 
     @property
     def backend(self) -> str:
