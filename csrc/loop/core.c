@@ -798,7 +798,7 @@ PyTypeObject fb_LoopCoreType = {
 
 static PyMethodDef setup_def = {
     "_loop_core_setup", (PyCFunction)loop_core_setup, METH_VARARGS,
-    "_loop_core_setup(Handle, TimerHandle, BaseEventLoop, /)\n--\n\n"
+    "_loop_core_setup(handle, timer_handle, base_loop, /)\n--\n\n"
     "Tells _LoopCore the stdlib's classes. False if their slots are not the "
     "expected ones (the loop then runs on the stdlib's methods)."};
 
