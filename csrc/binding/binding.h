@@ -352,6 +352,11 @@ extern PyObject* fb_str_thread_slots;
 
 /* Whether the calling thread is inside one of its own port.batch() blocks. */
 int fb_in_batch(CompletionPortObject* self);
+/* Enters / leaves a batch() block of the calling thread (leaving the
+ * outermost flushes): what `with port.batch():` does. None, or NULL with
+ * an exception. */
+PyObject* fb_batch_enter(CompletionPortObject* self, PyObject* unused);
+PyObject* fb_batch_exit(CompletionPortObject* self, PyObject* unused);
 /* CompletionPort.batch(). */
 PyObject* fb_CompletionPort_batch(CompletionPortObject* self,
                                   PyObject* Py_UNUSED(ignored));

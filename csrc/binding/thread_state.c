@@ -25,8 +25,7 @@ int fb_in_batch(CompletionPortObject* self) {
          batch_index(self, PyThread_get_thread_ident()) >= 0;
 }
 
-static PyObject* CompletionPort_batch_enter(CompletionPortObject* self,
-                                            PyObject* Py_UNUSED(ignored)) {
+PyObject* fb_batch_enter(CompletionPortObject* self, PyObject* Py_UNUSED(ignored)) {
   unsigned long me = PyThread_get_thread_ident();
   int i;
   FB_LOCK(self);
@@ -57,8 +56,7 @@ fail:
   return NULL;
 }
 
-static PyObject* CompletionPort_batch_exit(CompletionPortObject* self,
-                                           PyObject* Py_UNUSED(ignored)) {
+PyObject* fb_batch_exit(CompletionPortObject* self, PyObject* Py_UNUSED(ignored)) {
   int i, flush;
   FB_LOCK(self);
   i = batch_index(self, PyThread_get_thread_ident());
@@ -84,7 +82,7 @@ static void Batch_dealloc(BatchObject* self) {
 }
 
 static PyObject* Batch_enter(BatchObject* self, PyObject* Py_UNUSED(ignored)) {
-  PyObject* r = CompletionPort_batch_enter(self->port, NULL);
+  PyObject* r = fb_batch_enter(self->port, NULL);
   if (r == NULL) return NULL;
   Py_DECREF(r);
   Py_INCREF(self->port);
@@ -92,7 +90,7 @@ static PyObject* Batch_enter(BatchObject* self, PyObject* Py_UNUSED(ignored)) {
 }
 
 static PyObject* Batch_exit(BatchObject* self, PyObject* args) {
-  PyObject* r = CompletionPort_batch_exit(self->port, NULL);
+  PyObject* r = fb_batch_exit(self->port, NULL);
   (void)args;
   if (r == NULL) return NULL;
   Py_DECREF(r);

@@ -23,6 +23,12 @@
  *   (Context.run semantics through PyContext_Enter/Exit), and its error goes
  *   to the loop's _report_handle_error(handle, exc), the same report.
  *
+ * - The proactor's select() (PortProactor.select, src/fastiocp/loop/
+ *   _proactor.py) is here too, and _run_once() calls it without a Python
+ *   frame: one get_many(), then each completion finished (a direct
+ *   operation's callback called, or an operation's Future resolved) inside
+ *   one port batch, so what the callbacks submit takes one system call.
+ *
  * In debug mode (slow-callback warnings, source tracebacks, thread checks)
  * every method calls the stdlib's own, as does everything if setup found
  * the stdlib's classes shaped differently than expected.
@@ -66,7 +72,9 @@ static PyMemberDef *m_callback, *m_args, *m_cancelled, *m_loop, *m_source_tb, *m
 static int ready_to_go; /* setup found what it expected */
 
 static PyObject *str_append, *str_popleft, *str_select, *str_process_events, *str_time,
-    *str_run, *str_report_handle_error, *str_context;
+    *str_run, *str_report_handle_error, *str_context, *str_backlog, *str_port, *str_pending,
+    *str_loop, *str_get_many, *str_done, *str_cancel, *str_set_exception, *str_set_result,
+    *str_call_exception_handler;
 
 /* ---- the clock: time.monotonic() -------------------------------------- */
 
@@ -395,6 +403,248 @@ failed:
   return report_error(self, h);
 }
 
+/* ---- the proactor's select(): PortProactor.select in C ---------------- */
+
+/* Set by _loop_core_setup(): PortProactor (its select is this one) and
+ * _proactor._CONTINUED (a finish() that started the rest of the operation). */
+static PyTypeObject* proactor_type;
+static PyObject* continued;
+#define SELECT_BATCH 256
+
+/* fut.name(*args): the result (new reference) or NULL. */
+static PyObject* call_method(PyObject* obj, PyObject* name, PyObject* arg) {
+  PyObject* call[2] = {obj, arg};
+  return PyObject_VectorcallMethod(name, call, (arg ? 2 : 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                   NULL);
+}
+
+static int call_method_drop(PyObject* obj, PyObject* name, PyObject* arg) {
+  PyObject* r = call_method(obj, name, arg);
+  if (r == NULL) return -1;
+  Py_DECREF(r);
+  return 0;
+}
+
+/* The exception set, taken (normalized, traceback attached); NULL if none. */
+static PyObject* take_exception(void) {
+  PyObject *type, *exc, *tb;
+  PyErr_Fetch(&type, &exc, &tb);
+  PyErr_NormalizeException(&type, &exc, &tb);
+  if (tb != NULL && exc != NULL) PyException_SetTraceback(exc, tb);
+  Py_XDECREF(type);
+  Py_XDECREF(tb);
+  return exc;
+}
+
+/* One completion of a batch, as the proactor finishes it: a direct
+ * operation's callback is called (its error reported to the loop); an
+ * operation with a Future, (future, finish) as its context, resolves the
+ * future (appended to done). 0, or -1 with an exception to raise:
+ * SystemExit / KeyboardInterrupt from a callback, or a Future's error. */
+static int finish_one(PyObject* c, PyObject* pending, PyObject* loop, PyObject* done) {
+  PyObject *ctx, *fut, *finish, *r, *err;
+  int isdone;
+  if (!PyObject_TypeCheck(c, &fb_CompletionType)) {
+    PyErr_Format(PyExc_TypeError, "not a Completion: %R", c);
+    return -1;
+  }
+  ctx = ((CompletionObject*)c)->context;
+  if (ctx == Py_None) return 0; /* a wake-up post (call_soon_threadsafe) */
+  if (!PyTuple_CheckExact(ctx)) {
+    /* A direct operation (recv_direct): its callback runs now, as the loop
+     * would run a ready handle. */
+    r = PyObject_CallOneArg(ctx, c);
+    if (r != NULL) {
+      Py_DECREF(r);
+      return 0;
+    }
+    if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
+        PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+      return -1;
+    {
+      PyObject* exc = take_exception();
+      PyObject* msg = PyUnicode_FromFormat("Exception in callback %R", ctx);
+      PyObject* context = msg ? Py_BuildValue("{sOsO}", "message", msg, "exception", exc) : NULL;
+      Py_XDECREF(msg);
+      Py_XDECREF(exc);
+      if (context == NULL) return -1;
+      r = call_method(loop, str_call_exception_handler, context);
+      Py_DECREF(context);
+      if (r == NULL) return -1;
+      Py_DECREF(r);
+      return 0;
+    }
+  }
+  if (PyDict_DelItem(pending, c) < 0) {
+    if (!PyErr_ExceptionMatches(PyExc_KeyError)) return -1;
+    PyErr_Clear();
+  }
+  if (PyTuple_GET_SIZE(ctx) != 2) {
+    PyErr_Format(PyExc_TypeError, "an operation's context is not (future, finish): %R", ctx);
+    return -1;
+  }
+  fut = PyTuple_GET_ITEM(ctx, 0);
+  finish = PyTuple_GET_ITEM(ctx, 1);
+  r = call_method(fut, str_done, NULL);
+  if (r == NULL) return -1;
+  isdone = PyObject_IsTrue(r);
+  Py_DECREF(r);
+  if (isdone) return isdone < 0 ? -1 : 0; /* cancelled by the caller */
+  err = ((CompletionObject*)c)->error;
+  if (err != Py_None) {
+    if (((CompletionObject*)c)->cancelled) {
+      if (call_method_drop(fut, str_cancel, NULL) < 0) return -1;
+    } else if (call_method_drop(fut, str_set_exception, err) < 0) {
+      return -1;
+    }
+  } else {
+    PyObject* value = PyObject_CallOneArg(finish, c);
+    if (value == NULL) {
+      PyObject* exc = take_exception();
+      int rc = exc == NULL ? 0 : call_method_drop(fut, str_set_exception, exc);
+      Py_XDECREF(exc);
+      if (rc < 0) return -1;
+    } else {
+      int rc = value == continued ? 0 : call_method_drop(fut, str_set_result, value);
+      Py_DECREF(value);
+      if (rc < 0) return -1;
+    }
+  }
+  return PyList_Append(done, fut);
+}
+
+/* Finishes batch[start:]; on SystemExit / KeyboardInterrupt from a
+ * callback, what is left of it becomes proactor._backlog, finished by the
+ * next select(). The futures finished, or NULL. */
+static PyObject* finish_batch(PyObject* proactor, PyObject* batch) {
+  PyObject *pending, *loop, *done;
+  Py_ssize_t i, n = PyList_GET_SIZE(batch);
+  pending = PyObject_GetAttr(proactor, str_pending);
+  if (pending == NULL) return NULL;
+  if (!PyDict_Check(pending)) {
+    PyErr_SetString(PyExc_TypeError, "proactor._pending is not a dict");
+    Py_DECREF(pending);
+    return NULL;
+  }
+  loop = PyObject_GetAttr(proactor, str_loop);
+  done = loop ? PyList_New(0) : NULL;
+  if (done == NULL) goto out;
+  for (i = 0; i < n; i++) {
+    PyObject* c = Py_NewRef(PyList_GET_ITEM(batch, i));
+    int rc = finish_one(c, pending, loop, done);
+    Py_DECREF(c);
+    if (rc < 0) {
+      if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
+          PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+        PyObject *type, *value, *tb, *rest;
+        PyErr_Fetch(&type, &value, &tb);
+        rest = PyList_GetSlice(batch, i + 1, n);
+        if (rest == NULL || PyObject_SetAttr(proactor, str_backlog, rest) < 0) PyErr_Clear();
+        Py_XDECREF(rest);
+        PyErr_Restore(type, value, tb);
+      }
+      Py_CLEAR(done);
+      break;
+    }
+  }
+out:
+  Py_DECREF(pending);
+  Py_XDECREF(loop);
+  return done;
+}
+
+/* PortProactor.select(timeout): waits up to timeout seconds (None: until
+ * something completes) and finishes what was dequeued (the backlog a
+ * KeyboardInterrupt left, first). The submissions the callbacks make reach
+ * the kernel in one system call, at the end. The futures finished. */
+static PyObject* proactor_select(PyObject* proactor, PyObject* timeout) {
+  PyObject *backlog, *port, *batch, *done;
+  if (timeout != Py_None) {
+    double t = PyFloat_AsDouble(timeout);
+    if (t == -1.0 && PyErr_Occurred()) return NULL;
+    if (t < 0) timeout = NULL; /* 0 below */
+  }
+  backlog = PyObject_GetAttr(proactor, str_backlog);
+  if (backlog == NULL) return NULL;
+  if (PyList_CheckExact(backlog) && PyList_GET_SIZE(backlog) > 0) {
+    PyObject* empty = PyList_New(0);
+    if (empty == NULL || PyObject_SetAttr(proactor, str_backlog, empty) < 0) {
+      Py_XDECREF(empty);
+      Py_DECREF(backlog);
+      return NULL;
+    }
+    Py_DECREF(empty);
+    done = finish_batch(proactor, backlog);
+    Py_DECREF(backlog);
+    return done;
+  }
+  Py_DECREF(backlog);
+  port = PyObject_GetAttr(proactor, str_port);
+  if (port == NULL) return NULL;
+  if (!Py_IS_TYPE(port, &fb_CompletionPortType)) {
+    PyErr_SetString(PyExc_TypeError, "proactor._port is not a CompletionPort");
+    Py_DECREF(port);
+    return NULL;
+  }
+  {
+    PyObject* max = PyLong_FromLong(SELECT_BATCH);
+    PyObject* t = timeout == NULL ? PyFloat_FromDouble(0.0) : Py_NewRef(timeout);
+    PyObject* call[3] = {port, max, t};
+    batch = max && t ? PyObject_VectorcallMethod(str_get_many, call,
+                                                 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
+                     : NULL;
+    Py_XDECREF(max);
+    Py_XDECREF(t);
+  }
+  if (batch == NULL) {
+    Py_DECREF(port);
+    if (!PyErr_ExceptionMatches(fb_PortClosedError)) return NULL;
+    PyErr_Clear();
+    return PyList_New(0);
+  }
+  if (!PyList_CheckExact(batch) || PyList_GET_SIZE(batch) == 0) {
+    Py_DECREF(port);
+    return batch;
+  }
+  {
+    PyObject* r = fb_batch_enter((CompletionPortObject*)port, NULL);
+    if (r == NULL) {
+      Py_DECREF(port);
+      Py_DECREF(batch);
+      return NULL;
+    }
+    Py_DECREF(r);
+  }
+  done = finish_batch(proactor, batch);
+  Py_DECREF(batch);
+  {
+    /* `with port.batch():` leaves on an error too, the error kept. */
+    PyObject *type, *value, *tb, *r;
+    PyErr_Fetch(&type, &value, &tb);
+    r = fb_batch_exit((CompletionPortObject*)port, NULL);
+    if (r == NULL) {
+      Py_CLEAR(done);
+      if (type != NULL) {
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+      }
+    } else {
+      Py_DECREF(r);
+      if (type != NULL) PyErr_Restore(type, value, tb);
+    }
+  }
+  Py_DECREF(port);
+  return done;
+}
+
+static PyObject* py_proactor_select(PyObject* module, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1 || nargs > 2) {
+    PyErr_SetString(PyExc_TypeError, "_proactor_select(proactor, timeout=None)");
+    return NULL;
+  }
+  return proactor_select(args[0], nargs > 1 ? args[1] : Py_None);
+}
+
 /* ---- _LoopCore methods ------------------------------------------------ */
 
 static PyObject* LoopCore_call_soon(LoopCoreObject* self, PyObject* const* args, size_t nargsf,
@@ -594,10 +844,15 @@ static PyObject* LoopCore_run_once(LoopCoreObject* self, PyObject* unused) {
   }
   if (timeout == NULL) return NULL;
   {
-    PyObject* call[2] = {self->selector, timeout};
-    Py_INCREF(call[0]);
-    events = PyObject_VectorcallMethod(str_select, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_DECREF(call[0]);
+    PyObject* selector = Py_NewRef(self->selector);
+    if (Py_TYPE(selector) == proactor_type) {
+      events = proactor_select(selector, timeout);
+    } else {
+      PyObject* call[2] = {selector, timeout};
+      events = PyObject_VectorcallMethod(str_select, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                         NULL);
+    }
+    Py_DECREF(selector);
   }
   Py_DECREF(timeout);
   if (events == NULL) return NULL;
@@ -676,10 +931,14 @@ static PyMemberDef* slot_of(PyTypeObject* cls, const char* name) {
 }
 
 static PyObject* loop_core_setup(PyObject* module, PyObject* args) {
-  PyObject *handle, *timer, *base;
-  if (!PyArg_ParseTuple(args, "O!O!O:_loop_core_setup", &PyType_Type, &handle, &PyType_Type,
-                        &timer, &base))
+  PyObject *handle, *timer, *base, *proactor, *cont;
+  if (!PyArg_ParseTuple(args, "O!O!OO!O:_loop_core_setup", &PyType_Type, &handle, &PyType_Type,
+                        &timer, &base, &PyType_Type, &proactor, &cont))
     return NULL;
+  if (proactor_type == NULL) {
+    proactor_type = (PyTypeObject*)Py_NewRef(proactor);
+    continued = Py_NewRef(cont);
+  }
   if (ready_to_go) Py_RETURN_TRUE;
   if (!PyType_IsSubtype((PyTypeObject*)timer, (PyTypeObject*)handle) ||
       ((PyTypeObject*)handle)->tp_alloc == NULL) {
@@ -798,9 +1057,14 @@ PyTypeObject fb_LoopCoreType = {
 
 static PyMethodDef setup_def = {
     "_loop_core_setup", (PyCFunction)loop_core_setup, METH_VARARGS,
-    "_loop_core_setup(handle, timer_handle, base_loop, /)\n--\n\n"
-    "Tells _LoopCore the stdlib's classes. False if their slots are not the "
-    "expected ones (the loop then runs on the stdlib's methods)."};
+    "_loop_core_setup(handle, timer_handle, base_loop, proactor, continued, /)\n--\n\n"
+    "Tells _LoopCore the stdlib's classes and the loop's proactor class. False if the "
+    "handles' slots are not the expected ones (the loop then runs on the stdlib's methods)."};
+
+static PyMethodDef select_def = {
+    "_proactor_select", (PyCFunction)(void (*)(void))py_proactor_select, METH_FASTCALL,
+    "_proactor_select(proactor, timeout=None, /)\n--\n\n"
+    "PortProactor.select(): waits, then finishes what completed; the futures finished."};
 
 int fb_loop_core_init(PyObject* module) {
   struct {
@@ -811,6 +1075,11 @@ int fb_loop_core_init(PyObject* module) {
       {&str_select, "select"},         {&str_process_events, "_process_events"},
       {&str_time, "time"},             {&str_run, "_run"},
       {&str_context, "context"},       {&str_report_handle_error, "_report_handle_error"},
+      {&str_backlog, "_backlog"},      {&str_port, "_port"},
+      {&str_pending, "_pending"},      {&str_loop, "_loop"},
+      {&str_get_many, "get_many"},     {&str_done, "done"},
+      {&str_cancel, "cancel"},         {&str_set_exception, "set_exception"},
+      {&str_set_result, "set_result"}, {&str_call_exception_handler, "call_exception_handler"},
   };
   size_t i;
   PyObject* fn;
@@ -825,6 +1094,12 @@ int fb_loop_core_init(PyObject* module) {
   fn = PyCFunction_NewEx(&setup_def, NULL, NULL);
   if (fn == NULL) return -1;
   if (PyModule_AddObject(module, "_loop_core_setup", fn) < 0) {
+    Py_DECREF(fn);
+    return -1;
+  }
+  fn = PyCFunction_NewEx(&select_def, NULL, NULL);
+  if (fn == NULL) return -1;
+  if (PyModule_AddObject(module, "_proactor_select", fn) < 0) {
     Py_DECREF(fn);
     return -1;
   }

@@ -317,3 +317,68 @@ def test_tasks_and_sleep_run_on_the_core(loop):
         return await asyncio.gather(*[worker(i) for i in range(50)])
 
     assert loop.run_until_complete(main()) == list(range(50))
+
+
+# ---- the proactor's select() in C -----------------------------------------
+
+
+def test_select_finishes_futures_and_direct_callbacks(loop):
+    # An operation with a Future (sock_recv) and a direct one (a transport's
+    # read loop) finished by the same select().
+    import socket
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    try:
+        async def main() -> bytes:
+            fut = loop.sock_recv(a, 100)
+            b.send(b"hello")
+            return await asyncio.wait_for(fut, 5)
+
+        assert loop.run_until_complete(main()) == b"hello"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_select_reports_a_direct_callback_error_and_goes_on(loop):
+    errors: List[dict] = []
+    loop.set_exception_handler(lambda lp, c: errors.append(c))
+    port = loop._proactor.port
+
+    def bad(c: Any) -> None:
+        raise ValueError("bad callback")
+
+    port.post(context=bad)
+    run_briefly(loop)
+    assert len(errors) == 1
+    assert errors[0]["message"].startswith("Exception in callback ")
+    assert isinstance(errors[0]["exception"], ValueError)
+
+
+def test_keyboard_interrupt_in_a_direct_callback_leaves_the_rest_for_later(loop):
+    # PortProactor's backlog: the completions after the interrupted one are
+    # finished by the next select(), none lost.
+    port = loop._proactor.port
+    seen: List[int] = []
+
+    def interrupt(c: Any) -> None:
+        raise KeyboardInterrupt
+
+    port.post(context=interrupt)
+    for i in range(3):
+        port.post(context=lambda c, i=i: seen.append(i))
+    with pytest.raises(KeyboardInterrupt):
+        loop._proactor.select(0)
+    assert seen == [] and len(loop._proactor._backlog) == 3
+    loop._proactor.select(0)
+    assert seen == [0, 1, 2] and loop._proactor._backlog == []
+
+
+def test_select_on_a_closed_port_returns_nothing():
+    lp = fastiocp.new_event_loop()
+    proactor = lp._proactor
+    proactor.port.close()
+    assert proactor.select(0) == []
+    lp.close()

@@ -16,7 +16,7 @@ import warnings
 from asyncio import base_events, coroutines, events, proactor_events, tasks
 from typing import Any, Callable, Dict, Optional
 
-from .._fastiocp import _LoopCore, _loop_core_setup
+from .._fastiocp import _LoopCore
 from . import _transports
 from ._proactor import POLLERR, POLLHUP, POLLIN, POLLOUT, PortProactor
 
@@ -42,11 +42,6 @@ class _Watch:
         self.events = 0
 
 
-# _LoopCore (csrc/loop/core.c) does the stdlib's scheduling in C: call_soon,
-# call_at, call_later, time and _run_once, on genuine events.Handle and
-# TimerHandle objects. It needs to know their classes; if their slots are not
-# what it fills in (another CPython), it calls the stdlib's methods.
-_loop_core_setup(events.Handle, events.TimerHandle, base_events.BaseEventLoop)
 # Handle._run's report passes debug= where the stdlib's formatter takes it (3.13).
 _FORMAT_TAKES_DEBUG = "debug" in inspect.signature(events.format_helpers._format_callback_source).parameters
 

@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import weakref
-from asyncio import futures
+from asyncio import base_events, events, futures
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._fastiocp import (
@@ -28,6 +28,8 @@ from .._fastiocp import (
     CompletionPort,
     PortClosedError,
     _FileHandle,
+    _loop_core_setup,
+    _proactor_select,
 )
 
 WINDOWS = sys.platform == "win32"
@@ -171,65 +173,11 @@ class PortProactor:
 
     def select(self, timeout: Optional[float] = None) -> List[futures.Future]:
         """Waits up to timeout seconds (None: until something completes) and
-        finishes the futures of every completion dequeued."""
-        if timeout is not None and timeout < 0:
-            timeout = 0
-        if self._backlog:
-            batch, self._backlog = self._backlog, []
-            return self._finish(batch)
-        try:
-            batch = self._port.get_many(BATCH, timeout=timeout)
-        except PortClosedError:
-            return []
-        if not batch:
-            return []
-        # What the callbacks submit (receives started again) reaches the
-        # kernel in one system call when the batch is finished.
-        with self._port.batch():
-            return self._finish(batch)
-
-    def _finish(self, batch: List[Completion]) -> List[futures.Future]:
-        pending = self._pending
-        done = []
-        for i, c in enumerate(batch):
-            ctx = c.context
-            if ctx is None:  # a wake-up post (call_soon_threadsafe)
-                continue
-            if type(ctx) is not tuple:
-                # A direct operation (recv_direct): its callback runs now,
-                # as the loop would run a ready handle.
-                try:
-                    ctx(c)
-                except (SystemExit, KeyboardInterrupt):
-                    # What is left of the batch is finished by the next select().
-                    self._backlog = batch[i + 1:]
-                    raise
-                except BaseException as exc:  # noqa: BLE001
-                    self._loop.call_exception_handler({
-                        "message": f"Exception in callback {ctx!r}",
-                        "exception": exc,
-                    })
-                continue
-            pending.pop(c, None)
-            fut, finish = ctx
-            if fut.done():
-                continue  # cancelled by the caller
-            err = c.error
-            if err is not None:
-                if c.cancelled:
-                    fut.cancel()
-                else:
-                    fut.set_exception(err)
-            else:
-                try:
-                    value = finish(c)
-                except BaseException as exc:  # noqa: BLE001
-                    fut.set_exception(exc)
-                else:
-                    if value is not _CONTINUED:
-                        fut.set_result(value)
-            done.append(fut)
-        return done
+        finishes the futures of every completion dequeued; a direct
+        operation's callback is called. What the callbacks submit reaches
+        the kernel in one system call at the end. In C (csrc/loop/core.c),
+        which the loop's _run_once() calls without this frame."""
+        return _proactor_select(self, timeout)
 
     def wake(self) -> None:
         """Makes a select() in progress return (any thread)."""
@@ -468,6 +416,13 @@ class _Continued:
 
 
 _CONTINUED = _Continued()
+
+# _LoopCore (csrc/loop/core.c) does the stdlib's scheduling in C: call_soon,
+# call_at, call_later, time and _run_once, on genuine events.Handle and
+# TimerHandle objects, and this proactor's select(). It needs their classes;
+# if the handles' slots are not what it fills in (another CPython), the loop
+# calls the stdlib's methods.
+_loop_core_setup(events.Handle, events.TimerHandle, base_events.BaseEventLoop, PortProactor, _CONTINUED)
 
 
 __all__ = ["PortProactor", "POLLIN", "POLLOUT", "POLLERR", "POLLHUP"]
