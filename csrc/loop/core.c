@@ -271,7 +271,10 @@ static int heap_sift_down(PyObject* heap, Py_ssize_t startpos, Py_ssize_t pos) {
     Py_ssize_t parentpos = (pos - 1) >> 1;
     PyObject* parent = PyList_GET_ITEM(heap, parentpos);
     double pw = when_of(parent, &ok);
-    if (!ok) return -1;
+    if (!ok) {
+      PyList_SET_ITEM(heap, pos, newitem); /* every item in the list once */
+      return -1;
+    }
     if (neww < pw) {
       PyList_SET_ITEM(heap, pos, parent);
       pos = parentpos;
@@ -339,15 +342,21 @@ static int set_scheduled(PyObject* handle, PyObject* value) {
 
 /* ---- running a handle ------------------------------------------------ */
 
-/* Handle._run()'s except clause for the exception set: the loop's
- * _report_handle_error(handle, exc) (Python) reports it. */
-static int report_error(LoopCoreObject* self, PyObject* h) {
-  PyObject *type, *exc, *tb, *res;
+/* The exception set, taken (normalized, traceback attached); NULL if none. */
+static PyObject* take_exception(void) {
+  PyObject *type, *exc, *tb;
   PyErr_Fetch(&type, &exc, &tb);
   PyErr_NormalizeException(&type, &exc, &tb);
   if (tb != NULL && exc != NULL) PyException_SetTraceback(exc, tb);
   Py_XDECREF(type);
   Py_XDECREF(tb);
+  return exc;
+}
+
+/* Handle._run()'s except clause for the exception set: the loop's
+ * _report_handle_error(handle, exc) (Python) reports it. */
+static int report_error(LoopCoreObject* self, PyObject* h) {
+  PyObject *exc = take_exception(), *res;
   if (exc == NULL) return 0;
   {
     PyObject* call[3] = {(PyObject*)self, h, exc};
@@ -423,17 +432,6 @@ static int call_method_drop(PyObject* obj, PyObject* name, PyObject* arg) {
   if (r == NULL) return -1;
   Py_DECREF(r);
   return 0;
-}
-
-/* The exception set, taken (normalized, traceback attached); NULL if none. */
-static PyObject* take_exception(void) {
-  PyObject *type, *exc, *tb;
-  PyErr_Fetch(&type, &exc, &tb);
-  PyErr_NormalizeException(&type, &exc, &tb);
-  if (tb != NULL && exc != NULL) PyException_SetTraceback(exc, tb);
-  Py_XDECREF(type);
-  Py_XDECREF(tb);
-  return exc;
 }
 
 /* One completion of a batch, as the proactor finishes it: a direct

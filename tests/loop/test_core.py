@@ -382,3 +382,15 @@ def test_select_on_a_closed_port_returns_nothing():
     proactor.port.close()
     assert proactor.select(0) == []
     lp.close()
+
+
+def test_a_foreign_object_in_the_heap_raises_and_keeps_the_heap_whole(loop):
+    # Only TimerHandles belong in loop._scheduled; anything else makes the
+    # heap's comparisons fail with TypeError, every item still there once.
+    handles = [loop.call_later(100 + i, print) for i in range(5)]
+    loop._scheduled.insert(0, object())  # the root: every push compares with it
+    with pytest.raises(TypeError, match="not a TimerHandle"):
+        loop.call_later(50, print)
+    assert len(loop._scheduled) == 7 and len({id(x) for x in loop._scheduled}) == 7
+    assert all(h in loop._scheduled for h in handles)
+    loop._scheduled.clear()
