@@ -340,6 +340,22 @@ static int set_scheduled(PyObject* handle, PyObject* value) {
   return PyMember_SetOne((char*)handle, m_scheduled, value);
 }
 
+/* Whether a timer of the heap is cancelled: 1, 0, or -1 with an exception
+ * (TypeError for anything but a TimerHandle: its slots are read by offset). */
+static int timer_cancelled(PyObject* handle) {
+  PyObject* c;
+  int cancelled;
+  if (!PyObject_TypeCheck(handle, timer_handle_type)) {
+    PyErr_Format(PyExc_TypeError, "loop._scheduled holds %R, not a TimerHandle", handle);
+    return -1;
+  }
+  c = PyMember_GetOne((const char*)handle, m_cancelled);
+  if (c == NULL) return -1;
+  cancelled = c == Py_False ? 0 : PyObject_IsTrue(c);
+  Py_DECREF(c);
+  return cancelled;
+}
+
 /* ---- running a handle ------------------------------------------------ */
 
 /* The exception set, taken (normalized, traceback attached); NULL if none. */
@@ -671,7 +687,7 @@ static PyObject* LoopCore_call_soon(LoopCoreObject* self, PyObject* const* args,
 static PyObject* schedule_at(LoopCoreObject* self, PyObject* when, PyObject* const* args,
                              Py_ssize_t nargs, PyObject* context) {
   PyObject *t, *h;
-  if (!PyList_CheckExact(self->scheduled)) {
+  if (self->scheduled == NULL || !PyList_CheckExact(self->scheduled)) {
     PyErr_SetString(PyExc_TypeError, "loop._scheduled is not a list");
     return NULL;
   }
@@ -773,9 +789,7 @@ static int drop_cancelled_timers(LoopCoreObject* self) {
     if (kept == NULL) return -1;
     for (i = 0; i < PyList_GET_SIZE(heap); i++) {
       PyObject* h = PyList_GET_ITEM(heap, i);
-      PyObject* c = PyMember_GetOne((const char*)h, m_cancelled);
-      int cancelled = c == NULL ? -1 : PyObject_IsTrue(c);
-      Py_XDECREF(c);
+      int cancelled = timer_cancelled(h);
       if (cancelled < 0 || (cancelled ? set_scheduled(h, Py_False) : PyList_Append(kept, h)) < 0) {
         Py_DECREF(kept);
         return -1;
@@ -792,10 +806,8 @@ static int drop_cancelled_timers(LoopCoreObject* self) {
     return 0;
   }
   while (PyList_GET_SIZE(self->scheduled) > 0) {
-    PyObject* c = PyMember_GetOne((const char*)PyList_GET_ITEM(self->scheduled, 0), m_cancelled);
-    int cancelled = c == NULL ? -1 : PyObject_IsTrue(c);
+    int cancelled = timer_cancelled(PyList_GET_ITEM(self->scheduled, 0));
     PyObject* h;
-    Py_XDECREF(c);
     if (cancelled <= 0) return cancelled;
     self->timer_cancelled_count--;
     h = heap_pop(self->scheduled);
@@ -813,7 +825,7 @@ static PyObject* LoopCore_run_once(LoopCoreObject* self, PyObject* unused) {
   int fast = fast_path(self), stopping;
   if (fast < 0) return NULL;
   if (!fast || self->ready == NULL || self->selector == NULL || self->stopping == NULL ||
-      !PyList_CheckExact(self->scheduled)) {
+      self->scheduled == NULL || !PyList_CheckExact(self->scheduled)) {
     PyObject* me = (PyObject*)self;
     return PyObject_Vectorcall(base_run_once, &me, 1, NULL);
   }
@@ -864,6 +876,10 @@ static PyObject* LoopCore_run_once(LoopCoreObject* self, PyObject* unused) {
   Py_DECREF(r);
 
   /* Timers due within the clock's resolution join the ready queue. */
+  if (self->scheduled == NULL || !PyList_CheckExact(self->scheduled)) {
+    PyErr_SetString(PyExc_TypeError, "loop._scheduled is not a list");
+    return NULL;
+  }
   if (PyList_GET_SIZE(self->scheduled) > 0) {
     double end_time = loop_time(self);
     if (end_time == -1.0 && PyErr_Occurred()) return NULL;

@@ -394,3 +394,16 @@ def test_a_foreign_object_in_the_heap_raises_and_keeps_the_heap_whole(loop):
     assert len(loop._scheduled) == 7 and len({id(x) for x in loop._scheduled}) == 7
     assert all(h in loop._scheduled for h in handles)
     loop._scheduled.clear()
+
+
+def test_a_foreign_object_at_the_heap_top_is_an_error_not_a_crash(loop):
+    # _run_once reads a timer's slots by offset: anything but a TimerHandle
+    # at the top is refused with TypeError before any slot is read.
+    loop._scheduled.insert(0, object())
+    with pytest.raises(TypeError, match="not a TimerHandle"):
+        loop._run_once()
+    loop._scheduled.clear()
+    loop._scheduled = None
+    with pytest.raises(TypeError):
+        loop.call_later(1, print)
+    loop._scheduled = []
