@@ -103,8 +103,13 @@ static double monotonic_now(void) {
   }
   return d;
 #else
-  PyObject* v = PyObject_CallNoArgs(monotonic_fn);
+  PyObject* v;
   double d;
+  if (monotonic_fn == NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "_loop_core_setup() has not run");
+    return -1.0;
+  }
+  v = PyObject_CallNoArgs(monotonic_fn);
   if (v == NULL) return -1.0;
   d = PyFloat_AsDouble(v);
   Py_DECREF(v);
@@ -953,6 +958,18 @@ static PyObject* loop_core_setup(PyObject* module, PyObject* args) {
     proactor_type = (PyTypeObject*)Py_NewRef(proactor);
     continued = Py_NewRef(cont);
   }
+#ifndef __linux__
+#if PY_VERSION_HEX < 0x030D0000
+  /* time() needs it whatever the handles' shape. */
+  if (monotonic_fn == NULL) {
+    PyObject* time_mod = PyImport_ImportModule("time");
+    if (time_mod == NULL) return NULL;
+    monotonic_fn = PyObject_GetAttrString(time_mod, "monotonic");
+    Py_DECREF(time_mod);
+    if (monotonic_fn == NULL) return NULL;
+  }
+#endif
+#endif
   if (ready_to_go) Py_RETURN_TRUE;
   if (!PyType_IsSubtype((PyTypeObject*)timer, (PyTypeObject*)handle) ||
       ((PyTypeObject*)handle)->tp_alloc == NULL) {
@@ -978,17 +995,6 @@ static PyObject* loop_core_setup(PyObject* module, PyObject* args) {
   base_call_at = base_call_soon ? PyObject_GetAttrString(base, "call_at") : NULL;
   base_run_once = base_call_at ? PyObject_GetAttrString(base, "_run_once") : NULL;
   if (base_run_once == NULL) return NULL;
-#ifndef __linux__
-#if PY_VERSION_HEX < 0x030D0000
-  {
-    PyObject* time_mod = PyImport_ImportModule("time");
-    if (time_mod == NULL) return NULL;
-    monotonic_fn = PyObject_GetAttrString(time_mod, "monotonic");
-    Py_DECREF(time_mod);
-    if (monotonic_fn == NULL) return NULL;
-  }
-#endif
-#endif
   handle_type = (PyTypeObject*)Py_NewRef(handle);
   timer_handle_type = (PyTypeObject*)Py_NewRef(timer);
   ready_to_go = 1;
