@@ -35,21 +35,27 @@ def _processes_with(token: str) -> list:
     return found
 
 
-def test_bench_smoke(tmp_path):
-    out = tmp_path / "bench.json"
+def _run_bench(tmp_path, name: str, args: list, timeout: float = 240):
+    """Runs `python -m fastiocp bench --quick ARGS --json FILE` in a child
+    whose environment is marked with a token (see _processes_with); asserts
+    it exited 0. Returns (stdout, the JSON document, the token)."""
+    out = tmp_path / f"{name}.json"
+    token = f"smoke-{name}-{os.getpid()}-{id(tmp_path)}"
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastiocp.__file__)),
-               FASTIOCP_CACHE_DIR=str(tmp_path / "cache"),
-               FASTIOCP_BENCH_SMOKE_TOKEN=f"smoke-{os.getpid()}-{id(tmp_path)}")
-    r = subprocess.run([sys.executable, "-m", "fastiocp", "bench", "--quick", "--duration", "0.3",
-                        "--items", "20000", "--file-mib", "8", "--dir", str(tmp_path),
-                        "--json", str(out)],
-                       capture_output=True, text=True, timeout=280, env=env)
+               FASTIOCP_CACHE_DIR=str(tmp_path / "cache"), FASTIOCP_BENCH_SMOKE_TOKEN=token)
+    r = subprocess.run([sys.executable, "-m", "fastiocp", "bench", "--quick", *args, "--json", str(out)],
+                       capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout, json.loads(out.read_text()), token
+
+
+def test_bench_smoke(tmp_path):
+    stdout, doc, token = _run_bench(tmp_path, "all", ["--duration", "0.3", "--items", "20000",
+                                                      "--file-mib", "8", "--dir", str(tmp_path)], 280)
     for title in ("TCP echo", "ping-pong", "HTTP/1.1", "page cache", "O_DIRECT", "hand-off"):
-        assert title in r.stdout, r.stdout
+        assert title in stdout, stdout
     # The output speaks to users: no project targets, no internal references.
-    assert "targets" not in r.stdout and "MISSED" not in r.stdout and "issue" not in r.stdout
-    doc = json.loads(out.read_text())
+    assert "targets" not in stdout and "MISSED" not in stdout and "issue" not in stdout
     ids = [s["id"] for s in doc["sections"]]
     assert ids == ["echo", "pingpong", "http", "file-cached", "file-direct", "handoff"]
     for s in doc["sections"]:
@@ -59,7 +65,7 @@ def test_bench_smoke(tmp_path):
     handoff = doc["sections"][-1]["contenders"]
     assert all(c["samples"] for c in handoff)
     assert not list(tmp_path.glob("fastiocp-bench-*.dat")), "the test file was left behind"
-    assert _processes_with(env["FASTIOCP_BENCH_SMOKE_TOKEN"]) == [], "a server was left running"
+    assert _processes_with(token) == [], "a server was left running"
 
 
 def test_bench_rejects_unknown_section():
@@ -77,16 +83,8 @@ def test_bench_loop_section_smoke(tmp_path):
     """--only loop, briefly: every shape and size on every loop runs (uvloop's
     rows say why not when it is missing), 100 KiB echoes come back whole, and
     no server is left behind."""
-    out = tmp_path / "loop.json"
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastiocp.__file__)),
-               FASTIOCP_CACHE_DIR=str(tmp_path / "cache"),
-               FASTIOCP_BENCH_SMOKE_TOKEN=f"smoke-loop-{os.getpid()}-{id(tmp_path)}")
-    r = subprocess.run([sys.executable, "-m", "fastiocp", "bench", "--quick", "--only", "loop",
-                        "--duration", "0.1", "--json", str(out)],
-                       capture_output=True, text=True, timeout=240, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "issue" not in r.stdout and "targets" not in r.stdout
-    doc = json.loads(out.read_text())
+    stdout, doc, token = _run_bench(tmp_path, "loop", ["--only", "loop", "--duration", "0.1"])
+    assert "issue" not in stdout and "targets" not in stdout
     assert [s["id"] for s in doc["sections"]] == LOOP_IDS
     try:
         import uvloop  # noqa: F401
@@ -106,7 +104,7 @@ def test_bench_loop_section_smoke(tmp_path):
                 assert all(x["messages"] > 0 and x["bad_echoes"] == 0 for x in c["samples"]), c
     buffered = next(s for s in doc["sections"] if s["id"] == "loop-buffered")
     assert any("BufferedProtocol / Protocol on the same loop" in n for n in buffered["notes"])
-    assert _processes_with(env["FASTIOCP_BENCH_SMOKE_TOKEN"]) == [], "a server was left running"
+    assert _processes_with(token) == [], "a server was left running"
 
 
 def test_loadgen_keeps_one_large_message_in_flight(tmp_path, monkeypatch):
@@ -170,15 +168,7 @@ def test_bench_accept_and_frameworks_sections_smoke(tmp_path):
     """--only accept,frameworks, briefly: both accept servers accept
     connections from the C client; each framework row runs, or says which
     package is missing; no server is left behind."""
-    out = tmp_path / "accept.json"
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastiocp.__file__)),
-               FASTIOCP_CACHE_DIR=str(tmp_path / "cache"),
-               FASTIOCP_BENCH_SMOKE_TOKEN=f"smoke-accept-{os.getpid()}-{id(tmp_path)}")
-    r = subprocess.run([sys.executable, "-m", "fastiocp", "bench", "--quick", "--only", "accept,frameworks",
-                        "--duration", "0.2", "--json", str(out)],
-                       capture_output=True, text=True, timeout=240, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    doc = json.loads(out.read_text())
+    _, doc, token = _run_bench(tmp_path, "accept", ["--only", "accept,frameworks", "--duration", "0.2"])
     sections = {s["id"]: s for s in doc["sections"]}
     assert set(sections) <= {"accept", "http-uvicorn", "http-aiohttp"} and "accept" in sections
     for c in sections["accept"]["contenders"]:
@@ -188,4 +178,4 @@ def test_bench_accept_and_frameworks_sections_smoke(tmp_path):
         for c in sections.get(sid, {"contenders": []})["contenders"]:
             assert not c["failed"], (sid, c)
             assert c["samples"] or "not installed" in (c["skipped"] or ""), (sid, c)
-    assert _processes_with(env["FASTIOCP_BENCH_SMOKE_TOKEN"]) == [], "a server was left running"
+    assert _processes_with(token) == [], "a server was left running"
