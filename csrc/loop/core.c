@@ -190,9 +190,10 @@ static int parse_context(const char* fname, PyObject* const* args, Py_ssize_t na
   return 0;
 }
 
-/* The stdlib's method (debug mode, or setup failed): base(self, *args, **kw). */
-static PyObject* call_base(PyObject* base, PyObject* self, PyObject* const* args, size_t nargsf,
-                           PyObject* kwnames) {
+/* The stdlib's method (debug mode, or setup failed): base(self, *args,
+ * **kw), with args[0] replaced by first if it is not NULL. */
+static PyObject* call_base(PyObject* base, PyObject* self, PyObject* first, PyObject* const* args,
+                           size_t nargsf, PyObject* kwnames) {
   Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
   Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
   PyObject* stack[16];
@@ -205,6 +206,7 @@ static PyObject* call_base(PyObject* base, PyObject* self, PyObject* const* args
   }
   all[0] = self;
   for (i = 0; i < nargs + nkw; i++) all[i + 1] = args[i];
+  if (first != NULL && nargs > 0) all[1] = first;
   res = PyObject_Vectorcall(base, all, (size_t)(nargs + 1), kwnames);
   if (all != stack) PyMem_Free(all);
   return res;
@@ -678,7 +680,7 @@ static PyObject* LoopCore_call_soon(LoopCoreObject* self, PyObject* const* args,
   if (parse_context("call_soon", args, nargs, kwnames, &context) < 0) return NULL;
   fast = fast_path(self);
   if (fast < 0) return NULL;
-  if (!fast) return call_base(base_call_soon, (PyObject*)self, args, nargsf, kwnames);
+  if (!fast) return call_base(base_call_soon, (PyObject*)self, NULL, args, nargsf, kwnames);
   if (check_closed(self) < 0) return NULL;
   t = args_tuple(args, nargs, 1);
   if (t == NULL) return NULL;
@@ -728,7 +730,7 @@ static PyObject* LoopCore_call_at(LoopCoreObject* self, PyObject* const* args, s
   fast = fast_path(self);
   if (fast < 0) return NULL;
   if (!fast || !plain_number(args[0]))
-    return call_base(base_call_at, (PyObject*)self, args, nargsf, kwnames);
+    return call_base(base_call_at, (PyObject*)self, NULL, args, nargsf, kwnames);
   if (check_closed(self) < 0) return NULL;
   return schedule_at(self, args[0], args + 1, nargs - 1, context);
 }
@@ -757,19 +759,8 @@ static PyObject* LoopCore_call_later(LoopCoreObject* self, PyObject* const* args
   if (fast < 0 || (fast && check_closed(self) < 0)) {
     res = NULL;
   } else if (!fast || !plain_number(when)) {
-    /* self.call_at(when, callback, *args, context=context), as the stdlib. */
-    PyObject* stack[16];
-    PyObject** all = stack;
-    Py_ssize_t i, nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
-    if (nargs + nkw > 16) all = (PyObject**)PyMem_Malloc(sizeof(PyObject*) * (size_t)(nargs + nkw));
-    if (all == NULL) {
-      Py_DECREF(when);
-      return PyErr_NoMemory();
-    }
-    all[0] = when;
-    for (i = 1; i < nargs + nkw; i++) all[i] = args[i];
-    res = call_base(base_call_at, (PyObject*)self, all, (size_t)nargs, kwnames);
-    if (all != stack) PyMem_Free(all);
+    /* The stdlib's call_at(when, callback, *args, context=context). */
+    res = call_base(base_call_at, (PyObject*)self, when, args, (size_t)nargs, kwnames);
   } else {
     res = schedule_at(self, when, args + 1, nargs - 1, context);
   }

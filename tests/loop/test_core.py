@@ -407,3 +407,16 @@ def test_a_foreign_object_at_the_heap_top_is_an_error_not_a_crash(loop):
     with pytest.raises(TypeError):
         loop.call_later(1, print)
     loop._scheduled = []
+
+
+def test_call_later_in_debug_mode_passes_when_args_and_context(loop):
+    # The stdlib's call_at gets time() + delay in the delay's place, the
+    # arguments after it and context= unchanged.
+    loop.set_debug(True)
+    ctx = contextvars.copy_context()
+    before = loop.time()
+    t = loop.call_later(10, print, 1, 2, context=ctx)
+    assert before + 10 <= t.when() <= loop.time() + 10
+    assert t._args == (1, 2) and t._context is ctx and t._source_traceback
+    t.cancel()
+    loop.set_debug(False)
