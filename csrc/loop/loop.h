@@ -6,6 +6,7 @@
 
 extern PyTypeObject fb_ReadLoopType;
 extern PyTypeObject fb_SocketWriteType;
+extern PyTypeObject fb_RingWriteType;
 extern PyTypeObject fb_LoopCoreType;
 
 /* Adds _LoopCore and _loop_core_setup (core.c). 0, or -1 with an exception. */

@@ -39,13 +39,115 @@ static PyObject *str_read_fut, *str_closing, *str_paused, *str_data, *str_protoc
     *str_loop_reading, *str_data_received, *str_resubmit, *str_buffer, *str_conn_lost,
     *str_eof_written, *str_empty_waiter, *str_write_fut, *str_sock, *str_write_python,
     *str_write_queued, *str_buffer_owner, *str_buffer_updated, *str_start_receive,
-    *str_held_chunks, *str_pooled_reading;
+    *str_held_chunks, *str_pooled_reading, *str_ring_writer, *str_high_water,
+    *str_pending_write, *str_send, *str_protocol_paused, *str_loop_writing;
+
+/* The transport's attributes, as the fast path reads and writes them. The
+ * ones it touches live in the transport's __dict__ (or are class defaults
+ * until set), so when the transport's type keeps the generic getattr and
+ * setattr and defines none of them as a data descriptor, they are read
+ * from the dict itself: a getattr() first looks the name up along the
+ * type's MRO (16 classes; the type cache misses now and then), which cost
+ * more than the rest of the fast path. dict is NULL otherwise: getattr()
+ * and setattr(). */
+typedef struct {
+  PyObject* obj;
+  PyObject* dict;
+} attrs_t;
+
+/* The names the fast path reads from the dict (dict_for() checks them). */
+static PyObject** dict_names[] = {
+    &str_read_fut,   &str_closing,       &str_paused,      &str_data,
+    &str_protocol,   &str_buffer_owner,  &str_held_chunks, &str_buffer,
+    &str_conn_lost,  &str_eof_written,   &str_empty_waiter, &str_write_fut,
+    &str_sock,       &str_ring_writer,   &str_pending_write,
+};
+
+/* t's __dict__ (a new reference) when the fast path may use it as above,
+ * else NULL with no exception. */
+static PyObject* dict_for(PyObject* t) {
+  PyTypeObject* type = Py_TYPE(t);
+  PyObject *mro = type->tp_mro, *dict;
+  Py_ssize_t i;
+  size_t j;
+  if (type->tp_getattro != PyObject_GenericGetAttr ||
+      type->tp_setattro != PyObject_GenericSetAttr || mro == NULL || !PyTuple_Check(mro))
+    return NULL;
+  for (i = 0; i < PyTuple_GET_SIZE(mro); i++) {
+    PyTypeObject* cls = (PyTypeObject*)PyTuple_GET_ITEM(mro, i);
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject* cd = PyType_GetDict(cls);
+#else
+    PyObject* cd = Py_XNewRef(cls->tp_dict);
+#endif
+    if (cd == NULL) continue;
+    for (j = 0; j < sizeof(dict_names) / sizeof(dict_names[0]); j++) {
+      PyObject* v;
+      int found = fb_dict_get_ref(cd, *dict_names[j], &v);
+      if (found < 0) {
+        PyErr_Clear();
+        Py_DECREF(cd);
+        return NULL;
+      }
+      if (found) {
+        int data_descr = Py_TYPE(v)->tp_descr_set != NULL;
+        Py_DECREF(v);
+        if (data_descr) {
+          Py_DECREF(cd);
+          return NULL;
+        }
+      }
+    }
+    Py_DECREF(cd);
+  }
+  dict = PyObject_GenericGetDict(t, NULL);
+  if (dict == NULL || !PyDict_Check(dict)) {
+    PyErr_Clear();
+    Py_XDECREF(dict);
+    return NULL;
+  }
+  return dict;
+}
+
+/* getattr(a->obj, name), a new reference. */
+static PyObject* attr_get(const attrs_t* a, PyObject* name) {
+  if (a->dict != NULL) {
+    PyObject* v;
+    int found = fb_dict_get_ref(a->dict, name, &v);
+    if (found) return found < 0 ? NULL : v;
+    /* not set on the object: its class's default */
+  }
+  return PyObject_GetAttr(a->obj, name);
+}
+
+static int attr_set(const attrs_t* a, PyObject* name, PyObject* value) {
+  if (a->dict != NULL) return PyDict_SetItem(a->dict, name, value);
+  return PyObject_SetAttr(a->obj, name, value);
+}
+
+/* 1 if getattr(obj, name) is expected / true, 0 if not, -1 on error. */
+static int attr_is(const attrs_t* a, PyObject* name, PyObject* expected) {
+  PyObject* v = attr_get(a, name);
+  if (v == NULL) return -1;
+  Py_DECREF(v); /* only its identity is used */
+  return v == expected;
+}
+
+static int attr_true(const attrs_t* a, PyObject* name) {
+  int r;
+  PyObject* v = attr_get(a, name);
+  if (v == NULL) return -1;
+  r = PyObject_IsTrue(v);
+  Py_DECREF(v);
+  return r;
+}
 
 typedef struct {
   PyObject_HEAD
   PyObject* transport;
   PyObject* port;
   PyObject* buffered_protocol; /* asyncio.BufferedProtocol (no global: 3.13t) */
+  PyObject* dict;              /* dict_for(transport), or NULL */
 } ReadLoopObject;
 
 static int ReadLoop_init(ReadLoopObject* self, PyObject* args, PyObject* kwds) {
@@ -65,6 +167,7 @@ static int ReadLoop_init(ReadLoopObject* self, PyObject* args, PyObject* kwds) {
   Py_XSETREF(self->transport, transport);
   Py_XSETREF(self->port, port);
   Py_XSETREF(self->buffered_protocol, buffered);
+  Py_XSETREF(self->dict, dict_for(transport));
   return 0;
 }
 
@@ -72,6 +175,7 @@ static int ReadLoop_traverse(ReadLoopObject* self, visitproc visit, void* arg) {
   Py_VISIT(self->transport);
   Py_VISIT(self->port);
   Py_VISIT(self->buffered_protocol);
+  Py_VISIT(self->dict);
   return 0;
 }
 
@@ -79,6 +183,7 @@ static int ReadLoop_clear(ReadLoopObject* self) {
   Py_CLEAR(self->transport);
   Py_CLEAR(self->port);
   Py_CLEAR(self->buffered_protocol);
+  Py_CLEAR(self->dict);
   return 0;
 }
 
@@ -88,28 +193,11 @@ static void ReadLoop_dealloc(ReadLoopObject* self) {
   Py_TYPE(self)->tp_free((PyObject*)self);
 }
 
-/* 1 if getattr(obj, name) is obj2 / true, 0 if not, -1 on error. */
-static int attr_is(PyObject* obj, PyObject* name, PyObject* expected) {
-  PyObject* v = PyObject_GetAttr(obj, name);
-  if (v == NULL) return -1;
-  Py_DECREF(v); /* only its identity is used */
-  return v == expected;
-}
-
-static int attr_true(PyObject* obj, PyObject* name) {
-  int r;
-  PyObject* v = PyObject_GetAttr(obj, name);
-  if (v == NULL) return -1;
-  r = PyObject_IsTrue(v);
-  Py_DECREF(v);
-  return r;
-}
-
 /* Returns 1 and sets *data to the received bytes when the common case
  * applies; 0 when the Python read loop must decide; -1 on error. */
 static int common_case(ReadLoopObject* self, CompletionObject* c, PyObject* protocol,
                        PyObject** data) {
-  PyObject* t = self->transport;
+  attrs_t a = {self->transport, self->dict};
   Py_buffer view;
   Py_ssize_t n;
   int r;
@@ -117,10 +205,10 @@ static int common_case(ReadLoopObject* self, CompletionObject* c, PyObject* prot
   n = PyLong_AsSsize_t(c->nbytes_obj);
   if (n == -1 && PyErr_Occurred()) return -1;
   if (n <= 0) return 0; /* end of file: the Python loop delivers it */
-  if ((r = attr_is(t, str_read_fut, (PyObject*)c)) != 1) return r;
-  if ((r = attr_is(t, str_data, c->buffer)) != 1) return r;
-  if ((r = attr_true(t, str_closing)) != 0) return r < 0 ? -1 : 0;
-  if ((r = attr_true(t, str_paused)) != 0) return r < 0 ? -1 : 0;
+  if ((r = attr_is(&a, str_read_fut, (PyObject*)c)) != 1) return r;
+  if ((r = attr_is(&a, str_data, c->buffer)) != 1) return r;
+  if ((r = attr_true(&a, str_closing)) != 0) return r < 0 ? -1 : 0;
+  if ((r = attr_true(&a, str_paused)) != 0) return r < 0 ? -1 : 0;
   if ((r = PyObject_IsInstance(protocol, self->buffered_protocol)) != 0) return r < 0 ? -1 : 0;
   if (PyObject_GetBuffer(c->buffer, &view, PyBUF_SIMPLE) < 0) return -1;
   if (n > view.len) { /* cannot be: the kernel filled at most the buffer */
@@ -150,6 +238,7 @@ static PyObject* take_exception(void) {
 static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* protocol,
                          PyObject** result) {
   PyObject *t = self->transport, *r;
+  attrs_t a = {t, self->dict};
   Py_ssize_t n;
   int k;
   *result = NULL;
@@ -157,13 +246,12 @@ static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* pr
   n = PyLong_AsSsize_t(c->nbytes_obj);
   if (n == -1 && PyErr_Occurred()) return -1;
   if (n <= 0) return 0;
-  if ((k = attr_is(t, str_read_fut, (PyObject*)c)) != 1) return k;
-  if ((k = attr_is(t, str_buffer_owner, protocol)) != 1) return k;
-  if ((k = attr_is(t, str_data, c->buffer)) != 0) return k < 0 ? -1 : 0;
-  if ((k = attr_true(t, str_closing)) != 0) return k < 0 ? -1 : 0;
-  if ((k = attr_true(t, str_paused)) != 0) return k < 0 ? -1 : 0;
-  if (PyObject_SetAttr(t, str_read_fut, Py_None) < 0 ||
-      PyObject_SetAttr(t, str_buffer_owner, Py_None) < 0)
+  if ((k = attr_is(&a, str_read_fut, (PyObject*)c)) != 1) return k;
+  if ((k = attr_is(&a, str_buffer_owner, protocol)) != 1) return k;
+  if ((k = attr_is(&a, str_data, c->buffer)) != 0) return k < 0 ? -1 : 0;
+  if ((k = attr_true(&a, str_closing)) != 0) return k < 0 ? -1 : 0;
+  if ((k = attr_true(&a, str_paused)) != 0) return k < 0 ? -1 : 0;
+  if (attr_set(&a, str_read_fut, Py_None) < 0 || attr_set(&a, str_buffer_owner, Py_None) < 0)
     return -1;
   r = PyObject_CallMethodOneArg(protocol, str_buffer_updated, c->nbytes_obj);
   if (r == NULL) {
@@ -197,18 +285,19 @@ static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* pr
  * gets it. Every other case: transport._pooled_reading(c). */
 static PyObject* pooled_case(ReadLoopObject* self, CompletionObject* c) {
   PyObject *t = self->transport, *protocol, *data, *buf, *again, *r;
+  attrs_t a = {t, self->dict};
   Py_buffer view;
   int k;
   if (c->more || !c->done || c->error != Py_None || c->nbytes <= 0 ||
       !Py_IS_TYPE(c->buffer, &fb_PooledBufferType))
     return PyObject_CallMethodOneArg(t, str_pooled_reading, (PyObject*)c);
-  if ((k = attr_is(t, str_read_fut, (PyObject*)c)) != 1 ||
-      (k = attr_true(t, str_closing)) != 0 || (k = attr_true(t, str_paused)) != 0 ||
-      (k = attr_is(t, str_held_chunks, Py_None)) != 1) {
+  if ((k = attr_is(&a, str_read_fut, (PyObject*)c)) != 1 ||
+      (k = attr_true(&a, str_closing)) != 0 || (k = attr_true(&a, str_paused)) != 0 ||
+      (k = attr_is(&a, str_held_chunks, Py_None)) != 1) {
     if (k < 0) return NULL;
     return PyObject_CallMethodOneArg(t, str_pooled_reading, (PyObject*)c);
   }
-  protocol = PyObject_GetAttr(t, str_protocol);
+  protocol = attr_get(&a, str_protocol);
   if (protocol == NULL) return NULL;
   if ((k = PyObject_IsInstance(protocol, self->buffered_protocol)) != 0) {
     Py_DECREF(protocol);
@@ -264,7 +353,10 @@ static PyObject* ReadLoop_call(ReadLoopObject* self, PyObject* args, PyObject* k
     return PyObject_CallMethodOneArg(self->transport, str_loop_reading, c);
   if (((CompletionObject*)c)->flags & FIOCP_OPF_POOLED)
     return pooled_case(self, (CompletionObject*)c);
-  protocol = PyObject_GetAttr(self->transport, str_protocol);
+  {
+    attrs_t a = {self->transport, self->dict};
+    protocol = attr_get(&a, str_protocol);
+  }
   if (protocol == NULL) return NULL;
   common = common_case(self, (CompletionObject*)c, protocol, &data);
   if (common < 0) {
@@ -322,6 +414,305 @@ PyTypeObject fb_ReadLoopType = {
     .tp_call = (ternaryfunc)ReadLoop_call,
 };
 
+/* ---- _RingWrite ------------------------------------------------------------ */
+
+/* A transport's writes through the io_uring submission queue. Inside a
+ * batch of completions (the callbacks the loop's select() runs), write()
+ * on an idle transport queues a SEND instead of making a send() system
+ * call: every send the batch's callbacks make then reaches the kernel in
+ * the one io_uring_enter that ends the batch, before the loop runs
+ * anything else. While that send is in flight this object is the
+ * transport's _write_fut, with the Future methods the stdlib's write path
+ * calls on one (done, cancel, result): later writes queue in _buffer as
+ * they do behind a proactor send, and close(), write_eof(), abort() and
+ * get_write_buffer_size() see a write pending. Its completion calls this
+ * object: the common case (all sent, nothing queued, nothing waiting) is
+ * done here; the rest of a short send goes in front of _buffer, and every
+ * other case goes to the stdlib's transport._loop_writing(self). */
+typedef struct {
+  PyObject_HEAD
+  PyObject* transport;
+  CompletionPortObject* port;
+  PyObject* op;       /* the send in flight (a Completion), or NULL */
+  PyObject* finished; /* the send _loop_writing() is finishing, or NULL */
+  PyObject* dict;     /* dict_for(transport), or NULL */
+} RingWriteObject;
+
+static int RingWrite_init(RingWriteObject* self, PyObject* args, PyObject* kwds) {
+  PyObject *transport, *port;
+  static char* kwlist[] = {"transport", "port", NULL};
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!:_RingWrite", kwlist, &transport,
+                                   &fb_CompletionPortType, &port))
+    return -1;
+  Py_XSETREF(self->transport, Py_NewRef(transport));
+  Py_XSETREF(self->port, (CompletionPortObject*)Py_NewRef(port));
+  Py_XSETREF(self->dict, dict_for(transport));
+  return 0;
+}
+
+static int RingWrite_traverse(RingWriteObject* self, visitproc visit, void* arg) {
+  Py_VISIT(self->transport);
+  Py_VISIT(self->port);
+  Py_VISIT(self->op);
+  Py_VISIT(self->finished);
+  Py_VISIT(self->dict);
+  return 0;
+}
+
+static int RingWrite_clear(RingWriteObject* self) {
+  Py_CLEAR(self->transport);
+  Py_CLEAR(self->port);
+  Py_CLEAR(self->op);
+  Py_CLEAR(self->finished);
+  Py_CLEAR(self->dict);
+  return 0;
+}
+
+static void RingWrite_dealloc(RingWriteObject* self) {
+  PyObject_GC_UnTrack(self);
+  (void)RingWrite_clear(self);
+  Py_TYPE(self)->tp_free((PyObject*)self);
+}
+
+/* No write in flight any more: _write_fut None, _pending_write 0. */
+static int set_idle(const attrs_t* a) {
+  PyObject* zero = PyLong_FromLong(0);
+  int rc = zero == NULL || attr_set(a, str_write_fut, Py_None) < 0 ||
+                   attr_set(a, str_pending_write, zero) < 0
+               ? -1
+               : 0;
+  Py_XDECREF(zero);
+  return rc;
+}
+
+/* The send's completion. */
+static PyObject* RingWrite_call(RingWriteObject* self, PyObject* args, PyObject* kwds) {
+  PyObject *c, *t, *r;
+  CompletionObject* cc;
+  attrs_t a;
+  int k;
+  if (!PyArg_UnpackTuple(args, "_RingWrite", 1, 1, &c)) return NULL;
+  if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+    PyErr_SetString(PyExc_TypeError, "_RingWrite takes no keyword arguments");
+    return NULL;
+  }
+  if (self->transport == NULL || c != self->op) Py_RETURN_NONE; /* not ours */
+  Py_CLEAR(self->op); /* c stays alive: the caller holds it */
+  t = self->transport;
+  a.obj = t;
+  a.dict = self->dict;
+  /* _force_close() cancelled it and let go: nothing to do. */
+  if ((k = attr_is(&a, str_write_fut, (PyObject*)self)) != 1) {
+    if (k < 0) return NULL;
+    Py_RETURN_NONE;
+  }
+  cc = (CompletionObject*)c;
+  if (!cc->cancelled && cc->error == Py_None && PyBytes_CheckExact(cc->buffer)) {
+    Py_ssize_t total = PyBytes_GET_SIZE(cc->buffer);
+    if (cc->nbytes < total) {
+      /* A short send: the rest goes first, with what was queued behind. */
+      PyObject *rest, *queued;
+      Py_ssize_t n = cc->nbytes < 0 ? 0 : cc->nbytes;
+      rest = PyByteArray_FromStringAndSize(PyBytes_AS_STRING(cc->buffer) + n, total - n);
+      if (rest == NULL) return NULL;
+      queued = attr_get(&a, str_buffer);
+      if (queued != NULL && queued != Py_None) {
+        PyObject* joined = PySequence_InPlaceConcat(rest, queued);
+        Py_XDECREF(joined); /* rest itself, extended */
+        if (joined == NULL) Py_CLEAR(queued);
+      }
+      if (queued == NULL || attr_set(&a, str_buffer, rest) < 0) {
+        Py_XDECREF(queued);
+        Py_DECREF(rest);
+        return NULL;
+      }
+      Py_DECREF(queued);
+      Py_DECREF(rest);
+    }
+    if ((k = attr_true(&a, str_buffer)) == 0 && (k = attr_true(&a, str_closing)) == 0 &&
+        (k = attr_true(&a, str_eof_written)) == 0 &&
+        (k = attr_is(&a, str_empty_waiter, Py_None)) == 1 &&
+        (k = attr_true(&a, str_protocol_paused)) == 0) {
+      if (set_idle(&a) < 0) return NULL;
+      Py_RETURN_NONE;
+    }
+    if (k < 0) return NULL;
+  }
+  /* The stdlib's rules: result() gives _loop_writing the outcome. */
+  Py_XSETREF(self->finished, Py_NewRef(c));
+  r = PyObject_CallMethodOneArg(t, str_loop_writing, (PyObject*)self);
+  Py_CLEAR(self->finished);
+  return r;
+}
+
+static PyObject* RingWrite_done(RingWriteObject* self, PyObject* Py_UNUSED(ignored)) {
+  return PyBool_FromLong(self->op == NULL);
+}
+
+static PyObject* RingWrite_cancelled(RingWriteObject* self, PyObject* Py_UNUSED(ignored)) {
+  (void)self;
+  Py_RETURN_FALSE;
+}
+
+/* Cancels the send in flight (its completion still comes, and finds the
+ * transport's _write_fut no longer this object). */
+static PyObject* RingWrite_cancel(RingWriteObject* self, PyObject* args, PyObject* kwds) {
+  static char* kwlist[] = {"msg", NULL};
+  PyObject* msg = NULL;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:cancel", kwlist, &msg)) return NULL;
+  if (self->op != NULL) {
+    PyObject* r = PyObject_CallMethod(self->op, "cancel", NULL);
+    if (r == NULL) {
+      if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+      PyErr_Clear(); /* finished already, or the port is closed */
+    }
+    Py_XDECREF(r);
+  }
+  Py_RETURN_TRUE;
+}
+
+/* The outcome of the send being finished: the bytes sent, or its error
+ * raised. */
+static PyObject* RingWrite_result(RingWriteObject* self, PyObject* Py_UNUSED(ignored)) {
+  CompletionObject* c = (CompletionObject*)self->finished;
+  if (c == NULL) {
+    if (self->op != NULL) {
+      PyErr_SetString(fb_InvalidStateError, "the send is in flight");
+      return NULL;
+    }
+    Py_RETURN_NONE;
+  }
+  if (c->error != Py_None) {
+    PyErr_SetObject((PyObject*)Py_TYPE(c->error), c->error);
+    return NULL;
+  }
+  return PyLong_FromSsize_t(c->nbytes);
+}
+
+static PyMethodDef RingWrite_methods[] = {
+    {"done", (PyCFunction)RingWrite_done, METH_NOARGS,
+     "done($self, /)\n--\n\nWhether no send is in flight."},
+    {"cancelled", (PyCFunction)RingWrite_cancelled, METH_NOARGS,
+     "cancelled($self, /)\n--\n\nFalse: cancel() cancels the send, not this object."},
+    {"cancel", (PyCFunction)(void (*)(void))RingWrite_cancel, METH_VARARGS | METH_KEYWORDS,
+     "cancel($self, /, msg=None)\n--\n\nCancels the send in flight."},
+    {"result", (PyCFunction)RingWrite_result, METH_NOARGS,
+     "result($self, /)\n--\n\nThe bytes the send being finished sent, or its error raised."},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject fb_RingWriteType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastiocp._fastiocp._RingWrite",
+    .tp_basicsize = sizeof(RingWriteObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "_RingWrite(transport, port)\n--\n\n"
+              "A socket transport's writes through the io_uring submission queue:\n"
+              "inside a batch of completions, write() on an idle transport queues a\n"
+              "send, which this object stands for as the transport's _write_fut; its\n"
+              "completion calls this object.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)RingWrite_init,
+    .tp_dealloc = (destructor)RingWrite_dealloc,
+    .tp_traverse = (traverseproc)RingWrite_traverse,
+    .tp_clear = (inquiry)RingWrite_clear,
+    .tp_call = (ternaryfunc)RingWrite_call,
+    .tp_methods = RingWrite_methods,
+};
+
+#ifndef _WIN32
+static int is_uring(CompletionPortObject* port) {
+#ifdef __linux__
+  return port->backend == &fiocp__uring_backend;
+#else
+  (void)port;
+  return 0;
+#endif
+}
+
+/* Queues view's bytes as a SEND when the port is io_uring and this thread
+ * is in one of its batches, and the data does not go past the high-water
+ * mark (where the stdlib pauses the protocol). Returns 1 with *result set
+ * (NULL: an exception), 0 when the write is not for the ring.
+ * may_send_now() said yes already. */
+static int ring_send(const attrs_t* a, RingWriteObject* rw, PyObject* data,
+                     const Py_buffer* view, PyObject** result) {
+  PyObject *sock, *bytes, *op, *hw, *n;
+  Py_ssize_t high;
+  int in_batch;
+  *result = NULL;
+  if (rw->op != NULL || rw->port == NULL || !is_uring(rw->port)) return 0;
+  FB_LOCK(rw->port);
+  in_batch = fb_in_batch(rw->port);
+  FB_UNLOCK(rw->port);
+  if (!in_batch) return 0;
+  hw = PyObject_GetAttr(a->obj, str_high_water);
+  high = hw == NULL ? -1 : PyLong_AsSsize_t(hw);
+  Py_XDECREF(hw);
+  if (high == -1 && PyErr_Occurred()) return 1;
+  if (view->len > high) return 0;
+  /* The kernel reads it later: bytes, which nobody can change meanwhile. */
+  bytes = PyBytes_CheckExact(data) ? Py_NewRef(data)
+                                   : PyBytes_FromStringAndSize((const char*)view->buf, view->len);
+  sock = bytes ? attr_get(a, str_sock) : NULL;
+  if (sock == NULL) {
+    Py_XDECREF(bytes);
+    return 1;
+  }
+  {
+    PyObject* call[4] = {(PyObject*)rw->port, sock, bytes, (PyObject*)rw};
+    op = PyObject_VectorcallMethod(str_send, call, 4, NULL);
+  }
+  Py_DECREF(sock);
+  Py_DECREF(bytes);
+  if (op == NULL) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return 1;
+    PyErr_Clear(); /* send() now, and its error there */
+    return 0;
+  }
+  rw->op = op;
+  n = PyLong_FromSsize_t(view->len);
+  if (n == NULL || attr_set(a, str_write_fut, (PyObject*)rw) < 0 ||
+      attr_set(a, str_pending_write, n) < 0) {
+    Py_XDECREF(n);
+    return 1;
+  }
+  Py_DECREF(n);
+  *result = Py_NewRef(Py_None);
+  return 1;
+}
+
+/* The transport's _RingWrite (a new reference), or NULL (none; an
+ * exception only on an error). a->dict becomes the transport's dict when
+ * the _RingWrite found it fit for dict_for(). */
+static RingWriteObject* writer_of(attrs_t* a) {
+  PyObject *dict, *w = NULL;
+  RingWriteObject* rw;
+  int found;
+  a->dict = NULL;
+  dict = PyObject_GenericGetDict(a->obj, NULL);
+  if (dict == NULL) {
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return NULL;
+    PyErr_Clear(); /* no __dict__: no _RingWrite either */
+    return NULL;
+  }
+  found = PyDict_Check(dict) ? fb_dict_get_ref(dict, str_ring_writer, &w) : 0;
+  if (found <= 0 || !Py_IS_TYPE(w, &fb_RingWriteType)) {
+    Py_DECREF(dict);
+    if (found > 0) Py_DECREF(w);
+    return NULL;
+  }
+  rw = (RingWriteObject*)w;
+  if (rw->transport != a->obj) {
+    Py_DECREF(dict);
+    Py_DECREF(w);
+    return NULL;
+  }
+  if (rw->dict == dict) a->dict = dict; /* rw keeps it alive */
+  Py_DECREF(dict);
+  return rw;
+}
+#endif
+
 /* ---- _SocketWrite ---------------------------------------------------------- */
 
 typedef struct {
@@ -332,22 +723,22 @@ typedef struct {
 /* 1 when write(data) may send at once (what _WritesAtOnce.write checks,
  * with a pending write future always sent to Python), 0 if not, -1 on
  * error. */
-static int may_send_now(PyObject* t) {
+static int may_send_now(const attrs_t* a) {
   int r;
-  if ((r = attr_true(t, str_buffer)) != 0) return r < 0 ? -1 : 0;
-  if ((r = attr_true(t, str_conn_lost)) != 0) return r < 0 ? -1 : 0;
-  if ((r = attr_true(t, str_eof_written)) != 0) return r < 0 ? -1 : 0;
-  if ((r = attr_is(t, str_empty_waiter, Py_None)) != 1) return r;
-  if ((r = attr_is(t, str_write_fut, Py_None)) != 1) return r;
+  if ((r = attr_true(a, str_buffer)) != 0) return r < 0 ? -1 : 0;
+  if ((r = attr_true(a, str_conn_lost)) != 0) return r < 0 ? -1 : 0;
+  if ((r = attr_true(a, str_eof_written)) != 0) return r < 0 ? -1 : 0;
+  if ((r = attr_is(a, str_empty_waiter, Py_None)) != 1) return r;
+  if ((r = attr_is(a, str_write_fut, Py_None)) != 1) return r;
   return 1;
 }
 
 /* The transport's socket descriptor, or -1 (no socket; an exception set
  * only if fileno() raised something other than a closed socket's -1). */
-static int socket_fd(PyObject* t) {
+static int socket_fd(const attrs_t* a) {
   long fd;
   PyObject *sock, *no;
-  sock = PyObject_GetAttr(t, str_sock);
+  sock = attr_get(a, str_sock);
   if (sock == NULL) return -1;
   if (sock == Py_None) {
     Py_DECREF(sock);
@@ -361,18 +752,19 @@ static int socket_fd(PyObject* t) {
   if (fd == -1 && PyErr_Occurred()) return -1;
   return fd < 0 || fd > INT_MAX ? -1 : (int)fd;
 }
-#endif
 
-#ifndef _WIN32
-/* Sends what the kernel takes of view at once. Returns 1 with *result set
- * (write()'s result, or NULL with an exception), or 0 when nothing was sent
- * and Python's write() must take it. */
-static int send_now(PyObject* t, PyObject* data, const Py_buffer* view, PyObject** result) {
+/* Hands view to the kernel at once: queued on the ring inside a batch
+ * (ring_send), else what one non-blocking send() takes. Returns 1 with
+ * *result set (write()'s result, or NULL with an exception), or 0 when
+ * nothing was sent and Python's write() must take it. */
+static int send_now(const attrs_t* a, RingWriteObject* rw, PyObject* data, const Py_buffer* view,
+                    PyObject** result) {
   int ok, fd;
   ssize_t n;
   *result = NULL;
-  if ((ok = may_send_now(t)) <= 0) return ok < 0;
-  fd = socket_fd(t);
+  if ((ok = may_send_now(a)) <= 0) return ok < 0;
+  if (rw != NULL && (ok = ring_send(a, rw, data, view, result)) != 0) return ok;
+  fd = socket_fd(a);
   if (fd < 0) return PyErr_Occurred() != NULL;
   /* Non-blocking, no SIGPIPE: a failed send leaves the error to the
    * proactor's send, as the Python version does. */
@@ -391,7 +783,7 @@ static int send_now(PyObject* t, PyObject* data, const Py_buffer* view, PyObject
     Py_XDECREF(octets);
     Py_XDECREF(whole);
     if (rest != NULL) {
-      *result = PyObject_CallMethodOneArg(t, str_write_queued, rest);
+      *result = PyObject_CallMethodOneArg(a->obj, str_write_queued, rest);
       Py_DECREF(rest);
     }
   }
@@ -417,7 +809,14 @@ static PyObject* SocketWrite_call(SocketWriteObject* self, PyObject* args, PyObj
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
       PyErr_Clear(); /* not contiguous bytes: Python's write() decides */
     } else {
-      if (view.len > 0) sent = send_now(t, data, &view, &result);
+      attrs_t a = {t, NULL};
+      RingWriteObject* rw = writer_of(&a);
+      if (rw == NULL && PyErr_Occurred()) {
+        PyBuffer_Release(&view);
+        return NULL;
+      }
+      if (view.len > 0) sent = send_now(&a, rw, data, &view, &result);
+      Py_XDECREF(rw);
       PyBuffer_Release(&view);
       if (sent) return result;
     }
@@ -460,7 +859,10 @@ int fb_loop_init(PyObject* module) {
       {&str_write_python, "_write_python"}, {&str_write_queued, "_write_queued"},
       {&str_buffer_owner, "_buffer_owner"}, {&str_buffer_updated, "buffer_updated"},
       {&str_start_receive, "_start_receive"}, {&str_held_chunks, "_held_chunks"},
-      {&str_pooled_reading, "_pooled_reading"},
+      {&str_pooled_reading, "_pooled_reading"}, {&str_ring_writer, "_ring_writer"},
+      {&str_high_water, "_high_water"},   {&str_pending_write, "_pending_write"},
+      {&str_send, "send"},                {&str_protocol_paused, "_protocol_paused"},
+      {&str_loop_writing, "_loop_writing"},
   };
   size_t i;
   for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
@@ -469,7 +871,10 @@ int fb_loop_init(PyObject* module) {
       if (*names[i].slot == NULL) return -1;
     }
   }
-  if (PyType_Ready(&fb_ReadLoopType) < 0 || PyType_Ready(&fb_SocketWriteType) < 0) return -1;
+  if (PyType_Ready(&fb_ReadLoopType) < 0 || PyType_Ready(&fb_SocketWriteType) < 0 ||
+      PyType_Ready(&fb_RingWriteType) < 0)
+    return -1;
+  if (PyModule_AddObjectRef(module, "_RingWrite", (PyObject*)&fb_RingWriteType) < 0) return -1;
   if (PyModule_AddObjectRef(module, "_ReadLoop", (PyObject*)&fb_ReadLoopType) < 0) return -1;
   if (PyModule_AddObjectRef(module, "_SocketWrite", (PyObject*)&fb_SocketWriteType) < 0) return -1;
   return fb_loop_core_init(module);

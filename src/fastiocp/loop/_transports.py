@@ -24,7 +24,7 @@ import sys
 from asyncio import base_events, proactor_events, protocols
 from typing import Any
 
-from .._fastiocp import PooledBuffer, _ReadLoop, _SocketWrite
+from .._fastiocp import PooledBuffer, _ReadLoop, _RingWrite, _SocketWrite
 
 
 # Server._attach/_detach take the transport since 3.13 (the server keeps its
@@ -155,6 +155,7 @@ class _ReadsDirect:
     _buffer_owner: Any = None
     _held: Any = None
     _reader: Any = None
+    _ring_writer: Any = None
     # Data of pooled receives waiting for resume_reading() (a deque; b"":
     # end of stream), or None.
     _held_chunks: Any = None
@@ -207,6 +208,11 @@ class _ReadsDirect:
                         # The receives' callback: C (csrc/loop/transport.c)
                         # for the common case, this method for the others.
                         self._reader = _ReadLoop(self, self._loop._proactor.port)
+                        if sys.platform != "win32":
+                            # The C write()'s state: on io_uring it queues
+                            # the sends made inside a batch of completions
+                            # (csrc/loop/transport.c).
+                            self._ring_writer = _RingWrite(self, self._loop._proactor.port)
                         if self._loop._proactor.pooled:
                             self._data = _NO_BUFFER  # the pool's buffers serve
             self._start_receive(fut)
@@ -316,10 +322,12 @@ class _ReadsDirect:
             self._fatal_error(exc, "Fatal read error on pipe transport")  # type: ignore[attr-defined]
 
     def _call_connection_lost(self, exc: Any) -> None:
-        # The reader refers to the transport: without it, a closed transport
-        # (and its protocol, an SSL context...) goes with its last reference,
-        # not at the next garbage collection (CPython's test_ssl checks).
+        # The reader and the writer refer to the transport: without them, a
+        # closed transport (and its protocol, an SSL context...) goes with
+        # its last reference, not at the next garbage collection (CPython's
+        # test_ssl checks).
         self._reader = None
+        self._ring_writer = None
         super()._call_connection_lost(exc)  # type: ignore[misc]
 
     def _deliver(self, owner: Any, buf: Any, nbytes: int) -> None:
