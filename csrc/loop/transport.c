@@ -485,6 +485,91 @@ static int set_idle(const attrs_t* a) {
   return rc;
 }
 
+static int is_uring(CompletionPortObject* port) {
+#ifdef __linux__
+  return port->backend == &fiocp__uring_backend;
+#else
+  (void)port;
+  return 0;
+#endif
+}
+
+/* Whether a send may go on the ring now: none in flight, an io_uring
+ * port, and this thread in one of its batches (so the send waits for the
+ * batch's one system call). */
+static int ring_ready(RingWriteObject* rw) {
+  int in_batch;
+  if (rw->op != NULL || rw->port == NULL || !is_uring(rw->port)) return 0;
+  FB_LOCK(rw->port);
+  in_batch = fb_in_batch(rw->port);
+  FB_UNLOCK(rw->port);
+  return in_batch;
+}
+
+/* Queues a SEND of bytes (which nobody can change while the kernel reads
+ * it) and makes rw the transport's write in flight. 1 done, 0 refused by
+ * the port (nothing changed, no exception), -1 on error. */
+static int ring_submit(const attrs_t* a, RingWriteObject* rw, PyObject* bytes) {
+  PyObject *sock, *op, *n;
+  sock = attr_get(a, str_sock);
+  if (sock == NULL) return -1;
+  {
+    PyObject* call[4] = {(PyObject*)rw->port, sock, bytes, (PyObject*)rw};
+    op = PyObject_VectorcallMethod(str_send, call, 4, NULL);
+  }
+  Py_DECREF(sock);
+  if (op == NULL) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyErr_Clear(); /* the caller's other way reports it */
+    return 0;
+  }
+  rw->op = op;
+  n = PyLong_FromSsize_t(PyBytes_GET_SIZE(bytes));
+  if (n == NULL || attr_set(a, str_write_fut, (PyObject*)rw) < 0 ||
+      attr_set(a, str_pending_write, n) < 0) {
+    Py_XDECREF(n);
+    return -1;
+  }
+  Py_DECREF(n);
+  return 1;
+}
+
+/* The transport's high-water mark, or -1 with an exception. */
+static Py_ssize_t high_water(const attrs_t* a) {
+  PyObject* hw = PyObject_GetAttr(a->obj, str_high_water);
+  Py_ssize_t high = hw == NULL ? -1 : PyLong_AsSsize_t(hw);
+  Py_XDECREF(hw);
+  if (high < 0 && !PyErr_Occurred())
+    PyErr_SetString(PyExc_ValueError, "transport._high_water is negative");
+  return high;
+}
+
+/* What was queued behind the send just finished (_buffer) goes on the
+ * ring in turn, as _loop_writing() would send it with a proactor send.
+ * 1 done, 0 when _loop_writing() must decide, -1 on error. */
+static int ring_send_queued(const attrs_t* a, RingWriteObject* rw) {
+  PyObject *queued, *bytes;
+  int k;
+  if (!ring_ready(rw)) return 0;
+  if ((k = attr_true(a, str_closing)) != 0 || (k = attr_true(a, str_eof_written)) != 0 ||
+      (k = attr_is(a, str_empty_waiter, Py_None)) != 1 ||
+      (k = attr_true(a, str_protocol_paused)) != 0)
+    return k < 0 ? -1 : 0;
+  queued = attr_get(a, str_buffer);
+  if (queued == NULL) return -1;
+  if (!PyByteArray_CheckExact(queued) || PyByteArray_GET_SIZE(queued) == 0) {
+    Py_DECREF(queued);
+    return 0;
+  }
+  bytes = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(queued), PyByteArray_GET_SIZE(queued));
+  Py_DECREF(queued);
+  if (bytes == NULL) return -1;
+  k = ring_submit(a, rw, bytes);
+  Py_DECREF(bytes);
+  if (k == 1 && attr_set(a, str_buffer, Py_None) < 0) return -1;
+  return k;
+}
+
 /* The send's completion. */
 static PyObject* RingWrite_call(RingWriteObject* self, PyObject* args, PyObject* kwds) {
   PyObject *c, *t, *r;
@@ -528,6 +613,10 @@ static PyObject* RingWrite_call(RingWriteObject* self, PyObject* args, PyObject*
       }
       Py_DECREF(queued);
       Py_DECREF(rest);
+    }
+    if ((k = ring_send_queued(&a, self)) != 0) {
+      if (k < 0) return NULL;
+      Py_RETURN_NONE;
     }
     if ((k = attr_true(&a, str_buffer)) == 0 && (k = attr_true(&a, str_closing)) == 0 &&
         (k = attr_true(&a, str_eof_written)) == 0 &&
@@ -620,63 +709,75 @@ PyTypeObject fb_RingWriteType = {
 };
 
 #ifndef _WIN32
-static int is_uring(CompletionPortObject* port) {
-#ifdef __linux__
-  return port->backend == &fiocp__uring_backend;
-#else
-  (void)port;
-  return 0;
-#endif
-}
-
-/* Queues view's bytes as a SEND when the port is io_uring and this thread
- * is in one of its batches, and the data does not go past the high-water
- * mark (where the stdlib pauses the protocol). Returns 1 with *result set
- * (NULL: an exception), 0 when the write is not for the ring.
- * may_send_now() said yes already. */
+/* Queues view's bytes as a SEND when ring_ready() and the data does not
+ * go past the high-water mark (where the stdlib pauses the protocol).
+ * Returns 1 with *result set (NULL: an exception), 0 when the write is
+ * not for the ring. may_send_now() said yes already. */
 static int ring_send(const attrs_t* a, RingWriteObject* rw, PyObject* data,
                      const Py_buffer* view, PyObject** result) {
-  PyObject *sock, *bytes, *op, *hw, *n;
+  PyObject* bytes;
   Py_ssize_t high;
-  int in_batch;
+  int k;
   *result = NULL;
-  if (rw->op != NULL || rw->port == NULL || !is_uring(rw->port)) return 0;
-  FB_LOCK(rw->port);
-  in_batch = fb_in_batch(rw->port);
-  FB_UNLOCK(rw->port);
-  if (!in_batch) return 0;
-  hw = PyObject_GetAttr(a->obj, str_high_water);
-  high = hw == NULL ? -1 : PyLong_AsSsize_t(hw);
-  Py_XDECREF(hw);
-  if (high == -1 && PyErr_Occurred()) return 1;
+  if (!ring_ready(rw)) return 0;
+  if ((high = high_water(a)) < 0) return 1;
   if (view->len > high) return 0;
-  /* The kernel reads it later: bytes, which nobody can change meanwhile. */
   bytes = PyBytes_CheckExact(data) ? Py_NewRef(data)
                                    : PyBytes_FromStringAndSize((const char*)view->buf, view->len);
-  sock = bytes ? attr_get(a, str_sock) : NULL;
-  if (sock == NULL) {
-    Py_XDECREF(bytes);
-    return 1;
-  }
-  {
-    PyObject* call[4] = {(PyObject*)rw->port, sock, bytes, (PyObject*)rw};
-    op = PyObject_VectorcallMethod(str_send, call, 4, NULL);
-  }
-  Py_DECREF(sock);
+  if (bytes == NULL) return 1;
+  k = ring_submit(a, rw, bytes);
   Py_DECREF(bytes);
-  if (op == NULL) {
-    if (!PyErr_ExceptionMatches(PyExc_Exception)) return 1;
-    PyErr_Clear(); /* send() now, and its error there */
+  if (k == 1) *result = Py_NewRef(Py_None);
+  return k != 0; /* refused: send() now, and its error there */
+}
+
+/* A write while rw's send is in flight: what the stdlib's write() does
+ * then (the data joins _buffer, the protocol paused past the high-water
+ * mark), in C. Returns 1 with *result set (NULL: an exception), 0 when
+ * Python's write() must take it (the connection lost, EOF written, a
+ * sendfile waiting). */
+static int queue_behind(const attrs_t* a, const Py_buffer* view, PyObject** result) {
+  PyObject *queued, *n;
+  Py_ssize_t high, size, pending;
+  int k;
+  *result = NULL;
+  if ((k = attr_true(a, str_conn_lost)) != 0 || (k = attr_true(a, str_eof_written)) != 0 ||
+      (k = attr_is(a, str_empty_waiter, Py_None)) != 1)
+    return k < 0;
+  queued = attr_get(a, str_buffer);
+  if (queued == NULL) return 1;
+  if (PyByteArray_CheckExact(queued)) {
+    Py_ssize_t old = PyByteArray_GET_SIZE(queued);
+    if (view->len > PY_SSIZE_T_MAX - old || PyByteArray_Resize(queued, old + view->len) < 0) {
+      if (!PyErr_Occurred()) PyErr_NoMemory();
+      Py_DECREF(queued);
+      return 1;
+    }
+    memcpy(PyByteArray_AS_STRING(queued) + old, view->buf, (size_t)view->len);
+  } else if (queued == Py_None) {
+    Py_DECREF(queued);
+    queued = PyByteArray_FromStringAndSize((const char*)view->buf, view->len);
+    if (queued == NULL || attr_set(a, str_buffer, queued) < 0) {
+      Py_XDECREF(queued);
+      return 1;
+    }
+  } else {
+    Py_DECREF(queued); /* not the stdlib's bytearray: its write() decides */
     return 0;
   }
-  rw->op = op;
-  n = PyLong_FromSsize_t(view->len);
-  if (n == NULL || attr_set(a, str_write_fut, (PyObject*)rw) < 0 ||
-      attr_set(a, str_pending_write, n) < 0) {
-    Py_XDECREF(n);
+  size = PyByteArray_GET_SIZE(queued);
+  Py_DECREF(queued);
+  n = attr_get(a, str_pending_write);
+  pending = n == NULL ? -1 : PyLong_AsSsize_t(n);
+  Py_XDECREF(n);
+  if ((pending == -1 && PyErr_Occurred()) || (high = high_water(a)) < 0) return 1;
+  if (pending + size > high) {
+    /* The stdlib's own rules, which call pause_writing() once. */
+    *result = PyObject_CallMethod(a->obj, "_maybe_pause_protocol", NULL);
+    if (*result == NULL) return 1;
+    Py_SETREF(*result, Py_NewRef(Py_None));
     return 1;
   }
-  Py_DECREF(n);
   *result = Py_NewRef(Py_None);
   return 1;
 }
@@ -762,6 +863,8 @@ static int send_now(const attrs_t* a, RingWriteObject* rw, PyObject* data, const
   int ok, fd;
   ssize_t n;
   *result = NULL;
+  if (rw != NULL && (ok = attr_is(a, str_write_fut, (PyObject*)rw)) != 0)
+    return ok < 0 ? 1 : queue_behind(a, view, result);
   if ((ok = may_send_now(a)) <= 0) return ok < 0;
   if (rw != NULL && (ok = ring_send(a, rw, data, view, result)) != 0) return ok;
   fd = socket_fd(a);

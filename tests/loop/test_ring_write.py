@@ -274,3 +274,72 @@ def test_the_ring_writer_stands_in_for_a_future(loop, backend):
     assert w(object()) is None
     with pytest.raises(TypeError):
         _RingWrite(object(), object())
+
+
+def test_writes_behind_the_ring_send_queue_in_buffer(loop, backend):
+    """A second write while the ring send is in flight joins _buffer (as
+    the stdlib's write() queues behind a proactor send); that goes on the
+    ring in turn when the first completes."""
+
+    def reply(t, data):
+        t.write(b"head:")
+        t.write(b"body1,")
+        t.write(bytearray(b"body2"))
+        return (_in_flight(t), bytes(t._buffer or b""), t.get_write_buffer_size())
+
+    async def main():
+        server, proto, client = await _serve(loop, reply)
+        out = []
+        for _ in range(5):
+            client.sendall(b"x")
+            out.append(await _recv_until(loop, client, 16))
+        client.close()
+        server.close()
+        return out, proto.seen
+
+    out, seen = run(loop, main())
+    assert out == [b"head:body1,body2"] * 5
+    if backend == "io_uring":
+        assert seen == [(True, b"body1,body2", 16)] * 5
+
+
+class _PausingServer(_Server):
+    def __init__(self, on_data):
+        super().__init__(on_data)
+        self.flow = []
+
+    def pause_writing(self):
+        self.flow.append(("pause", self.transport.get_write_buffer_size()))
+
+    def resume_writing(self):
+        self.flow.append(("resume", self.transport.get_write_buffer_size()))
+
+
+def test_queueing_past_the_high_water_mark_pauses_the_protocol(loop, backend):
+    def reply(t, data):
+        t.set_write_buffer_limits(high=100, low=10)
+        t.write(b"a" * 60)
+        t.write(b"b" * 60)  # behind the first: 120 pending > 100
+        t.write(b"c" * 10)
+
+    async def main():
+        proto = _PausingServer(reply)
+        server = await loop.create_server(lambda: proto, "127.0.0.1", 0)
+        client = socket.create_connection(server.sockets[0].getsockname())
+        client.settimeout(10)
+        client.sendall(b"x")
+        got = await _recv_until(loop, client, 130)
+        for _ in range(100):
+            if len(proto.flow) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        client.close()
+        server.close()
+        return got, proto.flow
+
+    got, flow = run(loop, main())
+    assert got == b"a" * 60 + b"b" * 60 + b"c" * 10
+    if backend == "io_uring":
+        assert flow == [("pause", 120), ("resume", 0)]
+    else:
+        assert [f[0] for f in flow] in ([], ["pause", "resume"])
