@@ -308,6 +308,13 @@ int fb_port_owns_backend(CompletionPortObject* p);
 PyObject* fb_port_cancel_completion(CompletionPortObject* self,
                                     CompletionObject* c);
 /* CompletionPort.flush(). */
+/* port.resubmit(items[0:n], offsets) once its arguments are a tuple
+ * (offsets: a tuple of n, or NULL); the caller keeps items alive. */
+PyObject* fb_port_resubmit(CompletionPortObject* self, PyObject* const* items,
+                           Py_ssize_t n, PyObject* offsets);
+/* port.send(sock, data, context), with no argument parsing. */
+PyObject* fb_port_send(CompletionPortObject* self, PyObject* sock, PyObject* data,
+                       PyObject* context);
 PyObject* fb_CompletionPort_flush(CompletionPortObject* self,
                                   PyObject* Py_UNUSED(ignored));
 

@@ -1023,6 +1023,13 @@ static PyObject* CompletionPort_send(CompletionPortObject* self, FASTARGS) {
                    OR_NONE(a[2]), exp);
 }
 
+/* send(sock, data, context): the loop's C write path
+ * (csrc/loop/transport.c) submits with no argument parsing. */
+PyObject* fb_port_send(CompletionPortObject* self, PyObject* sock, PyObject* data,
+                       PyObject* context) {
+  return submit_op(self, FIOCP_OP_SEND, sock, data, BUF_WRITE, 0, NULL, context, NULL);
+}
+
 static PyObject* CompletionPort_recvfrom(CompletionPortObject* self,
                                          FASTARGS) {
   static const char* const names[] = {"sock", "buffer", "context", "timeout"};
@@ -1341,35 +1348,16 @@ static void resubmit_undo(PyObject** items, Py_ssize_t from, Py_ssize_t to) {
   }
 }
 
-static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
-                                         FASTARGS) {
-  static const char* const names[] = {"completions", "offsets"};
-  static PyObject* interned[2];
-  PyObject* a[2];
-  PyObject *seq = NULL, *offseq = NULL, *result = NULL;
-  PyObject **items, **keys = NULL, **olds = NULL;
+/* resubmit() of items[0:n] (offsets: a tuple of n, or NULL), what the
+ * method does once its arguments are a tuple. Also the loop's C read path
+ * (csrc/loop/transport.c), which resubmits one receive per message. */
+PyObject* fb_port_resubmit(CompletionPortObject* self, PyObject* const* items_in,
+                           Py_ssize_t n, PyObject* offseq) {
+  PyObject* result = NULL;
+  PyObject **items = (PyObject**)items_in, **keys = NULL, **olds = NULL;
   int64_t* offsets = NULL;
-  Py_ssize_t n, i, checked = 0, nolds = 0, nkeys = 0, failed_at = -1;
+  Py_ssize_t i, checked = 0, nolds = 0, nkeys = 0, failed_at = -1;
   int in_batch;
-  if (parse_args("resubmit", args, nargs, kwnames, names, interned, 2, 1, a) <
-      0)
-    return NULL;
-  /* Iterating the arguments may run Python code: it is done first, into a
-   * tuple that nothing else can change. */
-  seq = PySequence_Tuple(a[0]);
-  if (seq == NULL) return NULL;
-  n = PyTuple_GET_SIZE(seq);
-  items = &PyTuple_GET_ITEM(seq, 0);
-  if (a[1] != NULL && a[1] != Py_None) {
-    offseq = PySequence_Tuple(a[1]);
-    if (offseq == NULL) goto done;
-    if (PyTuple_GET_SIZE(offseq) != n) {
-      PyErr_Format(PyExc_ValueError,
-                   "offsets has %zd items for %zd completions",
-                   PyTuple_GET_SIZE(offseq), n);
-      goto done;
-    }
-  }
   if (fb_port_check_open(self) < 0) goto done;
   offsets = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*offsets));
   keys = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*keys));
@@ -1531,6 +1519,39 @@ done:
   PyMem_Free(olds);
   PyMem_Free(keys);
   PyMem_Free(offsets);
+  return result;
+}
+
+
+static PyObject* CompletionPort_resubmit(CompletionPortObject* self,
+                                         FASTARGS) {
+  static const char* const names[] = {"completions", "offsets"};
+  static PyObject* interned[2];
+  PyObject* a[2];
+  PyObject *seq = NULL, *offseq = NULL, *result = NULL;
+  PyObject** items;
+  Py_ssize_t n;
+  if (parse_args("resubmit", args, nargs, kwnames, names, interned, 2, 1, a) <
+      0)
+    return NULL;
+  /* Iterating the arguments may run Python code: it is done first, into a
+   * tuple that nothing else can change. */
+  seq = PySequence_Tuple(a[0]);
+  if (seq == NULL) return NULL;
+  n = PyTuple_GET_SIZE(seq);
+  items = &PyTuple_GET_ITEM(seq, 0);
+  if (a[1] != NULL && a[1] != Py_None) {
+    offseq = PySequence_Tuple(a[1]);
+    if (offseq == NULL) goto done;
+    if (PyTuple_GET_SIZE(offseq) != n) {
+      PyErr_Format(PyExc_ValueError,
+                   "offsets has %zd items for %zd completions",
+                   PyTuple_GET_SIZE(offseq), n);
+      goto done;
+    }
+  }
+  result = fb_port_resubmit(self, items, n, offseq);
+done:
   Py_XDECREF(offseq);
   Py_XDECREF(seq);
   return result;

@@ -36,11 +36,11 @@
 #endif
 
 static PyObject *str_read_fut, *str_closing, *str_paused, *str_data, *str_protocol,
-    *str_loop_reading, *str_data_received, *str_resubmit, *str_buffer, *str_conn_lost,
+    *str_loop_reading, *str_data_received, *str_buffer, *str_conn_lost,
     *str_eof_written, *str_empty_waiter, *str_write_fut, *str_sock, *str_write_python,
     *str_write_queued, *str_buffer_owner, *str_buffer_updated, *str_start_receive,
     *str_held_chunks, *str_pooled_reading, *str_ring_writer, *str_high_water,
-    *str_pending_write, *str_send, *str_protocol_paused, *str_loop_writing;
+    *str_pending_write, *str_protocol_paused, *str_loop_writing;
 
 /* The transport's attributes, as the fast path reads and writes them. The
  * ones it touches live in the transport's __dict__ (or are class defaults
@@ -142,8 +142,24 @@ static int attr_true(const attrs_t* a, PyObject* name) {
   return r;
 }
 
+/* The callables here take vectorcall arguments (no tuple per call):
+ * exactly n positional arguments, no keywords. 0, or -1 with TypeError. */
+static int exact_args(const char* name, size_t nargsf, PyObject* kwnames, Py_ssize_t n) {
+  if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0) {
+    PyErr_Format(PyExc_TypeError, "%s takes no keyword arguments", name);
+    return -1;
+  }
+  if (PyVectorcall_NARGS(nargsf) != n) {
+    PyErr_Format(PyExc_TypeError, "%s expected %zd arguments, got %zd", name, n,
+                 PyVectorcall_NARGS(nargsf));
+    return -1;
+  }
+  return 0;
+}
+
 typedef struct {
   PyObject_HEAD
+  vectorcallfunc vectorcall;
   PyObject* transport;
   PyObject* port;
   PyObject* buffered_protocol; /* asyncio.BufferedProtocol (no global: 3.13t) */
@@ -284,7 +300,7 @@ static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* pr
  * data is copied into bytes and its buffer given back, then the protocol
  * gets it. Every other case: transport._pooled_reading(c). */
 static PyObject* pooled_case(ReadLoopObject* self, CompletionObject* c) {
-  PyObject *t = self->transport, *protocol, *data, *buf, *again, *r;
+  PyObject *t = self->transport, *protocol, *data, *buf, *r;
   attrs_t a = {t, self->dict};
   Py_buffer view;
   int k;
@@ -306,9 +322,10 @@ static PyObject* pooled_case(ReadLoopObject* self, CompletionObject* c) {
   }
   /* The buffer is ours to read after resubmit() gives c the pool again. */
   buf = Py_NewRef(c->buffer);
-  again = PyTuple_Pack(1, (PyObject*)c);
-  r = again ? PyObject_CallMethodOneArg(self->port, str_resubmit, again) : NULL;
-  Py_XDECREF(again);
+  {
+    PyObject* one = (PyObject*)c;
+    r = fb_port_resubmit((CompletionPortObject*)self->port, &one, 1, NULL);
+  }
   if (r == NULL) {
     Py_DECREF(buf);
     Py_DECREF(protocol);
@@ -337,14 +354,13 @@ static PyObject* pooled_case(ReadLoopObject* self, CompletionObject* c) {
   return r;
 }
 
-static PyObject* ReadLoop_call(ReadLoopObject* self, PyObject* args, PyObject* kwds) {
-  PyObject *c, *protocol, *data = NULL, *again, *r;
+static PyObject* ReadLoop_call(PyObject* callable, PyObject* const* args, size_t nargsf,
+                               PyObject* kwnames) {
+  ReadLoopObject* self = (ReadLoopObject*)callable;
+  PyObject *c, *protocol, *data = NULL, *r;
   int common;
-  if (!PyArg_UnpackTuple(args, "_ReadLoop", 1, 1, &c)) return NULL;
-  if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
-    PyErr_SetString(PyExc_TypeError, "_ReadLoop takes no keyword arguments");
-    return NULL;
-  }
+  if (exact_args("_ReadLoop", nargsf, kwnames, 1) < 0) return NULL;
+  c = args[0];
   if (self->transport == NULL) {
     PyErr_SetString(PyExc_RuntimeError, "_ReadLoop is not initialized");
     return NULL;
@@ -367,9 +383,7 @@ static PyObject* ReadLoop_call(ReadLoopObject* self, PyObject* args, PyObject* k
     /* As the Python loop: the receive starts again before the protocol
      * sees the data. If resubmit() refuses, the Python loop does it all
      * over and handles the error its way. */
-    again = PyTuple_Pack(1, c);
-    r = again ? PyObject_CallMethodOneArg(self->port, str_resubmit, again) : NULL;
-    Py_XDECREF(again);
+    r = fb_port_resubmit((CompletionPortObject*)self->port, &c, 1, NULL);
     if (r == NULL) {
       if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* MemoryError etc. propagate */
         Py_DECREF(data);
@@ -397,21 +411,28 @@ static PyObject* ReadLoop_call(ReadLoopObject* self, PyObject* args, PyObject* k
   return r;
 }
 
+static PyObject* ReadLoop_new(PyTypeObject* type, PyObject* args, PyObject* kwds) {
+  PyObject* self = PyType_GenericNew(type, args, kwds);
+  if (self != NULL) ((ReadLoopObject*)self)->vectorcall = ReadLoop_call;
+  return self;
+}
+
 PyTypeObject fb_ReadLoopType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastiocp._fastiocp._ReadLoop",
     .tp_basicsize = sizeof(ReadLoopObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(ReadLoopObject, vectorcall),
     .tp_doc = "_ReadLoop(transport, port)\n--\n\n"
               "The receive callback of the asyncio loop's socket transports: called\n"
               "with a receive's Completion, it hands the data to the protocol and\n"
               "starts the receive again, or leaves the case to\n"
               "transport._loop_reading(completion).",
-    .tp_new = PyType_GenericNew,
+    .tp_new = ReadLoop_new,
     .tp_init = (initproc)ReadLoop_init,
     .tp_dealloc = (destructor)ReadLoop_dealloc,
     .tp_traverse = (traverseproc)ReadLoop_traverse,
     .tp_clear = (inquiry)ReadLoop_clear,
-    .tp_call = (ternaryfunc)ReadLoop_call,
+    .tp_call = PyVectorcall_Call,
 };
 
 /* ---- _RingWrite ------------------------------------------------------------ */
@@ -431,6 +452,7 @@ PyTypeObject fb_ReadLoopType = {
  * other case goes to the stdlib's transport._loop_writing(self). */
 typedef struct {
   PyObject_HEAD
+  vectorcallfunc vectorcall;
   PyObject* transport;
   CompletionPortObject* port;
   PyObject* op;       /* the send in flight (a Completion), or NULL */
@@ -513,10 +535,7 @@ static int ring_submit(const attrs_t* a, RingWriteObject* rw, PyObject* bytes) {
   PyObject *sock, *op, *n;
   sock = attr_get(a, str_sock);
   if (sock == NULL) return -1;
-  {
-    PyObject* call[4] = {(PyObject*)rw->port, sock, bytes, (PyObject*)rw};
-    op = PyObject_VectorcallMethod(str_send, call, 4, NULL);
-  }
+  op = fb_port_send(rw->port, sock, bytes, (PyObject*)rw);
   Py_DECREF(sock);
   if (op == NULL) {
     if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
@@ -544,25 +563,15 @@ static Py_ssize_t high_water(const attrs_t* a) {
   return high;
 }
 
-/* What was queued behind the send just finished (_buffer) goes on the
- * ring in turn, as _loop_writing() would send it with a proactor send.
- * 1 done, 0 when _loop_writing() must decide, -1 on error. */
-static int ring_send_queued(const attrs_t* a, RingWriteObject* rw) {
-  PyObject *queued, *bytes;
+/* What was queued behind the send just finished (queued, the transport's
+ * _buffer) goes on the ring in turn, as _loop_writing() would send it with
+ * a proactor send; the caller checked that nothing else stands in the way.
+ * 1 done, 0 when _loop_writing() must send it, -1 on error. */
+static int ring_send_queued(const attrs_t* a, RingWriteObject* rw, PyObject* queued) {
+  PyObject* bytes;
   int k;
-  if (!ring_ready(rw)) return 0;
-  if ((k = attr_true(a, str_closing)) != 0 || (k = attr_true(a, str_eof_written)) != 0 ||
-      (k = attr_is(a, str_empty_waiter, Py_None)) != 1 ||
-      (k = attr_true(a, str_protocol_paused)) != 0)
-    return k < 0 ? -1 : 0;
-  queued = attr_get(a, str_buffer);
-  if (queued == NULL) return -1;
-  if (!PyByteArray_CheckExact(queued) || PyByteArray_GET_SIZE(queued) == 0) {
-    Py_DECREF(queued);
-    return 0;
-  }
+  if (!PyByteArray_CheckExact(queued) || !ring_ready(rw)) return 0;
   bytes = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(queued), PyByteArray_GET_SIZE(queued));
-  Py_DECREF(queued);
   if (bytes == NULL) return -1;
   k = ring_submit(a, rw, bytes);
   Py_DECREF(bytes);
@@ -571,16 +580,15 @@ static int ring_send_queued(const attrs_t* a, RingWriteObject* rw) {
 }
 
 /* The send's completion. */
-static PyObject* RingWrite_call(RingWriteObject* self, PyObject* args, PyObject* kwds) {
+static PyObject* RingWrite_call(PyObject* callable, PyObject* const* args, size_t nargsf,
+                                PyObject* kwnames) {
+  RingWriteObject* self = (RingWriteObject*)callable;
   PyObject *c, *t, *r;
   CompletionObject* cc;
   attrs_t a;
   int k;
-  if (!PyArg_UnpackTuple(args, "_RingWrite", 1, 1, &c)) return NULL;
-  if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
-    PyErr_SetString(PyExc_TypeError, "_RingWrite takes no keyword arguments");
-    return NULL;
-  }
+  if (exact_args("_RingWrite", nargsf, kwnames, 1) < 0) return NULL;
+  c = args[0];
   if (self->transport == NULL || c != self->op) Py_RETURN_NONE; /* not ours */
   Py_CLEAR(self->op); /* c stays alive: the caller holds it */
   t = self->transport;
@@ -614,16 +622,23 @@ static PyObject* RingWrite_call(RingWriteObject* self, PyObject* args, PyObject*
       Py_DECREF(queued);
       Py_DECREF(rest);
     }
-    if ((k = ring_send_queued(&a, self)) != 0) {
-      if (k < 0) return NULL;
-      Py_RETURN_NONE;
-    }
-    if ((k = attr_true(&a, str_buffer)) == 0 && (k = attr_true(&a, str_closing)) == 0 &&
-        (k = attr_true(&a, str_eof_written)) == 0 &&
+    /* Not closing, no EOF to write, no sendfile waiting for the buffer to
+     * drain, the protocol not paused: then the transport is idle if
+     * nothing was queued, else what was goes on the ring. */
+    if ((k = attr_true(&a, str_closing)) == 0 && (k = attr_true(&a, str_eof_written)) == 0 &&
         (k = attr_is(&a, str_empty_waiter, Py_None)) == 1 &&
         (k = attr_true(&a, str_protocol_paused)) == 0) {
-      if (set_idle(&a) < 0) return NULL;
-      Py_RETURN_NONE;
+      PyObject* queued = attr_get(&a, str_buffer);
+      if (queued == NULL) return NULL;
+      k = PyObject_IsTrue(queued);
+      if (k == 0) {
+        Py_DECREF(queued);
+        if (set_idle(&a) < 0) return NULL;
+        Py_RETURN_NONE;
+      }
+      if (k > 0) k = ring_send_queued(&a, self, queued);
+      Py_DECREF(queued);
+      if (k > 0) Py_RETURN_NONE;
     }
     if (k < 0) return NULL;
   }
@@ -690,21 +705,28 @@ static PyMethodDef RingWrite_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject* RingWrite_new(PyTypeObject* type, PyObject* args, PyObject* kwds) {
+  PyObject* self = PyType_GenericNew(type, args, kwds);
+  if (self != NULL) ((RingWriteObject*)self)->vectorcall = RingWrite_call;
+  return self;
+}
+
 PyTypeObject fb_RingWriteType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastiocp._fastiocp._RingWrite",
     .tp_basicsize = sizeof(RingWriteObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(RingWriteObject, vectorcall),
     .tp_doc = "_RingWrite(transport, port)\n--\n\n"
               "A socket transport's writes through the io_uring submission queue:\n"
               "inside a batch of completions, write() on an idle transport queues a\n"
               "send, which this object stands for as the transport's _write_fut; its\n"
               "completion calls this object.",
-    .tp_new = PyType_GenericNew,
+    .tp_new = RingWrite_new,
     .tp_init = (initproc)RingWrite_init,
     .tp_dealloc = (destructor)RingWrite_dealloc,
     .tp_traverse = (traverseproc)RingWrite_traverse,
     .tp_clear = (inquiry)RingWrite_clear,
-    .tp_call = (ternaryfunc)RingWrite_call,
+    .tp_call = PyVectorcall_Call,
     .tp_methods = RingWrite_methods,
 };
 
@@ -818,19 +840,18 @@ static RingWriteObject* writer_of(attrs_t* a) {
 
 typedef struct {
   PyObject_HEAD
+  vectorcallfunc vectorcall;
 } SocketWriteObject;
 
 #ifndef _WIN32
-/* 1 when write(data) may send at once (what _WritesAtOnce.write checks,
- * with a pending write future always sent to Python), 0 if not, -1 on
- * error. */
+/* 1 when write(data) may send at once (what _WritesAtOnce.write checks;
+ * send_now() checked _write_fut), 0 if not, -1 on error. */
 static int may_send_now(const attrs_t* a) {
   int r;
   if ((r = attr_true(a, str_buffer)) != 0) return r < 0 ? -1 : 0;
   if ((r = attr_true(a, str_conn_lost)) != 0) return r < 0 ? -1 : 0;
   if ((r = attr_true(a, str_eof_written)) != 0) return r < 0 ? -1 : 0;
   if ((r = attr_is(a, str_empty_waiter, Py_None)) != 1) return r;
-  if ((r = attr_is(a, str_write_fut, Py_None)) != 1) return r;
   return 1;
 }
 
@@ -863,8 +884,12 @@ static int send_now(const attrs_t* a, RingWriteObject* rw, PyObject* data, const
   int ok, fd;
   ssize_t n;
   *result = NULL;
-  if (rw != NULL && (ok = attr_is(a, str_write_fut, (PyObject*)rw)) != 0)
-    return ok < 0 ? 1 : queue_behind(a, view, result);
+  {
+    PyObject* fut = attr_get(a, str_write_fut);
+    if (fut == NULL) return 1;
+    Py_DECREF(fut); /* only its identity is used */
+    if (fut != Py_None) return rw != NULL && fut == (PyObject*)rw ? queue_behind(a, view, result) : 0;
+  }
   if ((ok = may_send_now(a)) <= 0) return ok < 0;
   if (rw != NULL && (ok = ring_send(a, rw, data, view, result)) != 0) return ok;
   fd = socket_fd(a);
@@ -894,14 +919,13 @@ static int send_now(const attrs_t* a, RingWriteObject* rw, PyObject* data, const
 }
 #endif
 
-static PyObject* SocketWrite_call(SocketWriteObject* self, PyObject* args, PyObject* kwds) {
+static PyObject* SocketWrite_call(PyObject* callable, PyObject* const* args, size_t nargsf,
+                                  PyObject* kwnames) {
   PyObject *t, *data;
-  (void)self;
-  if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
-    PyErr_SetString(PyExc_TypeError, "write() takes no keyword arguments");
-    return NULL;
-  }
-  if (!PyArg_UnpackTuple(args, "write", 2, 2, &t, &data)) return NULL;
+  (void)callable;
+  if (exact_args("write", nargsf, kwnames, 2) < 0) return NULL;
+  t = args[0];
+  data = args[1];
 #ifndef _WIN32
   /* What _WritesAtOnce.write() sends at once: bytes, bytearray, memoryview
    * (here only a C-contiguous one of bytes, the common case). */
@@ -934,16 +958,25 @@ static PyObject* SocketWrite_get(PyObject* self, PyObject* obj, PyObject* type) 
   return PyMethod_New(self, obj);
 }
 
+static PyObject* SocketWrite_new(PyTypeObject* type, PyObject* args, PyObject* kwds) {
+  PyObject* self = PyType_GenericNew(type, args, kwds);
+  if (self != NULL) ((SocketWriteObject*)self)->vectorcall = SocketWrite_call;
+  return self;
+}
+
 PyTypeObject fb_SocketWriteType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastiocp._fastiocp._SocketWrite",
     .tp_basicsize = sizeof(SocketWriteObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    /* A method descriptor: t.write(data) calls it with (t, data), with no
+     * bound method made per call. */
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_METHOD_DESCRIPTOR | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(SocketWriteObject, vectorcall),
     .tp_doc = "_SocketWrite()\n--\n\n"
               "The write() method of the asyncio loop's socket transports, in C:\n"
               "sends at once when nothing is queued, else calls\n"
               "transport._write_python(data).",
-    .tp_new = PyType_GenericNew,
-    .tp_call = (ternaryfunc)SocketWrite_call,
+    .tp_new = SocketWrite_new,
+    .tp_call = PyVectorcall_Call,
     .tp_descr_get = SocketWrite_get,
 };
 
@@ -955,7 +988,7 @@ int fb_loop_init(PyObject* module) {
       {&str_read_fut, "_read_fut"},       {&str_closing, "_closing"},
       {&str_paused, "_paused"},           {&str_data, "_data"},
       {&str_protocol, "_protocol"},       {&str_loop_reading, "_loop_reading"},
-      {&str_data_received, "data_received"}, {&str_resubmit, "resubmit"},
+      {&str_data_received, "data_received"},
       {&str_buffer, "_buffer"},           {&str_conn_lost, "_conn_lost"},
       {&str_eof_written, "_eof_written"}, {&str_empty_waiter, "_empty_waiter"},
       {&str_write_fut, "_write_fut"},     {&str_sock, "_sock"},
@@ -964,7 +997,7 @@ int fb_loop_init(PyObject* module) {
       {&str_start_receive, "_start_receive"}, {&str_held_chunks, "_held_chunks"},
       {&str_pooled_reading, "_pooled_reading"}, {&str_ring_writer, "_ring_writer"},
       {&str_high_water, "_high_water"},   {&str_pending_write, "_pending_write"},
-      {&str_send, "send"},                {&str_protocol_paused, "_protocol_paused"},
+      {&str_protocol_paused, "_protocol_paused"},
       {&str_loop_writing, "_loop_writing"},
   };
   size_t i;
