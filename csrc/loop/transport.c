@@ -40,7 +40,7 @@ static PyObject *str_read_fut, *str_closing, *str_paused, *str_data, *str_protoc
     *str_eof_written, *str_empty_waiter, *str_write_fut, *str_sock, *str_write_python,
     *str_write_queued, *str_buffer_owner, *str_buffer_updated, *str_start_receive,
     *str_held_chunks, *str_pooled_reading, *str_ring_writer, *str_high_water,
-    *str_pending_write, *str_protocol_paused, *str_loop_writing;
+    *str_pending_write, *str_protocol_paused, *str_recv, *str_loop_writing;
 
 /* The transport's attributes, as the fast path reads and writes them. The
  * ones it touches live in the transport's __dict__ (or are class defaults
@@ -247,6 +247,71 @@ static PyObject* take_exception(void) {
   return value;
 }
 
+/* transport._start_receive(c) after buffer_updated(), in C when the
+ * transport's protocol is still a BufferedProtocol: unless the transport
+ * is closing or paused or a receive is pending, the protocol's
+ * get_buffer(-1) is received into next, by starting c again when it is
+ * the buffer c filled. Returns 1 with *result set (NULL: an exception,
+ * an OSError when the receive could not start), 0 when _start_receive(c)
+ * must run (nothing was done). */
+static int buffered_again(ReadLoopObject* self, const attrs_t* a, CompletionObject* c,
+                          PyObject** result) {
+  PyObject *proto, *buf, *op;
+  int k;
+  *result = NULL;
+  if ((k = attr_true(a, str_closing)) != 0 || (k = attr_true(a, str_paused)) != 0 ||
+      (k = attr_is(a, str_read_fut, Py_None)) != 1) {
+    if (k < 0) return 1;
+    *result = Py_NewRef(Py_None); /* as _start_receive: nothing to start */
+    return 1;
+  }
+  proto = attr_get(a, str_protocol);
+  if (proto == NULL) return 1;
+  if ((k = PyObject_IsInstance(proto, self->buffered_protocol)) != 1) {
+    Py_DECREF(proto);
+    return k < 0;
+  }
+  buf = PyObject_CallMethod(proto, "get_buffer", "i", -1);
+  if (buf != NULL && PyObject_Length(buf) <= 0) {
+    if (!PyErr_Occurred())
+      PyErr_SetString(PyExc_RuntimeError, "get_buffer() returned an empty buffer");
+    Py_CLEAR(buf);
+  }
+  if (buf == NULL) {
+    PyObject* exc;
+    Py_DECREF(proto);
+    if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+      return 1;
+    exc = take_exception();
+    if (exc == NULL) return 1;
+    *result = PyObject_CallMethod(a->obj, "_fatal_error", "Os", exc,
+                                  "Fatal error: protocol.get_buffer() call failed.");
+    Py_DECREF(exc);
+    return 1;
+  }
+  if (buf == c->buffer) {
+    PyObject* one = (PyObject*)c;
+    op = fb_port_resubmit((CompletionPortObject*)self->port, &one, 1, NULL);
+    Py_XSETREF(op, op ? Py_NewRef(one) : NULL);
+  } else {
+    PyObject* sock = attr_get(a, str_sock);
+    PyObject* call[4] = {self->port, sock, buf, (PyObject*)self};
+    op = sock ? PyObject_VectorcallMethod(str_recv, call, 4, NULL) : NULL;
+    Py_XDECREF(sock);
+  }
+  Py_DECREF(buf);
+  if (op == NULL || attr_set(a, str_read_fut, op) < 0 ||
+      attr_set(a, str_buffer_owner, proto) < 0) {
+    Py_XDECREF(op);
+    Py_DECREF(proto);
+    return 1;
+  }
+  Py_DECREF(op);
+  Py_DECREF(proto);
+  *result = Py_NewRef(Py_None);
+  return 1;
+}
+
 /* A BufferedProtocol's own receive finished with data, the transport
  * neither closing nor paused: what _loop_reading does then (buffer_updated,
  * then _start_receive). Returns 1 with *result set (NULL: an exception),
@@ -282,7 +347,8 @@ static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* pr
     if (r == NULL) return 1;
   }
   Py_DECREF(r);
-  r = PyObject_CallMethodOneArg(t, str_start_receive, (PyObject*)c);
+  if (!buffered_again(self, &a, c, &r))
+    r = PyObject_CallMethodOneArg(t, str_start_receive, (PyObject*)c);
   if (r == NULL && PyErr_ExceptionMatches(PyExc_OSError)) {
     /* the receive could not start: the transport's rules */
     PyObject* exc = take_exception();
@@ -997,7 +1063,7 @@ int fb_loop_init(PyObject* module) {
       {&str_start_receive, "_start_receive"}, {&str_held_chunks, "_held_chunks"},
       {&str_pooled_reading, "_pooled_reading"}, {&str_ring_writer, "_ring_writer"},
       {&str_high_water, "_high_water"},   {&str_pending_write, "_pending_write"},
-      {&str_protocol_paused, "_protocol_paused"},
+      {&str_protocol_paused, "_protocol_paused"}, {&str_recv, "recv"},
       {&str_loop_writing, "_loop_writing"},
   };
   size_t i;

@@ -231,6 +231,90 @@ def test_buffered_protocol_errors_are_fatal_to_the_connection(loop, fails):
     assert any(f"protocol.{fails}() call failed" in ctx.get("message", "") for ctx in errors), errors
 
 
+def test_buffered_protocol_with_a_new_buffer_each_time(loop):
+    """get_buffer() may hand out a different buffer for every receive (a
+    memoryview into a bigger one, here): each receive goes into the one
+    it returned, in order."""
+    data = payload(50_000)
+    made = []
+
+    class Fresh(_RecordingBuffered):
+        def __init__(self):
+            super().__init__()
+            self.big = bytearray(1 << 20)
+            self.at = 0
+
+        def get_buffer(self, sizehint):
+            self.order.append("get")
+            if self.at + 4096 > len(self.big):
+                self.at = 0
+            self.view = memoryview(self.big)[self.at:self.at + 4096]
+            return self.view
+
+        def buffer_updated(self, nbytes):
+            self.order.append("updated")
+            self.got += self.view[:nbytes]
+            self.at += nbytes
+
+    def factory():
+        made.append(Fresh())
+        return made[-1]
+
+    async def main():
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        client = socket.create_connection(server.sockets[0].getsockname())
+        client.setblocking(False)
+        for i in range(0, len(data), 3000):
+            await loop.sock_sendall(client, data[i:i + 3000])
+            await asyncio.sleep(0.001)
+        client.shutdown(socket.SHUT_WR)
+        while not made:
+            await asyncio.sleep(0.001)
+        got = await made[0].eof
+        client.close()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    assert run(loop, main()) == data
+    assert made[0].order.count("updated") >= len(data) // 4096
+
+
+def test_buffered_protocol_empty_buffer_is_fatal(loop):
+    """An empty buffer from get_buffer() closes the connection with a
+    RuntimeError, as the stdlib's transports do."""
+    errors = []
+    lost = []
+
+    class Emptying(_RecordingBuffered):
+        def get_buffer(self, sizehint):
+            if self.order.count("updated") >= 1:
+                self.order.append("get")
+                return bytearray()
+            return super().get_buffer(sizehint)
+
+        def connection_lost(self, exc):
+            lost.append(exc)
+
+    async def main():
+        loop.set_exception_handler(lambda lp, ctx: errors.append(ctx))
+        server = await loop.create_server(Emptying, "127.0.0.1", 0)
+        client = socket.create_connection(server.sockets[0].getsockname())
+        client.setblocking(False)
+        await loop.sock_sendall(client, b"x" * 10)
+        for _ in range(100):
+            if lost:
+                break
+            await asyncio.sleep(0.01)
+        client.close()
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+    assert len(lost) == 1 and isinstance(lost[0], RuntimeError) and "empty buffer" in str(lost[0])
+    assert any("protocol.get_buffer() call failed" in ctx.get("message", "") for ctx in errors), errors
+
+
 def test_set_protocol_mid_stream_hands_over_every_byte(loop):
     """A BufferedProtocol replaced by a Protocol (set_protocol, as start_tls
     and protocol upgrades do) while a receive into its buffer is pending:
