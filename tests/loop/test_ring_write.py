@@ -343,3 +343,44 @@ def test_queueing_past_the_high_water_mark_pauses_the_protocol(loop, backend):
         assert flow == [("pause", 120), ("resume", 0)]
     else:
         assert [f[0] for f in flow] in ([], ["pause", "resume"])
+
+
+def test_closing_the_loop_with_a_ring_send_in_flight(backend):
+    """The peer reads nothing, so the send stays in flight: closing the
+    loop then neither hangs nor leaks the transport (which its writer and
+    the send's Completion refer to)."""
+    import gc
+    import weakref
+
+    from fastiocp.loop import EventLoop
+
+    lp = EventLoop(backend)
+    state = {}
+
+    def reply(t, data):
+        t._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        t.write(b"q" * 60000)
+        state["transport"] = weakref.ref(t)
+        state["in_flight"] = _in_flight(t)
+
+    async def main():
+        server, proto, client = await _serve(lp, reply)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(b"x")
+        for _ in range(100):
+            if "in_flight" in state:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        server.close()
+        return proto, client
+
+    proto, client = lp.run_until_complete(asyncio.wait_for(main(), 15))
+    proto.transport.abort()
+    lp.run_until_complete(asyncio.sleep(0.05))
+    lp.close()
+    client.close()
+    assert state["in_flight"] == (backend == "io_uring")
+    del proto
+    gc.collect()
+    assert state["transport"]() is None
