@@ -147,6 +147,26 @@ class _RecordingBuffered(asyncio.BufferedProtocol):
         self.eof.set_result(bytes(self.got))
 
 
+async def _feed_in_pieces(loop, factory, made, data, piece):
+    """Serves factory's protocols (each appended to made), sends data to
+    the first in pieces of piece bytes with a pause between, then the end
+    of the stream; returns what that protocol's eof future gives."""
+    server = await loop.create_server(factory, "127.0.0.1", 0)
+    client = socket.create_connection(server.sockets[0].getsockname())
+    client.setblocking(False)
+    for i in range(0, len(data), piece):
+        await loop.sock_sendall(client, data[i:i + piece])
+        await asyncio.sleep(0.001)
+    client.shutdown(socket.SHUT_WR)
+    while not made:
+        await asyncio.sleep(0.001)
+    got = await made[0].eof
+    client.close()
+    server.close()
+    await server.wait_closed()
+    return got
+
+
 @pytest.mark.parametrize("pause_every", [0, 3], ids=["reading", "paused_and_resumed"])
 def test_buffered_protocol_is_received_into_straight(loop, pause_every):
     """The receive goes into the protocol's own buffer (get_buffer(-1), as
@@ -160,23 +180,8 @@ def test_buffered_protocol_is_received_into_straight(loop, pause_every):
         made.append(_RecordingBuffered(pause_every))
         return made[-1]
 
-    async def main():
-        server = await loop.create_server(factory, "127.0.0.1", 0)
-        client = socket.create_connection(server.sockets[0].getsockname())
-        client.setblocking(False)
-        for i in range(0, len(data), 7000):  # several receives, some while paused
-            await loop.sock_sendall(client, data[i:i + 7000])
-            await asyncio.sleep(0.001)
-        client.shutdown(socket.SHUT_WR)
-        while not made:
-            await asyncio.sleep(0.001)
-        got = await made[0].eof
-        client.close()
-        server.close()
-        await server.wait_closed()
-        return got
-
-    assert run(loop, main()) == data
+    # several receives, some while paused
+    assert run(loop, _feed_in_pieces(loop, factory, made, data, 7000)) == data
     proto = made[0]
     assert set(proto.hints) == {-1}
     order = proto.order
@@ -185,11 +190,12 @@ def test_buffered_protocol_is_received_into_straight(loop, pause_every):
         assert order.count("updated") > pause_every
 
 
-@pytest.mark.parametrize("fails", ["buffer_updated", "get_buffer"])
+@pytest.mark.parametrize("fails", ["buffer_updated", "get_buffer", "empty_buffer"])
 def test_buffered_protocol_errors_are_fatal_to_the_connection(loop, fails):
-    """A BufferedProtocol's buffer_updated() or get_buffer() raising closes
-    the connection with the error and reports it to the exception handler,
-    as the stdlib's transports do (the loop goes on)."""
+    """A BufferedProtocol's buffer_updated() or get_buffer() raising, or
+    get_buffer() giving an empty buffer, closes the connection with the
+    error and reports it to the exception handler, as the stdlib's
+    transports do (the loop goes on)."""
     errors = []
     lost = []
 
@@ -197,6 +203,8 @@ def test_buffered_protocol_errors_are_fatal_to_the_connection(loop, fails):
         def get_buffer(self, sizehint):
             if fails == "get_buffer" and self.order.count("updated") >= 1:
                 raise ValueError("get_buffer broke")
+            if fails == "empty_buffer" and self.order.count("updated") >= 1:
+                return bytearray()
             return super().get_buffer(sizehint)
 
         def buffer_updated(self, nbytes):
@@ -227,7 +235,11 @@ def test_buffered_protocol_errors_are_fatal_to_the_connection(loop, fails):
         await server.wait_closed()
 
     run(loop, main())
-    assert len(lost) == 1 and isinstance(lost[0], ValueError) and f"{fails} broke" in str(lost[0])
+    if fails == "empty_buffer":
+        assert len(lost) == 1 and isinstance(lost[0], RuntimeError) and "empty buffer" in str(lost[0])
+        fails = "get_buffer"
+    else:
+        assert len(lost) == 1 and isinstance(lost[0], ValueError) and f"{fails} broke" in str(lost[0])
     assert any(f"protocol.{fails}() call failed" in ctx.get("message", "") for ctx in errors), errors
 
 
@@ -260,59 +272,8 @@ def test_buffered_protocol_with_a_new_buffer_each_time(loop):
         made.append(Fresh())
         return made[-1]
 
-    async def main():
-        server = await loop.create_server(factory, "127.0.0.1", 0)
-        client = socket.create_connection(server.sockets[0].getsockname())
-        client.setblocking(False)
-        for i in range(0, len(data), 3000):
-            await loop.sock_sendall(client, data[i:i + 3000])
-            await asyncio.sleep(0.001)
-        client.shutdown(socket.SHUT_WR)
-        while not made:
-            await asyncio.sleep(0.001)
-        got = await made[0].eof
-        client.close()
-        server.close()
-        await server.wait_closed()
-        return got
-
-    assert run(loop, main()) == data
+    assert run(loop, _feed_in_pieces(loop, factory, made, data, 3000)) == data
     assert made[0].order.count("updated") >= len(data) // 4096
-
-
-def test_buffered_protocol_empty_buffer_is_fatal(loop):
-    """An empty buffer from get_buffer() closes the connection with a
-    RuntimeError, as the stdlib's transports do."""
-    errors = []
-    lost = []
-
-    class Emptying(_RecordingBuffered):
-        def get_buffer(self, sizehint):
-            if self.order.count("updated") >= 1:
-                self.order.append("get")
-                return bytearray()
-            return super().get_buffer(sizehint)
-
-        def connection_lost(self, exc):
-            lost.append(exc)
-
-    async def main():
-        loop.set_exception_handler(lambda lp, ctx: errors.append(ctx))
-        server = await loop.create_server(Emptying, "127.0.0.1", 0)
-        client = socket.create_connection(server.sockets[0].getsockname())
-        client.setblocking(False)
-        await loop.sock_sendall(client, b"x" * 10)
-        for _ in range(100):
-            if lost:
-                break
-            await asyncio.sleep(0.01)
-        client.close()
-        server.close()
-        await server.wait_closed()
-
-    run(loop, main())
-    assert len(lost) == 1 and isinstance(lost[0], RuntimeError) and "empty buffer" in str(lost[0])
-    assert any("protocol.get_buffer() call failed" in ctx.get("message", "") for ctx in errors), errors
 
 
 def test_set_protocol_mid_stream_hands_over_every_byte(loop):

@@ -61,6 +61,14 @@ async def _recv_until(loop, sock, n):
     return bytes(got)
 
 
+async def _lost(proto, seconds=3.0):
+    """Waits up to seconds for proto's connection_lost()."""
+    for _ in range(int(seconds * 100)):
+        if proto.lost is not None:
+            return
+        await asyncio.sleep(0.01)
+
+
 def _in_flight(transport):
     return type(transport._write_fut) is _RingWrite
 
@@ -110,42 +118,29 @@ def test_writes_behind_the_ring_send_keep_their_order(loop, backend):
     assert got == b"".join(bytes(p) for p in parts)
 
 
-def test_close_after_a_ring_write_sends_it_then_ends(loop, backend):
+@pytest.mark.parametrize("end", ["close", "write_eof"])
+def test_ending_after_a_ring_write_sends_it_then_the_end(loop, backend, end):
+    """close() or write_eof() right after the write: the peer gets the
+    data, then the end of the stream; close() then loses the connection
+    cleanly."""
+
     def reply(t, data):
-        t.write(b"bye")
-        t.close()
+        t.write(b"last words")
+        getattr(t, end)()
 
     async def main():
         server, proto, client = await _serve(loop, reply)
         client.sendall(b"x")
         got = await _recv_until(loop, client, 100)  # to end of stream
-        for _ in range(200):
-            if proto.lost is not None:
-                break
-            await asyncio.sleep(0.01)
+        if end == "close":
+            await _lost(proto)
         client.close()
         server.close()
         return got, proto.lost
 
     got, lost = run(loop, main())
-    assert got == b"bye"
-    assert lost == "clean"
-
-
-def test_write_eof_after_a_ring_write_sends_it_then_eof(loop, backend):
-    def reply(t, data):
-        t.write(b"last words")
-        t.write_eof()
-
-    async def main():
-        server, proto, client = await _serve(loop, reply)
-        client.sendall(b"x")
-        got = await _recv_until(loop, client, 100)
-        client.close()
-        server.close()
-        return got
-
-    assert run(loop, main()) == b"last words"
+    assert got == b"last words"
+    assert lost == ("clean" if end == "close" else None)
 
 
 def test_abort_with_a_ring_write_in_flight(loop, backend):
@@ -157,10 +152,7 @@ def test_abort_with_a_ring_write_in_flight(loop, backend):
     async def main():
         server, proto, client = await _serve(loop, reply)
         client.sendall(b"x")
-        for _ in range(200):
-            if proto.lost is not None:
-                break
-            await asyncio.sleep(0.01)
+        await _lost(proto)
         client.close()
         server.close()
         return proto
@@ -228,10 +220,7 @@ def test_a_failed_ring_send_loses_the_connection(loop, backend):
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         client.sendall(b"go")
         client.close()  # RST
-        for _ in range(300):
-            if proto.lost is not None:
-                break
-            await asyncio.sleep(0.01)
+        await _lost(proto)
         server.close()
         return proto.lost
 
