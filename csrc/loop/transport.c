@@ -8,8 +8,10 @@
  * transport's Python read loop (_ReadsDirect._loop_reading) does: copies
  * the data into bytes, starts the same receive again (resubmit), then calls
  * protocol.data_received(data). For a BufferedProtocol whose buffer the
- * receive filled it calls buffer_updated(n), then transport._start_receive()
- * (get_buffer and the next receive, in Python). Every other case goes to
+ * receive filled it calls buffer_updated(n), then starts the next receive
+ * into the buffer get_buffer(-1) gives (buffered_again; the Python
+ * _start_receive() when the protocol is no longer a BufferedProtocol).
+ * Every other case goes to
  * transport._loop_reading(completion), which owns the rules; this file only
  * takes the path those rules give for the common cases, in the same order.
  *
@@ -21,10 +23,12 @@
  *
  * _SocketWrite() is the write() method of the POSIX socket transports: when
  * nothing is queued it sends bytes, a bytearray or a contiguous memoryview
- * at once with one non-blocking send(), as _WritesAtOnce.write() does; anything else (other
- * types, something queued, a short or failed send) goes to the Python
- * methods, _write_python(data) or, for the rest of a short send,
- * _write_queued(rest).
+ * at once with one non-blocking send(), as _WritesAtOnce.write() does, or,
+ * inside a batch of completions on io_uring, queues it on the ring
+ * (_RingWrite, below); a write behind a ring send in flight joins _buffer.
+ * Anything else (other types, something queued, a short or failed send)
+ * goes to the Python methods, _write_python(data) or, for the rest of a
+ * short send, _write_queued(rest).
  *
  * The loop is one per thread: no state here is shared between threads. */
 #include "loop.h"
