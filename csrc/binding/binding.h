@@ -93,6 +93,9 @@ void fb_set_closed_error(void);
 PyObject* fb_set_code_error(int64_t code);
 /* The exception object (not raised) for a failed operation. */
 PyObject* fb_make_code_error(int64_t code);
+/* The exception being raised, taken: a new reference, normalized, its
+ * traceback attached; NULL if none is set. */
+PyObject* fb_take_exception(void);
 /* Whether code is the one a cancelled operation completes with. */
 int fb_is_cancel_code(int64_t code);
 

@@ -97,19 +97,21 @@ PyObject* fb_set_code_error(int64_t code) {
   return NULL;
 }
 
+PyObject* fb_take_exception(void) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (value != NULL && tb != NULL) (void)PyException_SetTraceback(value, tb);
+  Py_XDECREF(type);
+  Py_XDECREF(tb);
+  return value;
+}
+
 /* The exception object (not raised) for a failed operation: OSError picks
  * the subclass (ConnectionResetError, ...) from errno/winerror. */
 PyObject* fb_make_code_error(int64_t code) {
-  PyObject *type, *value, *tb;
   fb_set_code_error(code);
-  PyErr_Fetch(&type, &value, &tb);
-  PyErr_NormalizeException(&type, &value, &tb);
-  if (tb != NULL) {
-    PyException_SetTraceback(value, tb);
-    Py_DECREF(tb);
-  }
-  Py_XDECREF(type);
-  return value;
+  return fb_take_exception();
 }
 
 int fb_is_cancel_code(int64_t code) {

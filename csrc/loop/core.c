@@ -365,21 +365,10 @@ static int timer_cancelled(PyObject* handle) {
 
 /* ---- running a handle ------------------------------------------------ */
 
-/* The exception set, taken (normalized, traceback attached); NULL if none. */
-static PyObject* take_exception(void) {
-  PyObject *type, *exc, *tb;
-  PyErr_Fetch(&type, &exc, &tb);
-  PyErr_NormalizeException(&type, &exc, &tb);
-  if (tb != NULL && exc != NULL) PyException_SetTraceback(exc, tb);
-  Py_XDECREF(type);
-  Py_XDECREF(tb);
-  return exc;
-}
-
 /* Handle._run()'s except clause for the exception set: the loop's
  * _report_handle_error(handle, exc) (Python) reports it. */
 static int report_error(LoopCoreObject* self, PyObject* h) {
-  PyObject *exc = take_exception(), *res;
+  PyObject *exc = fb_take_exception(), *res;
   if (exc == NULL) return 0;
   {
     PyObject* call[3] = {(PyObject*)self, h, exc};
@@ -483,7 +472,7 @@ static int finish_one(PyObject* c, PyObject* pending, PyObject* loop, PyObject* 
         PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
       return -1;
     {
-      PyObject* exc = take_exception();
+      PyObject* exc = fb_take_exception();
       PyObject* msg = PyUnicode_FromFormat("Exception in callback %R", ctx);
       PyObject* context = msg ? Py_BuildValue("{sOsO}", "message", msg, "exception", exc) : NULL;
       Py_XDECREF(msg);
@@ -521,7 +510,7 @@ static int finish_one(PyObject* c, PyObject* pending, PyObject* loop, PyObject* 
   } else {
     PyObject* value = PyObject_CallOneArg(finish, c);
     if (value == NULL) {
-      PyObject* exc = take_exception();
+      PyObject* exc = fb_take_exception();
       int rc = exc == NULL ? 0 : call_method_drop(fut, str_set_exception, exc);
       Py_XDECREF(exc);
       if (rc < 0) return -1;

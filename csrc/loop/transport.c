@@ -240,15 +240,18 @@ static int common_case(ReadLoopObject* self, CompletionObject* c, PyObject* prot
   return *data == NULL ? -1 : 1;
 }
 
-/* The exception being raised, taken (a new reference, traceback attached). */
-static PyObject* take_exception(void) {
-  PyObject *type, *value, *tb;
-  PyErr_Fetch(&type, &value, &tb);
-  PyErr_NormalizeException(&type, &value, &tb);
-  if (value != NULL && tb != NULL) (void)PyException_SetTraceback(value, tb);
-  Py_XDECREF(type);
-  Py_XDECREF(tb);
-  return value;
+/* A protocol callback raised: SystemExit and KeyboardInterrupt stay
+ * raised (NULL); anything else goes to transport._fatal_error(exc,
+ * message), as the stdlib's transports do, whose result this returns. */
+static PyObject* protocol_failed(PyObject* t, const char* message) {
+  PyObject *exc, *r;
+  if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+    return NULL;
+  exc = fb_take_exception();
+  if (exc == NULL) return NULL;
+  r = PyObject_CallMethod(t, "_fatal_error", "Os", exc, message);
+  Py_DECREF(exc);
+  return r;
 }
 
 /* transport._start_receive(c) after buffer_updated(), in C when the
@@ -282,15 +285,8 @@ static int buffered_again(ReadLoopObject* self, const attrs_t* a, CompletionObje
     Py_CLEAR(buf);
   }
   if (buf == NULL) {
-    PyObject* exc;
     Py_DECREF(proto);
-    if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
-      return 1;
-    exc = take_exception();
-    if (exc == NULL) return 1;
-    *result = PyObject_CallMethod(a->obj, "_fatal_error", "Os", exc,
-                                  "Fatal error: protocol.get_buffer() call failed.");
-    Py_DECREF(exc);
+    *result = protocol_failed(a->obj, "Fatal error: protocol.get_buffer() call failed.");
     return 1;
   }
   if (buf == c->buffer) {
@@ -340,14 +336,7 @@ static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* pr
     return -1;
   r = PyObject_CallMethodOneArg(protocol, str_buffer_updated, c->nbytes_obj);
   if (r == NULL) {
-    PyObject* exc;
-    if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
-      return 1;
-    exc = take_exception();
-    if (exc == NULL) return 1;
-    r = PyObject_CallMethod(t, "_fatal_error", "Os", exc,
-                            "Fatal error: protocol.buffer_updated() call failed.");
-    Py_DECREF(exc);
+    r = protocol_failed(t, "Fatal error: protocol.buffer_updated() call failed.");
     if (r == NULL) return 1;
   }
   Py_DECREF(r);
@@ -355,7 +344,7 @@ static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* pr
     r = PyObject_CallMethodOneArg(t, str_start_receive, (PyObject*)c);
   if (r == NULL && PyErr_ExceptionMatches(PyExc_OSError)) {
     /* the receive could not start: the transport's rules */
-    PyObject* exc = take_exception();
+    PyObject* exc = fb_take_exception();
     if (exc == NULL) return 1;
     r = PyObject_CallMethod(t, "_read_failed", "O", exc);
     Py_DECREF(exc);
