@@ -44,7 +44,7 @@ static PyObject *str_read_fut, *str_closing, *str_paused, *str_data, *str_protoc
     *str_eof_written, *str_empty_waiter, *str_write_fut, *str_sock, *str_write_python,
     *str_write_queued, *str_buffer_owner, *str_buffer_updated, *str_start_receive,
     *str_held_chunks, *str_pooled_reading, *str_ring_writer, *str_high_water,
-    *str_pending_write, *str_protocol_paused, *str_recv, *str_loop_writing;
+    *str_pending_write, *str_protocol_paused, *str_recv, *str_loop_writing, *str_reader;
 
 /* The transport's attributes, as the fast path reads and writes them. The
  * ones it touches live in the transport's __dict__ (or are class defaults
@@ -64,7 +64,7 @@ static PyObject** dict_names[] = {
     &str_read_fut,   &str_closing,       &str_paused,      &str_data,
     &str_protocol,   &str_buffer_owner,  &str_held_chunks, &str_buffer,
     &str_conn_lost,  &str_eof_written,   &str_empty_waiter, &str_write_fut,
-    &str_sock,       &str_ring_writer,   &str_pending_write,
+    &str_sock,       &str_ring_writer,   &str_pending_write, &str_reader,
 };
 
 /* Whether type keeps the generic getattr and setattr and defines none of
@@ -108,7 +108,7 @@ static int dict_fit(PyTypeObject* type) {
 
 /* dict_fit()'s last verdict, for a type and its version tag: the tag
  * changes when the type or one of its bases is modified, and a new one is
- * never 0 or reused. The check walks 16 classes for 15 names (2 µs), and
+ * never 0 or reused. The check walks 16 classes for 16 names (2 µs), and
  * every transport of a loop has the same type. */
 static PyTypeObject* fit_type;
 static unsigned int fit_version;
@@ -213,6 +213,8 @@ typedef struct {
   PyObject* port;
   PyObject* buffered_protocol; /* asyncio.BufferedProtocol (no global: 3.13t) */
   PyObject* dict;              /* dict_for(transport), or NULL */
+  int dict_known;              /* dict_for() was asked (at the first call: an
+                                  idle transport's __dict__ stays unmade) */
 } ReadLoopObject;
 
 static int ReadLoop_init(ReadLoopObject* self, PyObject* args, PyObject* kwds) {
@@ -232,7 +234,8 @@ static int ReadLoop_init(ReadLoopObject* self, PyObject* args, PyObject* kwds) {
   Py_XSETREF(self->transport, transport);
   Py_XSETREF(self->port, port);
   Py_XSETREF(self->buffered_protocol, buffered);
-  Py_XSETREF(self->dict, dict_for(transport));
+  Py_CLEAR(self->dict);
+  self->dict_known = 0;
   return 0;
 }
 
@@ -468,6 +471,10 @@ static PyObject* ReadLoop_call(PyObject* callable, PyObject* const* args, size_t
   if (self->transport == NULL) {
     PyErr_SetString(PyExc_RuntimeError, "_ReadLoop is not initialized");
     return NULL;
+  }
+  if (!self->dict_known) {
+    self->dict = dict_for(self->transport);
+    self->dict_known = 1;
   }
   if (!PyObject_TypeCheck(c, &fb_CompletionType))
     return PyObject_CallMethodOneArg(self->transport, str_loop_reading, c);
@@ -908,34 +915,52 @@ static int queue_behind(const attrs_t* a, const Py_buffer* view, PyObject** resu
   return 1;
 }
 
-/* The transport's _RingWrite (a new reference), or NULL (none; an
- * exception only on an error). a->dict becomes the transport's dict when
- * the _RingWrite found it fit for dict_for(). */
-static RingWriteObject* writer_of(attrs_t* a) {
-  PyObject *dict, *w = NULL;
-  RingWriteObject* rw;
-  int found;
-  a->dict = NULL;
-  dict = PyObject_GenericGetDict(a->obj, NULL);
-  if (dict == NULL) {
-    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return NULL;
-    PyErr_Clear(); /* no __dict__: no _RingWrite either */
-    return NULL;
-  }
-  found = PyDict_Check(dict) ? fb_dict_get_ref(dict, str_ring_writer, &w) : 0;
-  if (found <= 0 || !Py_IS_TYPE(w, &fb_RingWriteType)) {
-    Py_DECREF(dict);
-    if (found > 0) Py_DECREF(w);
-    return NULL;
-  }
-  rw = (RingWriteObject*)w;
-  if (rw->transport != a->obj) {
-    Py_DECREF(dict);
-    Py_DECREF(w);
-    return NULL;
-  }
-  if (rw->dict == dict) a->dict = dict; /* rw keeps it alive */
-  Py_DECREF(dict);
+/* attr_get(), or NULL with no exception when the transport has no such
+ * attribute (a transport not made by this loop). */
+static PyObject* attr_get_optional(const attrs_t* a, PyObject* name) {
+  PyObject* v = attr_get(a, name);
+  if (v == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) PyErr_Clear();
+  return v;
+}
+
+/* The transport's _RingWrite (a new reference), or NULL (none yet; an
+ * exception only on an error). */
+static RingWriteObject* writer_of(const attrs_t* a) {
+  PyObject* w = attr_get_optional(a, str_ring_writer);
+  if (w == NULL) return NULL;
+  if (Py_IS_TYPE(w, &fb_RingWriteType) && ((RingWriteObject*)w)->transport == a->obj)
+    return (RingWriteObject*)w;
+  Py_DECREF(w);
+  return NULL;
+}
+
+/* The transport's first write through the ring makes its _RingWrite, for
+ * its receive's port (the transport's _ReadLoop): an idle connection that
+ * never writes inside a batch holds none. Returns it (a new reference), or
+ * NULL when the ring is not for this write now (an exception only on an
+ * error). */
+static RingWriteObject* writer_new(const attrs_t* a) {
+  PyObject* reader = attr_get_optional(a, str_reader);
+  CompletionPortObject* port;
+  RingWriteObject* rw = NULL;
+  int in_batch;
+  if (reader == NULL) return NULL;
+  if (!Py_IS_TYPE(reader, &fb_ReadLoopType) || ((ReadLoopObject*)reader)->transport != a->obj)
+    goto done;
+  port = (CompletionPortObject*)((ReadLoopObject*)reader)->port;
+  if (port == NULL || !is_uring(port)) goto done;
+  FB_LOCK(port);
+  in_batch = fb_in_batch(port);
+  FB_UNLOCK(port);
+  if (!in_batch) goto done;
+  rw = (RingWriteObject*)RingWrite_new(&fb_RingWriteType, NULL, NULL);
+  if (rw == NULL) goto done;
+  rw->transport = Py_NewRef(a->obj);
+  rw->port = (CompletionPortObject*)Py_NewRef(port);
+  rw->dict = Py_XNewRef(a->dict);
+  if (attr_set(a, str_ring_writer, (PyObject*)rw) < 0) Py_CLEAR(rw);
+done:
+  Py_DECREF(reader);
   return rw;
 }
 #endif
@@ -983,7 +1008,7 @@ static int socket_fd(const attrs_t* a) {
  * (ring_send), else what one non-blocking send() takes. Returns 1 with
  * *result set (write()'s result, or NULL with an exception), or 0 when
  * nothing was sent and Python's write() must take it. */
-static int send_now(const attrs_t* a, RingWriteObject* rw, PyObject* data, const Py_buffer* view,
+static int send_now(const attrs_t* a, RingWriteObject** rw, PyObject* data, const Py_buffer* view,
                     PyObject** result) {
   int ok, fd;
   ssize_t n;
@@ -992,10 +1017,11 @@ static int send_now(const attrs_t* a, RingWriteObject* rw, PyObject* data, const
     PyObject* fut = attr_get(a, str_write_fut);
     if (fut == NULL) return 1;
     Py_DECREF(fut); /* only its identity is used */
-    if (fut != Py_None) return rw != NULL && fut == (PyObject*)rw ? queue_behind(a, view, result) : 0;
+    if (fut != Py_None) return *rw != NULL && fut == (PyObject*)*rw ? queue_behind(a, view, result) : 0;
   }
   if ((ok = may_send_now(a)) <= 0) return ok < 0;
-  if (rw != NULL && (ok = ring_send(a, rw, data, view, result)) != 0) return ok;
+  if (*rw == NULL && (*rw = writer_new(a)) == NULL && PyErr_Occurred()) return 1;
+  if (*rw != NULL && (ok = ring_send(a, *rw, data, view, result)) != 0) return ok;
   fd = socket_fd(a);
   if (fd < 0) return PyErr_Occurred() != NULL;
   /* Non-blocking, no SIGPIPE: a failed send leaves the error to the
@@ -1040,14 +1066,16 @@ static PyObject* SocketWrite_call(PyObject* callable, PyObject* const* args, siz
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
       PyErr_Clear(); /* not contiguous bytes: Python's write() decides */
     } else {
-      attrs_t a = {t, NULL};
+      attrs_t a = {t, dict_for(t)};
       RingWriteObject* rw = writer_of(&a);
       if (rw == NULL && PyErr_Occurred()) {
+        Py_XDECREF(a.dict);
         PyBuffer_Release(&view);
         return NULL;
       }
-      if (view.len > 0) sent = send_now(&a, rw, data, &view, &result);
+      if (view.len > 0) sent = send_now(&a, &rw, data, &view, &result);
       Py_XDECREF(rw);
+      Py_XDECREF(a.dict);
       PyBuffer_Release(&view);
       if (sent) return result;
     }
@@ -1102,7 +1130,7 @@ int fb_loop_init(PyObject* module) {
       {&str_pooled_reading, "_pooled_reading"}, {&str_ring_writer, "_ring_writer"},
       {&str_high_water, "_high_water"},   {&str_pending_write, "_pending_write"},
       {&str_protocol_paused, "_protocol_paused"}, {&str_recv, "recv"},
-      {&str_loop_writing, "_loop_writing"},
+      {&str_loop_writing, "_loop_writing"}, {&str_reader, "_reader"},
   };
   size_t i;
   for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {

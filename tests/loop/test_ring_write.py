@@ -244,12 +244,46 @@ def test_a_write_outside_a_batch_is_sent_at_once(loop, backend):
     assert run(loop, main()) == b"now"
 
 
+def test_the_ring_writer_is_made_at_the_first_ring_write(loop, backend):
+    """An idle transport holds no _RingWrite (issue 16's memory per idle
+    connection); the first write inside a batch on io_uring makes it, and
+    the transport keeps it for its later writes."""
+
+    def reply(t, data):
+        t.write(data)
+        return t._ring_writer
+
+    async def main():
+        server, proto, client = await _serve(loop, reply)
+        idle = proto.transport._ring_writer
+        for word in (b"one", b"two"):
+            client.sendall(word)
+            assert await _recv_until(loop, client, len(word)) == word
+        writer = proto.transport._ring_writer
+        client.close()
+        await _lost(proto)
+        server.close()
+        return idle, proto.seen, writer, proto.transport._ring_writer
+
+    idle, seen, writer, after = run(loop, main())
+    assert idle is None and after is None
+    if backend == "io_uring":
+        assert isinstance(writer, _RingWrite)
+        assert seen == [writer, writer]
+    else:
+        assert writer is None and seen == [None, None]
+
+
 def test_the_ring_writer_stands_in_for_a_future(loop, backend):
     """What the stdlib's write path calls on _write_fut."""
 
     async def main():
-        server, proto, client = await _serve(loop, lambda t, d: None)
+        server, proto, client = await _serve(loop, lambda t, d: t.write(d))
+        client.sendall(b"x")
+        assert await _recv_until(loop, client, 1) == b"x"
         w = proto.transport._ring_writer
+        if w is None:  # epoll: never on the ring; the object alone
+            w = _RingWrite(proto.transport, loop._proactor.port)
         client.close()
         server.close()
         return w

@@ -24,7 +24,7 @@ import sys
 from asyncio import base_events, proactor_events, protocols
 from typing import Any
 
-from .._fastiocp import PooledBuffer, _ReadLoop, _RingWrite, _SocketWrite
+from .._fastiocp import PooledBuffer, _ReadLoop, _SocketWrite
 
 
 # Server._attach/_detach take the transport since 3.13 (the server keeps its
@@ -207,12 +207,10 @@ class _ReadsDirect:
                     if self._reader is None:
                         # The receives' callback: C (csrc/loop/transport.c)
                         # for the common case, this method for the others.
+                        # On io_uring the C write() makes the transport's
+                        # _RingWrite (_ring_writer) at its first write
+                        # inside a batch of completions, for this port.
                         self._reader = _ReadLoop(self, self._loop._proactor.port)
-                        if sys.platform != "win32":
-                            # The C write()'s state: on io_uring it queues
-                            # the sends made inside a batch of completions
-                            # (csrc/loop/transport.c).
-                            self._ring_writer = _RingWrite(self, self._loop._proactor.port)
                         if self._loop._proactor.pooled:
                             self._data = _NO_BUFFER  # the pool's buffers serve
             self._start_receive(fut)
