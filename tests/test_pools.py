@@ -19,7 +19,7 @@ import pytest
 
 import fastiocp
 
-from conftest import ON_WINDOWS, loopback_tcp_pair
+from conftest import ON_LINUX, ON_WINDOWS, loopback_tcp_pair, rss_bytes
 
 ENOBUFS = (errno.ENOBUFS, getattr(errno, "WSAENOBUFS", -1))
 
@@ -178,6 +178,84 @@ def test_multishot_recv_delivers_every_byte_in_order_then_ends(port, sockpair):
     assert children and all(x.more and x is not c for x in children)
     assert all((x.key, x.context, x.op) == ("ms", "ctx", "recv") for x in results)
     assert pool.in_use == 0
+
+
+def test_receives_landing_at_once_all_get_buffers(port):
+    """More receives complete in one wait than the io_uring buffer ring
+    starts with (it keeps only recently used buffers, POOL_RING_DEPTH):
+    each still gets a buffer, none ENOBUFS, while the pool has some."""
+    pool = fastiocp.BufferPool(256, 64)
+    pairs = [socket.socketpair() for _ in range(40)]
+    try:
+        ops = {}
+        for a, _ in pairs:
+            port.register(a)
+            ops[port.recv(a, pool, context=a.fileno())] = a
+        for i, (_, b) in enumerate(pairs):
+            b.sendall(b"%04d" % i)
+        time.sleep(0.05)  # all of them in before the first wait
+        got = {}
+        deadline = time.monotonic() + 10
+        while len(got) < len(ops):
+            assert time.monotonic() < deadline, f"timed out with {len(got)}"
+            for c in port.get_many(64, timeout=1) or ():
+                assert c.error is None, c.error
+                got[c.context] = bytes(c.buffer)
+        assert sorted(got.values()) == [b"%04d" % i for i in range(40)]
+        assert pool.in_use == 40
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_multishot_recv_goes_on_while_the_receiver_holds_buffers(port, sockpair):
+    """A multishot receive whose buffers the receiver keeps (the ring must
+    be topped up from the pool as it is used) ends with ENOBUFS only when
+    the whole pool is held."""
+    a, b = sockpair
+    pool = fastiocp.BufferPool(64, 32)
+    port.register(a)
+    c = port.recv(a, pool, multishot=True)
+    held = []
+    for i in range(32):
+        b.sendall(b"%02d" % i)
+        held += [x for x in take(port, lambda x: x.nbytes > 0 or x is c) if x.nbytes]
+        assert not (c.error is not None and len(held) < 32), (c.error, len(held))
+    assert b"".join(bytes(x.buffer) for x in held) == b"".join(b"%02d" % i for i in range(32))
+    assert pool.in_use == 32
+    b.sendall(b"rest")
+    if not c.error:
+        take(port, lambda x: x is c)
+    assert c.error is not None and c.error.errno in ENOBUFS and not c.more
+    for x in held:
+        x.release()
+    r = port.recv(a, pool)
+    take(port, lambda x: x is r)
+    assert bytes(r.buffer) == b"rest"
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="counts resident pages (Linux)")
+def test_a_large_pool_keeps_reusing_few_buffers(port, sockpair):
+    """A pool's memory becomes resident only for the buffers that
+    received: receiving and giving back one at a time reuses a few of
+    them (warm in the CPU's caches) rather than cycling through the
+    whole pool (512 x 64 KiB here, 2 MiB of pages if each were touched)."""
+    a, b = sockpair
+    pool = fastiocp.BufferPool(64 * 1024, 512)
+    port.register(a)
+    c = port.recv(a, pool)
+    b.sendall(b"warm")
+    take(port, lambda x: x is c)
+    c.release()
+    before = rss_bytes()
+    for i in range(600):
+        c = port.recv(a, pool)
+        b.sendall(b"x" * 100)
+        take(port, lambda x: x is c)
+        assert c.nbytes == 100
+        c.release()
+    assert rss_bytes() - before < 1024 * 1024
 
 
 def test_multishot_recv_cancel_ends_it(port, sockpair):

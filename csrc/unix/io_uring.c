@@ -85,13 +85,14 @@
  * Pools, multishot operations and zero-copy sends (issue 18, fiocp.h):
  * - A pool registered with the port (pool_add) is a provided-buffer ring
  *   (IORING_REGISTER_PBUF_RING) of group pool->group, in page-aligned
- *   memory of ours, holding every free buffer: the free stack moves into
- *   it. A pooled receive is a RECV with IOSQE_BUFFER_SELECT and
- *   IORING_RECVSEND_POLL_FIRST (the kernel picks a buffer only once data
- *   is there, so an empty ring fails with -ENOBUFS having read nothing);
- *   the CQE names the buffer (IORING_CQE_F_BUFFER). pool_put adds a
- *   buffer back (the ring's tail, stored with release, under the pool's
- *   mutex). Which buffers the binding holds is tracked (pbuf_t.held): a
+ *   memory of ours, holding the free buffers used last (pbuf_t: a
+ *   shallow ring, topped up from the free stack). A pooled receive is a
+ *   RECV with IOSQE_BUFFER_SELECT and IORING_RECVSEND_POLL_FIRST (the
+ *   kernel picks a buffer only once data is there, so an empty ring fails
+ *   with -ENOBUFS having read nothing, and is pushed again while the pool
+ *   has buffers); the CQE names the buffer (IORING_CQE_F_BUFFER). pool_put
+ *   gives a buffer back (onto the free stack, then the ring's tail, stored
+ *   with release, under the pool's mutex). Which buffers the binding holds is tracked (pbuf_t.held): a
  *   second release of one is ignored (the ring would hold it twice), and
  *   pool_remove puts every buffer not held back on the free stack: after
  *   its last operation the kernel has the others, all in the ring.
@@ -283,18 +284,38 @@ typedef struct uring_s {
   fiocp_pool_t* pools;          /* registered pools, by ->next (GIL) */
 } uring_t;
 
-/* A registered pool's state (pool->impl). With a buffer ring (bufs), the
- * free buffers are in the ring; without (BK_EMU_POOL), on the free stack.
- * held[id] (atomic bytes): the binding holds buffer id (set when a result
- * hands it out, cleared by pool_put). pool->impl is stored and loaded
- * atomically: submit and the harvest read it without the pool's mutex. */
+/* A registered pool's state (pool->impl). With a buffer ring (bufs), up
+ * to depth free buffers are in the ring and the rest on the free stack;
+ * without (BK_EMU_POOL), all on the free stack. held[id] (atomic bytes):
+ * the binding holds buffer id (set when a result hands it out, cleared by
+ * pool_put). pool->impl is stored and loaded atomically: submit and the
+ * harvest read it without the pool's mutex.
+ *
+ * Why a shallow ring: the kernel takes buffers from the ring in the order
+ * they were added, so a ring holding every free buffer cycles through the
+ * whole pool (the loop's is 64 MiB), and each receive copies into memory
+ * long out of the CPU's caches (a 10 KiB echo spent 7.6% of its time in
+ * the kernel's copy to user space, against 2.0% into a buffer of its
+ * own). A buffer given back goes on top of the free stack and from there
+ * into the ring: the ring cycles through depth recently used buffers. A
+ * receive that found the ring empty while the pool was not (-ENOBUFS)
+ * doubles depth and is pushed again (pool_ring_retry): only an empty pool
+ * fails one. */
 typedef struct pbuf_s {
   struct fu_buf* bufs; /* NULL: no ring */
   size_t bytes;        /* of the bufs mapping */
   uint32_t mask;       /* ring entries - 1 */
   uint16_t tail;       /* ours; published to bufs[0].resv (pool mutex) */
+  uint32_t in_ring;    /* added and not yet seen taken (a CQE naming it):
+                          at least the ring's count (pool mutex) */
+  uint32_t depth;      /* how many ring_fill() keeps in the ring */
   uint8_t* held;       /* [pool->count] */
 } pbuf_t;
+
+/* A new pool's depth; pool_ring_retry() doubles it up to the pool's
+ * count. Receives completing faster than the harvest hands them out
+ * need that many. */
+#define POOL_RING_DEPTH 8
 
 static int sys_setup(unsigned entries, struct fu_params* p) {
   long rc = syscall(__NR_io_uring_setup, entries, p);
@@ -974,6 +995,18 @@ static void ring_publish(pbuf_t* r) {
   __atomic_store_n(&r->bufs[0].resv, r->tail, __ATOMIC_RELEASE);
 }
 
+/* Moves buffers from the top of the free stack (the latest given back)
+ * into the ring until it holds r->depth. Pool mutex held. */
+static void ring_fill(fiocp_pool_t* pool, pbuf_t* r) {
+  int added = 0;
+  while (r->in_ring < r->depth && pool->nfree > 0) {
+    ring_add(pool, r, pool->free_ids[--pool->nfree]);
+    r->in_ring++;
+    added = 1;
+  }
+  if (added) ring_publish(r);
+}
+
 /* Gives held buffer id back: into the ring, or onto the free stack when
  * there is none (BK_EMU_POOL, or the pool removed since). A buffer not
  * held (released twice) is ignored: in the ring twice, it could receive
@@ -985,13 +1018,10 @@ static void pool_put_id(fiocp_pool_t* pool, uint32_t id) {
   r = pool_impl(pool);
   if (r == NULL || __atomic_load_n(&r->held[id], __ATOMIC_RELAXED)) {
     if (r != NULL) __atomic_store_n(&r->held[id], 0, __ATOMIC_RELAXED);
-    if (r != NULL && r->bufs != NULL) {
-      ring_add(pool, r, id);
-      ring_publish(r);
-    } else if (pool->nfree < pool->count) {
-      /* fiocp__pool_give()'s work; this thread holds its mutex. */
-      pool->free_ids[pool->nfree++] = id;
-    }
+    /* fiocp__pool_give()'s work (this thread holds its mutex), then to the
+     * ring if it is short. */
+    if (pool->nfree < pool->count) pool->free_ids[pool->nfree++] = id;
+    if (r != NULL && r->bufs != NULL) ring_fill(pool, r);
   }
   fiocp__pool_unlock(pool);
 }
@@ -1054,10 +1084,9 @@ static int uring_pool_add(fiocp_port_t* port, fiocp_pool_t* pool) {
   if (r->bufs != NULL) {
     rc = ring_register(u, r, &group);
     if (rc == 0) {
-      /* The free stack moves into the ring, top first (lowest ids). */
-      for (i = pool->nfree; i-- > 0;) ring_add(pool, r, pool->free_ids[i]);
-      pool->nfree = 0;
-      ring_publish(r);
+      /* The top of the free stack (lowest ids) goes into the ring. */
+      r->depth = pool->count < POOL_RING_DEPTH ? pool->count : POOL_RING_DEPTH;
+      ring_fill(pool, r);
       pool->group = group;
     }
   }
@@ -1836,12 +1865,36 @@ static int64_t cqe_buffer(fiocp_op_t* op, int32_t res, uint32_t cflags) {
   if (!(cflags & FU_CQE_F_BUFFER)) return -1;
   r = pool_impl(pool);
   if (r == NULL || bid >= pool->count) return -1; /* not one of ours */
-  __atomic_store_n(&r->held[bid], 1, __ATOMIC_RELAXED);
+  fiocp__pool_lock(pool);
+  if (r->in_ring > 0) r->in_ring--;
   if (res <= 0) {
-    pool_put_id(pool, bid);
-    return -1;
+    if (pool->nfree < pool->count) pool->free_ids[pool->nfree++] = bid;
+    bid = UINT32_MAX;
+  } else {
+    __atomic_store_n(&r->held[bid], 1, __ATOMIC_RELAXED);
   }
-  return bid;
+  if (r->bufs != NULL) ring_fill(pool, r); /* the ring tops up as it is used */
+  fiocp__pool_unlock(pool);
+  return bid == UINT32_MAX ? -1 : (int64_t)bid;
+}
+
+/* A pooled receive's -ENOBUFS: the ring was empty when data came. When
+ * the pool was not (buffers on the free stack, or added to the ring
+ * since), the ring doubles its depth and 1 says push the receive again;
+ * 0 when the pool is empty: the receive fails with ENOBUFS. */
+static int pool_ring_retry(fiocp_op_t* op) {
+  fiocp_pool_t* pool = op->pool;
+  pbuf_t* r = pool_impl(pool);
+  int retry = 0;
+  if (r == NULL || r->bufs == NULL) return 0;
+  fiocp__pool_lock(pool);
+  if (pool->nfree > 0) {
+    r->depth = r->depth > pool->count / 2 ? pool->count : r->depth * 2;
+    ring_fill(pool, r);
+  }
+  retry = r->in_ring > 0;
+  fiocp__pool_unlock(pool);
+  return retry;
 }
 
 /* Whether res is a result after which a multishot op goes on. */
@@ -2006,6 +2059,11 @@ static void op_cqe(uring_t* u, fiocp_op_t* op, int32_t res, uint32_t cflags) {
   }
   if ((op->bk & BK_REARM) && goes_on(op, res)) {
     rearm_result(u, op, res, bid);
+    return;
+  }
+  if (res == -ENOBUFS && (op->flags & FIOCP_OPF_POOLED) && !(op->bk & BK_EMU_POOL) &&
+      pool_ring_retry(op)) {
+    next_stage(u, op);
     return;
   }
   if (bid >= 0) op->offset = bid;
