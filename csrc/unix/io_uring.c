@@ -92,10 +92,11 @@
  *   with -ENOBUFS having read nothing, and is pushed again while the pool
  *   has buffers); the CQE names the buffer (IORING_CQE_F_BUFFER). pool_put
  *   gives a buffer back (onto the free stack, then the ring's tail, stored
- *   with release, under the pool's mutex). Which buffers the binding holds is tracked (pbuf_t.held): a
- *   second release of one is ignored (the ring would hold it twice), and
- *   pool_remove puts every buffer not held back on the free stack: after
- *   its last operation the kernel has the others, all in the ring.
+ *   with release, under the pool's mutex). Which buffers the binding holds
+ *   is tracked (pbuf_t.held): a second release of one is ignored (the ring
+ *   would hold it twice), and pool_remove puts every buffer not held back
+ *   on the free stack: after its last operation, those not held are in
+ *   the ring or on the stack already.
  * - Multishot receives (IORING_RECV_MULTISHOT) and accepts
  *   (IORING_ACCEPT_MULTISHOT): each CQE with IORING_CQE_F_MORE becomes a
  *   child record (fiocp__child_new), queued in CQE order; the CQE without

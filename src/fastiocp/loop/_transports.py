@@ -207,10 +207,12 @@ class _ReadsDirect:
                     if self._reader is None:
                         # The receives' callback: C (csrc/loop/transport.c)
                         # for the common case, this method for the others.
-                        # On io_uring the C write() makes the transport's
-                        # _RingWrite (_ring_writer) at its first write
-                        # inside a batch of completions, for this port.
                         self._reader = _ReadLoop(self, self._loop._proactor.port)
+                        # On io_uring the C write() makes the transport's
+                        # _RingWrite here at its first write inside a batch
+                        # of completions; None set on the instance, where
+                        # that write() reads it without a class lookup.
+                        self._ring_writer = None
                         if self._loop._proactor.pooled:
                             self._data = _NO_BUFFER  # the pool's buffers serve
             self._start_receive(fut)
