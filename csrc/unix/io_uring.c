@@ -2062,8 +2062,8 @@ static void op_cqe(uring_t* u, fiocp_op_t* op, int32_t res, uint32_t cflags) {
     rearm_result(u, op, res, bid);
     return;
   }
-  if (res == -ENOBUFS && (op->flags & FIOCP_OPF_POOLED) && !(op->bk & BK_EMU_POOL) &&
-      pool_ring_retry(op)) {
+  if (res == -ENOBUFS && (op->flags & FIOCP_OPF_POOLED) &&
+      !(op->bk & (BK_EMU_POOL | BK_NOMEM)) && pool_ring_retry(op)) {
     next_stage(u, op);
     return;
   }
