@@ -1008,10 +1008,11 @@ static void ring_fill(fiocp_pool_t* pool, pbuf_t* r) {
   if (added) ring_publish(r);
 }
 
-/* Gives held buffer id back: into the ring, or onto the free stack when
- * there is none (BK_EMU_POOL, or the pool removed since). A buffer not
- * held (released twice) is ignored: in the ring twice, it could receive
- * for two results at once. Thread-safe. */
+/* Gives held buffer id back: onto the free stack, and from there into the
+ * ring when it holds fewer than its depth (ring_fill: the buffer given
+ * back last is used first). A buffer not held (released twice) is
+ * ignored: in the ring twice, it could receive for two results at once.
+ * Thread-safe. */
 static void pool_put_id(fiocp_pool_t* pool, uint32_t id) {
   pbuf_t* r;
   if (id >= pool->count) return;
