@@ -627,16 +627,22 @@ static int is_uring(CompletionPortObject* port) {
 #endif
 }
 
-/* Whether a send may go on the ring now: none in flight, an io_uring
- * port, and this thread in one of its batches (so the send waits for the
- * batch's one system call). */
-static int ring_ready(RingWriteObject* rw) {
+/* Whether sends on port may go on its ring now: an io_uring port, and
+ * this thread in one of its batches (so a send waits for the batch's one
+ * system call). */
+static int ring_open(CompletionPortObject* port) {
   int in_batch;
-  if (rw->op != NULL || rw->port == NULL || !is_uring(rw->port)) return 0;
-  FB_LOCK(rw->port);
-  in_batch = fb_in_batch(rw->port);
-  FB_UNLOCK(rw->port);
+  if (port == NULL || !is_uring(port)) return 0;
+  FB_LOCK(port);
+  in_batch = fb_in_batch(port);
+  FB_UNLOCK(port);
   return in_batch;
+}
+
+/* Whether rw's next send may go on the ring now: none in flight, and
+ * ring_open(). */
+static int ring_ready(RingWriteObject* rw) {
+  return rw->op == NULL && ring_open(rw->port);
 }
 
 /* Queues a SEND of bytes (which nobody can change while the kernel reads
@@ -943,16 +949,11 @@ static RingWriteObject* writer_new(const attrs_t* a) {
   PyObject* reader = attr_get_optional(a, str_reader);
   CompletionPortObject* port;
   RingWriteObject* rw = NULL;
-  int in_batch;
   if (reader == NULL) return NULL;
   if (!Py_IS_TYPE(reader, &fb_ReadLoopType) || ((ReadLoopObject*)reader)->transport != a->obj)
     goto done;
   port = (CompletionPortObject*)((ReadLoopObject*)reader)->port;
-  if (port == NULL || !is_uring(port)) goto done;
-  FB_LOCK(port);
-  in_batch = fb_in_batch(port);
-  FB_UNLOCK(port);
-  if (!in_batch) goto done;
+  if (!ring_open(port)) goto done;
   rw = (RingWriteObject*)RingWrite_new(&fb_RingWriteType, NULL, NULL);
   if (rw == NULL) goto done;
   rw->transport = Py_NewRef(a->obj);
