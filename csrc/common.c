@@ -237,9 +237,13 @@ int64_t fiocp__pool_take(fiocp_pool_t* pool) {
   return id;
 }
 
+void fiocp__pool_give_locked(fiocp_pool_t* pool, uint32_t id) {
+  if (pool->nfree < pool->count) pool->free_ids[pool->nfree++] = id;
+}
+
 void fiocp__pool_give(fiocp_pool_t* pool, uint32_t id) {
   fiocp__pool_lock(pool);
-  if (pool->nfree < pool->count) pool->free_ids[pool->nfree++] = id;
+  fiocp__pool_give_locked(pool, id);
   fiocp__pool_unlock(pool);
 }
 

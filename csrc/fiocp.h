@@ -287,6 +287,8 @@ void fiocp__pool_fini(fiocp_pool_t* pool);
 int64_t fiocp__pool_take(fiocp_pool_t* pool);
 /* Puts buffer id back on the free stack. Thread-safe. */
 void fiocp__pool_give(fiocp_pool_t* pool, uint32_t id);
+/* The same, with the pool's mutex held (fiocp__pool_lock). */
+void fiocp__pool_give_locked(fiocp_pool_t* pool, uint32_t id);
 /* Locks the pool's mutex (for a backend's own free set: io_uring's ring
  * tail). */
 void fiocp__pool_lock(fiocp_pool_t* pool);

@@ -1020,10 +1020,8 @@ static void pool_put_id(fiocp_pool_t* pool, uint32_t id) {
   r = pool_impl(pool);
   if (r == NULL || __atomic_load_n(&r->held[id], __ATOMIC_RELAXED)) {
     if (r != NULL) __atomic_store_n(&r->held[id], 0, __ATOMIC_RELAXED);
-    /* fiocp__pool_give()'s work (this thread holds its mutex), then to the
-     * ring if it is short. */
-    if (pool->nfree < pool->count) pool->free_ids[pool->nfree++] = id;
-    if (r != NULL && r->bufs != NULL) ring_fill(pool, r);
+    fiocp__pool_give_locked(pool, id);
+    if (r != NULL && r->bufs != NULL) ring_fill(pool, r); /* to the ring if short */
   }
   fiocp__pool_unlock(pool);
 }
@@ -1870,7 +1868,7 @@ static int64_t cqe_buffer(fiocp_op_t* op, int32_t res, uint32_t cflags) {
   fiocp__pool_lock(pool);
   if (r->in_ring > 0) r->in_ring--;
   if (res <= 0) {
-    if (pool->nfree < pool->count) pool->free_ids[pool->nfree++] = bid;
+    fiocp__pool_give_locked(pool, bid);
     bid = UINT32_MAX;
   } else {
     __atomic_store_n(&r->held[bid], 1, __ATOMIC_RELAXED);
