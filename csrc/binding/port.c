@@ -1348,6 +1348,10 @@ static void resubmit_undo(PyObject** items, Py_ssize_t from, Py_ssize_t to) {
   }
 }
 
+/* Up to this many completions, resubmit() keeps its arrays on the stack:
+ * the loop resubmits one receive per message. */
+#define RESUBMIT_ON_STACK 4
+
 /* resubmit() of items[0:n] (offsets: a tuple of n, or NULL), what the
  * method does once its arguments are a tuple. Also the loop's C read path
  * (csrc/loop/transport.c), which resubmits one receive per message. */
@@ -1355,13 +1359,20 @@ PyObject* fb_port_resubmit(CompletionPortObject* self, PyObject* const* items_in
                            Py_ssize_t n, PyObject* offseq) {
   PyObject* result = NULL;
   PyObject **items = (PyObject**)items_in, **keys = NULL, **olds = NULL;
-  int64_t* offsets = NULL;
+  PyObject *keys_here[RESUBMIT_ON_STACK], *olds_here[4 * RESUBMIT_ON_STACK];
+  int64_t *offsets = NULL, offsets_here[RESUBMIT_ON_STACK];
   Py_ssize_t i, checked = 0, nolds = 0, nkeys = 0, failed_at = -1;
-  int in_batch;
+  int in_batch, on_stack = n <= RESUBMIT_ON_STACK;
   if (fb_port_check_open(self) < 0) goto done;
-  offsets = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*offsets));
-  keys = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*keys));
-  olds = PyMem_Malloc((size_t)(n > 0 ? n : 1) * 4 * sizeof(*olds));
+  if (on_stack) {
+    offsets = offsets_here;
+    keys = keys_here;
+    olds = olds_here;
+  } else {
+    offsets = PyMem_Malloc((size_t)n * sizeof(*offsets));
+    keys = PyMem_Malloc((size_t)n * sizeof(*keys));
+    olds = PyMem_Malloc((size_t)n * 4 * sizeof(*olds));
+  }
   if (offsets == NULL || keys == NULL || olds == NULL) {
     PyErr_NoMemory();
     goto done;
@@ -1516,9 +1527,11 @@ undo_checked:
 done:
   for (i = 0; i < nkeys; i++) Py_XDECREF(keys[i]);
   for (i = 0; i < nolds; i++) Py_XDECREF(olds[i]);
-  PyMem_Free(olds);
-  PyMem_Free(keys);
-  PyMem_Free(offsets);
+  if (!on_stack) {
+    PyMem_Free(olds);
+    PyMem_Free(keys);
+    PyMem_Free(offsets);
+  }
   return result;
 }
 

@@ -62,6 +62,10 @@ typedef struct {
 /* Set once by _loop_core_setup(): the stdlib's classes and methods. */
 static PyTypeObject *handle_type, *timer_handle_type;
 static PyObject *base_call_soon, *base_call_at, *base_run_once;
+/* BaseProactorEventLoop._process_events, which does nothing; asyncio's Future
+ * (the C one where _asyncio is built) and the keyword name for its loop. Set
+ * by _loop_core_setup() whatever the handles' shape. */
+static PyObject *base_process_events, *future_type, *kw_loop;
 #ifndef __linux__
 #if PY_VERSION_HEX < 0x030D0000
 static PyObject* monotonic_fn; /* time.monotonic, where this file has no clock */
@@ -757,6 +761,40 @@ static PyObject* LoopCore_call_later(LoopCoreObject* self, PyObject* const* args
   return res;
 }
 
+/* BaseEventLoop.get_debug(): Future() asks it at every creation. */
+static PyObject* LoopCore_get_debug(LoopCoreObject* self, PyObject* unused) {
+  if (self->debug == NULL) {
+    PyErr_SetString(PyExc_AttributeError, "'_debug'");
+    return NULL;
+  }
+  return Py_NewRef(self->debug);
+}
+
+/* BaseEventLoop.create_future(): futures.Future(loop=self), without the two
+ * Python frames (it and get_debug) a StreamReader pays per read. */
+static PyObject* LoopCore_create_future(LoopCoreObject* self, PyObject* unused) {
+  PyObject* args[1] = {(PyObject*)self};
+  if (future_type == NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "_loop_core_setup() has not run");
+    return NULL;
+  }
+  return PyObject_Vectorcall(future_type, args, 0, kw_loop);
+}
+
+/* 1 if self._process_events is BaseProactorEventLoop's, which does nothing
+ * (its proactor finishes the futures in select()): the call is left out,
+ * one Python frame per iteration. 0 if a subclass or the instance gave it
+ * another, -1 with an exception. */
+static int process_events_is_noop(LoopCoreObject* self) {
+  PyObject* m = PyObject_GetAttr((PyObject*)self, str_process_events);
+  int noop;
+  if (m == NULL) return -1;
+  noop = PyMethod_Check(m) && PyMethod_GET_FUNCTION(m) == base_process_events &&
+         PyMethod_GET_SELF(m) == (PyObject*)self;
+  Py_DECREF(m);
+  return noop;
+}
+
 static PyObject* LoopCore_time(LoopCoreObject* self, PyObject* unused) {
   double d = monotonic_now();
   if (d == -1.0 && PyErr_Occurred()) return NULL;
@@ -852,13 +890,17 @@ static PyObject* LoopCore_run_once(LoopCoreObject* self, PyObject* unused) {
   Py_DECREF(timeout);
   if (events == NULL) return NULL;
   {
-    PyObject* call[2] = {(PyObject*)self, events};
-    r = PyObject_VectorcallMethod(str_process_events, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                  NULL);
+    int noop = process_events_is_noop(self);
+    r = NULL;
+    if (noop == 0) {
+      PyObject* call[2] = {(PyObject*)self, events};
+      r = PyObject_VectorcallMethod(str_process_events, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                    NULL);
+      Py_XDECREF(r);
+    }
+    Py_DECREF(events);
+    if (noop < 0 || (noop == 0 && r == NULL)) return NULL;
   }
-  Py_DECREF(events);
-  if (r == NULL) return NULL;
-  Py_DECREF(r);
 
   /* Timers due within the clock's resolution join the ready queue. */
   if (self->scheduled == NULL || !PyList_CheckExact(self->scheduled)) {
@@ -950,6 +992,22 @@ static PyObject* loop_core_setup(PyObject* module, PyObject* args) {
   }
 #endif
 #endif
+  if (future_type == NULL) {
+    PyObject* futures = PyImport_ImportModule("asyncio.futures");
+    PyObject *fut, *noop;
+    if (futures == NULL) return NULL;
+    fut = PyObject_GetAttrString(futures, "Future");
+    Py_DECREF(futures);
+    if (fut == NULL) return NULL;
+    noop = PyObject_GetAttrString(base, "_process_events");
+    if (noop == NULL || (kw_loop = Py_BuildValue("(s)", "loop")) == NULL) {
+      Py_DECREF(fut);
+      Py_XDECREF(noop);
+      return NULL;
+    }
+    future_type = fut;
+    base_process_events = noop;
+  }
   if (ready_to_go) Py_RETURN_TRUE;
   if (!PyType_IsSubtype((PyTypeObject*)timer, (PyTypeObject*)handle) ||
       ((PyTypeObject*)handle)->tp_alloc == NULL) {
@@ -1021,6 +1079,10 @@ static PyMethodDef LoopCore_methods[] = {
     {"call_later", FASTKW_METHOD(LoopCore_call_later),
      "call_later($self, delay, callback, /, *args, context=None)\n--\n\n"
      "Arrange for callback(*args) to be called after delay seconds (a TimerHandle)."},
+    {"get_debug", (PyCFunction)LoopCore_get_debug, METH_NOARGS,
+     "get_debug($self, /)\n--\n\nWhether the loop is in debug mode (its _debug)."},
+    {"create_future", (PyCFunction)LoopCore_create_future, METH_NOARGS,
+     "create_future($self, /)\n--\n\nA new asyncio.Future attached to the loop."},
     {"time", (PyCFunction)LoopCore_time, METH_NOARGS,
      "time($self, /)\n--\n\nThe loop's clock: time.monotonic()."},
     {"_run_once", (PyCFunction)LoopCore_run_once, METH_NOARGS,
@@ -1058,8 +1120,9 @@ PyTypeObject fb_LoopCoreType = {
 static PyMethodDef setup_def = {
     "_loop_core_setup", (PyCFunction)loop_core_setup, METH_VARARGS,
     "_loop_core_setup(handle, timer_handle, base_loop, proactor, continued, /)\n--\n\n"
-    "Tells _LoopCore the stdlib's classes and the loop's proactor class. False if the "
-    "handles' slots are not the expected ones (the loop then runs on the stdlib's methods)."};
+    "Tells _LoopCore the stdlib's classes (base_loop: BaseProactorEventLoop) and the loop's "
+    "proactor class. False if the handles' slots are not the expected ones (the loop then runs "
+    "on the stdlib's methods)."};
 
 static PyMethodDef select_def = {
     "_proactor_select", (PyCFunction)(void (*)(void))py_proactor_select, METH_FASTCALL,

@@ -213,8 +213,10 @@ typedef struct {
   PyObject* port;
   PyObject* buffered_protocol; /* asyncio.BufferedProtocol (no global: 3.13t) */
   PyObject* dict;              /* dict_for(transport), or NULL */
+  PyObject* checked_protocol;  /* the protocol that is_buffered() asked last */
   int dict_known;              /* dict_for() was asked (at the first call: an
                                   idle transport's __dict__ stays unmade) */
+  int protocol_buffered;       /* its verdict */
 } ReadLoopObject;
 
 static int ReadLoop_init(ReadLoopObject* self, PyObject* args, PyObject* kwds) {
@@ -235,6 +237,7 @@ static int ReadLoop_init(ReadLoopObject* self, PyObject* args, PyObject* kwds) {
   Py_XSETREF(self->port, port);
   Py_XSETREF(self->buffered_protocol, buffered);
   Py_CLEAR(self->dict);
+  Py_CLEAR(self->checked_protocol);
   self->dict_known = 0;
   return 0;
 }
@@ -244,6 +247,7 @@ static int ReadLoop_traverse(ReadLoopObject* self, visitproc visit, void* arg) {
   Py_VISIT(self->port);
   Py_VISIT(self->buffered_protocol);
   Py_VISIT(self->dict);
+  Py_VISIT(self->checked_protocol);
   return 0;
 }
 
@@ -252,7 +256,22 @@ static int ReadLoop_clear(ReadLoopObject* self) {
   Py_CLEAR(self->port);
   Py_CLEAR(self->buffered_protocol);
   Py_CLEAR(self->dict);
+  Py_CLEAR(self->checked_protocol);
   return 0;
+}
+
+/* isinstance(protocol, BufferedProtocol), asked once per protocol object
+ * (an isinstance() that fails walks __class__ too: per message, it showed
+ * in the profiles). The stdlib's selector transports decide it once as
+ * well, in set_protocol(). */
+static int is_buffered(ReadLoopObject* self, PyObject* protocol) {
+  int k;
+  if (protocol == self->checked_protocol) return self->protocol_buffered;
+  k = PyObject_IsInstance(protocol, self->buffered_protocol);
+  if (k < 0) return -1;
+  self->protocol_buffered = k;
+  Py_XSETREF(self->checked_protocol, Py_NewRef(protocol));
+  return k;
 }
 
 static void ReadLoop_dealloc(ReadLoopObject* self) {
@@ -277,7 +296,7 @@ static int common_case(ReadLoopObject* self, CompletionObject* c, PyObject* prot
   if ((r = attr_is(&a, str_data, c->buffer)) != 1) return r;
   if ((r = attr_true(&a, str_closing)) != 0) return r < 0 ? -1 : 0;
   if ((r = attr_true(&a, str_paused)) != 0) return r < 0 ? -1 : 0;
-  if ((r = PyObject_IsInstance(protocol, self->buffered_protocol)) != 0) return r < 0 ? -1 : 0;
+  if ((r = is_buffered(self, protocol)) != 0) return r < 0 ? -1 : 0;
   if (PyObject_GetBuffer(c->buffer, &view, PyBUF_SIMPLE) < 0) return -1;
   if (n > view.len) { /* cannot be: the kernel filled at most the buffer */
     PyBuffer_Release(&view);
@@ -322,7 +341,7 @@ static int buffered_again(ReadLoopObject* self, const attrs_t* a, CompletionObje
   }
   proto = attr_get(a, str_protocol);
   if (proto == NULL) return 1;
-  if ((k = PyObject_IsInstance(proto, self->buffered_protocol)) != 1) {
+  if ((k = is_buffered(self, proto)) != 1) {
     Py_DECREF(proto);
     return k < 0;
   }
@@ -422,7 +441,7 @@ static PyObject* pooled_case(ReadLoopObject* self, CompletionObject* c) {
   }
   protocol = attr_get(&a, str_protocol);
   if (protocol == NULL) return NULL;
-  if ((k = PyObject_IsInstance(protocol, self->buffered_protocol)) != 0) {
+  if ((k = is_buffered(self, protocol)) != 0) {
     Py_DECREF(protocol);
     if (k < 0) return NULL;
     return PyObject_CallMethodOneArg(t, str_pooled_reading, (PyObject*)c);

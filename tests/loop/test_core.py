@@ -420,3 +420,55 @@ def test_call_later_in_debug_mode_passes_when_args_and_context(loop):
     assert t._args == (1, 2) and t._context is ctx and t._source_traceback
     t.cancel()
     loop.set_debug(False)
+
+
+def test_create_future_and_get_debug_are_the_c_core_s(loop):
+    # BaseEventLoop.create_future() and get_debug() in C: a StreamReader
+    # makes a Future per read, and Future() asks the loop's get_debug().
+    assert type(loop).create_future is _LoopCore.create_future
+    assert type(loop).get_debug is _LoopCore.get_debug
+    fut = loop.create_future()
+    assert type(fut) is asyncio.Future
+    assert fut.get_loop() is loop and not fut.done()
+    assert loop.get_debug() is False
+    loop.set_debug(True)
+    assert loop.get_debug() is True
+    fut = loop.create_future()
+    assert fut._source_traceback  # a debug loop's Future records where it was made
+    loop.set_debug(False)
+    fut.set_result(3)
+    assert loop.run_until_complete(fut) == 3
+
+
+def test_create_future_of_a_subclass_is_its_own():
+    class Loop(fastiocp.EventLoop):
+        def create_future(self):
+            return "mine"
+
+    lp = Loop()
+    try:
+        assert lp.create_future() == "mine"
+    finally:
+        lp.close()
+
+
+@pytest.mark.parametrize("where", ["subclass", "instance"])
+def test_a_process_events_of_ones_own_is_called_each_iteration(where):
+    # _run_once() leaves out BaseProactorEventLoop._process_events(), which
+    # does nothing; one given by a subclass or set on the loop still runs,
+    # with the events select() returned (BaseEventLoop._run_once's call).
+    seen: List[Any] = []
+
+    class Loop(fastiocp.EventLoop):
+        if where == "subclass":
+            def _process_events(self, event_list):
+                seen.append(event_list)
+
+    lp = Loop()
+    try:
+        if where == "instance":
+            lp._process_events = seen.append
+        run_briefly(lp)
+        assert len(seen) >= 3 and all(isinstance(e, list) for e in seen)
+    finally:
+        lp.close()

@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import weakref
-from asyncio import base_events, events, futures
+from asyncio import base_events, events, futures, proactor_events
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._fastiocp import (
@@ -425,7 +425,7 @@ _CONTINUED = _Continued()
 # TimerHandle objects, and this proactor's select(). It needs their classes;
 # if the handles' slots are not what it fills in (another CPython), the loop
 # calls the stdlib's methods.
-_loop_core_setup(events.Handle, events.TimerHandle, base_events.BaseEventLoop, PortProactor, _CONTINUED)
+_loop_core_setup(events.Handle, events.TimerHandle, proactor_events.BaseProactorEventLoop, PortProactor, _CONTINUED)
 
 
 __all__ = ["PortProactor", "POLLIN", "POLLOUT", "POLLERR", "POLLHUP"]

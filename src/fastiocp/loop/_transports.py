@@ -210,9 +210,13 @@ class _ReadsDirect:
                         self._reader = _ReadLoop(self, self._loop._proactor.port)
                         # On io_uring the C write() makes the transport's
                         # _RingWrite here at its first write inside a batch
-                        # of completions; None set on the instance, where
-                        # that write() reads it without a class lookup.
+                        # of completions. These three are set on the
+                        # instance, where the C paths read them at every
+                        # message, which a class default would make a
+                        # dictionary miss and a class lookup each time.
                         self._ring_writer = None
+                        self._held_chunks = None
+                        self._buffer_owner = None
                         if self._loop._proactor.pooled:
                             self._data = _NO_BUFFER  # the pool's buffers serve
             self._start_receive(fut)
