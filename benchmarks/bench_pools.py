@@ -12,7 +12,9 @@ receive on it: a pooled receive (BufferPool of 4 KiB buffers) or, for
 comparison, a receive into a 4 KiB bytearray of its own. It reports the
 server's RSS growth per connection for the registration and the pending
 receive, then the client sends one byte on every connection and the server
-checks that each of them completes with its byte.
+checks that each of them completes with its byte. More connections than
+one process may hold (RLIMIT_NOFILE) are split between several such
+servers, which hold theirs all at once before any client sends.
 
 loop-idle: the same N idle connections held by an asyncio Protocol server
 on asyncio's default loop, uvloop and the fastiocp loop (with its receive
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import selectors
 import socket
 import statistics
 import subprocess
@@ -93,6 +96,11 @@ IDLE_CHILD = CHILD_PRELUDE + textwrap.dedent("""
         ops.append(port.recv(fd, pool) if mode == "pooled" else port.recv(fd, bytearray(4096)))
     gc.collect()
     after = rss()
+    # With several servers (more connections than one process may hold),
+    # each waits here until all hold theirs: the connections are all idle
+    # at once, then all become active.
+    print((after - before) / N, flush=True)
+    assert sys.stdin.readline().strip() == "go"
     # Every connection is still served when it becomes active.
     t0 = time.perf_counter()
     client.stdin.write("send\\n")
@@ -113,7 +121,7 @@ IDLE_CHILD = CHILD_PRELUDE + textwrap.dedent("""
     port.close()
     for fd in fds:
         os.close(fd)
-    print((after - before) / N, served)
+    print(served)
 """)
 
 IDLE_CLIENT = CHILD_PRELUDE + textwrap.dedent("""
@@ -147,16 +155,60 @@ def max_connections() -> int:
     return limit - 500
 
 
+def idle_shards(n: int) -> list[int]:
+    """The connections of each server process for n idle connections: one
+    process when they fit in its descriptor limit, else as few as hold
+    them, the same number each (to within one)."""
+    k = -(-n // max_connections())
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
 def measure_idle(n: int, backend: str, mode: str) -> tuple[float, float]:
     """(bytes of server RSS per connection for its registration and pending
-    receive, seconds to serve one byte on every connection)."""
-    out = subprocess.run([sys.executable, "-c", f"CLIENT = {IDLE_CLIENT!r}\n" + IDLE_CHILD,
-                          str(n), backend, mode, str(PER_LISTENER)],
-                         capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(f"the idle benchmark's server failed: {out.stderr.strip()[-2000:]}")
-    per_conn, served = out.stdout.split()
-    return float(per_conn), float(served)
+    receive, seconds to serve one byte on every connection). Past one
+    process's descriptor limit, several server processes (idle_shards())
+    each hold their share: all n connections are open and idle at once,
+    and the figure is their RSS growth summed over all n; served is the
+    time until the last of them had served its share."""
+    shards = idle_shards(n)
+    servers = [subprocess.Popen([sys.executable, "-c", f"CLIENT = {IDLE_CLIENT!r}\n" + IDLE_CHILD,
+                                 str(k), backend, mode, str(PER_LISTENER)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+               for k in shards]
+    try:
+        grown = []
+        for srv in servers:
+            line = pipe_line(srv, 900)
+            grown.append(float(line) * shards[len(grown)])
+        for srv in servers:  # all n are idle now: every server goes on
+            srv.stdin.write("go\n")
+            srv.stdin.flush()
+        served = max(float(pipe_line(srv, 300)) for srv in servers)
+        for srv in servers:
+            if srv.wait(120) != 0:
+                raise RuntimeError(f"the idle benchmark's server failed: {srv.stderr.read()[-2000:]}")
+    finally:
+        for srv in servers:
+            if srv.poll() is None:
+                srv.kill()
+                srv.wait()
+    return sum(grown) / n, served
+
+
+def pipe_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The next line proc prints; RuntimeError with its error output if it
+    ends first."""
+    assert proc.stdout is not None and proc.stderr is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise RuntimeError(f"the idle benchmark's server said nothing in {timeout:.0f} s")
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(30)
+        raise RuntimeError(f"the idle benchmark's server failed: {proc.stderr.read()[-2000:]}")
+    return line.strip()
 
 
 LOOP_IDLE_SERVER = CHILD_PRELUDE + textwrap.dedent("""
@@ -298,10 +350,11 @@ def main(argv: list[str]) -> int:
     for backend in backends:
         if "idle" in only:
             conns = args.conns
-            if conns > max_connections():
-                conns = max_connections()
-                print(f"idle: {args.conns:,} connections need more descriptors than one process may "
-                      f"have here (RLIMIT_NOFILE, hard limit, no CAP_SYS_RESOURCE): measuring {conns:,}")
+            shards = idle_shards(conns)
+            if len(shards) > 1:
+                print(f"idle: {conns:,} connections need more descriptors than one process may have "
+                      f"here (RLIMIT_NOFILE's hard limit, no CAP_SYS_RESOURCE): {len(shards)} server "
+                      f"processes of {max(shards):,} connections or fewer hold them, all at once")
             for mode in ("pooled", "own buffer"):
                 per_conn, served = measure_idle(conns, backend, "pooled" if mode == "pooled" else "buffer")
                 print(f"idle {backend:8} {mode:10} {conns:,} connections: "
