@@ -39,7 +39,6 @@
  * PyMember_GetOne, safe against a cancel() from another thread on 3.13t. */
 #include "loop.h"
 
-#include <structmember.h>
 #include <time.h>
 
 /* The stdlib's constants (asyncio/base_events.py). */
@@ -953,21 +952,25 @@ static PyObject* LoopCore_run_once(LoopCoreObject* self, PyObject* unused) {
 /* ---- setup ------------------------------------------------------------ */
 
 /* The PyMemberDef behind cls.name, an object slot; NULL with an exception. */
+PyMemberDef* fb_object_slot(PyObject* descr) {
+  PyMemberDef* m;
+  if (!Py_IS_TYPE(descr, &PyMemberDescr_Type)) return NULL;
+  m = ((PyMemberDescrObject*)descr)->d_member;
+  if (m == NULL || m->type != T_OBJECT_EX || (m->flags & READONLY)) return NULL;
+#ifdef Py_RELATIVE_OFFSET
+  if (m->flags & Py_RELATIVE_OFFSET) return NULL;
+#endif
+  return m;
+}
+
 static PyMemberDef* slot_of(PyTypeObject* cls, const char* name) {
   PyObject* d = PyObject_GetAttrString((PyObject*)cls, name);
   PyMemberDef* m;
   if (d == NULL) return NULL;
-  if (!Py_IS_TYPE(d, &PyMemberDescr_Type)) {
-    PyErr_Format(PyExc_TypeError, "%s.%s is not a slot", cls->tp_name, name);
-    Py_DECREF(d);
-    return NULL;
-  }
-  m = ((PyMemberDescrObject*)d)->d_member;
+  m = fb_object_slot(d);
   Py_DECREF(d); /* the class keeps the descriptor alive */
-  if (m->type != T_OBJECT_EX || (m->flags & READONLY)) {
+  if (m == NULL)
     PyErr_Format(PyExc_TypeError, "%s.%s is not a writable object slot", cls->tp_name, name);
-    return NULL;
-  }
   return m;
 }
 

@@ -46,36 +46,51 @@ static PyObject *str_read_fut, *str_closing, *str_paused, *str_data, *str_protoc
     *str_held_chunks, *str_pooled_reading, *str_ring_writer, *str_high_water,
     *str_pending_write, *str_protocol_paused, *str_recv, *str_loop_writing, *str_reader;
 
-/* The transport's attributes, as the fast path reads and writes them. The
- * ones it touches live in the transport's __dict__ (or are class defaults
- * until set), so when the transport's type keeps the generic getattr and
- * setattr and defines none of them as a data descriptor, they are read
- * from the dict itself: a getattr() first looks the name up along the
- * type's MRO (16 classes; the type cache misses now and then), which cost
- * more than the rest of the fast path. dict is NULL otherwise: getattr()
- * and setattr(). */
-typedef struct {
-  PyObject* obj;
-  PyObject* dict;
-} attrs_t;
-
-/* The names the fast path reads from the dict (dict_for() checks them). */
-static PyObject** dict_names[] = {
-    &str_read_fut,   &str_closing,       &str_paused,      &str_data,
-    &str_protocol,   &str_buffer_owner,  &str_held_chunks, &str_buffer,
-    &str_conn_lost,  &str_eof_written,   &str_empty_waiter, &str_write_fut,
-    &str_sock,       &str_ring_writer,   &str_pending_write, &str_reader,
+/* The transport's attributes that the fast path reads and writes. */
+enum {
+  A_READ_FUT, A_CLOSING, A_PAUSED, A_DATA, A_PROTOCOL, A_BUFFER_OWNER, A_HELD_CHUNKS,
+  A_BUFFER, A_CONN_LOST, A_EOF_WRITTEN, A_EMPTY_WAITER, A_WRITE_FUT, A_SOCK, A_RING_WRITER,
+  A_PENDING_WRITE, A_READER, A_HIGH_WATER, A_PROTOCOL_PAUSED, A_COUNT
+};
+static PyObject** const attr_names[A_COUNT] = {
+    &str_read_fut,      &str_closing,    &str_paused,         &str_data,
+    &str_protocol,      &str_buffer_owner, &str_held_chunks,  &str_buffer,
+    &str_conn_lost,     &str_eof_written, &str_empty_waiter,  &str_write_fut,
+    &str_sock,          &str_ring_writer, &str_pending_write, &str_reader,
+    &str_high_water,    &str_protocol_paused,
 };
 
-/* Whether type keeps the generic getattr and setattr and defines none of
- * dict_names as a data descriptor: 1 or 0. */
-static int dict_fit(PyTypeObject* type) {
+/* Where a type keeps those attributes. The loop's SocketTransport declares
+ * them as __slots__ (and _FlowControlMixin has the last two): each is then
+ * read and written at its offset in the object, where a getattr() looks
+ * the name up along the MRO (16 classes) and a __dict__ lookup cost about
+ * 140 instructions, a dozen times per message. A name that is no slot is
+ * read from the instance's __dict__ (else its class's default). fit is 0
+ * when the type does not keep the generic getattr and setattr, or gives a
+ * name another data descriptor: then every name goes through getattr()
+ * and setattr(). */
+typedef struct {
+  int fit;
+  int needs_dict;                /* some name is no slot */
+  PyMemberDef* slot[A_COUNT];    /* the name's writable object slot, or NULL */
+} layout_t;
+
+typedef struct {
+  PyObject* obj;
+  PyObject* dict; /* obj's __dict__ when fit and some name is no slot, else NULL */
+  layout_t lay;
+} attrs_t;
+
+/* The layout of type, as above. */
+static void layout_find(PyTypeObject* type, layout_t* lay) {
   PyObject* mro = type->tp_mro;
   Py_ssize_t i;
-  size_t j;
+  int j, found[A_COUNT] = {0};
+  memset(lay, 0, sizeof(*lay));
   if (type->tp_getattro != PyObject_GenericGetAttr ||
       type->tp_setattro != PyObject_GenericSetAttr || mro == NULL || !PyTuple_Check(mro))
-    return 0;
+    return;
+  /* Each name's first definition along the MRO decides. */
   for (i = 0; i < PyTuple_GET_SIZE(mro); i++) {
     PyTypeObject* cls = (PyTypeObject*)PyTuple_GET_ITEM(mro, i);
 #if PY_VERSION_HEX >= 0x030C0000
@@ -84,55 +99,65 @@ static int dict_fit(PyTypeObject* type) {
     PyObject* cd = Py_XNewRef(cls->tp_dict);
 #endif
     if (cd == NULL) continue;
-    for (j = 0; j < sizeof(dict_names) / sizeof(dict_names[0]); j++) {
+    for (j = 0; j < A_COUNT; j++) {
       PyObject* v;
-      int found = fb_dict_get_ref(cd, *dict_names[j], &v);
-      if (found < 0) {
+      int got;
+      if (found[j]) continue;
+      got = fb_dict_get_ref(cd, *attr_names[j], &v);
+      if (got < 0) {
         PyErr_Clear();
         Py_DECREF(cd);
-        return 0;
+        return;
       }
-      if (found) {
-        int data_descr = Py_TYPE(v)->tp_descr_set != NULL;
-        Py_DECREF(v);
-        if (data_descr) {
-          Py_DECREF(cd);
-          return 0;
-        }
+      if (!got) continue;
+      found[j] = 1;
+      lay->slot[j] = fb_object_slot(v);
+      if (lay->slot[j] == NULL && Py_TYPE(v)->tp_descr_set != NULL) {
+        Py_DECREF(v); /* a property or such: getattr() for all */
+        Py_DECREF(cd);
+        return;
       }
+      Py_DECREF(v);
     }
     Py_DECREF(cd);
   }
-  return 1;
+  for (j = 0; j < A_COUNT; j++)
+    if (lay->slot[j] == NULL) lay->needs_dict = 1;
+  lay->fit = 1;
 }
 
-/* dict_fit()'s last verdict, for a type and its version tag: the tag
+/* layout_find()'s last result, for a type and its version tag: the tag
  * changes when the type or one of its bases is modified, and a new one is
- * never 0 or reused. The check walks 16 classes for 16 names (2 µs), and
- * every transport of a loop has the same type. */
+ * never 0 or reused. Finding it walks 16 classes for 18 names (2 µs), and
+ * every transport of a loop has the same type. The slots' PyMemberDef live
+ * as long as the classes that define them, which the object's type keeps
+ * alive. */
 static PyTypeObject* fit_type;
 static unsigned int fit_version;
-static int fit_verdict;
+static layout_t fit_layout;
 #ifdef Py_GIL_DISABLED
 static PyMutex fit_mu;
 #endif
 
-/* t's __dict__ (a new reference) when the fast path may use it as above,
- * else NULL with no exception. */
-static PyObject* dict_for(PyObject* t) {
-  PyTypeObject* type = Py_TYPE(t);
+/* a: the attributes of obj. attrs_done() ends it. */
+static void attrs_init(attrs_t* a, PyObject* obj) {
+  PyTypeObject* type = Py_TYPE(obj);
   unsigned int version = type->tp_version_tag;
-  PyObject* dict;
-  int fit = -1;
+  int known = 0;
+  a->obj = obj;
+  a->dict = NULL;
 #ifdef Py_GIL_DISABLED
   PyMutex_Lock(&fit_mu);
 #endif
-  if (version != 0 && type == fit_type && version == fit_version) fit = fit_verdict;
+  if (version != 0 && type == fit_type && version == fit_version) {
+    a->lay = fit_layout;
+    known = 1;
+  }
 #ifdef Py_GIL_DISABLED
   PyMutex_Unlock(&fit_mu);
 #endif
-  if (fit < 0) {
-    fit = dict_fit(type);
+  if (!known) {
+    layout_find(type, &a->lay);
     if (version != 0 && version == type->tp_version_tag) {
       PyTypeObject* old;
 #ifdef Py_GIL_DISABLED
@@ -141,48 +166,59 @@ static PyObject* dict_for(PyObject* t) {
       old = fit_type;
       fit_type = (PyTypeObject*)Py_NewRef(type);
       fit_version = version;
-      fit_verdict = fit;
+      fit_layout = a->lay;
 #ifdef Py_GIL_DISABLED
       PyMutex_Unlock(&fit_mu);
 #endif
       Py_XDECREF(old); /* outside the lock: a type's deallocation runs code */
     }
   }
-  if (!fit) return NULL;
-  dict = PyObject_GenericGetDict(t, NULL);
-  if (dict == NULL || !PyDict_Check(dict)) {
-    PyErr_Clear();
-    Py_XDECREF(dict);
-    return NULL;
+  if (a->lay.fit && a->lay.needs_dict) {
+    PyObject* dict = PyObject_GenericGetDict(obj, NULL);
+    if (dict == NULL || !PyDict_Check(dict)) {
+      /* no __dict__: what is no slot goes through getattr() */
+      PyErr_Clear();
+      Py_XDECREF(dict);
+      a->lay.fit = 0;
+    } else {
+      a->dict = dict;
+    }
   }
-  return dict;
 }
+
+static void attrs_done(attrs_t* a) { Py_CLEAR(a->dict); }
 
 /* getattr(a->obj, name), a new reference. */
-static PyObject* attr_get(const attrs_t* a, PyObject* name) {
-  if (a->dict != NULL) {
-    PyObject* v;
-    int found = fb_dict_get_ref(a->dict, name, &v);
-    if (found) return found < 0 ? NULL : v;
-    /* not set on the object: its class's default */
+static PyObject* attr_get(const attrs_t* a, int name) {
+  if (a->lay.fit) {
+    if (a->lay.slot[name] != NULL) return PyMember_GetOne((const char*)a->obj, a->lay.slot[name]);
+    if (a->dict != NULL) {
+      PyObject* v;
+      int found = fb_dict_get_ref(a->dict, *attr_names[name], &v);
+      if (found) return found < 0 ? NULL : v;
+      /* not set on the object: its class's default */
+    }
   }
-  return PyObject_GetAttr(a->obj, name);
+  return PyObject_GetAttr(a->obj, *attr_names[name]);
 }
 
-static int attr_set(const attrs_t* a, PyObject* name, PyObject* value) {
-  if (a->dict != NULL) return PyDict_SetItem(a->dict, name, value);
-  return PyObject_SetAttr(a->obj, name, value);
+static int attr_set(const attrs_t* a, int name, PyObject* value) {
+  if (a->lay.fit) {
+    if (a->lay.slot[name] != NULL) return PyMember_SetOne((char*)a->obj, a->lay.slot[name], value);
+    if (a->dict != NULL) return PyDict_SetItem(a->dict, *attr_names[name], value);
+  }
+  return PyObject_SetAttr(a->obj, *attr_names[name], value);
 }
 
 /* 1 if getattr(obj, name) is expected / true, 0 if not, -1 on error. */
-static int attr_is(const attrs_t* a, PyObject* name, PyObject* expected) {
+static int attr_is(const attrs_t* a, int name, PyObject* expected) {
   PyObject* v = attr_get(a, name);
   if (v == NULL) return -1;
   Py_DECREF(v); /* only its identity is used */
   return v == expected;
 }
 
-static int attr_true(const attrs_t* a, PyObject* name) {
+static int attr_true(const attrs_t* a, int name) {
   int r;
   PyObject* v = attr_get(a, name);
   if (v == NULL) return -1;
@@ -212,10 +248,7 @@ typedef struct {
   PyObject* transport;
   PyObject* port;
   PyObject* buffered_protocol; /* asyncio.BufferedProtocol (no global: 3.13t) */
-  PyObject* dict;              /* dict_for(transport), or NULL */
   PyObject* checked_protocol;  /* the protocol that is_buffered() asked last */
-  int dict_known;              /* dict_for() was asked (at the first call: an
-                                  idle transport's __dict__ stays unmade) */
   int protocol_buffered;       /* its verdict */
 } ReadLoopObject;
 
@@ -236,9 +269,7 @@ static int ReadLoop_init(ReadLoopObject* self, PyObject* args, PyObject* kwds) {
   Py_XSETREF(self->transport, transport);
   Py_XSETREF(self->port, port);
   Py_XSETREF(self->buffered_protocol, buffered);
-  Py_CLEAR(self->dict);
   Py_CLEAR(self->checked_protocol);
-  self->dict_known = 0;
   return 0;
 }
 
@@ -246,7 +277,6 @@ static int ReadLoop_traverse(ReadLoopObject* self, visitproc visit, void* arg) {
   Py_VISIT(self->transport);
   Py_VISIT(self->port);
   Py_VISIT(self->buffered_protocol);
-  Py_VISIT(self->dict);
   Py_VISIT(self->checked_protocol);
   return 0;
 }
@@ -255,7 +285,6 @@ static int ReadLoop_clear(ReadLoopObject* self) {
   Py_CLEAR(self->transport);
   Py_CLEAR(self->port);
   Py_CLEAR(self->buffered_protocol);
-  Py_CLEAR(self->dict);
   Py_CLEAR(self->checked_protocol);
   return 0;
 }
@@ -282,9 +311,8 @@ static void ReadLoop_dealloc(ReadLoopObject* self) {
 
 /* Returns 1 and sets *data to the received bytes when the common case
  * applies; 0 when the Python read loop must decide; -1 on error. */
-static int common_case(ReadLoopObject* self, CompletionObject* c, PyObject* protocol,
-                       PyObject** data) {
-  attrs_t a = {self->transport, self->dict};
+static int common_case(ReadLoopObject* self, const attrs_t* a, CompletionObject* c,
+                       PyObject* protocol, PyObject** data) {
   Py_buffer view;
   Py_ssize_t n;
   int r;
@@ -292,10 +320,10 @@ static int common_case(ReadLoopObject* self, CompletionObject* c, PyObject* prot
   n = PyLong_AsSsize_t(c->nbytes_obj);
   if (n == -1 && PyErr_Occurred()) return -1;
   if (n <= 0) return 0; /* end of file: the Python loop delivers it */
-  if ((r = attr_is(&a, str_read_fut, (PyObject*)c)) != 1) return r;
-  if ((r = attr_is(&a, str_data, c->buffer)) != 1) return r;
-  if ((r = attr_true(&a, str_closing)) != 0) return r < 0 ? -1 : 0;
-  if ((r = attr_true(&a, str_paused)) != 0) return r < 0 ? -1 : 0;
+  if ((r = attr_is(a, A_READ_FUT, (PyObject*)c)) != 1) return r;
+  if ((r = attr_is(a, A_DATA, c->buffer)) != 1) return r;
+  if ((r = attr_true(a, A_CLOSING)) != 0) return r < 0 ? -1 : 0;
+  if ((r = attr_true(a, A_PAUSED)) != 0) return r < 0 ? -1 : 0;
   if ((r = is_buffered(self, protocol)) != 0) return r < 0 ? -1 : 0;
   if (PyObject_GetBuffer(c->buffer, &view, PyBUF_SIMPLE) < 0) return -1;
   if (n > view.len) { /* cannot be: the kernel filled at most the buffer */
@@ -333,13 +361,13 @@ static int buffered_again(ReadLoopObject* self, const attrs_t* a, CompletionObje
   PyObject *proto, *buf, *op;
   int k;
   *result = NULL;
-  if ((k = attr_true(a, str_closing)) != 0 || (k = attr_true(a, str_paused)) != 0 ||
-      (k = attr_is(a, str_read_fut, Py_None)) != 1) {
+  if ((k = attr_true(a, A_CLOSING)) != 0 || (k = attr_true(a, A_PAUSED)) != 0 ||
+      (k = attr_is(a, A_READ_FUT, Py_None)) != 1) {
     if (k < 0) return 1;
     *result = Py_NewRef(Py_None); /* as _start_receive: nothing to start */
     return 1;
   }
-  proto = attr_get(a, str_protocol);
+  proto = attr_get(a, A_PROTOCOL);
   if (proto == NULL) return 1;
   if ((k = is_buffered(self, proto)) != 1) {
     Py_DECREF(proto);
@@ -361,14 +389,14 @@ static int buffered_again(ReadLoopObject* self, const attrs_t* a, CompletionObje
     op = fb_port_resubmit((CompletionPortObject*)self->port, &one, 1, NULL);
     Py_XSETREF(op, op ? Py_NewRef(one) : NULL);
   } else {
-    PyObject* sock = attr_get(a, str_sock);
+    PyObject* sock = attr_get(a, A_SOCK);
     PyObject* call[4] = {self->port, sock, buf, (PyObject*)self};
     op = sock ? PyObject_VectorcallMethod(str_recv, call, 4, NULL) : NULL;
     Py_XDECREF(sock);
   }
   Py_DECREF(buf);
-  if (op == NULL || attr_set(a, str_read_fut, op) < 0 ||
-      attr_set(a, str_buffer_owner, proto) < 0) {
+  if (op == NULL || attr_set(a, A_READ_FUT, op) < 0 ||
+      attr_set(a, A_BUFFER_OWNER, proto) < 0) {
     Py_XDECREF(op);
     Py_DECREF(proto);
     return 1;
@@ -383,10 +411,9 @@ static int buffered_again(ReadLoopObject* self, const attrs_t* a, CompletionObje
  * neither closing nor paused: what _loop_reading does then (buffer_updated,
  * then _start_receive). Returns 1 with *result set (NULL: an exception),
  * 0 when the Python read loop must decide, -1 on error. */
-static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* protocol,
-                         PyObject** result) {
-  PyObject *t = self->transport, *r;
-  attrs_t a = {t, self->dict};
+static int buffered_case(ReadLoopObject* self, const attrs_t* a, CompletionObject* c,
+                         PyObject* protocol, PyObject** result) {
+  PyObject *t = a->obj, *r;
   Py_ssize_t n;
   int k;
   *result = NULL;
@@ -394,12 +421,12 @@ static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* pr
   n = PyLong_AsSsize_t(c->nbytes_obj);
   if (n == -1 && PyErr_Occurred()) return -1;
   if (n <= 0) return 0;
-  if ((k = attr_is(&a, str_read_fut, (PyObject*)c)) != 1) return k;
-  if ((k = attr_is(&a, str_buffer_owner, protocol)) != 1) return k;
-  if ((k = attr_is(&a, str_data, c->buffer)) != 0) return k < 0 ? -1 : 0;
-  if ((k = attr_true(&a, str_closing)) != 0) return k < 0 ? -1 : 0;
-  if ((k = attr_true(&a, str_paused)) != 0) return k < 0 ? -1 : 0;
-  if (attr_set(&a, str_read_fut, Py_None) < 0 || attr_set(&a, str_buffer_owner, Py_None) < 0)
+  if ((k = attr_is(a, A_READ_FUT, (PyObject*)c)) != 1) return k;
+  if ((k = attr_is(a, A_BUFFER_OWNER, protocol)) != 1) return k;
+  if ((k = attr_is(a, A_DATA, c->buffer)) != 0) return k < 0 ? -1 : 0;
+  if ((k = attr_true(a, A_CLOSING)) != 0) return k < 0 ? -1 : 0;
+  if ((k = attr_true(a, A_PAUSED)) != 0) return k < 0 ? -1 : 0;
+  if (attr_set(a, A_READ_FUT, Py_None) < 0 || attr_set(a, A_BUFFER_OWNER, Py_None) < 0)
     return -1;
   r = PyObject_CallMethodOneArg(protocol, str_buffer_updated, c->nbytes_obj);
   if (r == NULL) {
@@ -407,7 +434,7 @@ static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* pr
     if (r == NULL) return 1;
   }
   Py_DECREF(r);
-  if (!buffered_again(self, &a, c, &r))
+  if (!buffered_again(self, a, c, &r))
     r = PyObject_CallMethodOneArg(t, str_start_receive, (PyObject*)c);
   if (r == NULL && PyErr_ExceptionMatches(PyExc_OSError)) {
     /* the receive could not start: the transport's rules */
@@ -425,21 +452,20 @@ static int buffered_case(ReadLoopObject* self, CompletionObject* c, PyObject* pr
  * Protocol): the receive starts again (resubmit: the pool again), the
  * data is copied into bytes and its buffer given back, then the protocol
  * gets it. Every other case: transport._pooled_reading(c). */
-static PyObject* pooled_case(ReadLoopObject* self, CompletionObject* c) {
-  PyObject *t = self->transport, *protocol, *data, *buf, *r;
-  attrs_t a = {t, self->dict};
+static PyObject* pooled_case(ReadLoopObject* self, const attrs_t* a, CompletionObject* c) {
+  PyObject *t = a->obj, *protocol, *data, *buf, *r;
   Py_buffer view;
   int k;
   if (c->more || !c->done || c->error != Py_None || c->nbytes <= 0 ||
       !Py_IS_TYPE(c->buffer, &fb_PooledBufferType))
     return PyObject_CallMethodOneArg(t, str_pooled_reading, (PyObject*)c);
-  if ((k = attr_is(&a, str_read_fut, (PyObject*)c)) != 1 ||
-      (k = attr_true(&a, str_closing)) != 0 || (k = attr_true(&a, str_paused)) != 0 ||
-      (k = attr_is(&a, str_held_chunks, Py_None)) != 1) {
+  if ((k = attr_is(a, A_READ_FUT, (PyObject*)c)) != 1 ||
+      (k = attr_true(a, A_CLOSING)) != 0 || (k = attr_true(a, A_PAUSED)) != 0 ||
+      (k = attr_is(a, A_HELD_CHUNKS, Py_None)) != 1) {
     if (k < 0) return NULL;
     return PyObject_CallMethodOneArg(t, str_pooled_reading, (PyObject*)c);
   }
-  protocol = attr_get(&a, str_protocol);
+  protocol = attr_get(a, A_PROTOCOL);
   if (protocol == NULL) return NULL;
   if ((k = is_buffered(self, protocol)) != 0) {
     Py_DECREF(protocol);
@@ -480,31 +506,15 @@ static PyObject* pooled_case(ReadLoopObject* self, CompletionObject* c) {
   return r;
 }
 
-static PyObject* ReadLoop_call(PyObject* callable, PyObject* const* args, size_t nargsf,
-                               PyObject* kwnames) {
-  ReadLoopObject* self = (ReadLoopObject*)callable;
-  PyObject *c, *protocol, *data = NULL, *r;
+/* ReadLoop_call() with a Completion, a's transport held. */
+static PyObject* read_done(ReadLoopObject* self, const attrs_t* a, PyObject* c) {
+  PyObject *protocol, *data = NULL, *r;
   int common;
-  if (exact_args("_ReadLoop", nargsf, kwnames, 1) < 0) return NULL;
-  c = args[0];
-  if (self->transport == NULL) {
-    PyErr_SetString(PyExc_RuntimeError, "_ReadLoop is not initialized");
-    return NULL;
-  }
-  if (!self->dict_known) {
-    self->dict = dict_for(self->transport);
-    self->dict_known = 1;
-  }
-  if (!PyObject_TypeCheck(c, &fb_CompletionType))
-    return PyObject_CallMethodOneArg(self->transport, str_loop_reading, c);
   if (((CompletionObject*)c)->flags & FIOCP_OPF_POOLED)
-    return pooled_case(self, (CompletionObject*)c);
-  {
-    attrs_t a = {self->transport, self->dict};
-    protocol = attr_get(&a, str_protocol);
-  }
+    return pooled_case(self, a, (CompletionObject*)c);
+  protocol = attr_get(a, A_PROTOCOL);
   if (protocol == NULL) return NULL;
-  common = common_case(self, (CompletionObject*)c, protocol, &data);
+  common = common_case(self, a, (CompletionObject*)c, protocol, &data);
   if (common < 0) {
     Py_DECREF(protocol);
     return NULL;
@@ -529,15 +539,36 @@ static PyObject* ReadLoop_call(PyObject* callable, PyObject* const* args, size_t
   }
   if (common == 0) {
     PyObject* result;
-    int buffered = buffered_case(self, (CompletionObject*)c, protocol, &result);
+    int buffered = buffered_case(self, a, (CompletionObject*)c, protocol, &result);
     Py_DECREF(protocol);
     if (buffered < 0) return NULL;
     if (buffered) return result;
-    return PyObject_CallMethodOneArg(self->transport, str_loop_reading, c);
+    return PyObject_CallMethodOneArg(a->obj, str_loop_reading, c);
   }
   r = PyObject_CallMethodOneArg(protocol, str_data_received, data);
   Py_DECREF(data);
   Py_DECREF(protocol);
+  return r;
+}
+
+static PyObject* ReadLoop_call(PyObject* callable, PyObject* const* args, size_t nargsf,
+                               PyObject* kwnames) {
+  ReadLoopObject* self = (ReadLoopObject*)callable;
+  PyObject *c, *t, *r;
+  attrs_t a;
+  if (exact_args("_ReadLoop", nargsf, kwnames, 1) < 0) return NULL;
+  c = args[0];
+  if (self->transport == NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "_ReadLoop is not initialized");
+    return NULL;
+  }
+  if (!PyObject_TypeCheck(c, &fb_CompletionType))
+    return PyObject_CallMethodOneArg(self->transport, str_loop_reading, c);
+  t = Py_NewRef(self->transport); /* the protocol's callbacks may drop ours */
+  attrs_init(&a, t);
+  r = read_done(self, &a, c);
+  attrs_done(&a);
+  Py_DECREF(t);
   return r;
 }
 
@@ -587,7 +618,6 @@ typedef struct {
   CompletionPortObject* port;
   PyObject* op;       /* the send in flight (a Completion), or NULL */
   PyObject* finished; /* the send _loop_writing() is finishing, or NULL */
-  PyObject* dict;     /* dict_for(transport), or NULL */
 } RingWriteObject;
 
 static int RingWrite_init(RingWriteObject* self, PyObject* args, PyObject* kwds) {
@@ -598,7 +628,6 @@ static int RingWrite_init(RingWriteObject* self, PyObject* args, PyObject* kwds)
     return -1;
   Py_XSETREF(self->transport, Py_NewRef(transport));
   Py_XSETREF(self->port, (CompletionPortObject*)Py_NewRef(port));
-  Py_XSETREF(self->dict, dict_for(transport));
   return 0;
 }
 
@@ -607,7 +636,6 @@ static int RingWrite_traverse(RingWriteObject* self, visitproc visit, void* arg)
   Py_VISIT(self->port);
   Py_VISIT(self->op);
   Py_VISIT(self->finished);
-  Py_VISIT(self->dict);
   return 0;
 }
 
@@ -616,7 +644,6 @@ static int RingWrite_clear(RingWriteObject* self) {
   Py_CLEAR(self->port);
   Py_CLEAR(self->op);
   Py_CLEAR(self->finished);
-  Py_CLEAR(self->dict);
   return 0;
 }
 
@@ -629,8 +656,8 @@ static void RingWrite_dealloc(RingWriteObject* self) {
 /* No write in flight any more: _write_fut None, _pending_write 0. */
 static int set_idle(const attrs_t* a) {
   PyObject* zero = PyLong_FromLong(0);
-  int rc = zero == NULL || attr_set(a, str_write_fut, Py_None) < 0 ||
-                   attr_set(a, str_pending_write, zero) < 0
+  int rc = zero == NULL || attr_set(a, A_WRITE_FUT, Py_None) < 0 ||
+                   attr_set(a, A_PENDING_WRITE, zero) < 0
                ? -1
                : 0;
   Py_XDECREF(zero);
@@ -669,7 +696,7 @@ static int ring_ready(RingWriteObject* rw) {
  * the port (nothing changed, no exception), -1 on error. */
 static int ring_submit(const attrs_t* a, RingWriteObject* rw, PyObject* bytes) {
   PyObject *sock, *op, *n;
-  sock = attr_get(a, str_sock);
+  sock = attr_get(a, A_SOCK);
   if (sock == NULL) return -1;
   op = fb_port_send(rw->port, sock, bytes, (PyObject*)rw);
   Py_DECREF(sock);
@@ -680,8 +707,8 @@ static int ring_submit(const attrs_t* a, RingWriteObject* rw, PyObject* bytes) {
   }
   rw->op = op;
   n = PyLong_FromSsize_t(PyBytes_GET_SIZE(bytes));
-  if (n == NULL || attr_set(a, str_write_fut, (PyObject*)rw) < 0 ||
-      attr_set(a, str_pending_write, n) < 0) {
+  if (n == NULL || attr_set(a, A_WRITE_FUT, (PyObject*)rw) < 0 ||
+      attr_set(a, A_PENDING_WRITE, n) < 0) {
     Py_XDECREF(n);
     return -1;
   }
@@ -691,7 +718,7 @@ static int ring_submit(const attrs_t* a, RingWriteObject* rw, PyObject* bytes) {
 
 /* The transport's high-water mark, or -1 with an exception. */
 static Py_ssize_t high_water(const attrs_t* a) {
-  PyObject* hw = PyObject_GetAttr(a->obj, str_high_water);
+  PyObject* hw = attr_get(a, A_HIGH_WATER);
   Py_ssize_t high = hw == NULL ? -1 : PyLong_AsSsize_t(hw);
   Py_XDECREF(hw);
   if (high < 0 && !PyErr_Occurred())
@@ -711,27 +738,17 @@ static int ring_send_queued(const attrs_t* a, RingWriteObject* rw, PyObject* que
   if (bytes == NULL) return -1;
   k = ring_submit(a, rw, bytes);
   Py_DECREF(bytes);
-  if (k == 1 && attr_set(a, str_buffer, Py_None) < 0) return -1;
+  if (k == 1 && attr_set(a, A_BUFFER, Py_None) < 0) return -1;
   return k;
 }
 
-/* The send's completion. */
-static PyObject* RingWrite_call(PyObject* callable, PyObject* const* args, size_t nargsf,
-                                PyObject* kwnames) {
-  RingWriteObject* self = (RingWriteObject*)callable;
-  PyObject *c, *t, *r;
+/* The send's completion c, for RingWrite_call(), a's transport held. */
+static PyObject* ring_write_done(RingWriteObject* self, const attrs_t* a, PyObject* c) {
+  PyObject *t = a->obj, *r;
   CompletionObject* cc;
-  attrs_t a;
   int k;
-  if (exact_args("_RingWrite", nargsf, kwnames, 1) < 0) return NULL;
-  c = args[0];
-  if (self->transport == NULL || c != self->op) Py_RETURN_NONE; /* not ours */
-  Py_CLEAR(self->op); /* c stays alive: the caller holds it */
-  t = self->transport;
-  a.obj = t;
-  a.dict = self->dict;
   /* _force_close() cancelled it and let go: nothing to do. */
-  if ((k = attr_is(&a, str_write_fut, (PyObject*)self)) != 1) {
+  if ((k = attr_is(a, A_WRITE_FUT, (PyObject*)self)) != 1) {
     if (k < 0) return NULL;
     Py_RETURN_NONE;
   }
@@ -744,13 +761,13 @@ static PyObject* RingWrite_call(PyObject* callable, PyObject* const* args, size_
       Py_ssize_t n = cc->nbytes < 0 ? 0 : cc->nbytes;
       rest = PyByteArray_FromStringAndSize(PyBytes_AS_STRING(cc->buffer) + n, total - n);
       if (rest == NULL) return NULL;
-      queued = attr_get(&a, str_buffer);
+      queued = attr_get(a, A_BUFFER);
       if (queued != NULL && queued != Py_None) {
         PyObject* joined = PySequence_InPlaceConcat(rest, queued);
         Py_XDECREF(joined); /* rest itself, extended */
         if (joined == NULL) Py_CLEAR(queued);
       }
-      if (queued == NULL || attr_set(&a, str_buffer, rest) < 0) {
+      if (queued == NULL || attr_set(a, A_BUFFER, rest) < 0) {
         Py_XDECREF(queued);
         Py_DECREF(rest);
         return NULL;
@@ -761,18 +778,18 @@ static PyObject* RingWrite_call(PyObject* callable, PyObject* const* args, size_
     /* Not closing, no EOF to write, no sendfile waiting for the buffer to
      * drain, the protocol not paused: then the transport is idle if
      * nothing was queued, else what was goes on the ring. */
-    if ((k = attr_true(&a, str_closing)) == 0 && (k = attr_true(&a, str_eof_written)) == 0 &&
-        (k = attr_is(&a, str_empty_waiter, Py_None)) == 1 &&
-        (k = attr_true(&a, str_protocol_paused)) == 0) {
-      PyObject* queued = attr_get(&a, str_buffer);
+    if ((k = attr_true(a, A_CLOSING)) == 0 && (k = attr_true(a, A_EOF_WRITTEN)) == 0 &&
+        (k = attr_is(a, A_EMPTY_WAITER, Py_None)) == 1 &&
+        (k = attr_true(a, A_PROTOCOL_PAUSED)) == 0) {
+      PyObject* queued = attr_get(a, A_BUFFER);
       if (queued == NULL) return NULL;
       k = PyObject_IsTrue(queued);
       if (k == 0) {
         Py_DECREF(queued);
-        if (set_idle(&a) < 0) return NULL;
+        if (set_idle(a) < 0) return NULL;
         Py_RETURN_NONE;
       }
-      if (k > 0) k = ring_send_queued(&a, self, queued);
+      if (k > 0) k = ring_send_queued(a, self, queued);
       Py_DECREF(queued);
       if (k > 0) Py_RETURN_NONE;
     }
@@ -782,6 +799,24 @@ static PyObject* RingWrite_call(PyObject* callable, PyObject* const* args, size_
   Py_XSETREF(self->finished, Py_NewRef(c));
   r = PyObject_CallMethodOneArg(t, str_loop_writing, (PyObject*)self);
   Py_CLEAR(self->finished);
+  return r;
+}
+
+/* The send's completion. */
+static PyObject* RingWrite_call(PyObject* callable, PyObject* const* args, size_t nargsf,
+                                PyObject* kwnames) {
+  RingWriteObject* self = (RingWriteObject*)callable;
+  PyObject *c, *t, *r;
+  attrs_t a;
+  if (exact_args("_RingWrite", nargsf, kwnames, 1) < 0) return NULL;
+  c = args[0];
+  if (self->transport == NULL || c != self->op) Py_RETURN_NONE; /* not ours */
+  Py_CLEAR(self->op); /* c stays alive: the caller holds it */
+  t = Py_NewRef(self->transport);
+  attrs_init(&a, t);
+  r = ring_write_done(self, &a, c);
+  attrs_done(&a);
+  Py_DECREF(t);
   return r;
 }
 
@@ -899,10 +934,10 @@ static int queue_behind(const attrs_t* a, const Py_buffer* view, PyObject** resu
   Py_ssize_t high, size, pending;
   int k;
   *result = NULL;
-  if ((k = attr_true(a, str_conn_lost)) != 0 || (k = attr_true(a, str_eof_written)) != 0 ||
-      (k = attr_is(a, str_empty_waiter, Py_None)) != 1)
+  if ((k = attr_true(a, A_CONN_LOST)) != 0 || (k = attr_true(a, A_EOF_WRITTEN)) != 0 ||
+      (k = attr_is(a, A_EMPTY_WAITER, Py_None)) != 1)
     return k < 0;
-  queued = attr_get(a, str_buffer);
+  queued = attr_get(a, A_BUFFER);
   if (queued == NULL) return 1;
   if (PyByteArray_CheckExact(queued)) {
     Py_ssize_t old = PyByteArray_GET_SIZE(queued);
@@ -915,7 +950,7 @@ static int queue_behind(const attrs_t* a, const Py_buffer* view, PyObject** resu
   } else if (queued == Py_None) {
     Py_DECREF(queued);
     queued = PyByteArray_FromStringAndSize((const char*)view->buf, view->len);
-    if (queued == NULL || attr_set(a, str_buffer, queued) < 0) {
+    if (queued == NULL || attr_set(a, A_BUFFER, queued) < 0) {
       Py_XDECREF(queued);
       return 1;
     }
@@ -925,7 +960,7 @@ static int queue_behind(const attrs_t* a, const Py_buffer* view, PyObject** resu
   }
   size = PyByteArray_GET_SIZE(queued);
   Py_DECREF(queued);
-  n = attr_get(a, str_pending_write);
+  n = attr_get(a, A_PENDING_WRITE);
   pending = n == NULL ? -1 : PyLong_AsSsize_t(n);
   Py_XDECREF(n);
   if ((pending == -1 && PyErr_Occurred()) || (high = high_water(a)) < 0) return 1;
@@ -942,7 +977,7 @@ static int queue_behind(const attrs_t* a, const Py_buffer* view, PyObject** resu
 
 /* attr_get(), or NULL with no exception when the transport has no such
  * attribute (a transport not made by this loop). */
-static PyObject* attr_get_optional(const attrs_t* a, PyObject* name) {
+static PyObject* attr_get_optional(const attrs_t* a, int name) {
   PyObject* v = attr_get(a, name);
   if (v == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) PyErr_Clear();
   return v;
@@ -951,7 +986,7 @@ static PyObject* attr_get_optional(const attrs_t* a, PyObject* name) {
 /* The transport's _RingWrite (a new reference), or NULL (none yet; an
  * exception only on an error). */
 static RingWriteObject* writer_of(const attrs_t* a) {
-  PyObject* w = attr_get_optional(a, str_ring_writer);
+  PyObject* w = attr_get_optional(a, A_RING_WRITER);
   if (w == NULL) return NULL;
   if (Py_IS_TYPE(w, &fb_RingWriteType) && ((RingWriteObject*)w)->transport == a->obj)
     return (RingWriteObject*)w;
@@ -965,7 +1000,7 @@ static RingWriteObject* writer_of(const attrs_t* a) {
  * NULL when the ring is not for this write now (an exception only on an
  * error). */
 static RingWriteObject* writer_new(const attrs_t* a) {
-  PyObject* reader = attr_get_optional(a, str_reader);
+  PyObject* reader = attr_get_optional(a, A_READER);
   CompletionPortObject* port;
   RingWriteObject* rw = NULL;
   if (reader == NULL) return NULL;
@@ -977,8 +1012,7 @@ static RingWriteObject* writer_new(const attrs_t* a) {
   if (rw == NULL) goto done;
   rw->transport = Py_NewRef(a->obj);
   rw->port = (CompletionPortObject*)Py_NewRef(port);
-  rw->dict = Py_XNewRef(a->dict);
-  if (attr_set(a, str_ring_writer, (PyObject*)rw) < 0) Py_CLEAR(rw);
+  if (attr_set(a, A_RING_WRITER, (PyObject*)rw) < 0) Py_CLEAR(rw);
 done:
   Py_DECREF(reader);
   return rw;
@@ -997,10 +1031,10 @@ typedef struct {
  * send_now() checked _write_fut), 0 if not, -1 on error. */
 static int may_send_now(const attrs_t* a) {
   int r;
-  if ((r = attr_true(a, str_buffer)) != 0) return r < 0 ? -1 : 0;
-  if ((r = attr_true(a, str_conn_lost)) != 0) return r < 0 ? -1 : 0;
-  if ((r = attr_true(a, str_eof_written)) != 0) return r < 0 ? -1 : 0;
-  if ((r = attr_is(a, str_empty_waiter, Py_None)) != 1) return r;
+  if ((r = attr_true(a, A_BUFFER)) != 0) return r < 0 ? -1 : 0;
+  if ((r = attr_true(a, A_CONN_LOST)) != 0) return r < 0 ? -1 : 0;
+  if ((r = attr_true(a, A_EOF_WRITTEN)) != 0) return r < 0 ? -1 : 0;
+  if ((r = attr_is(a, A_EMPTY_WAITER, Py_None)) != 1) return r;
   return 1;
 }
 
@@ -1009,7 +1043,7 @@ static int may_send_now(const attrs_t* a) {
 static int socket_fd(const attrs_t* a) {
   long fd;
   PyObject *sock, *no;
-  sock = attr_get(a, str_sock);
+  sock = attr_get(a, A_SOCK);
   if (sock == NULL) return -1;
   if (sock == Py_None) {
     Py_DECREF(sock);
@@ -1034,7 +1068,7 @@ static int send_now(const attrs_t* a, RingWriteObject** rw, PyObject* data, cons
   ssize_t n;
   *result = NULL;
   {
-    PyObject* fut = attr_get(a, str_write_fut);
+    PyObject* fut = attr_get(a, A_WRITE_FUT);
     if (fut == NULL) return 1;
     Py_DECREF(fut); /* only its identity is used */
     if (fut != Py_None) return *rw != NULL && fut == (PyObject*)*rw ? queue_behind(a, view, result) : 0;
@@ -1086,16 +1120,18 @@ static PyObject* SocketWrite_call(PyObject* callable, PyObject* const* args, siz
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
       PyErr_Clear(); /* not contiguous bytes: Python's write() decides */
     } else {
-      attrs_t a = {t, dict_for(t)};
-      RingWriteObject* rw = writer_of(&a);
+      attrs_t a;
+      RingWriteObject* rw;
+      attrs_init(&a, t);
+      rw = writer_of(&a);
       if (rw == NULL && PyErr_Occurred()) {
-        Py_XDECREF(a.dict);
+        attrs_done(&a);
         PyBuffer_Release(&view);
         return NULL;
       }
       if (view.len > 0) sent = send_now(&a, &rw, data, &view, &result);
       Py_XDECREF(rw);
-      Py_XDECREF(a.dict);
+      attrs_done(&a);
       PyBuffer_Release(&view);
       if (sent) return result;
     }

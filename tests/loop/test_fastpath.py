@@ -192,3 +192,39 @@ def test_a_type_changed_after_its_first_check_is_checked_again(pair):
     b.setblocking(False)
     with pytest.raises(BlockingIOError):
         b.recv(100)
+
+
+class SlottedTransport(FakeTransport):
+    """FakeTransport with the attributes _SocketWrite reads as __slots__,
+    as the loop's SocketTransport has them: the C path reads them at their
+    offsets."""
+
+    __slots__ = ("_sock", "_buffer", "_conn_lost", "_eof_written", "_empty_waiter", "_write_fut")
+
+
+def test_the_socket_transport_keeps_the_fast_path_s_attributes_in_slots():
+    import types
+
+    from fastiocp.loop._transports import SocketTransport
+    for name in ("_read_fut", "_closing", "_paused", "_protocol", "_buffer", "_write_fut", "_sock",
+                 "_reader", "_ring_writer", "_held_chunks", "_buffer_owner"):
+        assert isinstance(SocketTransport.__dict__[name], types.MemberDescriptorType), name
+
+
+@posix_only
+def test_slots_are_read_and_written_where_python_sees_them(pair):
+    a, b = pair
+    t = SlottedTransport(a)
+    assert "_buffer" not in t.__dict__
+    t.write(b"one")
+    assert b.recv(100) == b"one" and t.python == []
+    t._buffer = bytearray(b"queued")  # something queued: Python's write() decides
+    t.write(b"two")
+    assert t.python == [b"two"]
+    t._buffer = None
+    t._conn_lost = 1
+    t.write(b"three")
+    assert t.python == [b"two", b"three"]
+    del t._conn_lost  # an empty slot reads as getattr() does: AttributeError
+    with pytest.raises(AttributeError):
+        t.write(b"four")

@@ -398,6 +398,20 @@ class SocketTransport(_FlushesOnClose, _ReadsDirect, _ClosesQuietly, _ReceivesBy
                       proactor_events._ProactorSocketTransport):
     """TCP and Unix stream connections."""
 
+    # What the C fast path (csrc/loop/transport.c) reads and writes at every
+    # message, as slots: it reads them at their offset in the object, where
+    # a __dict__ lookup each cost more than the rest of its work. The
+    # stdlib's code sets and reads them as ever (_FlowControlMixin keeps its
+    # own state in slots too); the __dict__ holds the rest.
+    __slots__ = ("_read_fut", "_closing", "_paused", "_data", "_protocol", "_buffer_owner",
+                 "_held_chunks", "_buffer", "_conn_lost", "_eof_written", "_empty_waiter",
+                 "_write_fut", "_sock", "_ring_writer", "_pending_write", "_reader")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The slots whose class defaults (_ReadsDirect's) they shadow.
+        self._buffer_owner = self._held_chunks = self._ring_writer = self._reader = None
+        super().__init__(*args, **kwargs)
+
     if sys.platform != "win32":
         # _WritesAtOnce.write() in C (csrc/loop/transport.c) for bytes and
         # bytearray sent whole at once; it calls the Python one otherwise.
