@@ -70,9 +70,9 @@ static PyObject** const attr_names[A_COUNT] = {
  * name another data descriptor: then every name goes through getattr()
  * and setattr(). */
 typedef struct {
-  int fit;
-  int needs_dict;                /* some name is no slot */
-  PyMemberDef* slot[A_COUNT];    /* the name's writable object slot, or NULL */
+  unsigned char fit;
+  unsigned char needs_dict;      /* some name is no slot */
+  unsigned short slot[A_COUNT];  /* the offset of the name's object slot, or 0: none */
 } layout_t;
 
 typedef struct {
@@ -111,27 +111,29 @@ static void layout_find(PyTypeObject* type, layout_t* lay) {
       }
       if (!got) continue;
       found[j] = 1;
-      lay->slot[j] = fb_object_slot(v);
-      if (lay->slot[j] == NULL && Py_TYPE(v)->tp_descr_set != NULL) {
-        Py_DECREF(v); /* a property or such: getattr() for all */
-        Py_DECREF(cd);
-        return;
+      {
+        PyMemberDef* m = fb_object_slot(v);
+        int other = m == NULL ? Py_TYPE(v)->tp_descr_set != NULL
+                              : m->offset <= 0 || m->offset > USHRT_MAX;
+        Py_DECREF(v);
+        if (other) { /* a property or such: getattr() for all */
+          Py_DECREF(cd);
+          return;
+        }
+        if (m != NULL) lay->slot[j] = (unsigned short)m->offset;
       }
-      Py_DECREF(v);
     }
     Py_DECREF(cd);
   }
   for (j = 0; j < A_COUNT; j++)
-    if (lay->slot[j] == NULL) lay->needs_dict = 1;
+    if (lay->slot[j] == 0) lay->needs_dict = 1;
   lay->fit = 1;
 }
 
 /* layout_find()'s last result, for a type and its version tag: the tag
  * changes when the type or one of its bases is modified, and a new one is
  * never 0 or reused. Finding it walks 16 classes for 18 names (2 µs), and
- * every transport of a loop has the same type. The slots' PyMemberDef live
- * as long as the classes that define them, which the object's type keeps
- * alive. */
+ * every transport of a loop has the same type. */
 static PyTypeObject* fit_type;
 static unsigned int fit_version;
 static layout_t fit_layout;
@@ -188,10 +190,41 @@ static void attrs_init(attrs_t* a, PyObject* obj) {
 
 static void attrs_done(attrs_t* a) { Py_CLEAR(a->dict); }
 
+/* The object in obj's slot at offset off, for name, as the member
+ * descriptor's __get__ gives it (AttributeError when empty): directly
+ * with the GIL, through PyMember_GetOne() without (its atomic reads). */
+static PyObject* slot_get(PyObject* obj, Py_ssize_t off, int name) {
+#ifdef Py_GIL_DISABLED
+  PyMemberDef m = {PyUnicode_AsUTF8(*attr_names[name]), T_OBJECT_EX, off, 0, NULL};
+  return m.name == NULL ? NULL : PyMember_GetOne((const char*)obj, &m);
+#else
+  PyObject* v = *(PyObject**)((char*)obj + off);
+  if (v == NULL)
+    PyErr_Format(PyExc_AttributeError, "'%.100s' object has no attribute '%U'", Py_TYPE(obj)->tp_name,
+                 *attr_names[name]);
+  return Py_XNewRef(v);
+#endif
+}
+
+/* obj's slot at offset off, for name, set to value (not NULL). 0, or -1. */
+static int slot_set(PyObject* obj, Py_ssize_t off, int name, PyObject* value) {
+#ifdef Py_GIL_DISABLED
+  PyMemberDef m = {PyUnicode_AsUTF8(*attr_names[name]), T_OBJECT_EX, off, 0, NULL};
+  return m.name == NULL ? -1 : PyMember_SetOne((char*)obj, &m, value);
+#else
+  PyObject** p = (PyObject**)((char*)obj + off);
+  PyObject* old = *p;
+  (void)name;
+  *p = Py_NewRef(value);
+  Py_XDECREF(old); /* last: its deallocation may run code */
+  return 0;
+#endif
+}
+
 /* getattr(a->obj, name), a new reference. */
 static PyObject* attr_get(const attrs_t* a, int name) {
   if (a->lay.fit) {
-    if (a->lay.slot[name] != NULL) return PyMember_GetOne((const char*)a->obj, a->lay.slot[name]);
+    if (a->lay.slot[name] != 0) return slot_get(a->obj, a->lay.slot[name], name);
     if (a->dict != NULL) {
       PyObject* v;
       int found = fb_dict_get_ref(a->dict, *attr_names[name], &v);
@@ -204,7 +237,7 @@ static PyObject* attr_get(const attrs_t* a, int name) {
 
 static int attr_set(const attrs_t* a, int name, PyObject* value) {
   if (a->lay.fit) {
-    if (a->lay.slot[name] != NULL) return PyMember_SetOne((char*)a->obj, a->lay.slot[name], value);
+    if (a->lay.slot[name] != 0) return slot_set(a->obj, a->lay.slot[name], name, value);
     if (a->dict != NULL) return PyDict_SetItem(a->dict, *attr_names[name], value);
   }
   return PyObject_SetAttr(a->obj, *attr_names[name], value);
