@@ -65,6 +65,8 @@ static PyObject *base_call_soon, *base_call_at, *base_run_once;
  * (the C one where _asyncio is built) and the keyword name for its loop. Set
  * by _loop_core_setup() whatever the handles' shape. */
 static PyObject *base_process_events, *future_type, *kw_loop;
+/* BaseEventLoop.create_task and asyncio's Task, as future_type. */
+static PyObject *base_create_task, *task_type;
 #ifndef __linux__
 #if PY_VERSION_HEX < 0x030D0000
 static PyObject* monotonic_fn; /* time.monotonic, where this file has no clock */
@@ -77,7 +79,7 @@ static int ready_to_go; /* setup found what it expected */
 static PyObject *str_append, *str_popleft, *str_select, *str_process_events, *str_time,
     *str_run, *str_report_handle_error, *str_context, *str_backlog, *str_port, *str_pending,
     *str_loop, *str_get_many, *str_done, *str_cancel, *str_set_exception, *str_set_result,
-    *str_call_exception_handler;
+    *str_call_exception_handler, *str_task_factory;
 
 /* ---- the clock: time.monotonic() -------------------------------------- */
 
@@ -780,6 +782,80 @@ static PyObject* LoopCore_create_future(LoopCoreObject* self, PyObject* unused) 
   return PyObject_Vectorcall(future_type, args, 0, kw_loop);
 }
 
+/* BaseEventLoop.create_task(coro, *, name=None, context=None): with no
+ * task factory and debug off, Task(coro, loop=self, name=..., context=...)
+ * without its Python frames (a server makes a task per request); else
+ * the stdlib's method. */
+static PyObject* LoopCore_create_task(LoopCoreObject* self, PyObject* const* args, size_t nargsf,
+                                      PyObject* kwnames) {
+  Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, i;
+  PyObject *factory, *stack[4], *names, *task;
+  int fast;
+  if (nargs != 1) {
+    PyErr_Format(PyExc_TypeError, "create_task() takes 1 positional argument but %zd were given",
+                 nargs);
+    return NULL;
+  }
+  for (i = 0; i < nkw; i++) {
+    PyObject* k = PyTuple_GET_ITEM(kwnames, i);
+    if (!PyUnicode_Check(k) || (PyUnicode_CompareWithASCIIString(k, "name") != 0
+#if PY_VERSION_HEX >= 0x030B0000
+                                && PyUnicode_CompareWithASCIIString(k, "context") != 0
+#endif
+                                    )) {
+      PyErr_Format(PyExc_TypeError, "create_task() got an unexpected keyword argument '%S'", k);
+      return NULL;
+    }
+  }
+  if (base_create_task == NULL || task_type == NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "_loop_core_setup() has not run");
+    return NULL;
+  }
+  fast = fast_path(self);
+  if (fast < 0) return NULL;
+  if (!fast) return call_base(base_create_task, (PyObject*)self, NULL, args, nargsf, kwnames);
+  factory = PyObject_GetAttr((PyObject*)self, str_task_factory);
+  if (factory == NULL) return NULL;
+  Py_DECREF(factory); /* only whether it is None */
+  if (factory != Py_None)
+    return call_base(base_create_task, (PyObject*)self, NULL, args, nargsf, kwnames);
+  if (check_closed(self) < 0) return NULL;
+  /* Task(coro, loop=self, <the keywords given>) */
+  stack[0] = args[0];
+  stack[1] = (PyObject*)self;
+  for (i = 0; i < nkw; i++) stack[2 + i] = args[1 + i];
+  if (nkw == 0) {
+    names = Py_NewRef(kw_loop);
+  } else {
+    names = PyTuple_New(1 + nkw);
+    if (names == NULL) return NULL;
+    PyTuple_SET_ITEM(names, 0, Py_NewRef(PyTuple_GET_ITEM(kw_loop, 0)));
+    for (i = 0; i < nkw; i++) PyTuple_SET_ITEM(names, 1 + i, Py_NewRef(PyTuple_GET_ITEM(kwnames, i)));
+  }
+  task = PyObject_Vectorcall(task_type, stack, 1, names);
+  Py_DECREF(names);
+  return task;
+}
+
+/* BaseEventLoop._timer_handle_cancelled(handle), which TimerHandle.cancel()
+ * calls: a scheduled timer counts as cancelled (the heap drops cancelled
+ * timers when they are too many). A server cancelling a timeout per
+ * request made this Python call each time. */
+static PyObject* LoopCore_timer_handle_cancelled(LoopCoreObject* self, PyObject* handle) {
+  PyObject* scheduled;
+  int is;
+  if (ready_to_go && PyObject_TypeCheck(handle, timer_handle_type))
+    scheduled = PyMember_GetOne((const char*)handle, m_scheduled);
+  else
+    scheduled = PyObject_GetAttrString(handle, "_scheduled");
+  if (scheduled == NULL) return NULL;
+  is = PyObject_IsTrue(scheduled);
+  Py_DECREF(scheduled);
+  if (is < 0) return NULL;
+  if (is) self->timer_cancelled_count++;
+  Py_RETURN_NONE;
+}
+
 /* 1 if self._process_events is BaseProactorEventLoop's, which does nothing
  * (its proactor finishes the futures in select()): the call is left out,
  * one Python frame per iteration. 0 if a subclass or the instance gave it
@@ -996,20 +1072,29 @@ static PyObject* loop_core_setup(PyObject* module, PyObject* args) {
 #endif
 #endif
   if (future_type == NULL) {
-    PyObject* futures = PyImport_ImportModule("asyncio.futures");
-    PyObject *fut, *noop;
-    if (futures == NULL) return NULL;
-    fut = PyObject_GetAttrString(futures, "Future");
-    Py_DECREF(futures);
-    if (fut == NULL) return NULL;
-    noop = PyObject_GetAttrString(base, "_process_events");
-    if (noop == NULL || (kw_loop = Py_BuildValue("(s)", "loop")) == NULL) {
-      Py_DECREF(fut);
+    PyObject *futures = PyImport_ImportModule("asyncio.futures"), *tasks, *fut = NULL, *task = NULL;
+    PyObject *noop = NULL, *create = NULL;
+    tasks = futures ? PyImport_ImportModule("asyncio.tasks") : NULL;
+    if (tasks != NULL) {
+      fut = PyObject_GetAttrString(futures, "Future");
+      task = fut ? PyObject_GetAttrString(tasks, "Task") : NULL;
+      noop = task ? PyObject_GetAttrString(base, "_process_events") : NULL;
+      create = noop ? PyObject_GetAttrString(base, "create_task") : NULL;
+      if (create != NULL) kw_loop = Py_BuildValue("(s)", "loop");
+    }
+    Py_XDECREF(futures);
+    Py_XDECREF(tasks);
+    if (kw_loop == NULL) {
+      Py_XDECREF(fut);
+      Py_XDECREF(task);
       Py_XDECREF(noop);
+      Py_XDECREF(create);
       return NULL;
     }
     future_type = fut;
+    task_type = task;
     base_process_events = noop;
+    base_create_task = create;
   }
   if (ready_to_go) Py_RETURN_TRUE;
   if (!PyType_IsSubtype((PyTypeObject*)timer, (PyTypeObject*)handle) ||
@@ -1086,6 +1171,12 @@ static PyMethodDef LoopCore_methods[] = {
      "get_debug($self, /)\n--\n\nWhether the loop is in debug mode (its _debug)."},
     {"create_future", (PyCFunction)LoopCore_create_future, METH_NOARGS,
      "create_future($self, /)\n--\n\nA new asyncio.Future attached to the loop."},
+    {"_timer_handle_cancelled", (PyCFunction)LoopCore_timer_handle_cancelled, METH_O,
+     "_timer_handle_cancelled($self, handle, /)\n--\n\n"
+     "Notification that a TimerHandle has been cancelled (counted if it is scheduled)."},
+    {"create_task", FASTKW_METHOD(LoopCore_create_task),
+     "create_task($self, coro, /, *, name=None, context=None)\n--\n\n"
+     "Schedule the execution of the coroutine coro (an asyncio.Task)."},
     {"time", (PyCFunction)LoopCore_time, METH_NOARGS,
      "time($self, /)\n--\n\nThe loop's clock: time.monotonic()."},
     {"_run_once", (PyCFunction)LoopCore_run_once, METH_NOARGS,
@@ -1146,6 +1237,7 @@ int fb_loop_core_init(PyObject* module) {
       {&str_get_many, "get_many"},     {&str_done, "done"},
       {&str_cancel, "cancel"},         {&str_set_exception, "set_exception"},
       {&str_set_result, "set_result"}, {&str_call_exception_handler, "call_exception_handler"},
+      {&str_task_factory, "_task_factory"},
   };
   size_t i;
   PyObject* fn;

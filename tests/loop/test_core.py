@@ -472,3 +472,76 @@ def test_a_process_events_of_ones_own_is_called_each_iteration(where):
         assert len(seen) >= 3 and all(isinstance(e, list) for e in seen)
     finally:
         lp.close()
+
+
+def test_create_task_is_the_c_core_s_and_takes_what_the_stdlib_s_takes(loop):
+    # BaseEventLoop.create_task() in C when no task factory is set and
+    # debug is off: Task(coro, loop=self, name=..., context=...).
+    import contextvars
+    import sys
+
+    assert type(loop).create_task is _LoopCore.create_task
+
+    async def double(x):
+        return 2 * x
+
+    task = loop.create_task(double(2), name="doubler")
+    assert type(task) is asyncio.Task and task.get_loop() is loop and task.get_name() == "doubler"
+    assert loop.run_until_complete(task) == 4
+    if sys.version_info >= (3, 11):
+        var = contextvars.ContextVar("var")
+        ctx = contextvars.copy_context()
+        ctx.run(var.set, "in ctx")
+
+        async def read():
+            return var.get()
+
+        assert loop.run_until_complete(loop.create_task(read(), context=ctx)) == "in ctx"
+    coro = double(1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        loop.create_task(coro, bogus=1)
+    with pytest.raises(TypeError):
+        loop.create_task()
+    coro.close()
+
+
+def test_create_task_goes_through_a_task_factory_and_a_closed_check(loop):
+    made = []
+
+    def factory(lp, coro, **kwargs):
+        made.append(kwargs)
+        return asyncio.Task(coro, loop=lp, **kwargs)
+
+    async def one():
+        return 1
+
+    loop.set_task_factory(factory)
+    task = loop.create_task(one(), name="via factory")
+    assert made and task.get_name() == "via factory"
+    assert loop.run_until_complete(task) == 1
+    loop.set_task_factory(None)
+    loop.set_debug(True)  # debug: the stdlib's method, which trims the traceback
+    task = loop.create_task(one())
+    assert task._source_traceback and loop.run_until_complete(task) == 1
+    loop.set_debug(False)
+    loop.close()
+    coro = one()
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.create_task(coro)
+    coro.close()
+
+
+def test_cancelling_timers_counts_the_scheduled_ones_in_c(loop):
+    # TimerHandle.cancel() calls loop._timer_handle_cancelled(), in C here:
+    # a scheduled timer counts, one already run or never scheduled does not
+    # (CPython's test_base_events.test__run_once and TimerHandle's tests).
+    assert type(loop)._timer_handle_cancelled is _LoopCore._timer_handle_cancelled
+    h = loop.call_later(10, lambda: None)
+    h.cancel()
+    h.cancel()  # once only
+    assert loop._timer_cancelled_count == 1
+    loose = events.TimerHandle(time.monotonic() + 10, lambda: None, (), loop)
+    loose.cancel()  # never scheduled
+    assert loop._timer_cancelled_count == 1
+    with pytest.raises(AttributeError):  # as the stdlib's
+        loop._timer_handle_cancelled(object())
