@@ -190,6 +190,20 @@ static void attrs_init(attrs_t* a, PyObject* obj) {
 
 static void attrs_done(attrs_t* a) { Py_CLEAR(a->dict); }
 
+/* done(owner, a, c), a the attributes of transport, which is held
+ * meanwhile: the protocol's callbacks may drop the owner's reference. */
+static PyObject* with_attrs(PyObject* (*done)(PyObject*, const attrs_t*, PyObject*),
+                            PyObject* owner, PyObject* transport, PyObject* c) {
+  attrs_t a;
+  PyObject* r;
+  Py_INCREF(transport);
+  attrs_init(&a, transport);
+  r = done(owner, &a, c);
+  attrs_done(&a);
+  Py_DECREF(transport);
+  return r;
+}
+
 /* The object in obj's slot at offset off, for name, as the member
  * descriptor's __get__ gives it (AttributeError when empty): directly
  * with the GIL, through PyMember_GetOne() without (its atomic reads). */
@@ -540,7 +554,8 @@ static PyObject* pooled_case(ReadLoopObject* self, const attrs_t* a, CompletionO
 }
 
 /* ReadLoop_call() with a Completion, a's transport held. */
-static PyObject* read_done(ReadLoopObject* self, const attrs_t* a, PyObject* c) {
+static PyObject* read_done(PyObject* owner, const attrs_t* a, PyObject* c) {
+  ReadLoopObject* self = (ReadLoopObject*)owner;
   PyObject *protocol, *data = NULL, *r;
   int common;
   if (((CompletionObject*)c)->flags & FIOCP_OPF_POOLED)
@@ -587,8 +602,7 @@ static PyObject* read_done(ReadLoopObject* self, const attrs_t* a, PyObject* c) 
 static PyObject* ReadLoop_call(PyObject* callable, PyObject* const* args, size_t nargsf,
                                PyObject* kwnames) {
   ReadLoopObject* self = (ReadLoopObject*)callable;
-  PyObject *c, *t, *r;
-  attrs_t a;
+  PyObject* c;
   if (exact_args("_ReadLoop", nargsf, kwnames, 1) < 0) return NULL;
   c = args[0];
   if (self->transport == NULL) {
@@ -597,12 +611,7 @@ static PyObject* ReadLoop_call(PyObject* callable, PyObject* const* args, size_t
   }
   if (!PyObject_TypeCheck(c, &fb_CompletionType))
     return PyObject_CallMethodOneArg(self->transport, str_loop_reading, c);
-  t = Py_NewRef(self->transport); /* the protocol's callbacks may drop ours */
-  attrs_init(&a, t);
-  r = read_done(self, &a, c);
-  attrs_done(&a);
-  Py_DECREF(t);
-  return r;
+  return with_attrs(read_done, callable, self->transport, c);
 }
 
 static PyObject* ReadLoop_new(PyTypeObject* type, PyObject* args, PyObject* kwds) {
@@ -776,7 +785,8 @@ static int ring_send_queued(const attrs_t* a, RingWriteObject* rw, PyObject* que
 }
 
 /* The send's completion c, for RingWrite_call(), a's transport held. */
-static PyObject* ring_write_done(RingWriteObject* self, const attrs_t* a, PyObject* c) {
+static PyObject* ring_write_done(PyObject* owner, const attrs_t* a, PyObject* c) {
+  RingWriteObject* self = (RingWriteObject*)owner;
   PyObject *t = a->obj, *r;
   CompletionObject* cc;
   int k;
@@ -839,18 +849,12 @@ static PyObject* ring_write_done(RingWriteObject* self, const attrs_t* a, PyObje
 static PyObject* RingWrite_call(PyObject* callable, PyObject* const* args, size_t nargsf,
                                 PyObject* kwnames) {
   RingWriteObject* self = (RingWriteObject*)callable;
-  PyObject *c, *t, *r;
-  attrs_t a;
+  PyObject* c;
   if (exact_args("_RingWrite", nargsf, kwnames, 1) < 0) return NULL;
   c = args[0];
   if (self->transport == NULL || c != self->op) Py_RETURN_NONE; /* not ours */
   Py_CLEAR(self->op); /* c stays alive: the caller holds it */
-  t = Py_NewRef(self->transport);
-  attrs_init(&a, t);
-  r = ring_write_done(self, &a, c);
-  attrs_done(&a);
-  Py_DECREF(t);
-  return r;
+  return with_attrs(ring_write_done, callable, self->transport, c);
 }
 
 static PyObject* RingWrite_done(RingWriteObject* self, PyObject* Py_UNUSED(ignored)) {
