@@ -796,6 +796,10 @@ static PyObject* LoopCore_create_task(LoopCoreObject* self, PyObject* const* arg
                  nargs);
     return NULL;
   }
+  if (nkw > 2) { /* name and context at most: stack[] holds coro, loop and those */
+    PyErr_SetString(PyExc_TypeError, "create_task() takes at most 2 keyword arguments");
+    return NULL;
+  }
   for (i = 0; i < nkw; i++) {
     PyObject* k = PyTuple_GET_ITEM(kwnames, i);
     if (!PyUnicode_Check(k) || (PyUnicode_CompareWithASCIIString(k, "name") != 0
@@ -1027,7 +1031,7 @@ static PyObject* LoopCore_run_once(LoopCoreObject* self, PyObject* unused) {
 
 /* ---- setup ------------------------------------------------------------ */
 
-/* The PyMemberDef behind cls.name, an object slot; NULL with an exception. */
+/* loop.h */
 PyMemberDef* fb_object_slot(PyObject* descr) {
   PyMemberDef* m;
   if (!Py_IS_TYPE(descr, &PyMemberDescr_Type)) return NULL;
@@ -1039,6 +1043,7 @@ PyMemberDef* fb_object_slot(PyObject* descr) {
   return m;
 }
 
+/* The PyMemberDef behind cls.name, an object slot; NULL with an exception. */
 static PyMemberDef* slot_of(PyTypeObject* cls, const char* name) {
   PyObject* d = PyObject_GetAttrString((PyObject*)cls, name);
   PyMemberDef* m;

@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import weakref
-from asyncio import base_events, events, futures, proactor_events
+from asyncio import events, futures, proactor_events
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._fastiocp import (

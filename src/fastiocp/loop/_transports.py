@@ -209,14 +209,8 @@ class _ReadsDirect:
                         # for the common case, this method for the others.
                         self._reader = _ReadLoop(self, self._loop._proactor.port)
                         # On io_uring the C write() makes the transport's
-                        # _RingWrite here at its first write inside a batch
-                        # of completions. These three are set on the
-                        # instance, where the C paths read them at every
-                        # message, which a class default would make a
-                        # dictionary miss and a class lookup each time.
-                        self._ring_writer = None
-                        self._held_chunks = None
-                        self._buffer_owner = None
+                        # _RingWrite at its first write inside a batch of
+                        # completions.
                         if self._loop._proactor.pooled:
                             self._data = _NO_BUFFER  # the pool's buffers serve
             self._start_receive(fut)
@@ -408,7 +402,8 @@ class SocketTransport(_FlushesOnClose, _ReadsDirect, _ClosesQuietly, _ReceivesBy
                  "_write_fut", "_sock", "_ring_writer", "_pending_write", "_reader")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # The slots whose class defaults (_ReadsDirect's) they shadow.
+        # The slots whose class defaults (_ReadsDirect's) they shadow: an
+        # empty slot would raise AttributeError where the default was read.
         self._buffer_owner = self._held_chunks = self._ring_writer = self._reader = None
         super().__init__(*args, **kwargs)
 
