@@ -144,9 +144,11 @@ def ctrl_c_child_script(backend: str, other_waiter: bool, raise_after: float | N
     else exits 3. raise_after: the child raises SIGINT itself after that
     many seconds, through C raise() as Windows' Ctrl-C does (CPython's
     handler sets its flag and event from another thread); None: the parent
-    sends it."""
+    sends it. The child takes SIGINT as Python's default does even when
+    started with it ignored (a shell's background job is)."""
     return textwrap.dedent(f"""
         import signal, socket, sys, threading, time, fastiocp
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         port = fastiocp.CompletionPort(backend={backend!r})
         a, b = socket.socketpair()
         port.register(b)
