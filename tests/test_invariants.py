@@ -263,6 +263,80 @@ def test_unregister(port, sockpair):
     assert collect(port, 1)[0].key == 2
 
 
+def test_keys_follow_registration(port):
+    """Every completion carries the key its handle has when it is submitted,
+    over more handles than the port keeps keys of at hand (they share
+    places) and across unregister() and register() again; a completion
+    whose handle was unregistered since is not resubmitted."""
+    pairs = [socket.socketpair() for _ in range(40)]
+    try:
+        for round_, sign in enumerate((1, -1)):
+            for i, (a, _b) in enumerate(pairs):
+                port.register(a, key=sign * (i + 1))
+            sent = {}
+            for i, (a, _b) in enumerate(pairs):
+                sent[id(port.send(a, b"x"))] = sign * (i + 1)
+            done = collect(port, len(pairs))
+            assert sorted(c.key for c in done) == sorted(sent.values())
+            assert all(c.key == sent[id(c)] for c in done)
+            # resubmit() looks the key up again: the same ones.
+            port.resubmit(done)
+            again = collect(port, len(pairs))
+            assert all(c.key == sent[id(c)] for c in again)
+            for a, _b in pairs:
+                port.unregister(a)
+            with pytest.raises(ValueError, match="not registered"):
+                port.send(pairs[0][0], b"x")
+            with pytest.raises(ValueError, match="not registered"):
+                port.resubmit(again[:1])
+            if round_ == 0:
+                for _a, b in pairs:
+                    assert b.recv(10) == b"xx"
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+# What a closed socket's -1 is called: a negative descriptor on POSIX, an
+# invalid SOCKET on Windows.
+CLOSED_HANDLE = "invalid handle -1" if ON_WINDOWS else "negative integer"
+
+
+def test_socket_handles_are_what_fileno_says(port):
+    """A socket's descriptor is read from the socket object without calling
+    its fileno() (csrc/binding/filehandle.c), but only where fileno() would
+    say the same: a subclass's own fileno() is still called, and a closed
+    or detached socket is refused as before."""
+    calls = []
+
+    class Counted(socket.socket):
+        def fileno(self):
+            calls.append(1)
+            return super().fileno()
+
+    x, y = socket.socketpair()
+    a = Counted(x.family, x.type, fileno=x.detach())
+    with a, y:
+        port.register(a, key="a")
+        port.register(y, key="y")
+        before = len(calls)
+        port.send(a, b"hi")
+        assert len(calls) == before + 1
+        (c,) = collect(port, 1)
+        assert c.key == "a" and c.nbytes == 2 and y.recv(10) == b"hi"
+        port.send(y, b"back")  # a plain socket.socket
+        (c,) = collect(port, 1)
+        assert c.key == "y" and a.recv(10) == b"back"
+        port.unregister(y)
+        detached = socket.socket(fileno=y.detach())
+        with pytest.raises(ValueError, match=CLOSED_HANDLE):
+            port.register(y)
+        detached.close()
+    with pytest.raises(ValueError, match=CLOSED_HANDLE):
+        port.send(a, b"x")
+
+
 # ---------------------------------------------------------------------------
 # Cancel
 

@@ -183,11 +183,22 @@ typedef struct BufferPoolObject {
   PyObject* weakreflist;
 } BufferPoolObject;
 
+/* How many handles' keys a port keeps at hand (key_cache below). */
+#define FB_KEY_CACHE 64
+
 typedef struct CompletionPortObject {
   PyObject_HEAD
   fiocp_port_t* port;       /* malloc'd: may outlive us if leaked at close */
   const fiocp_backend_t* backend;
   PyObject* handles;        /* {handle int: key} */
+  /* The keys of handles submitted on lately, so that a submission needs no
+   * dict lookup (port.c, lookup_key): one place per handle, the key
+   * borrowed from `handles`. A handle's place is emptied when it is
+   * unregistered, all of them when `handles` goes. Port lock held. */
+  struct key_cache_s {
+    fiocp_handle_t handle;
+    PyObject* key; /* NULL: empty */
+  } key_cache[FB_KEY_CACHE];
   Py_ssize_t pending;       /* submitted and not yet dequeued */
   unsigned concurrency;
   /* The threads inside `with port.batch():`, each with its nesting depth:
@@ -401,6 +412,15 @@ extern PyTypeObject fb_FileHandleType;
 /* The OS handle of an int, a socket or any object with fileno(). Returns
  * 0, or -1 with an exception. */
 int fb_get_handle(PyObject* obj, fiocp_handle_t* out);
+
+/* The descriptor of an open socket object, read from the object as its
+ * fileno() would return it: 1 with *fd set, or 0 (not a plain socket, or
+ * closed: call fileno()). No exception either way. */
+int fb_socket_fd(PyObject* obj, long long* fd);
+
+/* Finds _socket.socket for fb_socket_fd(), at module init. Returns 0, or -1
+ * with an exception. */
+int fb_handles_init(void);
 
 #ifdef _WIN32
 /* The module functions _win_open, _win_close_handle, _win_file_size and

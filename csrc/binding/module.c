@@ -283,7 +283,7 @@ PyMODINIT_FUNC PyInit__fastiocp(void) {
   if (sockmod == NULL) return NULL;
   fb_socket_type = PyObject_GetAttrString(sockmod, "socket");
   Py_DECREF(sockmod);
-  if (fb_socket_type == NULL) return NULL;
+  if (fb_socket_type == NULL || fb_handles_init() < 0) return NULL;
 
   m = PyModule_Create(&module_def);
   if (m == NULL) return NULL;

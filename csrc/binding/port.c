@@ -97,6 +97,20 @@ void fb_port_forget_pool(CompletionPortObject* self, BufferPoolObject* pool) {
   pool->port = NULL;
 }
 
+/* h's place in the port's key cache. Windows handles are multiples of 4. */
+static struct key_cache_s* key_place(CompletionPortObject* self, fiocp_handle_t h) {
+#ifdef _WIN32
+  return &self->key_cache[((uintptr_t)h >> 2) % FB_KEY_CACHE];
+#else
+  return &self->key_cache[(unsigned)h % FB_KEY_CACHE];
+#endif
+}
+
+/* Empties the key cache: the dict of handles is going. Port lock held. */
+static void forget_keys(CompletionPortObject* self) {
+  memset(self->key_cache, 0, sizeof(self->key_cache));
+}
+
 /* Forgets every registered pool: before the backend is destroyed, or
  * (leaked) so that the pools' memory is never freed under a kernel that
  * may still write into it. Port lock held. */
@@ -146,6 +160,7 @@ static int port_close_impl(CompletionPortObject* self) {
   self->closed = 1;
   handles = self->handles; /* dropped after unlocking: keys are user objects */
   self->handles = NULL;
+  forget_keys(self);
   if (self->fork_gen != fb_fork_generation) {
     /* A forked child: the kernel objects and threads are the parent's.
      * Touch nothing; the child's copies of the records and buffers are
@@ -219,6 +234,7 @@ static void CompletionPort_dealloc(CompletionPortObject* self) {
     if (port_close_impl(self) < 0) PyErr_WriteUnraisable((PyObject*)self);
   }
   PyErr_Restore(type, value, tb);
+  forget_keys(self);
   Py_CLEAR(self->handles);
   PyMem_RawFree(self->batches);
   /* Pools still registered (a port never initialized or closed has none
@@ -245,6 +261,7 @@ static int CompletionPort_traverse(CompletionPortObject* self, visitproc visit,
 }
 
 static int CompletionPort_clear(CompletionPortObject* self) {
+  forget_keys(self);
   Py_CLEAR(self->handles);
   return 0;
 }
@@ -440,7 +457,11 @@ static PyObject* CompletionPort_unregister(CompletionPortObject* self,
                  hkey);
     rc = -1;
   }
-  if (rc > 0) rc = PyDict_DelItem(self->handles, hkey);
+  if (rc > 0) {
+    struct key_cache_s* kc = key_place(self, h);
+    if (kc->handle == h) kc->key = NULL;
+    rc = PyDict_DelItem(self->handles, hkey);
+  }
   FB_UNLOCK(self);
   Py_XDECREF(key);
   Py_DECREF(hkey);
@@ -451,14 +472,20 @@ static PyObject* CompletionPort_unregister(CompletionPortObject* self,
 /* The key registered for h (a new reference), or NULL with ValueError.
  * Port lock held. */
 static PyObject* lookup_key(CompletionPortObject* self, fiocp_handle_t h) {
-  PyObject* hkey = PyLong_FromLongLong((long long)h);
-  PyObject* key = NULL;
+  struct key_cache_s* kc = key_place(self, h);
+  PyObject *hkey, *key = NULL;
+  if (kc->key != NULL && kc->handle == h) return Py_NewRef(kc->key);
+  hkey = PyLong_FromLongLong((long long)h);
   if (hkey == NULL) return NULL;
-  if (fb_dict_get_ref(self->handles, hkey, &key) == 0)
+  if (fb_dict_get_ref(self->handles, hkey, &key) == 0) {
     PyErr_Format(PyExc_ValueError,
                  "handle %R is not registered with this port: call "
                  "register() first",
                  hkey);
+  } else if (key != NULL) {
+    kc->handle = h;
+    kc->key = key; /* borrowed: the dict holds it until unregister() */
+  }
   Py_DECREF(hkey);
   return key;
 }

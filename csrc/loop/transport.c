@@ -1079,12 +1079,17 @@ static int may_send_now(const attrs_t* a) {
  * only if fileno() raised something other than a closed socket's -1). */
 static int socket_fd(const attrs_t* a) {
   long fd;
+  long long direct;
   PyObject *sock, *no;
   sock = attr_get(a, A_SOCK);
   if (sock == NULL) return -1;
   if (sock == Py_None) {
     Py_DECREF(sock);
     return -1;
+  }
+  if (fb_socket_fd(sock, &direct)) {
+    Py_DECREF(sock);
+    return direct > INT_MAX ? -1 : (int)direct;
   }
   no = PyObject_CallMethodNoArgs(sock, fb_str_fileno);
   Py_DECREF(sock);
