@@ -159,6 +159,29 @@ def check_registration_raised(m: PortModel, obj, exc: BaseException) -> None:
         assert isinstance(obj, Weird) and obj.raises is exc
 
 
+def _threads_report() -> str:
+    """On Linux, each thread of this process with its state and where it
+    sleeps (io_uring's io-wq workers are threads named iou-wrk-N): what a
+    write that never completed was waiting behind."""
+    out = []
+    try:
+        for tid in sorted(os.listdir("/proc/self/task"), key=int):
+            base = f"/proc/self/task/{tid}/"
+            try:
+                with open(base + "comm") as f:
+                    comm = f.read().strip()
+                with open(base + "wchan") as f:
+                    wchan = f.read().strip()
+                with open(base + "stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            out.append(f"{tid} {comm} {state} {wchan}")
+    except OSError:
+        return "(no /proc)"
+    return "; ".join(out)
+
+
 def make_buffer(kind: str, size: int):
     """(object, writable, length or None when the call must fail)."""
     if kind == "bytearray":
@@ -612,7 +635,7 @@ class PortMachine(RuleBasedStateMachine):
         while id(op) in m.ops and time.monotonic() < deadline:
             for c in m.port.get_many(64, timeout=0.1):
                 self.check_completion(m, c)
-        assert id(op) not in m.ops, f"{op!r} never completed"
+        assert id(op) not in m.ops, f"{op!r} never completed on {m!r}; threads: {_threads_report()}"
 
     @precondition(lambda self: self.ports)
     @rule(data=st.data(), n=st.integers(0, 4), offsets_as=st.sampled_from(["list", "list", "none", "short"]),
