@@ -758,16 +758,6 @@ static int ring_submit(const attrs_t* a, RingWriteObject* rw, PyObject* bytes) {
   return 1;
 }
 
-/* The transport's high-water mark, or -1 with an exception. */
-static Py_ssize_t high_water(const attrs_t* a) {
-  PyObject* hw = attr_get(a, A_HIGH_WATER);
-  Py_ssize_t high = hw == NULL ? -1 : PyLong_AsSsize_t(hw);
-  Py_XDECREF(hw);
-  if (high < 0 && !PyErr_Occurred())
-    PyErr_SetString(PyExc_ValueError, "transport._high_water is negative");
-  return high;
-}
-
 /* What was queued behind the send just finished (queued, the transport's
  * _buffer) goes on the ring in turn, as _loop_writing() would send it with
  * a proactor send; the caller checked that nothing else stands in the way.
@@ -939,6 +929,16 @@ PyTypeObject fb_RingWriteType = {
 };
 
 #ifndef _WIN32
+/* The transport's high-water mark, or -1 with an exception. */
+static Py_ssize_t high_water(const attrs_t* a) {
+  PyObject* hw = attr_get(a, A_HIGH_WATER);
+  Py_ssize_t high = hw == NULL ? -1 : PyLong_AsSsize_t(hw);
+  Py_XDECREF(hw);
+  if (high < 0 && !PyErr_Occurred())
+    PyErr_SetString(PyExc_ValueError, "transport._high_water is negative");
+  return high;
+}
+
 /* Queues view's bytes as a SEND when ring_ready() and the data does not
  * go past the high-water mark (where the stdlib pauses the protocol).
  * Returns 1 with *result set (NULL: an exception), 0 when the write is
