@@ -148,7 +148,6 @@ PyTypeObject fb_FileHandleType = {
     .tp_getset = FileHandle_getset,
 };
 
-/* The OS handle of an int, a socket or any object with fileno(). */
 /* Sockets: the descriptor read from the socket object, with no Python
  * fileno() call per operation (a quarter of what submitting a send cost).
  * CPython's socket object begins with its descriptor (PySocketSockObject in
@@ -243,6 +242,7 @@ static int socket_fd_of(PyObject* obj, long long* fd) {
 
 int fb_socket_fd(PyObject* obj, long long* fd) { return socket_fd_of(obj, fd); }
 
+/* The OS handle of an int, a socket or any object with fileno(). */
 int fb_get_handle(PyObject* obj, fiocp_handle_t* out) {
   PyObject* num;
   int rc;
