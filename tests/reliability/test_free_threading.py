@@ -5,8 +5,9 @@ contract with the threads taking turns.
 
 More threads than cores (the machines have 2): submissions, posts,
 cancellations, batches, resubmissions and dequeues from 8 threads, every
-post counted exactly once; close() racing with all of them; Completion.cancel()
-racing with its port's deallocation.
+post counted exactly once; handles unregistered and registered again under
+new keys while others submit on them; close() racing with all of them;
+Completion.cancel() racing with its port's deallocation.
 """
 from __future__ import annotations
 
@@ -118,6 +119,97 @@ def test_eight_threads_mixing_every_call_lose_and_duplicate_nothing(backend):
             a.close()
             b.close()
         assert len(seen) == sum(posted) > 0
+
+
+def test_keys_stay_right_while_handles_churn(backend):
+    """Submitters send on 16 sockets while another thread keeps
+    unregistering 8 of them and registering them again under new keys (the
+    port's key cache, csrc/binding/port.c, is emptied for a handle as it is
+    unregistered). Every completion carries a key its own socket had; a
+    send on a socket between unregister() and register() is refused; nothing
+    crashes or hangs."""
+    seconds = env_float("FASTIOCP_FT_SECONDS", 2.0, wine=1.0)
+    port = fastiocp.CompletionPort(backend=backend)
+    stable = [socket.socketpair() for _ in range(8)]
+    churned = [socket.socketpair() for _ in range(8)]
+    sockets = [("stable", i, a) for i, (a, _b) in enumerate(stable)] + \
+              [("churned", i, a) for i, (a, _b) in enumerate(churned)]
+    for i, (a, _b) in enumerate(stable):
+        port.register(a, key=("stable", i))
+    for i, (a, _b) in enumerate(churned):
+        port.register(a, key=("churned", i, 0))
+    failures: list[BaseException] = []
+    stop = threading.Event()
+    sent = [0]
+    refused = [0]
+    dequeued = [0]
+
+    def guarded(body):
+        def run(*args):
+            try:
+                body(*args)
+            except BaseException as exc:  # reported to the test thread
+                failures.append(exc)
+        return run
+
+    @guarded
+    def churn() -> None:
+        n = 0
+        while not stop.is_set():
+            i = n % len(churned)
+            n += 1
+            port.unregister(churned[i][0])
+            port.register(churned[i][0], key=("churned", i, n))
+
+    @guarded
+    def submit(seed: int) -> None:
+        rnd = random.Random(seed)
+        while not stop.is_set():
+            kind, i, a = sockets[rnd.randrange(len(sockets))]
+            try:
+                port.send(a, b"x", context=(kind, i))
+                sent[0] += 1
+            except ValueError as exc:
+                assert kind == "churned" and "not registered" in str(exc), exc
+                refused[0] += 1
+
+    @guarded
+    def dequeue() -> None:
+        while not stop.is_set():
+            for c in port.get_many(64, timeout=0.01):
+                assert c.error is None, c
+                assert c.key[:2] == c.context, (c.key, c.context)
+                dequeued[0] += 1
+
+    @guarded
+    def drain() -> None:
+        peers = [b for _a, b in stable + churned]
+        for b in peers:
+            b.setblocking(False)
+        while not stop.is_set():
+            for b in peers:
+                try:
+                    b.recv(65536)
+                except BlockingIOError:
+                    pass
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=churn), threading.Thread(target=drain)]
+    threads += [threading.Thread(target=submit, args=(k,)) for k in range(3)]
+    threads += [threading.Thread(target=dequeue) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not failures, failures
+    port.close()
+    for a, b in stable + churned:
+        a.close()
+        b.close()
+    assert sent[0] > 0 and dequeued[0] > 0
 
 
 def test_close_racing_with_getters_and_submitters(backend):
