@@ -30,6 +30,20 @@ pytestmark = pytest.mark.reliability
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
 
+def run_threads(threads: list[threading.Thread], seconds: float, then, failures: list[BaseException]) -> None:
+    """Starts threads, calls then() (what makes them return) after seconds,
+    and joins them: none may still run 30 s later, and none may have caught
+    anything (failures: what they caught)."""
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    then()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not failures, failures
+
+
 @pytest.mark.skipif(not FREE_THREADED, reason="a free-threaded CPython (3.13t) build")
 def test_import_keeps_the_gil_off():
     """The extension declares Py_MOD_GIL_NOT_USED: importing it leaves the
@@ -98,15 +112,8 @@ def test_eight_threads_mixing_every_call_lose_and_duplicate_nothing(backend):
             except BaseException as exc:  # reported to the test thread
                 failures.append(exc)
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(nthreads)]
-        for t in threads:
-            t.start()
-        time.sleep(seconds)
-        stop.set()
-        for t in threads:
-            t.join(30)
-        assert not any(t.is_alive() for t in threads), "a worker hung"
-        assert not failures, failures
+        run_threads([threading.Thread(target=worker, args=(i,)) for i in range(nthreads)], seconds, stop.set,
+                    failures)
         while True:
             batch = port.get_many(256, timeout=0.5)
             if not batch:
@@ -197,14 +204,7 @@ def test_keys_stay_right_while_handles_churn(backend):
     threads = [threading.Thread(target=churn), threading.Thread(target=drain)]
     threads += [threading.Thread(target=submit, args=(k,)) for k in range(3)]
     threads += [threading.Thread(target=dequeue) for _ in range(2)]
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not failures, failures
+    run_threads(threads, seconds, stop.set, failures)
     port.close()
     for a, b in stable + churned:
         a.close()
@@ -245,14 +245,7 @@ def test_close_racing_with_getters_and_submitters(backend):
 
         threads = [threading.Thread(target=getter) for _ in range(3)]
         threads += [threading.Thread(target=submitter) for _ in range(3)]
-        for t in threads:
-            t.start()
-        time.sleep(0.02)
-        port.close()
-        for t in threads:
-            t.join(30)
-        assert not any(t.is_alive() for t in threads), "a thread hung after close()"
-        assert not unexpected, unexpected
+        run_threads(threads, 0.02, port.close, unexpected)
         a.close()
         b.close()
 
