@@ -1,8 +1,10 @@
 """Alternating A/B rounds of echo servers under the bench's C load
 generator: the comparison this project's noisy 2-CPU machines allow
-(contenders alternate round by round, server pinned to the last CPU, load
-generator to CPU 0; medians, and every contender taken pair by pair
-against the first).
+(contenders alternate round by round; medians, and every contender taken
+pair by pair against the first). Each round is the bench runner's echo
+measurement (`python -m fastiocp bench --pin`): the server on the last
+CPU, the load generator on the others, its warm-up, wrong echoes an
+error.
 
     python tools/ab_echo.py echo-fastiocp-loop echo-uvloop
     python tools/ab_echo.py --rounds 10 --conns 50 --size 64 \\
@@ -20,45 +22,24 @@ with the number of rounds in which it was cheaper.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
+import tempfile
+from typing import Any
 
 from fastiocp.bench import runner
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_round(spec: str, loadgen: str, conns: int, size: int, seconds: float) -> tuple[float, float, float]:
-    """One round of one contender: (msg/s, server µs per message, load
-    generator's share of a CPU)."""
-    env = dict(os.environ)
-    body = spec
-    if "|" in spec:
-        assigns, body = spec.split("|", 1)
-        for kv in assigns.split(","):
-            name, value = kv.split("=", 1)
-            env[name] = value
-    tree = HERE
-    if ":" in body:
-        tree, body = body.split(":", 1)
-    env["PYTHONPATH"] = os.path.join(tree, "src")
-    last = str(os.cpu_count() - 1)
-    server = subprocess.Popen(["taskset", "-c", last, sys.executable, "-m", "fastiocp.bench.servers", body, "0"],
-                              stdout=subprocess.PIPE, env=env)
-    try:
-        line = server.stdout.readline().decode()
-        port = int(line.rsplit(":", 1)[1].split()[0])
-        out = subprocess.run(["taskset", "-c", "0", loadgen, "echo", "127.0.0.1", str(port), str(conns), str(size),
-                              "1", str(seconds), str(server.pid)], capture_output=True, check=True)
-    finally:
-        server.kill()
-        server.wait()
-    r = json.loads(out.stdout)
-    return (r["msgs_per_s"], r["server_cpu_s"] * 1e6 / max(r["messages"], 1),
-            r["loadgen_cpu_s"] / r["seconds"])
+def server_command(spec: str) -> list[str]:
+    """The command of contender spec ([ENV=V,...|][TREE:]SERVER): env sets
+    the variables and execs Python, so the pid measured stays the server's."""
+    assigns, body = spec.split("|", 1) if "|" in spec else ("", spec)
+    tree, name = body.split(":", 1) if ":" in body else (HERE, body)
+    env = [kv for kv in assigns.split(",") if kv] + [f"PYTHONPATH={os.path.join(tree, 'src')}"]
+    return ["env", *env, sys.executable, "-m", "fastiocp.bench.servers", name, "0"]
 
 
 def main(argv: list[str]) -> int:
@@ -69,22 +50,34 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--seconds", type=float, default=3.0)
     args = ap.parse_args(argv)
-    loadgen, _note = runner.build_c("loadgen")
-    results: dict[str, list[tuple[float, float, float]]] = {c: [] for c in args.contenders}
-    for k in range(args.rounds):
-        for c in args.contenders:
-            r = run_round(c, loadgen, args.conns, args.size, args.seconds)
-            results[c].append(r)
-            print(f"round {k} {c}: {r[0]:.0f} msg/s {r[1]:.2f} us/msg, load generator {100 * r[2]:.0f}%", flush=True)
+    cfg = runner.Config(quick=False, rounds=args.rounds, echo_seconds=args.seconds, echo_warmup=1.0,
+                        connections=args.conns, http_seconds=0, file_seconds=0.0, file_mib=0, handoff_items=0,
+                        directory=tempfile.gettempdir(), pin=True)
+    bench = runner.Runner(cfg)
+    bench.loadgen, note = runner.build_c("loadgen")
+    if bench.loadgen is None:
+        print(note, file=sys.stderr)
+        return 2
+    bench.progress = runner.Progress(args.rounds * len(args.contenders))
+    results: dict[str, list[dict[str, Any]]] = {c: [] for c in args.contenders}
+    try:
+        for k in range(args.rounds):
+            for c in args.contenders:
+                r = bench.echo(server_command(c), args.conns, args.size)
+                results[c].append(r)
+                print(f"round {k} {c}: {r['msgs_per_s']:.0f} msg/s {r['server_us_per_msg']:.2f} us/msg, "
+                      f"load generator {r['loadgen_cpu_pct']:.0f}%", flush=True)
+    finally:
+        bench.cleanup()
     print("--- medians")
     first = args.contenders[0]
     for c in args.contenders:
         rs = results[c]
-        line = (f"{c:55s} {statistics.median(x[0] for x in rs):9.0f} msg/s "
-                f"{statistics.median(x[1] for x in rs):6.2f} us/msg")
+        line = (f"{c:55s} {statistics.median(x['msgs_per_s'] for x in rs):9.0f} msg/s "
+                f"{statistics.median(x['server_us_per_msg'] for x in rs):6.2f} us/msg")
         if c != first:
-            cpu = [x[1] / y[1] for x, y in zip(rs, results[first])]
-            rate = [x[0] / y[0] for x, y in zip(rs, results[first])]
+            cpu = [x["server_us_per_msg"] / y["server_us_per_msg"] for x, y in zip(rs, results[first])]
+            rate = [x["msgs_per_s"] / y["msgs_per_s"] for x, y in zip(rs, results[first])]
             line += (f"   pair by pair vs the first: CPU {statistics.median(cpu):.3f}x, "
                      f"msg/s {statistics.median(rate):.3f}x, cheaper in {sum(x < 1 for x in cpu)}/{len(cpu)}")
         print(line)
