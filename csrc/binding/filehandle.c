@@ -247,10 +247,6 @@ int fb_get_handle(PyObject* obj, fiocp_handle_t* out) {
   PyObject* num;
   int rc;
   long long fd;
-  if (socket_fd_of(obj, &fd)) {
-    *out = (fiocp_handle_t)fd;
-    return 0;
-  }
   if (PyObject_TypeCheck(obj, &fb_FileHandleType)) {
     /* fastiocp.File: no Python-level fileno() call per operation. Its
      * handle was range-checked when it was set. */
@@ -263,6 +259,10 @@ int fb_get_handle(PyObject* obj, fiocp_handle_t* out) {
     return 0;
   }
   if (PyLong_Check(obj)) return handle_from_int(obj, out);
+  if (socket_fd_of(obj, &fd)) {
+    *out = (fiocp_handle_t)fd;
+    return 0;
+  }
   num = PyObject_CallMethodNoArgs(obj, fb_str_fileno);
   if (num == NULL) {
     if (PyErr_ExceptionMatches(PyExc_AttributeError)) {

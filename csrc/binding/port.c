@@ -234,7 +234,6 @@ static void CompletionPort_dealloc(CompletionPortObject* self) {
     if (port_close_impl(self) < 0) PyErr_WriteUnraisable((PyObject*)self);
   }
   PyErr_Restore(type, value, tb);
-  forget_keys(self);
   Py_CLEAR(self->handles);
   PyMem_RawFree(self->batches);
   /* Pools still registered (a port never initialized or closed has none
