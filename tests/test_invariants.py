@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -165,6 +166,41 @@ def test_buffers_released_by_close(backend, sockpair):
     port.close()
     assert op.done and op.cancelled and isinstance(op.error, OSError)
     buf.extend(b"free again")
+
+
+def test_port_in_a_cycle_through_its_key_is_collected(backend, sockpair):
+    """A key that refers back to its port (a connection object holding the
+    port) makes a cycle the GC breaks: the port closes as it is cleared,
+    its queued packets' contexts and its kernel object are released, and
+    nothing is left half-open between the clearing and the dealloc."""
+
+    class Connection:
+        port: fastiocp.CompletionPort | None = None
+
+    class Context:
+        pass
+
+    a, b = sockpair
+    descriptors = open_fd_count() if (ON_LINUX or ON_WINDOWS) else None
+    gc.collect()
+    gc.disable()  # no collection until the cycle is complete
+    try:
+        port = fastiocp.CompletionPort(backend=backend)
+        conn = Connection()
+        conn.port = port
+        port.register(b, conn)
+        context = Context()
+        port.post(context=context)
+        port_alive, context_alive = weakref.ref(port), weakref.ref(context)
+        del port, conn, context
+        assert port_alive() is not None, "a cycle keeps the port until the GC runs"
+    finally:
+        gc.enable()
+    gc.collect()
+    assert port_alive() is None
+    assert context_alive() is None
+    if descriptors is not None:
+        assert open_fd_count() == descriptors
 
 
 def test_send_buffer_kept_until_completion(port, tcp_pair):

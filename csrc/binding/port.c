@@ -259,7 +259,16 @@ static int CompletionPort_traverse(CompletionPortObject* self, visitproc visit,
   return 0;
 }
 
+/* The GC breaking a cycle through a key: the port closes here, not only
+ * at dealloc, so that no method between the two finds it open with no
+ * dict of handles. */
 static int CompletionPort_clear(CompletionPortObject* self) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  if (self->initialized && !self->closed) {
+    if (port_close_impl(self) < 0) PyErr_WriteUnraisable((PyObject*)self);
+  }
+  PyErr_Restore(type, value, tb);
   forget_keys(self);
   Py_CLEAR(self->handles);
   return 0;
