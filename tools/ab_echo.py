@@ -10,10 +10,12 @@ error.
     python tools/ab_echo.py --rounds 10 --conns 50 --size 64 \\
         /tmp/old:echo-fastiocp-loop echo-fastiocp-loop echo-uvloop
     python tools/ab_echo.py "FASTIOCP_LOOP_POOL=0|echo-fastiocp-loop" echo-fastiocp-loop
+    python tools/ab_echo.py c:echo_uring echo-uvloop
 
 A contender is [ENV=VALUE,...|][TREE:]SERVER: SERVER a name of
 fastiocp.bench.servers, run from TREE's src/ (default: this tree) with the
-environment variables given. Per round it prints msg/s, the server's CPU
+environment variables given; or c:NAME, the bench's C server
+fastiocp/bench/csrc/NAME.c (echo_uring: the same echo in C on io_uring). Per round it prints msg/s, the server's CPU
 time per message (user + system, all its threads) and the load
 generator's CPU use; at the end the medians, and for each contender the
 median of its per-round ratios to the first (CPU per message and msg/s)
@@ -36,6 +38,11 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def server_command(spec: str) -> list[str]:
     """The command of contender spec ([ENV=V,...|][TREE:]SERVER): env sets
     the variables and execs Python, so the pid measured stays the server's."""
+    if spec.startswith("c:"):
+        exe, note = runner.build_c(spec[2:])
+        if exe is None:
+            raise SystemExit(note)
+        return [exe, "0"]
     assigns, body = spec.split("|", 1) if "|" in spec else ("", spec)
     tree, name = body.split(":", 1) if ":" in body else (HERE, body)
     env = [kv for kv in assigns.split(",") if kv] + [f"PYTHONPATH={os.path.join(tree, 'src')}"]

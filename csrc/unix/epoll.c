@@ -9,6 +9,11 @@
  *   socket or pipe is tried at once with a non-blocking call (recv/send with
  *   MSG_DONTWAIT, preadv2/pwritev2 with RWF_NOWAIT, ...). If that finishes
  *   it, in success or error, the operation completes then and there.
+ *   Except a recv on a stream socket whose last recv found it drained
+ *   (EAGAIN, or less than it asked for): in request-response traffic the
+ *   next data comes only after this side answers, so that try would be a
+ *   system call saying EAGAIN. It waits for readiness straight away, as
+ *   io_uring's POLL_FIRST does; arming reports data that came meanwhile.
  * - Otherwise (EAGAIN) it joins a per-descriptor queue, one FIFO per
  *   direction (reads: read, recv, recvfrom, accept; writes: write, send,
  *   sendto, connect), so that several operations on one socket keep their
@@ -259,7 +264,11 @@ typedef struct fdst_s {
   uint32_t gen;          /* in the epoll data; bumped when the queued
                             operations are found to belong to a closed file */
   opq_t q[NQ];           /* DIR_IN, DIR_OUT, DIR_POLL */
+  uint8_t kind;          /* FD_KIND_*: whether it is a stream socket */
+  uint8_t recv_drained;  /* its last recv found it empty: see fd_submit() */
 } fdst_t;
+
+enum { FD_KIND_UNKNOWN, FD_KIND_STREAM, FD_KIND_OTHER };
 
 /* Descriptor table: a hash of descriptor states keyed by descriptor number
  * (open addressing, linear probing, at most half full), so that its size
@@ -923,6 +932,8 @@ static void orphan_locked(fdst_t* st, fiocp_op_t* keep, opq_t* out) {
   }
   st->gen++;
   st->registered = 0;
+  st->kind = FD_KIND_UNKNOWN; /* the number names another file now */
+  st->recv_drained = 0;
 }
 
 /* Arms the interest of st for what its queues hold, right after newop was
@@ -1280,6 +1291,29 @@ static void finish_op(ep_t* e, fiocp_op_t* op) {
 /* ---- Submission --------------------------------------------------------- */
 
 /* Submits a readiness-driven operation (socket, pipe, other streams). */
+/* Whether st's descriptor is a stream socket, asked once (a number
+ * reused by another file is asked again, orphan_locked()). st->mu held. */
+static int is_stream_locked(fdst_t* st) {
+  if (st->kind == FD_KIND_UNKNOWN) {
+    int type = 0;
+    socklen_t len = sizeof(type);
+    /* Anything but a stream socket (ENOTSOCK too) is FD_KIND_OTHER. */
+    st->kind = getsockopt(st->fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 &&
+                       type == SOCK_STREAM
+                   ? FD_KIND_STREAM
+                   : FD_KIND_OTHER;
+  }
+  return st->kind == FD_KIND_STREAM;
+}
+
+/* Records what a recv's try found: a stream socket that had nothing
+ * (EAGAIN) or less than was asked for has been drained. st->mu held. */
+static void note_recv_locked(fdst_t* st, const fiocp_op_t* op, int64_t res) {
+  if (op->kind != FIOCP_OP_RECV || (op->flags & FIOCP_OPF_MULTISHOT)) return;
+  st->recv_drained = (res == PENDING || (res > 0 && (uint64_t)res < op->len)) &&
+                     is_stream_locked(st);
+}
+
 static int fd_submit(ep_t* e, fiocp_op_t* op) {
   int dir = op_dir(op->kind);
   fdst_t* st;
@@ -1297,9 +1331,15 @@ static int fd_submit(ep_t* e, fiocp_op_t* op) {
     return 0;
   }
   pthread_mutex_lock(&st->mu);
-  if (dir == DIR_POLL || st->q[dir].head == NULL) {
-    /* Nothing ahead of it in this direction (polls have no order): try it
-     * now. */
+  /* Nothing ahead of it in this direction (polls have no order): try it
+   * now. Unless it is a recv on a stream socket that the last recv
+   * drained: in a request-response exchange the next data comes only
+   * after this side's answer, so the try would cost a system call that
+   * says EAGAIN (io_uring's POLL_FIRST). Arming the interest reports it
+   * at once if data came meanwhile (EPOLL_CTL_MOD polls the file). */
+  if ((dir == DIR_POLL || st->q[dir].head == NULL) &&
+      !(st->recv_drained && op->kind == FIOCP_OP_RECV &&
+        !(op->flags & FIOCP_OPF_MULTISHOT))) {
     if (op->flags & FIOCP_OPF_MULTISHOT) {
       opq_t kids = {NULL, NULL};
       res = run_multishot(op, &kids);
@@ -1309,6 +1349,7 @@ static int fd_submit(ep_t* e, fiocp_op_t* op) {
       done_splice(e, &kids);
     } else {
       res = try_io(op);
+      note_recv_locked(st, op, res);
     }
     if (res != PENDING) {
       pthread_mutex_unlock(&st->mu);
@@ -1555,6 +1596,7 @@ static void run_queue_locked(ep_t* e, fdst_t* st, int dir, opq_t* done) {
       done_splice(e, &kids); /* before op's own completion, in done */
     } else {
       res = try_io(op);
+      note_recv_locked(st, op, res);
     }
     if (res == PENDING) break;
     (void)q_pop(&st->q[dir]);

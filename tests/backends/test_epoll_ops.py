@@ -552,6 +552,68 @@ def drain_bytes(results) -> bytes:
     return out
 
 
+def completed_before_a_later_post(port, op) -> bool:
+    """Whether op, just submitted, completed at submit time: a try at once
+    puts its completion ahead of a post() made after it; an operation that
+    waits for readiness completes only when the next poll finds it, behind
+    the post."""
+    port.post(context="later")
+    first, second = port.get(timeout=10), port.get(timeout=10)
+    assert {first.op, second.op} == {"post", "recv"}
+    assert op in (first, second)
+    return first is op
+
+
+def test_a_recv_on_a_drained_stream_waits_for_readiness_first(port, pair):
+    """After a recv that read less than it asked (the stream socket was
+    drained), the next recv skips the try at submit, which in a
+    request-response exchange would be a system call saying EAGAIN, and
+    arms the interest first (io_uring's POLL_FIRST). Data that came in
+    between is still received: arming reports the descriptor ready at once."""
+    a, b = pair
+    buf = bytearray(64)
+    a.sendall(b"x")
+    c = port.recv(b, buf)
+    assert port.get(timeout=10) is c and c.nbytes == 1  # short: drained
+    a.sendall(b"yz")  # there before the next recv is submitted
+    c = port.recv(b, buf)
+    assert not completed_before_a_later_post(port, c)
+    assert c.error is None and bytes(buf[:c.nbytes]) == b"yz"
+    # A recv that filled its buffer may have left more: the next is tried
+    # at once, and so is every recv after one that found data waiting.
+    a.sendall(b"0123456789" * 7)
+    small = bytearray(64)
+    c = port.recv(b, small)
+    assert not completed_before_a_later_post(port, c) and c.nbytes == 64
+    c = port.recv(b, small)
+    assert completed_before_a_later_post(port, c) and bytes(small[:c.nbytes]) == b"456789"
+    # Drained again; nothing comes until after the submit.
+    c = port.recv(b, buf)
+    assert port.get_many(1, timeout=0.1) == []
+    a.sendall(b"late")
+    assert port.get(timeout=10) is c and bytes(buf[:c.nbytes]) == b"late"
+
+
+def test_datagram_recvs_are_tried_at_submit(port):
+    """A datagram socket returns one datagram per recv, shorter than the
+    buffer while more wait: its recvs are always tried at once."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        port.register(b)
+        for d in (b"one", b"two", b"three"):
+            a.send(d)
+        buf = bytearray(64)
+        got = []
+        for _ in range(3):
+            c = port.recv(b, buf)
+            assert completed_before_a_later_post(port, c)
+            got.append(bytes(buf[:c.nbytes]))
+        assert got == [b"one", b"two", b"three"]
+    finally:
+        a.close()
+        b.close()
+
+
 def test_multishot_recv_beside_a_pending_send(port, pair):
     """A send waiting for room (the write queue) and a multishot recv (the
     read queue) on one socket: each event re-arms the interest for both, and
