@@ -1290,7 +1290,6 @@ static void finish_op(ep_t* e, fiocp_op_t* op) {
 
 /* ---- Submission --------------------------------------------------------- */
 
-/* Submits a readiness-driven operation (socket, pipe, other streams). */
 /* Whether st's descriptor is a stream socket, asked once (a number
  * reused by another file is asked again, orphan_locked()). st->mu held. */
 static int is_stream_locked(fdst_t* st) {
@@ -1314,6 +1313,7 @@ static void note_recv_locked(fdst_t* st, const fiocp_op_t* op, int64_t res) {
                      is_stream_locked(st);
 }
 
+/* Submits a readiness-driven operation (socket, pipe, other streams). */
 static int fd_submit(ep_t* e, fiocp_op_t* op) {
   int dir = op_dir(op->kind);
   fdst_t* st;
