@@ -15,11 +15,12 @@ error.
 A contender is [ENV=VALUE,...|][TREE:]SERVER: SERVER a name of
 fastiocp.bench.servers, run from TREE's src/ (default: this tree) with the
 environment variables given; or c:NAME, the bench's C server
-fastiocp/bench/csrc/NAME.c (echo_uring: the same echo in C on io_uring). Per round it prints msg/s, the server's CPU
-time per message (user + system, all its threads) and the load
-generator's CPU use; at the end the medians, and for each contender the
-median of its per-round ratios to the first (CPU per message and msg/s)
-with the number of rounds in which it was cheaper.
+fastiocp/bench/csrc/NAME.c (echo_uring: the same echo in C on io_uring).
+Per round it prints msg/s, the server's CPU time per message (user +
+system, all its threads) and the load generator's CPU use; at the end the
+medians, and for each contender the median of its per-round ratios to the
+first (CPU per message and msg/s) with the number of rounds in which it
+was cheaper.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def server_command(spec: str) -> list[str]:
-    """The command of contender spec ([ENV=V,...|][TREE:]SERVER): env sets
-    the variables and execs Python, so the pid measured stays the server's."""
+    """The command of contender spec ([ENV=V,...|][TREE:]SERVER, or c:NAME
+    for a C server the runner builds): env sets the variables and execs
+    Python, so the pid measured stays the server's."""
     if spec.startswith("c:"):
         exe, note = runner.build_c(spec[2:])
         if exe is None:

@@ -579,8 +579,8 @@ def test_a_recv_on_a_drained_stream_waits_for_readiness_first(port, pair):
     c = port.recv(b, buf)
     assert not completed_before_a_later_post(port, c)
     assert c.error is None and bytes(buf[:c.nbytes]) == b"yz"
-    # A recv that filled its buffer may have left more: the next is tried
-    # at once, and so is every recv after one that found data waiting.
+    # The first recv waits (the last one drained the socket) and fills its
+    # buffer; that may have left more, so the next is tried at once.
     a.sendall(b"0123456789" * 7)
     small = bytearray(64)
     c = port.recv(b, small)
