@@ -215,10 +215,19 @@ static int port_close_impl(CompletionPortObject* self) {
   return 0;
 }
 
-static void CompletionPort_dealloc(CompletionPortObject* self) {
+/* close() where no exception may escape or be lost (dealloc, tp_clear):
+ * the one pending is kept, a failure is reported as unraisable. */
+static void port_close_unraisable(CompletionPortObject* self) {
   PyObject *type, *value, *tb;
-  PyObject_GC_UnTrack(self);
+  if (!self->initialized || self->closed) return;
   PyErr_Fetch(&type, &value, &tb);
+  if (port_close_impl(self) < 0) PyErr_WriteUnraisable((PyObject*)self);
+  PyErr_Restore(type, value, tb);
+}
+
+static void CompletionPort_dealloc(CompletionPortObject* self) {
+  PyObject_GC_UnTrack(self);
+  /* (It keeps a pending exception across the callbacks it calls.) */
   if (self->weakreflist != NULL) PyObject_ClearWeakRefs((PyObject*)self);
 #ifdef Py_GIL_DISABLED
   /* A Completion.cancel() on another thread may be following one of our
@@ -230,10 +239,7 @@ static void CompletionPort_dealloc(CompletionPortObject* self) {
     PyMutex_Unlock(&fb_detach_mu);
   }
 #endif
-  if (self->initialized && !self->closed) {
-    if (port_close_impl(self) < 0) PyErr_WriteUnraisable((PyObject*)self);
-  }
-  PyErr_Restore(type, value, tb);
+  port_close_unraisable(self);
   Py_CLEAR(self->handles);
   PyMem_RawFree(self->batches);
   /* Pools still registered (a port never initialized or closed has none
@@ -261,15 +267,10 @@ static int CompletionPort_traverse(CompletionPortObject* self, visitproc visit,
 
 /* The GC breaking a cycle through a key: the port closes here, not only
  * at dealloc, so that no method between the two finds it open with no
- * dict of handles. */
+ * dict of handles. close() empties the key cache (a port never opened
+ * has looked nothing up). */
 static int CompletionPort_clear(CompletionPortObject* self) {
-  PyObject *type, *value, *tb;
-  PyErr_Fetch(&type, &value, &tb);
-  if (self->initialized && !self->closed) {
-    if (port_close_impl(self) < 0) PyErr_WriteUnraisable((PyObject*)self);
-  }
-  PyErr_Restore(type, value, tb);
-  forget_keys(self);
+  port_close_unraisable(self);
   Py_CLEAR(self->handles);
   return 0;
 }

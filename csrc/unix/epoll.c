@@ -1305,10 +1305,16 @@ static int is_stream_locked(fdst_t* st) {
   return st->kind == FD_KIND_STREAM;
 }
 
+/* The operations recv_drained is about: one-shot recvs (a multishot one
+ * reads until EAGAIN anyway). */
+static int is_oneshot_recv(const fiocp_op_t* op) {
+  return op->kind == FIOCP_OP_RECV && !(op->flags & FIOCP_OPF_MULTISHOT);
+}
+
 /* Records what a recv's try found: a stream socket that had nothing
  * (EAGAIN) or less than was asked for has been drained. st->mu held. */
 static void note_recv_locked(fdst_t* st, const fiocp_op_t* op, int64_t res) {
-  if (op->kind != FIOCP_OP_RECV || (op->flags & FIOCP_OPF_MULTISHOT)) return;
+  if (!is_oneshot_recv(op)) return;
   st->recv_drained = (res == PENDING || (res > 0 && (uint64_t)res < op->len)) &&
                      is_stream_locked(st);
 }
@@ -1338,8 +1344,7 @@ static int fd_submit(ep_t* e, fiocp_op_t* op) {
    * says EAGAIN (io_uring's POLL_FIRST). Arming the interest reports it
    * at once if data came meanwhile (EPOLL_CTL_MOD polls the file). */
   if ((dir == DIR_POLL || st->q[dir].head == NULL) &&
-      !(st->recv_drained && op->kind == FIOCP_OP_RECV &&
-        !(op->flags & FIOCP_OPF_MULTISHOT))) {
+      !(st->recv_drained && is_oneshot_recv(op))) {
     if (op->flags & FIOCP_OPF_MULTISHOT) {
       opq_t kids = {NULL, NULL};
       res = run_multishot(op, &kids);
